@@ -1,0 +1,27 @@
+"""The numba backend: hand-written Numba CPU kernels, the default for NumPy arrays.
+
+Same function names and arguments as ``kernels.reference``; compiled on first call and cached on disk
+(``cache=True``: next to the package when writable, else Numba's per-user cache directory, or
+``NUMBA_CACHE_DIR`` when set).
+"""
+
+import numpy as np
+
+from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
+                          sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
+from .dropout import dropout
+from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
+from .matmul import matmul
+from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
+
+name = "numba"
+
+
+def empty(shape, dtype, like):
+    """An uninitialised host array."""
+    return np.empty(shape, dtype)
+
+
+def ascontiguous(x):
+    """``x`` itself when C-contiguous, else a C-contiguous copy."""
+    return np.ascontiguousarray(x)

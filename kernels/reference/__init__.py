@@ -1,0 +1,27 @@
+"""The NumPy reference backend: every kernel written plainly. It is the specification the numba and
+cuda backends are tested against; read a function here to know what the fast versions compute.
+
+Backend functions receive validated arguments (see ``kernels._api``): elementwise kernels and optimizer
+steps get flat C-contiguous views, and every output buffer is passed in.
+"""
+
+import numpy as np
+
+from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
+                          sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
+from .dropout import dropout
+from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
+from .matmul import matmul
+from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
+
+name = "numpy"
+
+
+def empty(shape, dtype, like):
+    """An uninitialised host array."""
+    return np.empty(shape, dtype)
+
+
+def ascontiguous(x):
+    """``x`` itself when C-contiguous, else a C-contiguous copy."""
+    return np.ascontiguousarray(x)

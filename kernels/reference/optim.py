@@ -1,0 +1,59 @@
+"""Optimizer steps, in place on ``param`` and the state buffers, following the algorithms torch.optim
+documents for the same names and defaults (``step`` counts from 1)."""
+
+import math
+
+import numpy as np
+
+
+def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step):
+    g = grad + weight_decay * param
+    if momentum != 0:
+        if step == 1:  # torch.optim.SGD starts the buffer at the first gradient, undamped
+            velocity[...] = g
+        else:
+            velocity *= momentum
+            velocity += (1 - dampening) * g
+        g = g + momentum * velocity if nesterov else velocity
+    param -= lr * g
+
+
+def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    if decoupled:  # AdamW: decay the weights, not the gradient
+        param *= 1 - lr * weight_decay
+        g = grad
+    else:
+        g = grad + weight_decay * param
+    m += (1 - beta1) * (g - m)
+    v *= beta2
+    v += (1 - beta2) * g * g
+    denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps
+    param -= (lr / (1 - beta1**step)) * m / denom
+
+
+def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer):
+    g = grad + weight_decay * param
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    update = g / (np.sqrt(square_avg) + eps)
+    if momentum > 0:
+        momentum_buffer *= momentum
+        momentum_buffer += update
+        update = momentum_buffer
+    param -= lr * update
+
+
+def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay):
+    g = grad + weight_decay * param
+    sum_sq += g * g
+    param -= lr * g / (np.sqrt(sum_sq) + eps)
+
+
+def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay):
+    g = grad + weight_decay * param
+    square_avg *= rho
+    square_avg += (1 - rho) * g * g
+    delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
+    acc_delta *= rho
+    acc_delta += (1 - rho) * delta * delta
+    param -= lr * delta

@@ -1,0 +1,74 @@
+"""Test configuration: the backend fixture, and the CUDA simulator when no GPU is present.
+
+The simulator must be switched on before numba.cuda is first imported, so it is decided here, at
+collection, from whether an NVIDIA device node exists. Nothing in ``import kernels`` imports numba.cuda.
+"""
+
+import os
+
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import kernels  # noqa: E402
+
+# Numba compiles on first call: no per-example deadline. The backend fixture is entered once per test
+# and stays active for all of hypothesis's examples, which is what we want.
+settings.register_profile("default", deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("ci", parent=settings.get_profile("default"), max_examples=25, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def _cuda_available():
+    try:
+        from numba import cuda
+        import kernels.cuda  # noqa: F401
+    except ImportError:
+        return False
+    return cuda.is_available()
+
+
+class Backend:
+    """One backend under test: moves host arrays to it (``to``) and results back (``get``)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.is_cuda = name == "cuda"
+
+    def to(self, x):
+        if not self.is_cuda or x is None:
+            return x
+        from numba import cuda
+        return cuda.to_device(np.ascontiguousarray(x))
+
+    def get(self, x):
+        if hasattr(x, "copy_to_host"):  # Numba device array (real or simulated)
+            return x.copy_to_host()
+        if kernels.is_device_array(x):  # CuPy
+            return x.get()
+        return np.asarray(x)
+
+    def __repr__(self):
+        return self.name
+
+
+BACKENDS = ["numpy", "numba"] + (["cuda"] if _cuda_available() else [])
+
+
+@pytest.fixture(params=[pytest.param(n, marks=[pytest.mark.cuda] if n == "cuda" else []) for n in BACKENDS])
+def backend(request):
+    """Each test using this runs once per backend that can run here (cuda under the simulator)."""
+    with kernels.use_backend(request.param):
+        yield Backend(request.param)
+
+
+@pytest.fixture(params=[pytest.param(n, marks=[pytest.mark.cuda] if n == "cuda" else [])
+                        for n in BACKENDS if n != "numpy"])
+def fast_backend(request):
+    """The compiled backends only: for tests that compare a backend with the reference."""
+    with kernels.use_backend(request.param):
+        yield Backend(request.param)
