@@ -1,0 +1,148 @@
+"""Fused optimizer steps: one pass over memory, reading param, grad and state once and writing param
+and state once, vectorised, in parallel chunks on large buffers (see ``_parallel.py``).
+
+Each loop body is the reference's arithmetic (``kernels/reference/optim.py``) for one element. The
+wrappers cast every hyperparameter, and the bias corrections computed once per step, to the buffer's
+dtype before the loop, so float32 buffers get float32 math. Divisions are ``np.true_divide``: NumPy's
+semantics (x / 0 is inf or NaN, as in the reference) without the zero check of Python's ``/``, which
+would keep the loop scalar. NaN in a gradient reaches the parameter, as in the reference.
+"""
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+from ._parallel import chunk, n_chunks, run
+
+
+@jit
+def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_decay, first):
+    for i in range(lo, hi):
+        g = grad[i] + weight_decay * param[i]
+        if velocity is not None:
+            buf = g if first else momentum * velocity[i] + keep * g
+            velocity[i] = buf
+            g = g + momentum * buf if nesterov else buf
+        param[i] -= lr * g
+
+
+@jit(parallel=True)
+def _sgd_chunks(n, *args):
+    for c in prange(n_chunks(n)):
+        lo, hi = chunk(c, n)
+        _sgd(lo, hi, *args)
+
+
+def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step):
+    """torch.optim.SGD's update; ``step == 1`` starts the velocity at the gradient, as torch does."""
+    t = param.dtype.type
+    run(_sgd, _sgd_chunks, param.size, param, grad, velocity, t(lr), t(momentum), t(1 - dampening), nesterov,
+        t(weight_decay), step == 1)
+
+
+@jit
+def _adam(lo, hi, param, grad, m, v, decay, weight_decay, c1, beta2, c2, step_size, sqrt_bc2, eps,
+          decoupled):
+    for i in range(lo, hi):
+        p = param[i]
+        if decoupled:
+            p *= decay
+            g = grad[i]
+        else:
+            g = grad[i] + weight_decay * p
+        m_i = m[i] + c1 * (g - m[i])
+        v_i = beta2 * v[i] + c2 * g * g
+        m[i] = m_i
+        v[i] = v_i
+        param[i] = p - np.true_divide(step_size * m_i, np.true_divide(np.sqrt(v_i), sqrt_bc2) + eps)
+
+
+@jit(parallel=True)
+def _adam_chunks(n, *args):
+    for c in prange(n_chunks(n)):
+        lo, hi = chunk(c, n)
+        _adam(lo, hi, *args)
+
+
+def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    """Adam (AdamW when ``decoupled``), with bias corrections computed once per step."""
+    t = param.dtype.type
+    run(_adam, _adam_chunks, param.size, param, grad, m, v, t(1 - lr * weight_decay), t(weight_decay),
+        t(1 - beta1), t(beta2), t(1 - beta2), t(lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)), t(eps),
+        decoupled)
+
+
+@jit
+def _rmsprop(lo, hi, param, grad, square_avg, momentum_buffer, lr, alpha, c, eps, weight_decay, momentum):
+    for i in range(lo, hi):
+        g = grad[i] + weight_decay * param[i]
+        s = alpha * square_avg[i] + c * g * g
+        square_avg[i] = s
+        update = np.true_divide(g, np.sqrt(s) + eps)
+        if momentum_buffer is not None:
+            update = momentum * momentum_buffer[i] + update
+            momentum_buffer[i] = update
+        param[i] -= lr * update
+
+
+@jit(parallel=True)
+def _rmsprop_chunks(n, *args):
+    for c in prange(n_chunks(n)):
+        lo, hi = chunk(c, n)
+        _rmsprop(lo, hi, *args)
+
+
+def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer):
+    """RMSprop (not centered), with momentum when a ``momentum_buffer`` is given."""
+    t = param.dtype.type
+    run(_rmsprop, _rmsprop_chunks, param.size, param, grad, square_avg, momentum_buffer, t(lr), t(alpha),
+        t(1 - alpha), t(eps), t(weight_decay), t(momentum))
+
+
+@jit
+def _adagrad(lo, hi, param, grad, sum_sq, lr, eps, weight_decay):
+    for i in range(lo, hi):
+        g = grad[i] + weight_decay * param[i]
+        s = sum_sq[i] + g * g
+        sum_sq[i] = s
+        param[i] -= np.true_divide(lr * g, np.sqrt(s) + eps)
+
+
+@jit(parallel=True)
+def _adagrad_chunks(n, *args):
+    for c in prange(n_chunks(n)):
+        lo, hi = chunk(c, n)
+        _adagrad(lo, hi, *args)
+
+
+def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay):
+    """Adagrad without learning-rate decay."""
+    t = param.dtype.type
+    run(_adagrad, _adagrad_chunks, param.size, param, grad, sum_sq, t(lr), t(eps), t(weight_decay))
+
+
+@jit
+def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weight_decay):
+    for i in range(lo, hi):
+        g = grad[i] + weight_decay * param[i]
+        s = rho * square_avg[i] + c * g * g
+        square_avg[i] = s
+        delta = np.true_divide(np.sqrt(acc_delta[i] + eps), np.sqrt(s + eps)) * g
+        acc_delta[i] = rho * acc_delta[i] + c * delta * delta
+        param[i] -= lr * delta
+
+
+@jit(parallel=True)
+def _adadelta_chunks(n, *args):
+    for c in prange(n_chunks(n)):
+        lo, hi = chunk(c, n)
+        _adadelta(lo, hi, *args)
+
+
+def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay):
+    """Adadelta, updating both running averages in the same pass."""
+    t = param.dtype.type
+    run(_adadelta, _adadelta_chunks, param.size, param, grad, square_avg, acc_delta, t(lr), t(rho), t(1 - rho),
+        t(eps), t(weight_decay))
