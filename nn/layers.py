@@ -1,0 +1,422 @@
+"""Layers and the Sequential model.
+
+A layer declares its parameter shapes in ``build``; :class:`Sequential` allocates ONE flat parameter
+buffer and ONE flat gradient buffer and hands every layer views into them, so an optimizer step is a
+single fused kernel call for the whole model. Layers run forward and backward by hand through the
+public ``kernels`` API and write their gradients straight into their gradient views (``out=``).
+"""
+
+import json
+import math
+
+import numpy as np
+
+import kernels
+
+from ._device import namespace, to_host
+
+INITS = ("he", "xavier", "glorot", "normal", "zeros")
+
+
+class Layer:
+    """Base class. Subclasses set ``param_shapes`` in ``build`` and implement forward/backward."""
+
+    def __init__(self):
+        self.name = None
+        self.param_shapes = {}
+        self.params = {}
+        self.grads = {}
+        self.xp = np
+        self.input_dim = self.output_dim = None
+
+    def build(self, input_dim, xp, dtype):
+        """Fix the input width; set ``param_shapes`` and ``output_dim`` (parameter-free by default)."""
+        self.input_dim, self.output_dim, self.xp, self.dtype = input_dim, input_dim, xp, np.dtype(dtype)
+
+    def init_params(self, rng):
+        """Initial values of the parameters, as host arrays keyed like ``param_shapes``."""
+        return {}
+
+    def forward(self, x, training):
+        raise NotImplementedError
+
+    def backward(self, dy, need_dx=True):
+        """Write parameter gradients into ``self.grads`` and return dL/dx (None when not needed)."""
+        raise NotImplementedError
+
+    def state(self):
+        """Non-trainable state (running statistics, RNG counters) as host arrays; saved in checkpoints."""
+        return {}
+
+    def load_state(self, state):
+        """Set the state returned by :meth:`state`."""
+
+    def config(self):
+        """Constructor arguments, JSON-serialisable: ``type(self)(**self.config())`` rebuilds the layer."""
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+# ---- activations ----------------------------------------------------------------------------------
+
+class Activation(Layer):
+    """An elementwise (or, for softmax, row-wise) activation: ``relu``, ``leaky_relu``, ``sigmoid``,
+    ``tanh`` or ``softmax``. ReLU and LeakyReLU differentiate from their input, the others from their
+    output, as the kernels' ``*_backward`` functions expect."""
+
+    KINDS = ("relu", "leaky_relu", "sigmoid", "tanh", "softmax")
+    FROM_INPUT = ("relu", "leaky_relu")
+
+    def __init__(self, kind, alpha=0.01):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"activation must be one of {self.KINDS}, got {kind!r}")
+        self.kind, self.alpha = kind, _check_alpha(alpha)
+        self._saved = None
+
+    def forward(self, x, training):
+        y = getattr(kernels, self.kind)(x, *self._extra())
+        self._saved = x if self.kind in self.FROM_INPUT else y
+        return y
+
+    def backward(self, dy, need_dx=True):
+        return getattr(kernels, self.kind + "_backward")(self._saved, dy, *self._extra())
+
+    def _extra(self):
+        return (self.alpha,) if self.kind == "leaky_relu" else ()
+
+    def config(self):
+        return {"kind": self.kind, "alpha": self.alpha} if self.kind == "leaky_relu" else {"kind": self.kind}
+
+
+def _check_alpha(alpha):
+    alpha = float(alpha)
+    if not 0 <= alpha < 1:
+        raise ValueError(f"leaky_relu alpha must be in [0, 1), got {alpha}")
+    return alpha
+
+
+def ReLU():
+    """max(x, 0)."""
+    return Activation("relu")
+
+
+def LeakyReLU(alpha=0.01):
+    """x for x > 0, else alpha * x."""
+    return Activation("leaky_relu", alpha)
+
+
+def Sigmoid():
+    """1 / (1 + exp(-x))."""
+    return Activation("sigmoid")
+
+
+def Tanh():
+    """Hyperbolic tangent."""
+    return Activation("tanh")
+
+
+def Softmax():
+    """Softmax over each row (for probabilities; train classifiers on logits with the fused loss)."""
+    return Activation("softmax")
+
+
+# ---- Dense ----------------------------------------------------------------------------------------
+
+class Dense(Layer):
+    """``y = activation(x @ W + b)``, forward in one fused matmul call (bias and activation in its epilogue).
+
+    ``init`` picks the weight initialisation: ``he`` (normal, std sqrt(2 / fan_in), the default for
+    relu and leaky_relu), ``xavier``/``glorot`` (normal, std sqrt(2 / (fan_in + fan_out)), the default
+    otherwise), ``normal`` (std ``init_std``) or ``zeros`` (which keeps all hidden units identical
+    forever: every unit gets the same gradient, so nothing breaks the symmetry). Biases start at zero.
+    """
+
+    ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh")
+
+    def __init__(self, units, activation=None, init=None, alpha=0.01, init_std=0.01):
+        super().__init__()
+        if not isinstance(units, (int, np.integer)) or isinstance(units, bool) or units < 1:
+            raise ValueError(f"units must be a positive integer, got {units!r}")
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"Dense activation must be one of {self.ACTIVATIONS}, got {activation!r}")
+        if init is None:
+            init = "he" if activation in ("relu", "leaky_relu") else "xavier"
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.units, self.activation, self.init = int(units), activation, init
+        self.alpha, self.init_std = _check_alpha(alpha), float(init_std)
+        self._x = self._y = None
+
+    def build(self, input_dim, xp, dtype):
+        super().build(input_dim, xp, dtype)
+        self.output_dim = self.units
+        self.param_shapes = {"W": (input_dim, self.units), "b": (self.units,)}
+
+    def init_params(self, rng):
+        fan_in, fan_out = self.param_shapes["W"]
+        std = {"he": math.sqrt(2 / fan_in), "xavier": math.sqrt(2 / (fan_in + fan_out)),
+               "glorot": math.sqrt(2 / (fan_in + fan_out)), "normal": self.init_std, "zeros": 0.0}[self.init]
+        return {"W": rng.standard_normal((fan_in, fan_out)) * std, "b": np.zeros(fan_out)}
+
+    def forward(self, x, training):
+        y = kernels.matmul(x, self.params["W"], bias=self.params["b"], activation=self.activation,
+                           alpha=self.alpha)
+        self._x, self._y = x, y
+        return y
+
+    def backward(self, dy, need_dx=True):
+        # relu/leaky_relu (alpha >= 0) are positive exactly where their input is, so the saved output
+        # stands in for the pre-activation and the forward pass stores nothing extra.
+        if self.activation == "leaky_relu":
+            dy = kernels.leaky_relu_backward(self._y, dy, self.alpha)
+        elif self.activation is not None:
+            dy = getattr(kernels, self.activation + "_backward")(self._y, dy)
+        kernels.matmul(self._x, dy, trans_a=True, out=self.grads["W"])
+        kernels.bias_grad(dy, out=self.grads["b"])
+        return kernels.matmul(dy, self.params["W"], trans_b=True) if need_dx else None
+
+    def config(self):
+        return {"units": self.units, "activation": self.activation, "init": self.init, "alpha": self.alpha,
+                "init_std": self.init_std}
+
+
+# ---- Dropout --------------------------------------------------------------------------------------
+
+class Dropout(Layer):
+    """Inverted dropout, only in training: zero each value with probability ``rate``, scale the rest
+    by 1 / (1 - rate); identity in evaluation. The mask's seed is derived from the model's seed, the
+    layer's position and a call counter (saved in checkpoints), so training is reproducible and a
+    resumed run draws the same masks; the backward pass reapplies the same mask to ``dy``."""
+
+    def __init__(self, rate):
+        super().__init__()
+        rate = float(rate)
+        if not 0 <= rate < 1:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.seed_base = 0
+        self.calls = 0
+        self._seed = None
+
+    def forward(self, x, training):
+        if not training or self.rate == 0:
+            self._seed = None
+            return x
+        self._seed = (self.seed_base + self.calls) % 2**64
+        self.calls += 1
+        return kernels.dropout(x, self.rate, self._seed)
+
+    def backward(self, dy, need_dx=True):
+        return dy if self._seed is None else kernels.dropout(dy, self.rate, self._seed)
+
+    def state(self):
+        return {"calls": np.array(self.calls, np.int64)}
+
+    def load_state(self, state):
+        self.calls = int(state["calls"])
+
+    def config(self):
+        return {"rate": self.rate}
+
+
+# ---- BatchNorm ------------------------------------------------------------------------------------
+
+class BatchNorm(Layer):
+    """Batch normalisation of dense features: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    Training normalises with the batch's mean and (biased) variance and updates running estimates
+    (``running = (1 - momentum) * running + momentum * batch``, unbiased variance, as torch does);
+    evaluation normalises with the running estimates. ``gamma`` and ``beta`` are learnt.
+    """
+
+    def __init__(self, momentum=0.1, eps=1e-5):
+        super().__init__()
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.momentum, self.eps = float(momentum), float(eps)
+        self._cache = None
+
+    def build(self, input_dim, xp, dtype):
+        super().build(input_dim, xp, dtype)
+        self.param_shapes = {"gamma": (input_dim,), "beta": (input_dim,)}
+        self.running_mean = xp.zeros(input_dim, dtype)
+        self.running_var = xp.ones(input_dim, dtype)
+
+    def init_params(self, rng):
+        return {"gamma": np.ones(self.input_dim), "beta": np.zeros(self.input_dim)}
+
+    def forward(self, x, training):
+        if training:
+            n = x.shape[0]
+            mean = x.mean(axis=0)
+            var = x.var(axis=0)
+            m = self.momentum
+            self.running_mean *= 1 - m
+            self.running_mean += m * mean
+            self.running_var *= 1 - m
+            self.running_var += (m * n / max(n - 1, 1)) * var
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = 1 / self.xp.sqrt(var + self.eps)
+        xhat = (x - mean) * inv_std
+        self._cache = (xhat, inv_std) if training else None
+        return xhat * self.params["gamma"] + self.params["beta"]
+
+    def backward(self, dy, need_dx=True):
+        if self._cache is None:
+            raise RuntimeError(f"{self.name}: backward needs a forward pass in training mode first")
+        xhat, inv_std = self._cache
+        dgamma = self.grads["gamma"]
+        dgamma[...] = (dy * xhat).sum(axis=0)
+        dbeta = kernels.bias_grad(dy, out=self.grads["beta"])
+        if not need_dx:
+            return None
+        n = dy.shape[0]
+        return (self.params["gamma"] * inv_std / n) * (n * dy - dbeta - xhat * dgamma)
+
+    def state(self):
+        return {"running_mean": to_host(self.running_mean), "running_var": to_host(self.running_var)}
+
+    def load_state(self, state):
+        self.running_mean[...] = self.xp.asarray(state["running_mean"], self.dtype)
+        self.running_var[...] = self.xp.asarray(state["running_var"], self.dtype)
+
+    def config(self):
+        return {"momentum": self.momentum, "eps": self.eps}
+
+
+LAYERS = {cls.__name__: cls for cls in (Dense, Activation, Dropout, BatchNorm)}
+
+
+# ---- Sequential -----------------------------------------------------------------------------------
+
+class Sequential:
+    """A stack of layers with one flat parameter buffer and one flat gradient buffer.
+
+    Built from ``input_dim`` when given, else lazily on the first batch (or by ``fit``). ``dtype`` is
+    float32 by default (float64 for gradient checks); ``seed`` fixes the initial weights and the
+    dropout masks. Arrays live on the kernels' current backend (NumPy on the CPU, CuPy for cuda).
+    """
+
+    def __init__(self, layers, input_dim=None, dtype="float32", seed=None):
+        self.layers = list(layers)
+        for layer in self.layers:
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential takes Layer instances, got {type(layer).__name__}")
+        if not self.layers:
+            raise ValueError("Sequential needs at least one layer")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else int(seed)
+        counts = {}
+        for layer in self.layers:
+            kind = getattr(layer, "kind", type(layer).__name__.lower())
+            layer.name = f"{kind}_{counts.get(kind, 0)}"
+            counts[kind] = counts.get(kind, 0) + 1
+        self.input_dim = None
+        self.params = self.grads = None
+        self.xp = np
+        if input_dim is not None:
+            self.build(input_dim)
+
+    @property
+    def built(self):
+        return self.params is not None
+
+    @property
+    def output_dim(self):
+        return self.layers[-1].output_dim
+
+    def build(self, input_dim, backend=None):
+        """Allocate the flat buffers on ``backend``'s device (default: the current one), initialise."""
+        if not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
+            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+        self.xp = xp = namespace(backend)
+        self.input_dim = dim = int(input_dim)
+        layout, offset = [], 0
+        for layer in self.layers:
+            layer.build(dim, xp, self.dtype)
+            dim = layer.output_dim
+            for name, shape in layer.param_shapes.items():
+                size = math.prod(shape)
+                layout.append((layer, name, shape, offset, offset + size))
+                offset += size
+        self.params = xp.zeros(offset, self.dtype)
+        self.grads = xp.zeros(offset, self.dtype)
+        self.slices = {}
+        for layer, name, shape, start, stop in layout:
+            layer.params[name] = self.params[start:stop].reshape(shape)
+            layer.grads[name] = self.grads[start:stop].reshape(shape)
+            old = self.slices.get(layer.name, slice(start, start))
+            self.slices[layer.name] = slice(old.start, stop)
+        self.reset_parameters()
+        return self
+
+    def reset_parameters(self):
+        """Initialise every parameter from the model's seed (the same seed gives the same weights)."""
+        for i, layer in enumerate(self.layers):
+            seq = np.random.SeedSequence([self.seed, i])
+            for name, value in layer.init_params(np.random.default_rng(seq)).items():
+                layer.params[name][...] = self.xp.asarray(value.astype(self.dtype))
+            if isinstance(layer, Dropout):
+                layer.seed_base = int(seq.generate_state(1, np.uint64)[0])
+                layer.calls = 0
+
+    def forward(self, x, training=False):
+        """The model's output for a batch ``x`` of shape (n, input_dim) on the model's device."""
+        if not self.built:
+            self.build(x.shape[1])
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Backpropagate dL/d(output), filling the flat gradient buffer; the input's gradient is skipped."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            dy = self.layers[i].backward(dy, need_dx=i > 0)
+
+    def parameter_layers(self):
+        """Names of the layers that own parameters, bottom to top, with their slices of the flat buffers."""
+        return [(name, s) for name, s in self.slices.items() if s.stop > s.start]
+
+    def state(self):
+        """Every layer's non-trainable state as ``{"<layer>.<key>": host array}``."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.state().items()}
+
+    def load_state(self, state):
+        for layer in self.layers:
+            keys = layer.state()
+            if keys:
+                layer.load_state({k: state[f"{layer.name}.{k}"] for k in keys})
+
+    def get_weights(self):
+        """A host copy of the flat parameters and the layer state (for early stopping, checkpoints)."""
+        return to_host(self.params).copy(), {k: v.copy() for k, v in self.state().items()}
+
+    def set_weights(self, params, state):
+        self.params[...] = self.xp.asarray(params, self.dtype)
+        self.load_state(state)
+
+    def config(self):
+        """The architecture as a JSON string: layer types and arguments, input width, dtype, seed."""
+        return json.dumps({"input_dim": self.input_dim, "dtype": self.dtype.name, "seed": self.seed,
+                           "layers": [[type(layer).__name__, layer.config()] for layer in self.layers]})
+
+    @classmethod
+    def from_config(cls, text, backend=None):
+        """Rebuild (unbuilt when ``input_dim`` is None) the model :meth:`config` describes."""
+        spec = json.loads(text)
+        model = cls([LAYERS[name](**args) for name, args in spec["layers"]], dtype=spec["dtype"],
+                    seed=spec["seed"])
+        if spec["input_dim"] is not None:
+            model.build(spec["input_dim"], backend)
+        return model

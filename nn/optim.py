@@ -1,0 +1,197 @@
+"""Optimizers: each class validates its hyperparameters and holds its state as flat buffers shaped
+like the model's flat parameter buffer; :meth:`Optimizer.step` is ONE fused kernel call over the
+whole model (torch.optim semantics: the step counter starts at 1). Also gradient clipping by global norm.
+"""
+
+import math
+
+import numpy as np
+
+import kernels
+
+from ._device import namespace_of, to_host
+
+
+def _check(name, value, low=0.0, high=math.inf, high_open=False):
+    value = float(value)
+    ok = math.isfinite(value) and value >= low and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}{')' if high_open else ']'}, "
+                         f"got {value!r}")
+    return value
+
+
+class Optimizer:
+    """Base class. Subclasses list their state ``buffers``, their ``defaults`` and ``_update``."""
+
+    buffers = ()
+    defaults = {}
+    limits = {}  # hyperparameter -> (low, high, high_open)
+
+    def __init__(self, **hyper):
+        unknown = set(hyper) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}; "
+                            f"it takes {sorted(self.defaults)}")
+        self.hyper = {k: _check(k, hyper.get(k, v), *self.limits.get(k, ())) if isinstance(v, float)
+                      else hyper.get(k, v) for k, v in self.defaults.items()}
+        self.base_lr = self.hyper["lr"]
+        self.t = 0
+        self.params = self.grads = None
+        self.state = {}
+
+    @property
+    def lr(self):
+        return self.hyper["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        self.hyper["lr"] = _check("lr", value)
+
+    def bind(self, params, grads):
+        """Attach to flat parameter and gradient buffers; state buffers start at zero."""
+        xp = namespace_of(params)
+        self.params, self.grads = params, grads
+        self.state = {name: xp.zeros_like(params) for name in self.buffers}
+        self.t = 0
+        return self
+
+    def step(self):
+        """One update of every parameter from the gradient buffer, in one kernel call."""
+        if self.params is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to parameters; call bind(params, grads)")
+        self.t += 1
+        self._update(self.params, self.grads, **self.state)
+
+    def _update(self, param, grad, **state):
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Hyperparameters, step count and host copies of the state buffers."""
+        return {"class": type(self).__name__, "hyper": dict(self.hyper), "base_lr": self.base_lr, "t": self.t,
+                "buffers": {k: to_host(v).copy() for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd):
+        """Restore :meth:`state_dict` output (hyperparameters included); validates before changing anything."""
+        if sd["class"] != type(self).__name__:
+            raise ValueError(f"optimizer state is for {sd['class']}, not {type(self).__name__}")
+        template = type(self)(**sd["hyper"])  # validates the hyperparameters; its buffers follow from them
+        if set(sd["buffers"]) != set(template.buffers):
+            raise ValueError(f"optimizer state has buffers {sorted(sd['buffers'])}, "
+                             f"expected {sorted(template.buffers)}")
+        if self.params is not None:
+            for k, v in sd["buffers"].items():
+                if v.shape != self.params.shape:
+                    raise ValueError(f"optimizer buffer {k} has shape {v.shape}, but the model's parameters "
+                                     f"have shape {self.params.shape}")
+        self.hyper, self.buffers = template.hyper, template.buffers
+        self.base_lr, self.t = float(sd["base_lr"]), int(sd["t"])
+        if self.params is not None:
+            xp = namespace_of(self.params)
+            self.state = {k: xp.array(v, dtype=self.params.dtype) for k, v in sd["buffers"].items()}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hyper.items())})"
+
+
+class SGD(Optimizer):
+    """SGD with optional momentum (Nesterov too), dampening and L2 weight decay (torch.optim.SGD)."""
+
+    buffers = ("velocity",)
+    defaults = {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+    limits = {"dampening": (0.0, 1.0)}
+
+    def __init__(self, **hyper):
+        super().__init__(**hyper)
+        if self.hyper["nesterov"] and (self.hyper["momentum"] <= 0 or self.hyper["dampening"] != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening == 0")
+        if self.hyper["momentum"] == 0:
+            self.buffers = ()
+
+    def _update(self, param, grad, velocity=None):
+        h = self.hyper
+        kernels.sgd_step(param, grad, lr=h["lr"], momentum=h["momentum"], velocity=velocity,
+                         dampening=h["dampening"], nesterov=h["nesterov"], weight_decay=h["weight_decay"],
+                         step=self.t)
+
+
+class Adam(Optimizer):
+    """Adam with L2 weight decay added to the gradient (torch.optim.Adam)."""
+
+    buffers = ("m", "v")
+    defaults = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    limits = {"beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True)}
+    decoupled = False
+
+    def _update(self, param, grad, m, v):
+        kernels.adam_step(param, grad, m, v, step=self.t, decoupled=self.decoupled, **self.hyper)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (torch.optim.AdamW; default weight_decay 0.01)."""
+
+    defaults = {**Adam.defaults, "weight_decay": 1e-2}
+    decoupled = True
+
+
+class RMSProp(Optimizer):
+    """RMSProp with optional momentum (torch.optim.RMSprop, not centred)."""
+
+    buffers = ("square_avg", "momentum_buffer")
+    defaults = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0}
+    limits = {"alpha": (0.0, 1.0)}
+
+    def __init__(self, **hyper):
+        super().__init__(**hyper)
+        if self.hyper["momentum"] == 0:
+            self.buffers = ("square_avg",)
+
+    def _update(self, param, grad, square_avg, momentum_buffer=None):
+        kernels.rmsprop_step(param, grad, square_avg, momentum_buffer=momentum_buffer, **self.hyper)
+
+
+class Adagrad(Optimizer):
+    """Adagrad (torch.optim.Adagrad without lr decay)."""
+
+    buffers = ("sum_sq",)
+    defaults = {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0}
+
+    def _update(self, param, grad, sum_sq):
+        kernels.adagrad_step(param, grad, sum_sq, **self.hyper)
+
+
+class Adadelta(Optimizer):
+    """Adadelta (torch.optim.Adadelta)."""
+
+    buffers = ("square_avg", "acc_delta")
+    defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
+    limits = {"rho": (0.0, 1.0)}
+
+    def _update(self, param, grad, square_avg, acc_delta):
+        kernels.adadelta_step(param, grad, square_avg, acc_delta, **self.hyper)
+
+
+OPTIMIZERS = {cls.__name__.lower(): cls for cls in (SGD, Adam, AdamW, RMSProp, Adagrad, Adadelta)}
+
+
+def get(optimizer, **hyper):
+    """An optimizer from a name (sgd, adam, adamw, rmsprop, adagrad, adadelta) or an instance."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    key = str(optimizer).lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or an Optimizer, got {optimizer!r}")
+    return OPTIMIZERS[key](**hyper)
+
+
+def clip_grad_norm(grads, max_norm, total_norm):
+    """Scale the flat gradient buffer in place so its global L2 norm is at most ``max_norm``.
+
+    ``total_norm`` is the buffer's norm, already computed by the caller (the trainer gets it from the
+    per-layer norms it records). Returns the scale applied (1.0 when within the limit).
+    """
+    if total_norm <= max_norm:
+        return 1.0
+    scale = max_norm / (total_norm + 1e-6)
+    grads *= np.dtype(grads.dtype).type(scale)
+    return scale

@@ -1,0 +1,285 @@
+"""The trainer: ``fit`` (full-batch, mini-batch or stochastic gradient descent), ``evaluate``, ``predict``.
+
+Every input is validated before any training; batches are moved to the model's device once; each step
+is forward, fused loss, backward into the flat gradient buffer, per-layer gradient norms (recorded,
+checked for NaN/Inf, used for clipping), then ONE fused optimizer call.
+"""
+
+import math
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import checkpoint
+from . import losses as losses_
+from . import optim
+from ._device import to_host
+from .health import GradientHealth, NonFiniteError
+from .layers import Sequential
+from .losses import check_finite
+
+
+class History:
+    """Per-epoch results: ``history[key]`` lists ``loss``, metrics, ``val_*`` and ``lr``;
+    ``grad_norms[layer]`` lists each parameter layer's mean gradient norm per epoch."""
+
+    def __init__(self):
+        self.epochs = []
+        self.history = {}
+        self.grad_norms = {}
+
+    def append(self, epoch, logs, grad_norms):
+        self.epochs.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        for key, value in grad_norms.items():
+            self.grad_norms.setdefault(key, []).append(value)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __repr__(self):
+        return f"History(epochs={len(self.epochs)}, keys={sorted(self.history)})"
+
+
+class Trainer:
+    """Trains a :class:`~nn.layers.Sequential` model.
+
+    ``loss``: a name from :mod:`nn.losses` or a Loss; ``optimizer``: a name from :mod:`nn.optim` or an
+    Optimizer; ``metrics``: ``("accuracy",)`` by default for classification losses; ``clip_norm``: clip
+    the global gradient norm to this; ``schedule``: a learning-rate schedule from :mod:`nn.schedules`;
+    ``health``: a :class:`~nn.health.GradientHealth` (warning thresholds).
+    """
+
+    def __init__(self, model, loss="softmax_cross_entropy", optimizer="adam", metrics=None, clip_norm=None,
+                 schedule=None, health=None):
+        if not isinstance(model, Sequential):
+            raise TypeError(f"model must be a Sequential, got {type(model).__name__}")
+        self.model = model
+        self.loss = losses_.get(loss)
+        self.optimizer = optim.get(optimizer)
+        if metrics is None:
+            metrics = ("accuracy",) if self.loss.classification else ()
+        for metric in metrics:
+            if metric != "accuracy" or not self.loss.classification:
+                raise ValueError(f"unsupported metric {metric!r} for loss {self.loss.name}; "
+                                 "accuracy is available for classification losses")
+        self.metrics = tuple(metrics)
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self.clip_norm = clip_norm
+        self.schedule = schedule
+        self.health = health or GradientHealth()
+        self.epoch = 0
+        self.stop_training = False
+
+    # ---- data ----------------------------------------------------------------------------------------
+
+    def _prepare(self, X, y=None, what="X", y_what="y"):
+        """Validate host inputs (shape, lengths, feature count, finiteness, targets); build the model if
+        needed; return X in the model's dtype and the targets as the loss wants them."""
+        X = np.asarray(X)
+        if X.dtype.kind not in "biuf":
+            raise TypeError(f"{what} must be numeric, got dtype {X.dtype}")
+        if X.ndim != 2:
+            raise ValueError(f"{what} must be 2-D (samples, features), got shape {X.shape}")
+        if X.shape[0] == 0:
+            raise ValueError(f"{what} is empty (shape {X.shape}): there is nothing to train or evaluate on")
+        if y is not None and len(y) != X.shape[0]:
+            raise ValueError(f"{what} has {X.shape[0]} samples but {y_what} has {len(y)}; they must match")
+        model = self.model
+        if not model.built:
+            model.build(X.shape[1])
+        elif X.shape[1] != model.input_dim:
+            raise ValueError(f"{what} has {X.shape[1]} features, but the first layer ({model.layers[0].name}) "
+                             f"expects {model.input_dim}")
+        check_finite(X, what)
+        if self.optimizer.params is None:
+            self.optimizer.bind(model.params, model.grads)
+        X = X.astype(model.dtype, copy=False)
+        return X if y is None else (X, self.loss.prepare_targets(y, model.output_dim, model.dtype, y_what))
+
+    def _validation(self, X, y, validation_data, validation_split):
+        if validation_data is not None and validation_split:
+            raise ValueError("give validation_data or validation_split, not both")
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            return X, y, self._prepare(*validation_data, what="validation_data X", y_what="validation_data y")
+        if not validation_split:
+            return X, y, None
+        if not 0 < validation_split < 1:
+            raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
+        n_val = int(len(X) * validation_split)
+        if n_val < 1 or n_val == len(X):
+            raise ValueError(f"validation_split={validation_split} of {len(X)} samples leaves "
+                             f"{n_val} for validation and {len(X) - n_val} for training; both need at least one")
+        return X[:-n_val], y[:-n_val], (X[-n_val:], y[-n_val:])
+
+    # ---- training ------------------------------------------------------------------------------------
+
+    def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0, shuffle=True,
+            seed=None, callbacks=(), verbose=1):
+        """Train for ``epochs`` more epochs; returns a :class:`History`.
+
+        ``batch_size``: rows per step (None: the whole dataset, i.e. full-batch gradient descent; 1:
+        stochastic). ``validation_split`` holds out the last fraction of the rows (before shuffling).
+        ``seed`` (default: the model's) fixes the shuffling: epoch ``e`` uses the permutation drawn from
+        (seed, e), so resuming from a checkpoint continues the same sequence. ``verbose=0`` is silent.
+        """
+        X, y = self._prepare(X, y)
+        X, y, val = self._validation(X, y, validation_data, validation_split)
+        if not isinstance(epochs, (int, np.integer)) or epochs < 0:
+            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+        batch_size = len(X) if batch_size is None else batch_size
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        seed = self.model.seed if seed is None else int(seed)
+        history = History()
+        self.stop_training = False
+        self.health.reset()
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        last = self.epoch + epochs
+        for _ in range(epochs):
+            start = time.perf_counter()
+            logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose)
+            if val is not None:
+                logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+            self.epoch += 1
+            history.append(self.epoch, logs, norms)
+            if verbose:
+                tqdm.write(f"epoch {self.epoch}/{last}: " + "  ".join(
+                    f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" for k, v in logs.items())
+                    + f"  ({time.perf_counter() - start:.2f}s)")
+            self.health.check(norms, self.epoch)
+            for cb in callbacks:
+                cb.on_epoch_end(self, self.epoch, logs)
+            if self.stop_training:
+                break
+        for cb in callbacks:
+            cb.on_train_end(self)
+        return history
+
+    def _train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose):
+        model, opt, xp = self.model, self.optimizer, self.model.xp
+        n = len(X)
+        order = np.random.default_rng([seed, self.epoch]).permutation(n) if shuffle else None
+        layers = model.parameter_layers()
+        norm_sums = np.zeros(len(layers))
+        total_loss, correct, steps = 0.0, 0, math.ceil(n / batch_size)
+        if self.schedule is not None and self.schedule.per == "epoch":
+            opt.lr = self.schedule(opt.base_lr, self.epoch)
+        # NaN/Inf are caught by the explicit loss and gradient checks below, which stop training with an
+        # error naming the layer; NumPy's floating-point warnings on the way there would only be noise.
+        with tqdm(total=n, desc=f"epoch {self.epoch + 1}/{last}", unit="sample", leave=False,
+                  disable=not verbose) as bar, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for step in range(steps):
+                rows = slice(step * batch_size, (step + 1) * batch_size)
+                idx = rows if order is None else order[rows]
+                xb, yb = xp.asarray(X[idx]), xp.asarray(y[idx])
+                if self.schedule is not None and self.schedule.per == "step":
+                    opt.lr = self.schedule(opt.base_lr, opt.t)
+                out = model.forward(xb, training=True)
+                loss, dout = self.loss(out, yb)
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise NonFiniteError(self._where(step) + f"the loss became {loss}{self._culprit(xb)}. "
+                                         "The weights were not updated; lower the learning rate, clip "
+                                         "gradients (clip_norm=...) or check the data")
+                model.backward(dout)
+                norms = self._grad_norms(layers, step)
+                norm_sums += norms
+                if self.clip_norm is not None:
+                    optim.clip_grad_norm(model.grads, self.clip_norm, float(np.sqrt(np.sum(norms**2))))
+                opt.step()
+                total_loss += loss * len(xb)
+                if self.metrics:
+                    correct += self.loss.correct(out, yb)
+                bar.update(len(xb))
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        logs = {"loss": total_loss / n}
+        if self.metrics:
+            logs["accuracy"] = float(correct) / n
+        logs["lr"] = opt.lr
+        return logs, {name: float(s / steps) for (name, _), s in zip(layers, norm_sums)}
+
+    def _where(self, step):
+        return f"training stopped at epoch {self.epoch + 1}, step {step + 1}: "
+
+    def _grad_norms(self, layers, step):
+        """The L2 norm of each parameter layer's gradient; raises naming the layers when one is NaN/Inf."""
+        xp, grads = self.model.xp, self.model.grads
+        norms = np.empty(len(layers))
+        for i, (_, sl) in enumerate(layers):
+            g = grads[sl]
+            sq = float(xp.vdot(g, g))
+            if not math.isfinite(sq) and bool(xp.isfinite(g).all()):  # overflowed the dtype, not NaN/Inf
+                sq = float(xp.vdot(g.astype(np.float64), g.astype(np.float64)))
+            norms[i] = math.sqrt(sq)
+        bad = [(name, norms[i]) for i, (name, _) in enumerate(layers) if not math.isfinite(norms[i])]
+        if bad:
+            kinds = {name: "nan" if bool(xp.isnan(grads[sl]).any()) else "inf" for name, sl in layers
+                     if name in dict(bad)}
+            raise NonFiniteError(self._where(step) + f"the gradient of layer {bad[-1][0]!r} became "
+                                 f"{kinds[bad[-1][0]]} (non-finite gradients in: {', '.join(kinds)}). The weights "
+                                 "were not updated; lower the learning rate or clip gradients (clip_norm=...)")
+        return norms
+
+    def _culprit(self, xb):
+        """Where a non-finite loss comes from: a layer with non-finite weights, else the first layer
+        whose (evaluation-mode) output is non-finite. Runs only on the failure path."""
+        model, xp = self.model, self.model.xp
+        for layer in model.layers:
+            for name, p in layer.params.items():
+                if not bool(xp.isfinite(p).all()):
+                    return f" (layer {layer.name!r} has non-finite weights {name})"
+        x = xb
+        for layer in model.layers:
+            x = layer.forward(x, training=False)
+            if not bool(xp.isfinite(x).all()):
+                return f" (the output of layer {layer.name!r} is the first that is non-finite)"
+        return (f" (the last layer {model.layers[-1].name!r} outputs values up to {float(xp.abs(x).max()):.3g}: "
+                f"the loss overflowed {model.dtype})")
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, X, y, batch_size=256):
+        """Mean loss (and metrics) over ``X``, ``y`` in evaluation mode: ``{"loss": ..., "accuracy": ...}``."""
+        return self._evaluate(*self._prepare(X, y), batch_size)
+
+    def _evaluate(self, X, y, batch_size=256):
+        xp, n = self.model.xp, len(X)
+        total, correct = 0.0, 0
+        for start in range(0, n, batch_size):
+            xb, yb = xp.asarray(X[start:start + batch_size]), xp.asarray(y[start:start + batch_size])
+            out = self.model.forward(xb, training=False)
+            total += float(self.loss(out, yb)[0]) * len(xb)
+            if self.metrics:
+                correct += self.loss.correct(out, yb)
+        logs = {"loss": total / n}
+        if self.metrics:
+            logs["accuracy"] = float(correct) / n
+        return logs
+
+    def predict(self, X, batch_size=256):
+        """The model's outputs for ``X`` (evaluation mode), as a host NumPy array."""
+        X, xp = self._prepare(X), self.model.xp
+        return np.concatenate([to_host(self.model.forward(xp.asarray(X[i:i + batch_size]), training=False))
+                               for i in range(0, len(X), batch_size)])
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def save(self, path):
+        """Architecture, weights, layer state, optimizer state and epoch count in one ``.npz``, atomically."""
+        checkpoint.save(path, self.model, self.optimizer, {"epoch": self.epoch})
+
+    def restore(self, path):
+        """Load a checkpoint saved by :meth:`save` into this trainer's model and optimizer, to resume.
+
+        Shapes are checked first: on a mismatch or an unreadable file the model stays as it was.
+        """
+        meta = checkpoint.restore(path, self.model, self.optimizer)
+        self.epoch = int(meta.get("epoch", 0))
+        return self

@@ -1,0 +1,136 @@
+"""nn checkpoints: round trip, resume equals uninterrupted training, no pickle, atomic writes, and
+clear errors (with the model untouched) for mismatched or truncated files."""
+
+import os
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_moons
+
+import nn
+from nn import checkpoint
+
+
+def _model(seed=0, width=16):
+    return nn.Sequential([nn.Dense(width, activation="relu"), nn.BatchNorm(), nn.Dropout(0.2),
+                          nn.Dense(8, activation="tanh"), nn.Dense(2)], seed=seed)
+
+
+def _trainer(model):
+    return nn.Trainer(model, optimizer=nn.AdamW(lr=0.01), schedule=nn.StepDecay(2, gamma=0.5))
+
+
+def _data():
+    return make_moons(100, noise=0.1, random_state=0)
+
+
+def test_save_load_round_trip_gives_identical_predictions(nn_backend, tmp_path):
+    X, y = _data()
+    trainer = _trainer(_model())
+    trainer.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    path = tmp_path / "model.npz"
+    trainer.save(path)
+    model, optimizer, meta = checkpoint.load(path)
+    assert meta == {"epoch": 2}
+    assert repr(optimizer) == repr(trainer.optimizer) and optimizer.t == trainer.optimizer.t
+    for name, buf in trainer.optimizer.state.items():
+        np.testing.assert_array_equal(nn_backend.get(optimizer.state[name]), nn_backend.get(buf))
+    np.testing.assert_array_equal(nn.Trainer(model).predict(X), trainer.predict(X))
+    np.testing.assert_array_equal(nn_backend.get(model.layers[1].running_var),
+                                  nn_backend.get(trainer.model.layers[1].running_var))
+    with np.load(path, allow_pickle=False) as f:  # plain arrays and JSON strings only
+        assert {"architecture", "params", "optimizer", "meta"} <= set(f.files)
+
+
+def test_resuming_from_a_checkpoint_equals_never_stopping(nn_backend, tmp_path):
+    """Shuffling, dropout masks, BatchNorm statistics, optimizer state and the schedule all continue."""
+    X, y = _data()
+    straight = _trainer(_model())
+    expected = straight.fit(X, y, epochs=4, batch_size=16, validation_split=0.2, verbose=0)
+
+    first = _trainer(_model())
+    history = first.fit(X, y, epochs=2, batch_size=16, validation_split=0.2, verbose=0)
+    first.save(tmp_path / "ckpt.npz")
+    resumed = _trainer(nn.Sequential.from_config(first.model.config()))
+    resumed.model.params[...] = 0  # the restore must bring every weight back
+    resumed.restore(tmp_path / "ckpt.npz")
+    rest = resumed.fit(X, y, epochs=2, batch_size=16, validation_split=0.2, verbose=0)
+
+    np.testing.assert_array_equal(nn_backend.get(resumed.model.params), nn_backend.get(straight.model.params))
+    assert rest.epochs == [3, 4]
+    for key in expected.history:
+        assert history[key] + rest[key] == expected[key]
+
+
+def test_restore_into_an_unbuilt_model_builds_it(tmp_path):
+    X, y = _data()
+    trainer = _trainer(_model())
+    trainer.fit(X, y, epochs=1, verbose=0)
+    trainer.save(tmp_path / "m.npz")
+    fresh = _trainer(_model(seed=5))
+    fresh.restore(tmp_path / "m.npz")
+    np.testing.assert_array_equal(fresh.model.params, trainer.model.params)
+    assert fresh.epoch == 1 and fresh.optimizer.t == trainer.optimizer.t
+
+
+def _assert_untouched(trainer, params, t):
+    np.testing.assert_array_equal(trainer.model.params, params)
+    assert trainer.optimizer.t == t
+
+
+def test_loading_a_mismatched_checkpoint_raises_and_leaves_the_model_as_it_was(tmp_path):
+    X, y = _data()
+    saved = _trainer(_model(width=16))
+    saved.fit(X, y, epochs=1, verbose=0)
+    saved.save(tmp_path / "wide.npz")
+    other = _trainer(_model(width=12))
+    other.fit(X, y, epochs=1, verbose=0)
+    params, t = other.model.params.copy(), other.optimizer.t
+    with pytest.raises(ValueError, match=r"dense_0.*\(2, 16\).*\(2, 12\)"):
+        other.restore(tmp_path / "wide.npz")
+    _assert_untouched(other, params, t)
+    shorter = nn.Trainer(nn.Sequential([nn.Dense(2)], input_dim=2))
+    with pytest.raises(ValueError, match="5 layers, this model has 1"):
+        shorter.restore(tmp_path / "wide.npz")
+
+
+def test_loading_a_truncated_or_foreign_file_raises_and_leaves_the_model_as_it_was(tmp_path):
+    X, y = _data()
+    trainer = _trainer(_model())
+    trainer.fit(X, y, epochs=1, verbose=0)
+    trainer.save(tmp_path / "m.npz")
+    raw = (tmp_path / "m.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    params, t = trainer.model.params.copy(), trainer.optimizer.t
+    with pytest.raises(ValueError, match="cut.npz is not a readable checkpoint"):
+        trainer.restore(tmp_path / "cut.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not an nn checkpoint"):
+        trainer.restore(tmp_path / "other.npz")
+    _assert_untouched(trainer, params, t)
+    with pytest.raises(FileNotFoundError):
+        trainer.restore(tmp_path / "missing.npz")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    X, y = _data()
+    trainer = _trainer(_model())
+    trainer.fit(X, y, epochs=1, verbose=0)
+    path = tmp_path / "m.npz"
+    trainer.save(path)
+    good = path.read_bytes()
+    trainer.fit(X, y, epochs=1, verbose=0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    assert path.read_bytes() == good  # the old checkpoint survives a failed write
+    assert os.listdir(tmp_path) == ["m.npz"]  # and no temporary file is left behind
+
+
+def test_saving_an_unbuilt_model_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="not built"):
+        checkpoint.save(tmp_path / "m.npz", _model())

@@ -1,0 +1,90 @@
+"""The main job, ``python -m nn.train``, end to end on a few epochs, and its dataset loaders."""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nn import checkpoint, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _accuracy(output):
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("test accuracy: ")
+    return float(last.split(": ")[1])
+
+
+@pytest.mark.slow
+def test_main_job_runs_end_to_end_as_a_module(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "nn.train", "--epochs", "3"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 3/3: loss" in proc.stdout and "val_accuracy" in proc.stdout
+    assert "samples/s: " in proc.stdout
+    assert "sample/s" in proc.stderr  # the progress bar
+    assert _accuracy(proc.stdout) > 0.8
+
+
+def test_main_with_plot_and_save(tmp_path, capsys):
+    png, saved = tmp_path / "curves.png", tmp_path / "model.npz"
+    metrics = train.main(["--backend", "numpy", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.1",
+                          "--plot", str(png), "--save", str(saved), "--verbose", "0"])
+    out = capsys.readouterr().out
+    assert _accuracy(out) == pytest.approx(metrics["accuracy"], abs=1e-4)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model, optimizer, meta = checkpoint.load(saved)
+    assert meta == {"epoch": 2} and type(optimizer).__name__ == "SGD" and optimizer.lr == 0.1
+    assert model.input_dim == 64 and model.output_dim == 10
+
+
+def _digits_as_images():
+    X, y = data.load_digits()
+    return (X.reshape(-1, 8, 8) * 16).round().astype(np.uint8), y.astype(np.uint8)
+
+
+def _write_idx(path, array):
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_main_trains_on_mnist_format_idx_files(tmp_path, capsys):
+    images, labels = _digits_as_images()
+    for prefix, rows in (("train", slice(0, 1500)), ("t10k", slice(1500, None))):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images[rows])
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels[rows])
+    (X, y), (X_test, y_test) = data.load(str(tmp_path))
+    assert X.shape == (1500, 64) and X_test.shape == (297, 64) and X.max() == 1.0 and y.dtype == np.int64
+    train.main(["--data", str(tmp_path), "--epochs", "5", "--verbose", "0", "--backend", "numpy"])
+    out = capsys.readouterr().out
+    assert "1350 training, 150 validation, 297 test samples" in out
+    assert _accuracy(out) > 0.85
+
+
+def test_main_trains_on_an_npz_with_x_and_y(tmp_path, capsys):
+    images, labels = _digits_as_images()
+    np.savez(tmp_path / "digits.npz", x=images, y=labels)
+    train.main(["--data", str(tmp_path / "digits.npz"), "--epochs", "5", "--verbose", "0", "--backend", "numpy"])
+    assert _accuracy(capsys.readouterr().out) > 0.85
+
+
+def test_dataset_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        data.load(str(tmp_path))
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="must hold arrays x and y"):
+        data.load(str(tmp_path / "bad.npz"))
+    _write_idx(tmp_path / "short.gz", np.zeros((4, 2), np.uint8))
+    with gzip.open(tmp_path / "short.gz", "rb") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(raw[:-1])
+    with pytest.raises(ValueError, match="promises shape \\(4, 2\\)"):
+        data.read_idx(tmp_path / "short.gz")

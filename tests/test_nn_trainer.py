@@ -1,0 +1,239 @@
+"""nn trainer: gradient-descent variants, history, early stopping, gradient health, NaN/Inf stops,
+bad input caught before training, reproducibility."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_moons
+
+import nn
+from nn import Layer
+
+
+def _moons(n=120, seed=0):
+    return make_moons(n, noise=0.1, random_state=seed)
+
+
+def _model(seed=0, **kw):
+    return nn.Sequential([nn.Dense(16, activation="tanh"), nn.Dense(16, activation="relu"), nn.Dense(2)],
+                         seed=seed, **kw)
+
+
+@pytest.mark.parametrize("batch_size, epochs, lr", [(None, 300, 0.5), (16, 60, 0.2), (1, 20, 0.01)],
+                         ids=["full-batch", "mini-batch", "stochastic"])
+def test_sgd_full_batch_mini_batch_and_stochastic_all_learn(nn_backend, batch_size, epochs, lr):
+    X, y = _moons()
+    trainer = nn.Trainer(_model(), optimizer=nn.SGD(lr=lr, momentum=0.9))
+    history = trainer.fit(X, y, epochs=epochs, batch_size=batch_size, verbose=0)
+    steps_per_epoch = 1 if batch_size is None else -(-len(X) // batch_size)
+    assert trainer.optimizer.t == epochs * steps_per_epoch
+    assert history["loss"][-1] < 0.1 and history["accuracy"][-1] > 0.96
+    assert trainer.evaluate(X, y)["accuracy"] > 0.96
+
+
+def test_history_records_losses_metrics_and_gradient_norms(capsys):
+    X, y = _moons()
+    trainer = nn.Trainer(_model(), optimizer=nn.Adam(lr=0.01))
+    history = trainer.fit(X, y, epochs=3, batch_size=32, validation_split=0.25, verbose=1)
+    assert history.epochs == [1, 2, 3]
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+    assert list(history.grad_norms) == ["dense_0", "dense_1", "dense_2"]
+    assert all(len(v) == 3 and min(v) > 0 for v in history.grad_norms.values())
+    assert history["val_loss"][-1] == pytest.approx(trainer.evaluate(X[-30:], y[-30:])["loss"], rel=1e-6)
+    assert history["loss"][2] < history["loss"][0]
+    out = capsys.readouterr()
+    assert "epoch 3/3: loss" in out.out and "val_accuracy" in out.out
+    assert "sample/s" in out.err  # the tqdm bar
+    trainer.fit(X, y, epochs=1, verbose=0)
+    assert capsys.readouterr().out == ""
+
+
+def test_predict_returns_host_outputs_in_evaluation_mode():
+    X, y = _moons()
+    model = nn.Sequential([nn.Dense(8, activation="relu"), nn.Dropout(0.5), nn.Dense(2)], seed=0)
+    trainer = nn.Trainer(model)
+    trainer.fit(X, y, epochs=2, verbose=0)
+    out = trainer.predict(X, batch_size=50)
+    np.testing.assert_array_equal(out, trainer.predict(X))  # deterministic: no dropout
+    np.testing.assert_allclose(out, model.forward(X.astype(np.float32)), rtol=1e-6)
+    assert out.shape == (len(X), 2) and out.dtype == np.float32
+
+
+def _val_flipped():
+    """Validation labels flipped: as training improves, validation loss gets worse."""
+    X, y = _moons(seed=1)
+    return X, 1 - y
+
+
+class Recorder(nn.Callback):
+    def on_train_begin(self, trainer):
+        self.weights = []
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.weights.append(trainer.model.params.copy())
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    X, y = _moons()
+    recorder = Recorder()
+    stopper = nn.EarlyStopping(monitor="val_loss", patience=2)
+    trainer = nn.Trainer(_model(), optimizer=nn.Adam(lr=0.01))
+    history = trainer.fit(X, y, epochs=50, batch_size=16, validation_data=_val_flipped(),
+                          callbacks=[recorder, stopper], verbose=0)
+    best = int(np.argmin(history["val_loss"]))
+    assert len(history.epochs) == best + 1 + 2 < 50
+    assert stopper.stopped_epoch == len(history.epochs)
+    np.testing.assert_array_equal(trainer.model.params, recorder.weights[best])
+
+
+def test_early_stopping_restores_the_best_weights_when_training_runs_out_of_epochs():
+    X, y = _moons()
+    recorder = Recorder()
+    trainer = nn.Trainer(_model(), optimizer=nn.Adam(lr=0.01))
+    history = trainer.fit(X, y, epochs=4, batch_size=16, validation_data=_val_flipped(),
+                          callbacks=[recorder, nn.EarlyStopping(patience=10)], verbose=0)
+    best = int(np.argmin(history["val_loss"]))
+    assert len(history.epochs) == 4 and best < 3
+    np.testing.assert_array_equal(trainer.model.params, recorder.weights[best])
+    assert not np.array_equal(trainer.model.params, recorder.weights[-1])
+
+
+def test_early_stopping_on_accuracy_maximises_and_needs_the_metric():
+    X, y = _moons()
+    stopper = nn.EarlyStopping(monitor="accuracy", patience=0, min_delta=1.0)  # no epoch can improve by 1.0
+    history = nn.Trainer(_model()).fit(X, y, epochs=10, callbacks=[stopper], verbose=0)
+    assert stopper.sign == -1 and len(history.epochs) == 2
+    with pytest.raises(ValueError, match="val_loss.*validation_data"):
+        nn.Trainer(_model()).fit(X, y, epochs=1, callbacks=[nn.EarlyStopping()], verbose=0)
+
+
+def test_vanishing_gradients_warn_naming_the_lower_layers():
+    X, y = _moons()
+    deep = [nn.Dense(16, activation="sigmoid", init="normal", init_std=0.1) for _ in range(6)]
+    trainer = nn.Trainer(nn.Sequential(deep + [nn.Dense(2)], seed=0), optimizer=nn.SGD(lr=0.1))
+    with pytest.warns(nn.GradientWarning, match="vanish.*dense_0"):
+        trainer.fit(X, y, epochs=1, verbose=0)
+
+
+def test_exploding_gradients_warn():
+    X = np.random.default_rng(0).standard_normal((64, 4))
+    y = X.sum(axis=1, keepdims=True) * 100
+    model = nn.Sequential([nn.Dense(32, activation="relu", init="normal", init_std=3.0), nn.Dense(1)], seed=0)
+    trainer = nn.Trainer(model, loss="mse", optimizer=nn.SGD(lr=1e-6))
+    with pytest.warns(nn.GradientWarning, match="explode"):
+        trainer.fit(X, y, epochs=1, verbose=0)
+
+
+def test_healthy_training_does_not_warn(recwarn):
+    X, y = _moons()
+    nn.Trainer(_model()).fit(X, y, epochs=2, verbose=0)
+    assert not [w for w in recwarn if issubclass(w.category, nn.GradientWarning)]
+
+
+class NaNGrad(Layer):
+    """A test layer whose parameter gradient is NaN (a numerically broken custom layer)."""
+
+    def build(self, input_dim, xp, dtype):
+        super().build(input_dim, xp, dtype)
+        self.param_shapes = {"s": (input_dim,)}
+
+    def forward(self, x, training):
+        return x * self.params["s"]
+
+    def backward(self, dy, need_dx=True):
+        self.grads["s"][...] = np.nan
+        return dy * self.params["s"]
+
+
+def test_nan_gradient_stops_training_naming_the_layer():
+    X, y = _moons()
+    model = nn.Sequential([nn.Dense(8, activation="relu"), NaNGrad(), nn.Dense(2)], seed=0)
+    trainer = nn.Trainer(model)
+    with pytest.raises(nn.NonFiniteError, match=r"epoch 1, step 1: the gradient of layer 'nangrad_0' became nan"):
+        trainer.fit(X, y, epochs=1, verbose=0)
+    assert trainer.optimizer.t == 0 and np.isfinite(model.params).all()  # no update with garbage
+
+
+def test_nan_loss_stops_training_naming_the_layer():
+    X, y = _moons()
+    model = nn.Sequential([nn.Dense(8, activation="relu"), nn.Dense(2)], input_dim=2, seed=0)
+    model.layers[1].params["W"][0, 0] = np.inf
+    with pytest.raises(nn.NonFiniteError, match="loss became nan.*layer 'dense_1' has non-finite weights W"):
+        nn.Trainer(model).fit(X, y, epochs=1, verbose=0)
+
+
+def test_diverging_training_stops_before_it_writes_non_finite_weights():
+    X = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    y = X @ np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
+    model = nn.Sequential([nn.Dense(16, activation="relu"), nn.Dense(1)], seed=0)
+    trainer = nn.Trainer(model, loss="mse", optimizer=nn.SGD(lr=5.0))
+    with pytest.raises(nn.NonFiniteError, match="loss became inf .*layer 'dense_1' outputs values up to"):
+        trainer.fit(X, y, epochs=50, batch_size=8, verbose=0)
+    assert np.isfinite(model.params).all()
+
+
+BAD_INPUT = [
+    (lambda X, y: (X, y[:-1]), ValueError, "X has 120 samples but y has 119"),
+    (lambda X, y: (X[:, :1], y), ValueError, "X has 1 features, but the first layer \\(dense_0\\) expects 2"),
+    (lambda X, y: (X, np.where(y == 1, 5, y)), ValueError, "y has label 5 at index .* outside \\[0, 2\\)"),
+    (lambda X, y: (X, y - 1), ValueError, "y has label -1"),
+    (lambda X, y: (X[:0], y[:0]), ValueError, "X is empty"),
+    (lambda X, y: (np.where(np.arange(X.size).reshape(X.shape) == 7, np.nan, X), y), ValueError,
+     "X contains nan at index \\(3, 1\\)"),
+    (lambda X, y: (X, y + 0.5), ValueError, "integer class labels"),
+    (lambda X, y: (X[0], y), ValueError, "2-D"),
+]
+
+
+@pytest.mark.parametrize("corrupt, error, message", BAD_INPUT)
+def test_bad_input_raises_a_clear_error_before_any_training(corrupt, error, message):
+    X, y = _moons()
+    model = nn.Sequential([nn.Dense(8, activation="relu"), nn.Dense(2)], input_dim=2, seed=0)
+    before = model.params.copy()
+    trainer = nn.Trainer(model)
+    with pytest.raises(error, match=message):
+        trainer.fit(*corrupt(X, y), epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.params, before)
+    assert trainer.optimizer.t == 0 and trainer.epoch == 0
+
+
+def test_bad_validation_data_and_arguments_raise_before_training():
+    X, y = _moons()
+    trainer = nn.Trainer(_model())
+    Xv = X.copy()
+    Xv[4, 0] = np.inf
+    with pytest.raises(ValueError, match="validation_data X contains inf at index \\(4, 0\\)"):
+        trainer.fit(X, y, validation_data=(Xv, y), verbose=0)
+    with pytest.raises(ValueError, match="not both"):
+        trainer.fit(X, y, validation_data=(X, y), validation_split=0.1, verbose=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.fit(X, y, batch_size=0, verbose=0)
+    with pytest.raises(ValueError, match="hinge"):
+        nn.Trainer(nn.Sequential([nn.Dense(1)]), loss="hinge").fit(X, y, verbose=0)
+    assert trainer.optimizer.t == 0
+
+
+@pytest.mark.parametrize("loss, targets", [("mse", lambda y: y[:, None] * 2.0 - 1),
+                                           ("binary_cross_entropy", lambda y: y.astype(float)),
+                                           ("hinge", lambda y: y * 2.0 - 1)])
+def test_other_losses_train_a_one_output_model(loss, targets):
+    X, y = _moons()
+    model = nn.Sequential([nn.Dense(16, activation="tanh"), nn.Dense(16, activation="tanh"), nn.Dense(1)], seed=0)
+    trainer = nn.Trainer(model, loss=loss, optimizer=nn.Adam(lr=0.02))
+    history = trainer.fit(X, targets(y), epochs=40, batch_size=16, verbose=0)
+    assert history["loss"][-1] < 0.25 * history["loss"][0]
+    if loss != "mse":
+        assert history["accuracy"][-1] > 0.95
+
+
+def test_same_seed_gives_bitwise_identical_training(nn_backend):
+    X, y = _moons()
+    runs = []
+    for seed in (3, 3, 4):
+        model = nn.Sequential([nn.Dense(16, activation="relu"), nn.BatchNorm(), nn.Dropout(0.3), nn.Dense(2)],
+                              seed=seed)
+        trainer = nn.Trainer(model, optimizer=nn.Adam(lr=0.01))
+        history = trainer.fit(X, y, epochs=3, batch_size=16, validation_split=0.2, verbose=0)
+        runs.append((nn_backend.get(model.params), history.history))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    assert not np.array_equal(runs[0][0], runs[2][0])
