@@ -8,6 +8,11 @@ import os
 
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    # pytest has already imported numba (setup.cfg's filterwarnings names a numba warning class), so
+    # numba's configuration, which numba-cuda shares, was read before the line above: read it again.
+    import numba.core.config
+
+    numba.core.config.reload_config()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -38,6 +43,8 @@ class Backend:
     def __init__(self, name):
         self.name = name
         self.is_cuda = name == "cuda"
+        # cuda under the simulator: every GPU thread is a Python thread, so keep such tests' shapes small
+        self.simulated = self.is_cuda and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
     def to(self, x):
         if not self.is_cuda or x is None:
@@ -72,3 +79,14 @@ def fast_backend(request):
     """The compiled backends only: for tests that compare a backend with the reference."""
     with kernels.use_backend(request.param):
         yield Backend(request.param)
+
+
+@pytest.fixture
+def nn_backend(backend):
+    """The ``backend`` fixture, skipping cuda unless CuPy and a real GPU are present: nn keeps its device
+    arrays in CuPy, which the Numba CUDA simulator cannot stand in for."""
+    if backend.is_cuda:
+        cupy = pytest.importorskip("cupy", reason="nn on the cuda backend keeps parameters on the GPU with CuPy")
+        if not cupy.cuda.is_available():
+            pytest.skip("nn on the cuda backend needs a real GPU for CuPy")
+    return backend
