@@ -13,21 +13,15 @@ from numba.extending import register_jitable
 
 from . import _math
 from ._jit import FASTMATH, jit
+from ._parallel import CHUNK, n_chunks
 
 PARALLEL_MIN = 1 << 17  # elements: below this a pass takes less than starting the thread pool can cost
-CHUNK = 1 << 14  # elements per parallel task: 64 KiB of float32
 
 # Scalar and row functions, inlined by LLVM into the loops that call them. They are plain Python functions
 # registered with Numba rather than dispatchers, so a kernel closing over one stays cacheable (its cache
 # key hashes the closure: a function pickles by name, a dispatcher by a per-process id). error_model
 # numpy: divisions are IEEE, without the zero check that would keep a loop from vectorising.
 scalar = register_jitable(fastmath=set(FASTMATH), error_model="numpy")
-
-
-@scalar
-def chunks(n):
-    """Number of CHUNK-sized parallel tasks for n elements."""
-    return (n + CHUNK - 1) // CHUNK
 
 
 def elementwise(op, name):
@@ -47,7 +41,7 @@ def elementwise(op, name):
         else:
             # Each task runs the separately compiled (vectorised) span on slices; a loop written
             # inline in the prange body measured several times slower (not vectorised).
-            for c in prange(chunks(n)):
+            for c in prange(n_chunks(n)):
                 lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
                 span(a[lo:hi], b[lo:hi], alpha, out[lo:hi])
 

@@ -10,7 +10,8 @@ from numba import prange
 
 from . import _math
 from ._jit import jit
-from .activations import CHUNK, PARALLEL_MIN, chunks, exp_shifted, row_max, scalar
+from ._parallel import CHUNK, n_chunks
+from .activations import PARALLEL_MIN, exp_shifted, row_max, scalar
 
 
 @scalar
@@ -60,7 +61,7 @@ def pointwise_loss(op, name):
         n = grad.size
         if n < PARALLEL_MIN:
             return span(pred, target, scale, grad)
-        partial = np.empty(chunks(n), pred.dtype)
+        partial = np.empty(n_chunks(n), pred.dtype)
         for c in prange(partial.size):
             lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
             partial[c] = span(pred[lo:hi], target[lo:hi], scale, grad[lo:hi])
