@@ -1,0 +1,172 @@
+"""Activations and their gradients: grid-stride elementwise kernels, and softmax with one block per row.
+
+The elementwise kernels are built from one scalar device function each (also used by the matmul
+epilogue) by two generic grid-stride kernels, for one and for two input arrays.
+"""
+
+import functools
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._launch import ONE, ROW_THREADS, ZERO, block_reduce, exp, grid, kernel, row_grid
+from ._launch import tanh as _tanh
+
+# ---- scalar device functions --------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def relu_scalar(x, alpha):
+    return ZERO if x <= ZERO else x  # NaN > 0 is false, so test x <= 0: NaN propagates
+
+
+@cuda.jit(device=True)
+def leaky_relu_scalar(x, alpha):
+    return x if x > ZERO else alpha * x
+
+
+@cuda.jit(device=True)
+def sigmoid_scalar(x, alpha):
+    z = exp(-abs(x))  # in (0, 1]: exp never overflows
+    return (ONE if x >= ZERO else z) / (ONE + z)
+
+
+@cuda.jit(device=True)
+def tanh_scalar(x, alpha):
+    return _tanh(x)
+
+
+@cuda.jit(device=True)
+def relu_backward_scalar(x, dy, alpha):
+    return dy * (ONE if x > ZERO else ZERO)  # a product, as the reference: NaN in dy stays NaN
+
+
+@cuda.jit(device=True)
+def leaky_relu_backward_scalar(x, dy, alpha):
+    return dy if x > ZERO else alpha * dy
+
+
+@cuda.jit(device=True)
+def sigmoid_backward_scalar(y, dy, alpha):
+    return dy * (y * (ONE - y))
+
+
+@cuda.jit(device=True)
+def tanh_backward_scalar(y, dy, alpha):
+    return dy * (ONE - y * y)
+
+
+# ---- generic elementwise kernels ----------------------------------------------------------------------
+
+
+@functools.cache
+def _unary_kernel(fn):
+    @kernel
+    def unary(x, alpha, out):
+        for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+            out[i] = fn(x[i], alpha)
+
+    return unary
+
+
+@functools.cache
+def _binary_kernel(fn):
+    @kernel
+    def binary(a, b, alpha, out):
+        for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+            out[i] = fn(a[i], b[i], alpha)
+
+    return binary
+
+
+def _unary(fn, x, alpha, out):
+    if out.shape[0]:
+        _unary_kernel(fn)[grid(out.shape[0])](x, out.dtype.type(alpha), out)
+
+
+def _binary(fn, a, b, alpha, out):
+    if out.shape[0]:
+        _binary_kernel(fn)[grid(out.shape[0])](a, b, out.dtype.type(alpha), out)
+
+
+def relu(x, out):
+    _unary(relu_scalar, x, 0, out)
+
+
+def relu_backward(x, dy, out):
+    _binary(relu_backward_scalar, x, dy, 0, out)
+
+
+def leaky_relu(x, alpha, out):
+    _unary(leaky_relu_scalar, x, alpha, out)
+
+
+def leaky_relu_backward(x, dy, alpha, out):
+    _binary(leaky_relu_backward_scalar, x, dy, alpha, out)
+
+
+def sigmoid(x, out):
+    _unary(sigmoid_scalar, x, 0, out)
+
+
+def sigmoid_backward(y, dy, out):
+    _binary(sigmoid_backward_scalar, y, dy, 0, out)
+
+
+def tanh(x, out):
+    _unary(tanh_scalar, x, 0, out)
+
+
+def tanh_backward(y, dy, out):
+    _binary(tanh_backward_scalar, y, dy, 0, out)
+
+
+# ---- softmax: one block per row (see row_grid) --------------------------------------------------------
+
+
+@functools.cache
+def _softmax_kernels(dtype):
+    nb_dtype, zero, lowest = numba.from_dtype(dtype), dtype.type(0), dtype.type(-np.inf)
+
+    @kernel
+    def forward(x, out):
+        """Row max, then the sum of exp(x - max), then each exp divided by the sum (x is read 3 times,
+        out written once: a row is small enough to stay in cache)."""
+        shared = cuda.shared.array(ROW_THREADS, nb_dtype)
+        t, step = cuda.threadIdx.x, cuda.blockDim.x
+        for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+            m = lowest
+            for j in range(t, x.shape[1], step):
+                m = max(m, x[row, j])
+            m = block_reduce(shared, m, True)
+            s = zero
+            for j in range(t, x.shape[1], step):
+                s += exp(x[row, j] - m)
+            s = block_reduce(shared, s, False)
+            for j in range(t, x.shape[1], step):
+                out[row, j] = exp(x[row, j] - m) / s
+
+    @kernel
+    def backward(y, dy, out):
+        shared = cuda.shared.array(ROW_THREADS, nb_dtype)
+        t, step = cuda.threadIdx.x, cuda.blockDim.x
+        for row in range(cuda.blockIdx.x, y.shape[0], cuda.gridDim.x):
+            dot = zero
+            for j in range(t, y.shape[1], step):
+                dot += dy[row, j] * y[row, j]
+            dot = block_reduce(shared, dot, False)
+            for j in range(t, y.shape[1], step):
+                out[row, j] = y[row, j] * (dy[row, j] - dot)
+
+    return forward, backward
+
+
+def softmax(x, out):
+    if out.size:
+        _softmax_kernels(np.dtype(x.dtype))[0][row_grid(out.shape[0])](x, out)
+
+
+def softmax_backward(y, dy, out):
+    if out.size:
+        _softmax_kernels(np.dtype(y.dtype))[1][row_grid(out.shape[0])](y, dy, out)

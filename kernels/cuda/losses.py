@@ -1,0 +1,187 @@
+"""Losses and bias_grad. Each loss returns a 0-d device array of the input dtype (no device-to-host
+sync: read it with ``float(loss)``, ``.get()`` or ``copy_to_host()`` when needed) and writes the gradient.
+
+Reductions are deterministic: per-block partial sums in shared memory, then one block sums the partials
+(:func:`._launch.sum_divide`); no atomics, so a loss is bit-identical from run to run.
+
+Out-of-range labels: device labels are not checked on the host (that would be a hidden copy). A row
+whose label is outside [0, classes) gets a NaN loss term and a NaN gradient row, so the returned loss is
+NaN and training cannot go on silently.
+"""
+
+import functools
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._launch import (ONE, ROW_THREADS, SIMULATOR, THREADS, ZERO, as_scalar, block_reduce, empty, exp, grid, kernel,
+                      log, log1p, row_grid, scalar_result, sm_count, sum_divide)
+
+# ---- fused softmax cross-entropy: one block per row (see row_grid) ------------------------------------
+
+
+@functools.cache
+def _cross_entropy_kernel(dtype):
+    nb_dtype, zero, lowest, nan = numba.from_dtype(dtype), dtype.type(0), dtype.type(-np.inf), dtype.type(np.nan)
+
+    @kernel
+    def cross_entropy(logits, labels, inv_n, dlogits, row_loss):
+        """Row max and sum of exp(x - max) by block reductions; then, in the pass that finishes the row,
+        dlogits = (exp(x - max - log(sum)) - onehot) / N (no probability array) and the row's loss
+        log(sum) - (x[label] - max), both formed as the reference does (exact for huge logits)."""
+        shared = cuda.shared.array(ROW_THREADS, nb_dtype)
+        t, step = cuda.threadIdx.x, cuda.blockDim.x
+        cols = logits.shape[1]
+        for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
+            label = labels[row]
+            valid = label >= 0 and label < cols
+            m = lowest
+            for j in range(t, cols, step):
+                m = max(m, logits[row, j])
+            m = block_reduce(shared, m, True)
+            s = zero
+            for j in range(t, cols, step):
+                s += exp(logits[row, j] - m)
+            log_s = log(block_reduce(shared, s, False))
+            for j in range(t, cols, step):
+                if valid:
+                    p = exp(logits[row, j] - m - log_s)
+                    dlogits[row, j] = (p - ONE if j == label else p) * inv_n
+                else:
+                    dlogits[row, j] = nan
+            if t == 0:
+                row_loss[row] = log_s - (logits[row, label] - m) if valid else nan
+
+    return cross_entropy
+
+
+def softmax_cross_entropy(logits, labels, dlogits):
+    n, classes = logits.shape
+    dtype = np.dtype(logits.dtype)
+    row_loss = empty((n,), dtype, logits)
+    _cross_entropy_kernel(dtype)[row_grid(n)](logits, labels, dtype.type(1 / n), dlogits, row_loss)
+    loss = scalar_result(dtype, logits)
+    sum_divide(row_loss, n, loss)
+    return as_scalar(loss)
+
+
+# ---- pointwise losses: a grid-stride kernel per loss, built from a scalar device function -------------
+
+
+@cuda.jit(device=True)
+def _mse_terms(pred, target, scale):
+    diff = pred - target
+    return diff * diff, diff * scale
+
+
+@cuda.jit(device=True)
+def _bce_terms(x, target, scale):
+    z = exp(-abs(x))  # log(1 + exp(-|x|)) and sigmoid without overflow
+    sigmoid = (ONE if x >= ZERO else z) / (ONE + z)
+    return (ZERO if x <= ZERO else x) - x * target + log1p(z), (sigmoid - target) * scale
+
+
+@cuda.jit(device=True)
+def _hinge_terms(score, target, scale):
+    margin = ONE - target * score  # "<= 0", not max(): a NaN margin stays NaN (GPU fmax would drop it)
+    return (ZERO if margin <= ZERO else margin), (-target * scale if margin > ZERO else ZERO * scale)
+
+
+@functools.cache
+def _pointwise_kernel(terms, dtype):
+    nb_dtype, zero = numba.from_dtype(dtype), dtype.type(0)
+
+    @kernel
+    def pointwise_loss(pred, target, scale, grad, partials):
+        """grad[i] from terms(); the loss terms summed per thread, then per block into partials."""
+        shared = cuda.shared.array(THREADS, nb_dtype)
+        acc = zero
+        for i in range(cuda.grid(1), grad.shape[0], cuda.gridsize(1)):
+            value, g = terms(pred[i], target[i], scale)
+            grad[i] = g
+            acc += value
+        total = block_reduce(shared, acc, False)
+        if cuda.threadIdx.x == 0:
+            partials[cuda.blockIdx.x] = total
+
+    return pointwise_loss
+
+
+def _pointwise_loss(terms, pred, target, grad, grad_scale):
+    """Launch the loss kernel (its gradient is terms' derivative times ``grad_scale``), then the mean."""
+    size = grad.shape[0]
+    dtype = np.dtype(grad.dtype)
+    blocks, threads = grid(size)
+    partials = empty((blocks,), dtype, pred)
+    _pointwise_kernel(terms, dtype)[blocks, threads](pred, target, dtype.type(grad_scale / size), grad, partials)
+    loss = scalar_result(dtype, pred)
+    sum_divide(partials, size, loss)
+    return as_scalar(loss)
+
+
+def mse(pred, target, dpred):
+    return _pointwise_loss(_mse_terms, pred, target, dpred, 2)
+
+
+def binary_cross_entropy(logits, target, dpred):
+    return _pointwise_loss(_bce_terms, logits, target, dpred, 1)
+
+
+def hinge(scores, target, dpred):
+    return _pointwise_loss(_hinge_terms, scores, target, dpred, 1)
+
+
+# ---- bias_grad: column sums ---------------------------------------------------------------------------
+
+# A block is COLS x ROWS threads: COLS adjacent columns (coalesced reads of each row), ROWS row groups
+# whose partial column sums are added in shared memory. Tall inputs are also split into row chunks along
+# the grid's y axis, so that enough blocks run; each chunk writes its partial sums, added by a second pass.
+COLS, ROWS = (8, 4) if SIMULATOR else (32, 8)
+
+
+@functools.cache
+def _bias_grad_kernel(dtype):
+    nb_dtype, zero = numba.from_dtype(dtype), dtype.type(0)
+
+    @kernel
+    def column_sums(dy, rows_per_chunk, partials):
+        """partials[chunk, col] = sum of dy[rows of the chunk, col]."""
+        shared = cuda.shared.array((ROWS, COLS), nb_dtype)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        col = cuda.blockIdx.x * COLS + tx
+        first = cuda.blockIdx.y * rows_per_chunk
+        acc = zero
+        if col < dy.shape[1]:
+            for r in range(first + ty, min(first + rows_per_chunk, dy.shape[0]), ROWS):
+                acc += dy[r, col]
+        shared[ty, tx] = acc
+        cuda.syncthreads()
+        if ty == 0 and col < dy.shape[1]:
+            for r in range(1, ROWS):
+                acc += shared[r, tx]
+            partials[cuda.blockIdx.y, col] = acc
+
+    return column_sums
+
+
+@kernel
+def _add_chunks(partials, out):
+    for col in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        acc = partials[0, col]
+        for chunk in range(1, partials.shape[0]):
+            acc += partials[chunk, col]
+        out[col] = acc
+
+
+def bias_grad(dy, out):
+    rows, cols = dy.shape
+    if cols == 0:
+        return
+    col_blocks = -(-cols // COLS)
+    chunks = max(1, min(-(-rows // (4 * ROWS)), -(-2 * sm_count() // col_blocks)))
+    rows_per_chunk = -(-rows // chunks) if rows else 1
+    partials = out.reshape(1, cols) if chunks == 1 else empty((chunks, cols), dtype=np.dtype(dy.dtype), like=dy)
+    _bias_grad_kernel(np.dtype(dy.dtype))[(col_blocks, chunks), (COLS, ROWS)](dy, rows_per_chunk, partials)
+    if chunks > 1:
+        _add_chunks[grid(cols)](partials, out)

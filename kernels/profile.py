@@ -1,0 +1,265 @@
+"""Profile every kernel: ``python -m kernels.profile [--backend numba|cuda] [--quick] [--smoke]``.
+
+For each kernel at a representative shape it prints the first-call time (compilation, reported apart),
+the median of the steady-state calls, the achieved GB/s (memory traffic: bytes read + written once) and
+GFLOP/s for matmul, and the percentage of a roof measured in the same run: on a GPU the device-to-device
+copy bandwidth and cuBLAS (through CuPy, when installed) for matmul; on the CPU the memory copy bandwidth
+and NumPy's BLAS. GPU times come from CUDA events.
+
+For Nsight: every kernel call sits in an NVTX range named after the kernel (when the ``nvtx`` package is
+installed), and the steady state is bracketed by ``cudaProfilerStart/Stop``, so
+``nsys profile --capture-range=cudaProfilerApi python -m kernels.profile --backend cuda`` (or ``ncu
+--profile-from-start off``) skips compilation. Under the Numba CUDA simulator the run uses tiny shapes and
+its timings mean nothing; it only shows that every kernel runs.
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import kernels
+
+# Shapes: elementwise and loss sizes, softmax / cross-entropy rows x classes, square GEMM side, a dense
+# layer's (batch, in, out) for the fused epilogue, bias_grad rows x columns, optimizer parameter count.
+SIZES = {
+    "full": dict(n=16 * 2**20, rows=(4096, 1000), gemm=4096, layer=(4096, 1024, 1024), cols=(8192, 1024),
+                 params=10 * 2**20, repeat=20),
+    "quick": dict(n=2**20, rows=(512, 1000), gemm=1024, layer=(512, 784, 256), cols=(1024, 1024), params=2**20,
+                  repeat=10),
+    "smoke": dict(n=1000, rows=(9, 33), gemm=40, layer=(9, 17, 21), cols=(9, 17), params=1000, repeat=2),
+}
+
+
+@dataclass
+class Case:
+    """One kernel call to time: ``call()`` runs it; ``bytes``/``flops`` are one call's traffic and work."""
+
+    kernel: str
+    shape: str
+    call: object
+    bytes: int
+    flops: int = 0
+
+
+def _nvtx_range(name):
+    try:
+        import nvtx
+    except ImportError:
+        return contextlib.nullcontext()
+    return nvtx.annotate(name)
+
+
+class _Host:
+    """The numba backend: host arrays, wall-clock timing, memory bandwidth and NumPy BLAS as roofs."""
+
+    simulator = False
+
+    def to(self, x):
+        return x
+
+    def time(self, fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def copy_roof(self, nbytes):
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        return 2 * src.nbytes / _median([self.time(lambda: np.copyto(dst, src)) for _ in range(5)]) / 1e9
+
+    def gemm_roof(self, a, b):
+        return "NumPy BLAS", a.shape[0] * b.shape[1] * a.shape[1] * 2 / _median(
+            [self.time(lambda: a @ b) for _ in range(3)]) / 1e9
+
+    def capture(self):
+        return contextlib.nullcontext()
+
+
+class _Device:
+    """The cuda backend: Numba device arrays, CUDA event timing, device copy bandwidth and cuBLAS."""
+
+    def __init__(self):
+        from numba import cuda
+
+        from .cuda._launch import SIMULATOR
+
+        self.cuda = cuda
+        self.simulator = SIMULATOR
+
+    def to(self, x):
+        return self.cuda.to_device(x)
+
+    def time(self, fn):
+        if self.simulator:  # the simulator's events record no time
+            return _Host.time(self, fn)
+        start, end = self.cuda.event(), self.cuda.event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def copy_roof(self, nbytes):
+        src = self.cuda.to_device(np.ones(nbytes // 4, np.float32))
+        dst = self.cuda.device_array_like(src)
+        return 2 * src.nbytes / _median([self.time(lambda: dst.copy_to_device(src)) for _ in range(5)]) / 1e9
+
+    def gemm_roof(self, a, b):
+        try:
+            import cupy
+        except ImportError:
+            return None, None
+        a, b = cupy.asarray(a), cupy.asarray(b)
+        a @ b
+        return "cuBLAS (CuPy)", a.shape[0] * b.shape[1] * a.shape[1] * 2 / _median(
+            [self.time(lambda: a @ b) for _ in range(5)]) / 1e9
+
+    def capture(self):
+        """cudaProfilerStart/Stop around the steady state (not in the simulator, which has neither)."""
+        start, stop = getattr(self.cuda, "profile_start", None), getattr(self.cuda, "profile_stop", None)
+        if self.simulator or start is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def bracket():
+            start()
+            try:
+                yield
+            finally:
+                stop()
+
+        return bracket()
+
+
+def _median(times):
+    return statistics.median(times)
+
+
+def _rand(shape, dtype, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def cases(dev, size, dtype):
+    """Every kernel of the contract at the shapes of ``size`` (a key of SIZES), on ``dev``'s arrays."""
+    s = SIZES[size]
+    item = np.dtype(dtype).itemsize
+    n, (rows, classes), g, (batch, fan_in, fan_out), (bg_rows, bg_cols), p = (
+        s["n"], s["rows"], s["gemm"], s["layer"], s["cols"], s["params"])
+    x, dy = dev.to(_rand(n, dtype, 0)), dev.to(_rand(n, dtype, 1))
+    target = dev.to(np.where(_rand(n, dtype, 2) >= 0, 1, -1).astype(dtype))
+    logits, dlogits = dev.to(_rand((rows, classes), dtype, 3)), dev.to(_rand((rows, classes), dtype, 4))
+    labels = dev.to(np.arange(rows, dtype=np.int64) % classes)
+    a, b = dev.to(_rand((g, g), dtype, 5)), dev.to(_rand((g, g), dtype, 6))
+    xin, w, bias = (dev.to(_rand(shape, dtype, 7 + i)) for i, shape in
+                    enumerate([(batch, fan_in), (fan_in, fan_out), (fan_out,)]))
+    dy_layer = dev.to(_rand((batch, fan_out), dtype, 10))
+    cols = dev.to(_rand((bg_rows, bg_cols), dtype, 11))
+    out = dev.to(np.empty(n, dtype))
+    params = [dev.to(np.abs(_rand(p, dtype, 12 + i))) for i in range(5)]
+    param, grad, s1, s2 = params[0], params[1], params[2], params[3]
+    ew, rw = f"{n}", f"{rows}x{classes}"
+    gemm_flops = 2 * g**3
+    layer_flops = 2 * batch * fan_in * fan_out
+    result = [Case("matmul", f"{g}x{g}x{g}", lambda: kernels.matmul(a, b), 3 * g * g * item, gemm_flops),
+              Case("matmul+bias+relu", f"{batch}x{fan_in}x{fan_out}",
+                   lambda: kernels.matmul(xin, w, bias=bias, activation="relu"),
+                   (batch * fan_in + fan_in * fan_out + fan_out + batch * fan_out) * item, layer_flops),
+              Case("matmul trans_a (dW)", f"{fan_in}x{batch}x{fan_out}",
+                   lambda: kernels.matmul(xin, dy_layer, trans_a=True),
+                   (batch * fan_in + batch * fan_out + fan_in * fan_out) * item, layer_flops),
+              Case("matmul trans_b (dx)", f"{batch}x{fan_out}x{fan_in}",
+                   lambda: kernels.matmul(dy_layer, w, trans_b=True),
+                   (batch * fan_out + fan_in * fan_out + batch * fan_in) * item, layer_flops)]
+    for name in ("relu", "leaky_relu", "sigmoid", "tanh"):
+        fwd, bwd = getattr(kernels, name), getattr(kernels, name + "_backward")
+        result.append(Case(name, ew, lambda fwd=fwd: fwd(x, out=out), 2 * n * item))
+        result.append(Case(name + "_backward", ew, lambda bwd=bwd: bwd(x, dy, out=out), 3 * n * item))
+    probs = kernels.softmax(logits)
+    result += [
+        Case("softmax", rw, lambda: kernels.softmax(logits, out=dlogits), 2 * rows * classes * item),
+        Case("softmax_backward", rw, lambda: kernels.softmax_backward(probs, logits, out=dlogits),
+             3 * rows * classes * item),
+        Case("softmax_cross_entropy", rw, lambda: kernels.softmax_cross_entropy(logits, labels, out=dlogits),
+             2 * rows * classes * item + rows * 8),
+        Case("mse", ew, lambda: kernels.mse(x, dy, out=out), 3 * n * item),
+        Case("binary_cross_entropy", ew, lambda: kernels.binary_cross_entropy(x, dy, out=out), 3 * n * item),
+        Case("hinge", ew, lambda: kernels.hinge(x, target, out=out), 3 * n * item),
+        Case("bias_grad", f"{bg_rows}x{bg_cols}", lambda: kernels.bias_grad(cols), (bg_rows + 1) * bg_cols * item),
+        Case("dropout", ew, lambda: kernels.dropout(x, 0.5, 1, out=out), 2 * n * item),
+        Case("sgd_step (momentum)", f"{p}",
+             lambda: kernels.sgd_step(param, grad, lr=1e-3, momentum=0.9, velocity=s1), 5 * p * item),
+        Case("adam_step", f"{p}", lambda: kernels.adam_step(param, grad, s1, s2, step=10), 7 * p * item),
+        Case("rmsprop_step", f"{p}", lambda: kernels.rmsprop_step(param, grad, s1), 5 * p * item),
+        Case("adagrad_step", f"{p}", lambda: kernels.adagrad_step(param, grad, s1), 5 * p * item),
+        Case("adadelta_step", f"{p}", lambda: kernels.adadelta_step(param, grad, s1, s2), 7 * p * item),
+    ]
+    return result
+
+
+def profile(backend="numba", size="quick", dtype="float32", only=None, file=sys.stdout):
+    """Profile the kernels (names containing one of ``only`` when given); prints a table, returns its rows."""
+    dev = _Device() if backend == "cuda" else _Host()
+    if dev.simulator:
+        size = "smoke"
+        print("NOTE: Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1): every GPU thread is a Python thread, so "
+              "these timings are meaningless; this run only shows that every kernel profiles.", file=file)
+    dtype = np.dtype(dtype).type
+    with kernels.use_backend(backend):
+        todo = [c for c in cases(dev, size, dtype) if not only or any(o in c.kernel for o in only)]
+        s = SIZES[size]
+        copy_roof = dev.copy_roof(min(256 * 2**20, 4 * 4 * s["n"]))
+        g = s["gemm"]
+        roof_name, gemm_roof = dev.gemm_roof(*(dev.to(_rand((g, g), dtype, i)) for i in (20, 21)))
+        print(f"backend {backend}, {np.dtype(dtype)}, shapes '{size}'; roofs: copy {copy_roof:.1f} GB/s"
+              + (f", {roof_name} {gemm_roof:.1f} GFLOP/s at {g}^3" if gemm_roof else
+                 ", no GEMM roof (CuPy not installed)"), file=file)
+        first = {}
+        for case in todo:  # first calls: compilation (or loading the cache), kept out of the capture range
+            with _nvtx_range(case.kernel + " (first call)"):
+                first[case.kernel] = dev.time(case.call)
+        rows = []
+        with dev.capture():
+            for case in todo:
+                with _nvtx_range(case.kernel):
+                    case.call()
+                    times = [dev.time(case.call) for _ in range(s["repeat"])]
+                median = _median(times)
+                gbs = case.bytes / median / 1e9
+                gflops = case.flops / median / 1e9 if case.flops else None
+                roof = gflops / gemm_roof if gflops and gemm_roof else (None if gflops else gbs / copy_roof)
+                rows.append(dict(kernel=case.kernel, shape=case.shape, first_ms=first[case.kernel] * 1e3,
+                                 median_ms=median * 1e3, gbs=gbs, gflops=gflops, roof=roof))
+    _print_table(rows, file)
+    return rows
+
+
+def _print_table(rows, file):
+    print(f"{'kernel':24} {'shape':>18} {'first call ms':>14} {'median ms':>10} {'GB/s':>8} {'GFLOP/s':>9} "
+          f"{'% roof':>7}", file=file)
+    for r in rows:
+        gflops = f"{r['gflops']:9.1f}" if r["gflops"] else " " * 9
+        roof = f"{r['roof']:7.0%}" if r["roof"] is not None else " " * 7
+        print(f"{r['kernel']:24} {r['shape']:>18} {r['first_ms']:14.1f} {r['median_ms']:10.3f} {r['gbs']:8.1f} "
+              f"{gflops} {roof}", file=file)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kernels.profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("numba", "cuda"), default="numba")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="size", default="full",
+                        help="smaller shapes (seconds instead of minutes)")
+    parser.add_argument("--smoke", action="store_const", const="smoke", dest="size",
+                        help="tiny shapes: only checks that every kernel runs")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="profile only kernels whose name contains NAME")
+    args = parser.parse_args(argv)
+    profile(args.backend, args.size, args.dtype, args.only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The cuda backend's device handling: dispatch by array type, device-side copies of strided views, device
+scalars for losses, out-of-range labels, tile and block edges. The kernels' values are checked against the
+reference by every family's tests through the ``backend`` fixture; these are the cuda-only behaviours.
+Runs under the Numba CUDA simulator when no GPU is present."""
+
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import kernels
+from helpers import DTYPES, TOL, assert_close, reference
+
+cuda = pytest.importorskip("numba").cuda
+if not cuda.is_available():
+    pytest.skip("no CUDA device and the simulator is off", allow_module_level=True)
+
+import kernels.cuda  # noqa: E402
+from kernels.cuda.matmul import LARGE_TILES, SMALL_TILES  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+
+
+def _rand(shape, dtype, seed=0, scale=3.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+def _is_numba_device(x):
+    return hasattr(x, "copy_to_host") and kernels.is_device_array(x)
+
+
+def test_device_arrays_dispatch_to_cuda_and_results_stay_on_the_device():
+    x = _rand((7, 5), np.float32)
+    d = cuda.to_device(x)
+    y = kernels.sigmoid(d)  # default backend is numba: the device array alone selects cuda
+    assert _is_numba_device(y) and y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y.copy_to_host(), reference(kernels.sigmoid, x))
+    loss, grad = kernels.mse(d, cuda.to_device(np.zeros_like(x)))
+    assert _is_numba_device(loss) and loss.shape == () and _is_numba_device(grad)
+    assert_close(loss.copy_to_host(), np.mean(x * x))
+
+
+def test_mixing_host_and_device_arrays_names_both():
+    d = cuda.to_device(np.ones(4, np.float32))
+    with pytest.raises(TypeError, match=r"x is a CUDA device array but dy is a host"):
+        kernels.relu_backward(d, np.ones(4, np.float32))
+    with pytest.raises(TypeError, match=r"param is a CUDA device array but grad is a host"):
+        kernels.adagrad_step(d, np.ones(4, np.float32), cuda.to_device(np.zeros(4, np.float32)))
+
+
+def test_kernels_never_copy_device_data_to_the_host(monkeypatch):
+    x = _rand((9, 6), np.float64)
+    d, dy = cuda.to_device(x), cuda.to_device(_rand((9, 6), np.float64, seed=1))
+    labels = cuda.to_device(np.arange(9) % 6)
+    param, grad, m, v = (cuda.to_device(np.abs(_rand(20, np.float64, seed=s))) for s in range(4))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel copied device data to the host")
+
+    monkeypatch.setattr(type(d), "copy_to_host", forbidden)
+    results = [kernels.matmul(d, d, trans_a=True, bias=cuda.to_device(np.ones(6)), activation="tanh"),
+               kernels.softmax(d), kernels.softmax_backward(d, dy), kernels.relu(d[:, ::2]),
+               *kernels.softmax_cross_entropy(d, labels), *kernels.binary_cross_entropy(d, dy),
+               kernels.bias_grad(d), kernels.dropout(d, 0.5, 3)]
+    kernels.adam_step(param, grad, m, v, step=1)
+    assert all(kernels.is_device_array(r) for r in results)
+
+
+@pytest.mark.parametrize("view", ["transposed", "strided", "rank3"])
+def test_non_contiguous_device_views_are_copied_on_the_device(view):
+    base = _rand((6, 10, 4), np.float32)
+    d = cuda.to_device(base)
+    host, dev = {"transposed": (base[0].T, d[0].T), "strided": (base[1, ::3, 1:], d[1, ::3, 1:]),
+                 "rank3": (base[:, ::2], d[:, ::2])}[view]
+    assert not dev.is_c_contiguous()
+    assert_close(kernels.tanh(dev).copy_to_host(), np.tanh(host))
+    assert_close(kernels.relu_backward(dev, dev).copy_to_host(), np.where(host > 0, host, 0))
+
+
+@given(m=st.integers(1, 2 * LARGE_TILES[0] + 1), n=st.integers(1, 2 * LARGE_TILES[1] + 1),
+       k=st.sampled_from(sorted({0, 1, 2 * SMALL_TILES[2] + 3} | {t[2] + d for t in (LARGE_TILES, SMALL_TILES)
+                                                                   for d in (-1, 0, 1)})),
+       trans_a=st.booleans(), trans_b=st.booleans(), dtype=DTYPES,
+       activation=st.sampled_from([None, "relu", "leaky_relu", "sigmoid", "tanh"]), bias=st.booleans())
+@example(m=2 * LARGE_TILES[0] + 1, n=2 * LARGE_TILES[1], k=LARGE_TILES[2] + 1, trans_a=True, trans_b=True,
+         dtype=np.float32, activation="tanh", bias=True)  # large tiles
+@example(m=SMALL_TILES[0] + 1, n=2 * SMALL_TILES[1] - 1, k=SMALL_TILES[2] - 1, trans_a=False, trans_b=True,
+         dtype=np.float64, activation="leaky_relu", bias=True)  # small tiles
+@settings(max_examples=16)
+def test_matmul_tile_edges_transposes_and_epilogue(m, n, k, trans_a, trans_b, dtype, activation, bias):
+    a = _rand((k, m) if trans_a else (m, k), dtype, 1)
+    b = _rand((n, k) if trans_b else (k, n), dtype, 2)
+    c = _rand(n, dtype, 3) if bias else None
+    expected = reference(kernels.matmul, a, b, trans_a=trans_a, trans_b=trans_b, bias=c, activation=activation,
+                         alpha=0.2)
+    got = kernels.matmul(cuda.to_device(a), cuda.to_device(b), trans_a=trans_a, trans_b=trans_b,
+                         bias=None if c is None else cuda.to_device(c), activation=activation, alpha=0.2)
+    tol = TOL[np.dtype(dtype)]
+    assert_close(got.copy_to_host(), expected, rtol=50 * tol["rtol"], atol=50 * tol["atol"] * max(k, 1))
+
+
+def test_matmul_reads_strided_device_views_without_copying():
+    a, b = _rand((12, 20), np.float64, 4), _rand((30, 9), np.float64, 5)
+    da, db = cuda.to_device(a), cuda.to_device(b)
+    got = kernels.matmul(da[:, ::2], db[::3])  # (12, 10) @ (10, 9), both non-contiguous
+    assert_close(got.copy_to_host(), a[:, ::2] @ b[::3])
+    got_t = kernels.matmul(da[:, ::2].T, db[::3].T, trans_a=True, trans_b=True)  # op() undoes the .T views
+    assert_close(got_t.copy_to_host(), a[:, ::2] @ b[::3])
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 1), (9, 3), (5, 130), (11, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_kernels_cover_block_striding_and_partial_rows(rows, cols, dtype):
+    """More rows than simulator blocks (each block strides over rows), rows shorter and longer than a block."""
+    x, dy = _rand((rows, cols), dtype, 6), _rand((rows, cols), dtype, 7)
+    labels = np.arange(rows) * 5 % cols
+    y = kernels.softmax(cuda.to_device(x))
+    assert_close(y.copy_to_host(), reference(kernels.softmax, x))
+    expected_dx = reference(kernels.softmax_backward, reference(kernels.softmax, x), dy)
+    assert_close(kernels.softmax_backward(y, cuda.to_device(dy)).copy_to_host(), expected_dx,
+                 atol=10 * TOL[np.dtype(dtype)]["atol"])
+    loss, grad = kernels.softmax_cross_entropy(cuda.to_device(x), cuda.to_device(labels))
+    expected_loss, expected_grad = reference(kernels.softmax_cross_entropy, x, labels)
+    assert loss.shape == () and loss.dtype == dtype
+    assert_close(loss.copy_to_host(), expected_loss)
+    assert_close(grad.copy_to_host(), expected_grad)
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 2**40])
+def test_out_of_range_device_labels_make_the_loss_and_their_row_nan(bad):
+    x = _rand((3, 4), np.float32, 8)
+    labels = np.array([1, bad, 3], dtype=np.int64)
+    loss, grad = kernels.softmax_cross_entropy(cuda.to_device(x), cuda.to_device(labels))
+    grad = grad.copy_to_host()
+    assert np.isnan(loss.copy_to_host())
+    assert np.isnan(grad[1]).all()
+    good = np.array([1, 3])
+    _, expected = reference(kernels.softmax_cross_entropy, x[[0, 2]], good)
+    assert_close(grad[[0, 2]], expected * 2 / 3)  # the mean is over all 3 rows
+
+
+@pytest.mark.parametrize("size", [1, 33, 1000, 4099])
+def test_bias_grad_and_pointwise_losses_across_block_counts(size):
+    dy = _rand((size, 3), np.float64, 9)
+    assert_close(kernels.bias_grad(cuda.to_device(dy)).copy_to_host(), dy.sum(axis=0))
+    target = np.sign(_rand(size * 3, np.float64, 10))
+    for fn in (kernels.mse, kernels.binary_cross_entropy, kernels.hinge):
+        loss, grad = fn(cuda.to_device(dy.ravel()), cuda.to_device(target))
+        expected_loss, expected_grad = reference(fn, dy.ravel(), target)
+        assert_close(loss.copy_to_host(), expected_loss)
+        assert_close(grad.copy_to_host(), expected_grad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63 + 5, 2**64 - 1])
+@pytest.mark.parametrize("p", [0.0, 1e-7, 0.5, 0.999])
+def test_dropout_mask_is_bitwise_the_cpu_mask(seed, p):
+    x = np.arange(1, 2050, dtype=np.float32)
+    with kernels.use_backend("numba"):
+        expected = kernels.dropout(x, p, seed)
+    np.testing.assert_array_equal(kernels.dropout(cuda.to_device(x), p, seed).copy_to_host(), expected)
+
+
+def test_cupy_arrays_get_cupy_outputs(monkeypatch):
+    """CuPy is not installed here: a stand-in module checks that CuPy in means CuPy out."""
+    calls = []
+    cupy = types.SimpleNamespace(empty=lambda shape, dtype: calls.append(("empty", shape, dtype)) or "cupy-array",
+                                 ascontiguousarray=lambda x: calls.append(("ascontiguousarray", x)) or "cupy-copy")
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    array_type = type("ndarray", (), {"__module__": "cupy._core.core",
+                                      "flags": types.SimpleNamespace(c_contiguous=False)})
+    like = array_type()
+    assert kernels.cuda.empty((2, 3), np.float32, like) == "cupy-array"
+    assert kernels.cuda.ascontiguous(like) == "cupy-copy"
+    assert calls == [("empty", (2, 3), np.float32), ("ascontiguousarray", like)]
+    assert _is_numba_device(kernels.cuda.empty((2,), np.float64, cuda.to_device(np.ones(1))))
+
+
+# Compiles every kernel for a real GPU (compute capability 9.0) down to LLVM IR, in a process without the
+# simulator: the simulator runs kernels as Python and checks no types. Needs no GPU and no driver (the
+# current device is only asked for its compute capability); NVVM, which makes PTX, is not needed either.
+TARGET_CHECK = r"""
+import importlib, types as pytypes
+import numpy as np
+import numba.cuda.dispatcher
+from numba import types
+from numba.cuda.compiler import compile_cuda
+
+numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+launch, act, los, mm, opt, dr = (importlib.import_module("kernels.cuda." + m) for m in
+                                 ("_launch", "activations", "losses", "matmul", "optim", "dropout"))
+for dtype in (np.float32, np.float64):
+    f, b = types.float32 if dtype is np.float32 else types.float64, types.boolean
+    v, m2, any2 = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "A")
+    d = np.dtype(dtype)
+    kernels = [(act._unary_kernel(fn), (v, f, v)) for fn in (act.relu_scalar, act.leaky_relu_scalar,
+                                                              act.sigmoid_scalar, act.tanh_scalar)]
+    kernels += [(act._binary_kernel(fn), (v, v, f, v)) for fn in (
+        act.relu_backward_scalar, act.leaky_relu_backward_scalar, act.sigmoid_backward_scalar,
+        act.tanh_backward_scalar)]
+    forward, backward = act._softmax_kernels(d)
+    kernels += [(forward, (m2, m2)), (backward, (m2, m2, m2)), (launch._copy1d, (types.Array(f, 1, "A"), v)),
+                (launch._copy2d, (any2, m2)), (launch._sum_kernel(d), (v, f, v)),
+                (los._bias_grad_kernel(d), (any2, types.int64, m2)), (los._add_chunks, (m2, v)),
+                (dr._dropout, (v, types.uint64, types.uint64, f, v)),
+                (opt._sgd, (v, v, v, f, f, f, f, b, b, b)), (opt._adam, (v, v, v, v) + (f,) * 8 + (b,)),
+                (opt._rmsprop, (v, v, v, v) + (f,) * 6 + (b,)), (opt._adagrad, (v, v, v, f, f, f)),
+                (opt._adadelta, (v, v, v, v) + (f,) * 5)]
+    kernels += [(los._cross_entropy_kernel(d), (m2, types.Array(label, 1, "C"), f, m2, v))
+                for label in (types.int64, types.uint8)]
+    kernels += [(los._pointwise_kernel(t, d), (v, v, f, v, v)) for t in (los._mse_terms, los._bce_terms,
+                                                                         los._hinge_terms)]
+    kernels += [(mm._gemm_kernel(d, tiles), (any2, any2, b, b, types.Array(f, 1, "A"), b, types.int64, f, m2))
+                for tiles in (mm.LARGE_TILES, mm.SMALL_TILES)]
+    for kernel, signature in kernels:
+        ir = compile_cuda(kernel.py_func, types.void, signature, cc=(9, 0)).library.get_llvm_str()
+        doubles = [line for line in ir.splitlines() if " double" in line and "declare" not in line]
+        assert not (dtype is np.float32 and doubles), (kernel.py_func.__name__, doubles[:3])
+        print(kernel.py_func.__name__, dtype.__name__, len(doubles))
+"""
+
+
+def test_every_kernel_compiles_for_a_gpu_and_float32_kernels_do_no_float64_math():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    result = subprocess.run([sys.executable, "-c", TARGET_CHECK], capture_output=True, text=True, env=env,
+                            cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doubles = [int(n) for n in result.stdout.split()[2::3]]  # lines: kernel name, dtype, float64 IR lines
+    assert len(doubles) == 2 * 28  # 28 kernels, float32 then float64
+    assert set(doubles[:28]) == {0} and max(doubles[28:]) > 0  # the check sees doubles

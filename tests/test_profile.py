@@ -1,0 +1,59 @@
+"""The profiler: every kernel of the contract profiles on each backend, and the numbers are consistent."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+import kernels
+from kernels import profile
+
+KERNELS = [name for name in kernels.__all__ if name not in
+           ("set_backend", "get_backend", "use_backend", "is_device_array", "warmup")]
+
+
+def _profiled(rows):
+    return {r["kernel"].split()[0].split("+")[0] for r in rows}
+
+
+def _check_rows(rows):
+    sizes = profile.SIZES["smoke"]
+    assert _profiled(rows) == set(KERNELS)
+    for r in rows:
+        assert r["median_ms"] > 0 and r["first_ms"] > 0
+        assert (r["gflops"] is not None) == r["kernel"].startswith("matmul")
+    relu = next(r for r in rows if r["kernel"] == "relu")
+    assert relu["gbs"] * relu["median_ms"] * 1e6 == pytest.approx(2 * sizes["n"] * 4)  # read x, write out
+    gemm = next(r for r in rows if r["kernel"] == "matmul")
+    assert gemm["gflops"] * gemm["median_ms"] * 1e6 == pytest.approx(2 * sizes["gemm"] ** 3)
+
+
+@pytest.mark.cuda
+def test_profile_cuda_runs_every_kernel_and_flags_the_simulator():
+    from numba import cuda
+
+    if not cuda.is_available():
+        pytest.skip("no CUDA device and the simulator is off")
+    out = io.StringIO()
+    rows = profile.profile("cuda", "smoke", file=out)
+    _check_rows(rows)
+    text = out.getvalue()
+    from kernels.cuda._launch import SIMULATOR
+
+    assert ("timings are meaningless" in text) == SIMULATOR
+    for r in rows:
+        assert r["kernel"] in text
+
+
+def test_command_line_on_numba_filters_kernels():
+    """The host path (wall clock, memory and BLAS roofs), on two kernels to keep compilation short."""
+    result = subprocess.run([sys.executable, "-m", "kernels.profile", "--smoke", "--only", "adam", "dropout"],
+                            capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("backend numba, float32, shapes 'smoke'; roofs: copy")
+    assert "NumPy BLAS" in lines[0] and "meaningless" not in result.stdout
+    assert [line.split()[0] for line in lines[2:]] == ["dropout", "adam_step"]
+    for line in lines[2:]:
+        *numbers, roof = line.split()[2:]
+        assert all(float(x) > 0 for x in numbers) and roof.endswith("%")
