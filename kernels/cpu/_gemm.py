@@ -1,0 +1,319 @@
+"""GEMM machinery for kernels.cpu.matmul: a register-tile micro-kernel, BLIS-style blocking and packing.
+
+``out = act(a @ b + bias)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transpose is just a
+strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cores:
+
+- K is cut into blocks of at most ``KC`` (balanced: 784 -> 2 x 392), N into blocks of at most ``NC``;
+- B's (K, N) block is packed into zero-padded micro-panels of ``NR`` columns (``bp[panel, k, j]``), so
+  the micro-kernel streams it contiguously from L2; a small B (at most PACK_B_MIN elements, row-major)
+  is read in place instead, only its last partial panel packed;
+- A is never packed: the micro-kernel broadcasts A's elements through its two strides, so a row-major A
+  and a transposed view cost the same; only a last partial row panel is copied, zero-padded;
+- tiles are taken row of tiles by row of tiles (a thread keeps MR rows of A in L1 while B's panels
+  stream from L2); the micro-kernel computes one MR x NR tile over the K block with all accumulators
+  in vector registers;
+- each tile is written straight back: added to ``out`` after the first K block, and on the last one
+  bias + activation are applied to it before it is stored (the tile is in L1, the epilogue loops are
+  one vectorised loop per activation kind);
+- products of at least PARALLEL_MIN_FLOPS are split into one stripe of ``out`` per thread (columns when
+  there are at least 4 tile columns per thread, else rows; tile-aligned), each stripe running the
+  serial loops above: one fork-join per call;
+- the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin
+  wrapper that takes arrays), so it compiles once per dtype whatever the layouts.
+
+Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, and its loop vectoriser
+either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
+loop never gets register-resident accumulators (versions 1-3). The intrinsic emits exactly the loop a
+BLAS micro-kernel is: MR x NR/VW vector accumulators as phi nodes, NR/VW vector loads of B and MR
+broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls (``inspect_asm``: 72 vfmadd231ps on ymm in the
+loop body LLVM unrolls three times, no spills in the loop).
+
+Versions, float32 GFLOP/s on this machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
+the machine was quiet; the machine was shared with load 4-14 during this work, so figures are noisy;
+"1 core" figures use thread CPU time):
+  v1  @njit tile loop over a local accumulator array, fastmath: LLVM vectorised the K loop into
+      gathers/scatters: 17 GFLOP/s for an L1-resident tile, 1 core.
+  v2  code-generated scalar accumulators (192 locals), fastmath 'contract' only: scalar FMAs (SLP off):
+      5-6, 1 core.
+  v3  stack-allocated accumulator array (alloca): gathers again, 1.7, 1 core.
+  v4  the intrinsic: 24 ymm accumulators: 50-100 for an L1-resident tile, 1 core (6x32: 53-72, 4x48:
+      58-100, 12x16: 45-92, 6x64 zmm: 53-59; Zen 4 peak is about 110 per core).
+  v5  v4 + packing both operands per (K, N) block, tiles split over prange chunks with three parallel
+      regions per block: 33 at 1024^3 on 1 thread, 7 on 2 (the fork-joins stall under load).
+  v6  one stripe of ``out`` per thread, each with its own packing (one fork-join per call): 1024^3
+      23.6 vs NumPy 27.6 in the same loaded run (0.85x); 1 core 52-66 (ir-outer tile order beat
+      jr-outer with B's micro-panel in L1: 54-66 vs 51, f64 35-38 vs 30).
+  v7  A read in place through its strides, B read in place when small, epilogue as per-kind loops
+      over the whole tile: 64^3 from 17.9 to 11.8 us (NumPy 5.6), fused 64^3 tanh from 39 to 16 us.
+  v8  operands passed as (address, element strides): the kernel compiles once per dtype instead of
+      once per layout combination (36 before); stripes by columns when there are enough (each thread
+      packs half of B); PARALLEL_MIN_FLOPS 2^22 -> 2^21: (256, 512, 10) from 96 to 57 us (NumPy 29).
+      Quiet-moment figures (load ~1.5, medians of 15): 1024^3 1 thread 60-68, 2 threads 114-115 vs
+      NumPy 190-194 (0.6x); 2048^3 2 threads 116-133 vs 155-202; x^T dy (784, 256, 512) 2 threads 137
+      vs 202; dy W^T (256, 512, 784) 121 vs 122. Not reached: the per-core rate of the full GEMM (60-70)
+      stays well below the micro-kernel's (90-100 on an L1-resident tile); packing A as well (tried)
+      did not change it.
+  v9  KC 256 -> 512 (1 thread, thread CPU time, two paired runs): 1024^3 69 -> 72-80, 2048^3 71-72 ->
+      83, (128, 784, 512) 44-66 -> 74-77, (256, 512, 784) 52-55 -> 69-72. Tried and dropped: B's
+      micro-panel in L1 with tiles column by column and KC 128: 50 at 1024^3.
+  The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
+
+Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
+(24 ymm accumulators + 4 B vectors + broadcasts), float64 6 x 16 (the same in 4-lane vectors).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import jit
+from ._math import sigmoid, tanh
+
+# (MR, NR, vector lanes) per dtype: the register tile of the micro-kernel.
+TILES = {np.dtype(np.float32): (6, 32, 8), np.dtype(np.float64): (6, 16, 4)}
+KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 across all of B's micro-panels
+NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
+PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
+PACK_B_MIN = 128 * 128  # B is read in place up to this many elements (it stays in L1/L2), packed above
+
+NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
+ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
+
+
+@intrinsic
+def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, tile):
+    """``tile[i, j] = sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile.
+
+    ``pa``, ``pb`` are element addresses (``x.ctypes.data`` plus a byte offset) of tile's dtype, strides
+    in elements; B's rows must be contiguous (packed panels, or a row-major b read in place)."""
+    mr, nr, lanes = TILES[np.dtype(tile.dtype.name)]
+    nv = nr // lanes
+
+    def codegen(context, builder, sig, args):
+        pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, tile_ = args
+        t = context.make_array(sig.args[6])(context, builder, tile_).data
+        fty = context.get_value_type(sig.args[6].dtype)
+        size = context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, lanes)
+        i64 = ir.IntType(64)
+
+        def const(v):
+            return ir.Constant(i64, v)
+
+        def vector_at(base, offset):
+            return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{lanes}f{8 * size}")
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        undef, zero = ir.Constant(vty, ir.Undefined), ir.Constant(vty, None)
+        b0 = builder.inttoptr(pb_, fty.as_pointer())
+        a0 = builder.inttoptr(pa_, fty.as_pointer())
+        rows = [builder.gep(a0, [builder.mul(sa_i_, const(i))]) for i in range(mr)]
+        entry = builder.block
+        loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
+        builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+        bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
+        bv = [builder.load(vector_at(b0, builder.add(bk, const(v * lanes))), align=size) for v in range(nv)]
+        new = []
+        for i in range(mr):
+            ai = builder.load(builder.gep(rows[i], [ak]), align=size)
+            ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(ir.IntType(32), 0)),
+                                        undef, splat)
+            new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
+        k_next = builder.add(k, const(1))
+        builder.cbranch(builder.icmp_signed("<", k_next, kc_), loop, done)
+        k.add_incoming(const(0), entry)
+        k.add_incoming(k_next, loop)
+        for i in range(mr):
+            for v in range(nv):
+                acc[i][v].add_incoming(zero, entry)
+                acc[i][v].add_incoming(new[i][v], loop)
+
+        builder.position_at_end(done)
+        result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+        for i in range(mr):
+            for v in range(nv):
+                result[i][v].add_incoming(zero, entry)
+                result[i][v].add_incoming(new[i][v], loop)
+                builder.store(result[i][v], vector_at(t, const(i * nr + v * lanes)), align=size)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, tile), codegen
+
+
+@jit(inline="always")
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@intrinsic
+def _load(typingctx, address, like):
+    """The element of ``like``'s dtype at byte ``address`` (operands are passed as addresses and strides)."""
+    def codegen(context, builder, sig, args):
+        return builder.load(builder.inttoptr(args[0], context.get_value_type(sig.return_type).as_pointer()))
+
+    return like.dtype(types.intp, like), codegen
+
+
+@jit
+def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
+    """Rows ``r0:r0+rows`` and columns ``c0:c0+cols`` of the operand at ``x_at`` (element strides s_r, s_c)
+    as micro-panels of ``width`` columns, zero-padded: ``xp[panel, r, j]`` (B's K x NC block, or one edge
+    panel of A^T or B)."""
+    zero = xp.dtype.type(0)
+    item = xp.itemsize
+    for p in range(_cdiv(cols, width)):
+        base = p * rows * width
+        n = min(width, cols - p * width)
+        cp = c0 + p * width
+        if abs(s_c) <= abs(s_r):  # read the operand in its contiguous direction
+            for r in range(rows):
+                at = x_at + ((r0 + r) * s_r + cp * s_c) * item
+                for j in range(n):
+                    xp[base + r * width + j] = _load(at + j * s_c * item, xp)
+        else:
+            for j in range(n):
+                at = x_at + (r0 * s_r + (cp + j) * s_c) * item
+                for r in range(rows):
+                    xp[base + r * width + j] = _load(at + r * s_r * item, xp)
+        for r in range(rows):
+            for j in range(n, width):
+                xp[base + r * width + j] = zero
+
+
+@jit(inline="always")
+def _activate(tile, act, alpha):
+    """The activation, in place on a whole tile (one branch per tile, a vectorisable loop per kind)."""
+    zero = tile.dtype.type(0)
+    if act == RELU:
+        for x in range(tile.size):
+            tile[x] = zero if tile[x] < zero else tile[x]
+    elif act == LEAKY_RELU:
+        for x in range(tile.size):
+            tile[x] = tile[x] if tile[x] > zero else alpha * tile[x]
+    elif act == SIGMOID:
+        for x in range(tile.size):
+            tile[x] = sigmoid(tile[x])
+    elif act == TANH:
+        for x in range(tile.size):
+            tile[x] = tanh(tile[x])
+
+
+@jit
+def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, m, c0, nc,
+           pc, kc, first, last, mr, nr):
+    """Every tile of the ``m x nc`` block of ``out`` at (r0, c0) for the K block ``pc:pc+kc``, row of tiles
+    by row of tiles (the A rows stay in L1 while B's panels stream from L2): the micro-kernel, then the
+    write-back (added to ``out`` unless ``first``; bias and activation if ``last``).
+
+    A is read in place through its strides; only a last partial row panel is copied (zero-padded) into
+    ``edge``. B's panels come from ``bp`` when it is packed (size > 0), else from B in place (C-order
+    rows), except a last partial column panel, packed into the tail of ``edge``."""
+    item = out.itemsize
+    bp_at, edge_at = np.intp(bp.ctypes.data), np.intp(edge.ctypes.data)
+    packed = bp.size > 0
+    n_full = nc // nr if not packed else _cdiv(nc, nr)
+    b_edge = mr * kc
+    if n_full * nr < nc:
+        _pack(b_at, sb_k, sb_j, edge[b_edge:], pc, c0 + n_full * nr, kc, nc - n_full * nr, nr)
+    for ir_ in range(_cdiv(m, mr)):
+        row = r0 + ir_ * mr
+        rows = min(mr, r0 + m - row)
+        if rows == mr:
+            pa, si, sk = a_at + (row * sa_i + pc * sa_k) * item, sa_i, sa_k
+        else:
+            _pack(a_at, sa_k, sa_i, edge, pc, row, kc, rows, mr)
+            pa, si, sk = edge_at, 1, mr
+        for jr in range(_cdiv(nc, nr)):
+            col = c0 + jr * nr
+            cols = min(nr, c0 + nc - col)
+            if packed:
+                pb, sb = bp_at + jr * kc * nr * item, nr
+            elif jr < n_full:
+                pb, sb = b_at + (pc * sb_k + col) * item, sb_k
+            else:
+                pb, sb = edge_at + b_edge * item, nr
+            _micro_kernel(pa, si, sk, pb, sb, kc, tile)
+            for i in range(rows):
+                o = out[row + i]
+                t = tile[i * nr:(i + 1) * nr]
+                if not first:
+                    for j in range(cols):
+                        t[j] += o[col + j]
+                if last and has_bias:
+                    for j in range(cols):
+                        t[j] += bias[col + j]
+            if last:
+                _activate(tile, act, alpha)
+            for i in range(rows):
+                o = out[row + i]
+                for j in range(cols):
+                    o[col + j] = tile[i * nr + j]
+
+
+@jit
+def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, mr, nr, nc_max,
+           pack_b):
+    """The serial BLIS loops for ``out[r0:r1, c0:c1]``: K blocks, N blocks, then tiles; B is packed per
+    (K, N) block when ``pack_b``."""
+    n_pc = max(1, _cdiv(k, KC))
+    kc_step = _cdiv(k, n_pc)  # balanced K blocks: 784 -> 2 x 392
+    nc_step = min(_cdiv(c1 - c0, nr) * nr, nc_max)
+    bp = np.empty(nc_step * kc_step if pack_b else 0, out.dtype)
+    edge = np.empty((mr + nr) * kc_step, out.dtype)
+    tile = np.empty(mr * nr, out.dtype)
+    for p in range(n_pc):
+        pc = p * kc_step
+        kc = min(kc_step, k - pc)
+        for jc in range(c0, c1, nc_step):
+            nc = min(nc_step, c1 - jc)
+            if pack_b:
+                _pack(b_at, sb_k, sb_j, bp, pc, jc, kc, nc, nr)
+            _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, r1 - r0,
+                   jc, nc, pc, kc, p == 0, p == n_pc - 1, mr, nr)
+
+
+@jit
+def gemm(a, b, bias, has_bias, act, alpha, out, mr, nr, nc_max, threads):
+    """``out = act(a @ b + bias)`` (bias only when ``has_bias``); a (M, K), b (K, N) with any strides that
+    are whole elements. Hands the operands on as addresses and element strides, so the kernel proper
+    compiles once per dtype whatever the layouts (this wrapper is all that is specialised per layout)."""
+    item = out.itemsize
+    _gemm(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
+          np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item,
+          a.shape[1], bias, has_bias, act, alpha, out, mr, nr, nc_max, threads)
+
+
+@jit(parallel=True)
+def _gemm(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, mr, nr, nc_max, threads):
+    """With ``threads`` > 1 (the caller passes 1 below PARALLEL_MIN_FLOPS) the product is split into that
+    many tile-aligned stripes of ``out`` (rows, or columns when there are more tile columns), each
+    computed independently: one fork-join per call and no barrier, which matters on a small shared
+    machine where a late thread stalls every barrier.
+    """
+    m, n = out.shape
+    if m == 0 or n == 0:
+        return
+    pack_b = sb_j != 1 or k * n > PACK_B_MIN
+    tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
+    by_rows = tiles_n < 4 * threads  # columns when there are enough: each thread then packs half of B
+    parts = min(threads, tiles_m if by_rows else tiles_n)
+    if parts <= 1:
+        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, 0, m, 0, n, mr, nr, nc_max,
+               pack_b)
+        return
+    for t in prange(parts):
+        r0, r1, c0, c1 = 0, m, 0, n
+        if by_rows:
+            r0, r1 = t * tiles_m // parts * mr, min(m, (t + 1) * tiles_m // parts * mr)
+        else:
+            c0, c1 = t * tiles_n // parts * nr, min(n, (t + 1) * tiles_n // parts * nr)
+        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, mr, nr,
+               nc_max, pack_b)
