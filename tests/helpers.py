@@ -1,6 +1,9 @@
 """Shared test helpers: tolerances, array strategies with varied memory layouts, finite differences."""
 
+import llvmlite.binding
+import numba
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 import kernels
@@ -62,3 +65,16 @@ def numeric_grad(f, x, eps=1e-6):
         x[i] = old
         grad[i] = (hi - lo) / (2 * eps)
     return grad
+
+
+def compiled_copy(body, dtype):
+    """An uncached copy of the numba ``body`` compiled for its ``dtype`` signature (cached code cannot
+    be inspected), and that signature."""
+    sig = next(s for s in body.signatures if s[2].dtype == numba.from_dtype(np.dtype(dtype)))
+    fresh = type(body)(body.py_func, targetoptions=body.targetoptions)
+    fresh.compile(sig)
+    return fresh, sig
+
+
+needs_avx2 = pytest.mark.skipif("+avx2" not in llvmlite.binding.get_host_cpu_features().flatten(),
+                                reason="looks for x86 AVX2/AVX-512 vector instructions")

@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kernels
-from helpers import DTYPES, LAYOUTS, SIZES_2D, arrays, reference, with_layout
-from test_optim import compiled_copy, needs_avx2
+from helpers import DTYPES, LAYOUTS, SIZES_2D, arrays, compiled_copy, needs_avx2, reference, with_layout
 from kernels.cpu._parallel import CHUNK, PARALLEL_MIN
 
 P = st.sampled_from([0.0, 1e-7, 0.1, 0.5, 0.9, 0.999])

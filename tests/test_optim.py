@@ -3,7 +3,6 @@ the public API's argument checks, and vectorised numba loops."""
 
 import re
 
-import llvmlite.binding
 import numba
 import numpy as np
 import pytest
@@ -11,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kernels
-from helpers import DTYPES, LAYOUTS, SIZES_1D, SIZES_2D, TOL, reference, with_layout
+from helpers import (DTYPES, LAYOUTS, SIZES_1D, SIZES_2D, TOL, compiled_copy, needs_avx2, reference,
+                     with_layout)
 from kernels.cpu import optim
 from kernels.cpu._parallel import CHUNK, PARALLEL_MIN
 
@@ -317,19 +317,6 @@ def test_noncontiguous_grad_is_accepted(layout):
 
 
 # ---- the compiled loops are vectorised ----------------------------------------------------------------
-
-def compiled_copy(body, dtype):
-    """An uncached copy of the numba ``body`` compiled for its ``dtype`` signature (cached code cannot
-    be inspected), and that signature."""
-    sig = next(s for s in body.signatures if s[2].dtype == numba.from_dtype(np.dtype(dtype)))
-    fresh = type(body)(body.py_func, targetoptions=body.targetoptions)
-    fresh.compile(sig)
-    return fresh, sig
-
-
-needs_avx2 = pytest.mark.skipif("+avx2" not in llvmlite.binding.get_host_cpu_features().flatten(),
-                                reason="looks for x86 AVX2/AVX-512 vector instructions")
-
 
 @pytest.mark.slow
 @needs_avx2

@@ -5,8 +5,7 @@ Same function names and arguments as ``kernels.reference``; compiled on first ca
 ``NUMBA_CACHE_DIR`` when set).
 """
 
-import numpy as np
-
+from ..reference import ascontiguous, empty  # host arrays, as for the reference
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
 from .dropout import dropout
@@ -15,13 +14,3 @@ from .matmul import matmul
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
 
 name = "numba"
-
-
-def empty(shape, dtype, like):
-    """An uninitialised host array."""
-    return np.empty(shape, dtype)
-
-
-def ascontiguous(x):
-    """``x`` itself when C-contiguous, else a C-contiguous copy."""
-    return np.ascontiguousarray(x)
