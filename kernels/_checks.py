@@ -55,7 +55,7 @@ def _c_contiguous(x):
     flags = getattr(x, "flags", None)
     if flags is None:  # Numba (simulator) device arrays expose is_c_contiguous()
         return x.is_c_contiguous()
-    return flags["C_CONTIGUOUS"] if not hasattr(flags, "c_contiguous") else flags.c_contiguous
+    return bool(flags["C_CONTIGUOUS"])  # NumPy and CuPy flag objects and Numba's flags dict all index so
 
 
 def inplace(name, x):
