@@ -12,9 +12,10 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 - tiles are taken row of tiles by row of tiles (a thread keeps MR rows of A in L1 while B's panels
   stream from L2); the micro-kernel computes one MR x NR tile over the K block with all accumulators
   in vector registers;
-- each tile is written straight back: added to ``out`` after the first K block, and on the last one
-  bias + activation are applied to it before it is stored (the tile is in L1, the epilogue loops are
-  one vectorised loop per activation kind);
+- the micro-kernel stores its tile straight from the accumulator registers into ``out`` (adding to it
+  after the first K block), having prefetched those lines for writing before its K loop; edge tiles go
+  through a small buffer; after the last K block, bias + activation are applied to the tile in place
+  while it is in L1 (one vectorised loop per row and activation kind);
 - products of at least PARALLEL_MIN_FLOPS are split into one stripe of ``out`` per thread (columns when
   there are at least 4 tile columns per thread, else rows; tile-aligned), each stripe running the
   serial loops above: one fork-join per call;
@@ -56,6 +57,14 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
   v9  KC 256 -> 512 (1 thread, thread CPU time, two paired runs): 1024^3 69 -> 72-80, 2048^3 71-72 ->
       83, (128, 784, 512) 44-66 -> 74-77, (256, 512, 784) 52-55 -> 69-72. Tried and dropped: B's
       micro-panel in L1 with tiles column by column and KC 128: 50 at 1024^3.
+  v10 the micro-kernel writes C itself (vector loads/adds/stores of the accumulators into ``out``,
+      after ``prefetchw`` of the C tile issued before the K loop) instead of storing to a tile buffer
+      that a numba loop then added to ``out``. A micro-benchmark had shown the micro-kernel alone at
+      115-118 per core with B from L2 or even L3, while the whole GEMM ran 73-80: removing the write-back
+      measured 92, prefetching the C lines alone 83. 1 thread, interleaved in one process: 1024^3
+      80 -> 91-96, 2048^3 -> 99 (OpenBLAS 97 on 1 thread); 2 threads: 1024^3 125 -> 156 (NumPy 186),
+      (128, 784, 512) 93 -> 119 (NumPy 155). Tried and dropped: software prefetch of the next A row
+      panel, spread over the current row of tiles (no change; the A panel's first touch costs ~5%).
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
 
 Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
@@ -83,21 +92,22 @@ ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid
 
 
 @intrinsic
-def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, tile):
-    """``tile[i, j] = sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile.
+def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, accumulate, like):
+    """``c[i, j] (+)= sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile, stored
+    at ``pc + (i*ldc + j)`` (added to what is there when ``accumulate``), in ``like``'s dtype.
 
-    ``pa``, ``pb`` are element addresses (``x.ctypes.data`` plus a byte offset) of tile's dtype, strides
-    in elements; B's rows must be contiguous (packed panels, or a row-major b read in place)."""
-    mr, nr, lanes = TILES[np.dtype(tile.dtype.name)]
+    ``pa``, ``pb``, ``pc`` are element addresses (``x.ctypes.data`` plus a byte offset), strides in
+    elements; B's rows must be contiguous (packed panels, or a row-major b read in place). The C tile
+    is prefetched for writing before the K loop, so its write-back does not wait on memory."""
+    mr, nr, lanes = TILES[np.dtype(like.dtype.name)]
     nv = nr // lanes
 
     def codegen(context, builder, sig, args):
-        pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, tile_ = args
-        t = context.make_array(sig.args[6])(context, builder, tile_).data
-        fty = context.get_value_type(sig.args[6].dtype)
+        pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_, _ = args
+        fty = context.get_value_type(sig.args[9].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
-        i64 = ir.IntType(64)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
 
         def const(v):
             return ir.Constant(i64, v)
@@ -107,11 +117,20 @@ def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, tile):
 
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                              f"llvm.fma.v{lanes}f{8 * size}")
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        i8p = ir.IntType(8).as_pointer()
+        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
+                                                  "llvm.prefetch.p0i8")
+        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
         undef, zero = ir.Constant(vty, ir.Undefined), ir.Constant(vty, None)
         b0 = builder.inttoptr(pb_, fty.as_pointer())
         a0 = builder.inttoptr(pa_, fty.as_pointer())
+        c0 = builder.inttoptr(pc_, fty.as_pointer())
         rows = [builder.gep(a0, [builder.mul(sa_i_, const(i))]) for i in range(mr)]
+        c_rows = [builder.gep(c0, [builder.mul(ldc_, const(i))]) for i in range(mr)]
+        for row in c_rows:  # write intent, keep in all levels: one call per 64-byte line of the row
+            for offset in range(0, nr * size, 64):
+                builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
+                                        ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         entry = builder.block
         loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
         builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
@@ -124,8 +143,7 @@ def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, tile):
         new = []
         for i in range(mr):
             ai = builder.load(builder.gep(rows[i], [ak]), align=size)
-            ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(ir.IntType(32), 0)),
-                                        undef, splat)
+            ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
             new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
         k_next = builder.add(k, const(1))
         builder.cbranch(builder.icmp_signed("<", k_next, kc_), loop, done)
@@ -142,10 +160,17 @@ def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, tile):
             for v in range(nv):
                 result[i][v].add_incoming(zero, entry)
                 result[i][v].add_incoming(new[i][v], loop)
-                builder.store(result[i][v], vector_at(t, const(i * nr + v * lanes)), align=size)
+        with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
+            for block, adding in ((add, True), (store, False)):
+                with block:
+                    for i in range(mr):
+                        for v in range(nv):
+                            at = vector_at(c_rows[i], const(v * lanes))
+                            value = builder.fadd(result[i][v], builder.load(at, align=size)) if adding else result[i][v]
+                            builder.store(value, at, align=size)
         return context.get_dummy_value()
 
-    return types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, tile), codegen
+    return types.void(*[types.intp] * 9, like), codegen
 
 
 @jit(inline="always")
@@ -189,38 +214,48 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
 
 
 @jit(inline="always")
-def _activate(tile, act, alpha):
-    """The activation, in place on a whole tile (one branch per tile, a vectorisable loop per kind)."""
-    zero = tile.dtype.type(0)
-    if act == RELU:
-        for x in range(tile.size):
-            tile[x] = zero if tile[x] < zero else tile[x]
-    elif act == LEAKY_RELU:
-        for x in range(tile.size):
-            tile[x] = tile[x] if tile[x] > zero else alpha * tile[x]
-    elif act == SIGMOID:
-        for x in range(tile.size):
-            tile[x] = sigmoid(tile[x])
-    elif act == TANH:
-        for x in range(tile.size):
-            tile[x] = tanh(tile[x])
+def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
+    """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a tile just written, in L1):
+    one branch per tile, then one vectorisable loop per row and kind."""
+    zero = out.dtype.type(0)
+    for i in range(rows):
+        x = out[row + i, col:col + cols]
+        if has_bias:
+            for j in range(cols):
+                x[j] += bias[col + j]
+        if act == RELU:
+            for j in range(cols):
+                x[j] = zero if x[j] < zero else x[j]
+        elif act == LEAKY_RELU:
+            for j in range(cols):
+                x[j] = x[j] if x[j] > zero else alpha * x[j]
+        elif act == SIGMOID:
+            for j in range(cols):
+                x[j] = sigmoid(x[j])
+        elif act == TANH:
+            for j in range(cols):
+                x[j] = tanh(x[j])
 
 
 @jit
 def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, m, c0, nc,
            pc, kc, first, last, mr, nr):
     """Every tile of the ``m x nc`` block of ``out`` at (r0, c0) for the K block ``pc:pc+kc``, row of tiles
-    by row of tiles (the A rows stay in L1 while B's panels stream from L2): the micro-kernel, then the
-    write-back (added to ``out`` unless ``first``; bias and activation if ``last``).
+    by row of tiles (the A rows stay in L1 while B's panels stream from L2): the micro-kernel writes a
+    whole tile straight into ``out`` (added to it unless ``first``); an edge tile goes through ``tile``.
+    After the last K block, bias and activation are applied to the tile in place.
 
     A is read in place through its strides; only a last partial row panel is copied (zero-padded) into
     ``edge``. B's panels come from ``bp`` when it is packed (size > 0), else from B in place (C-order
     rows), except a last partial column panel, packed into the tail of ``edge``."""
     item = out.itemsize
-    bp_at, edge_at = np.intp(bp.ctypes.data), np.intp(edge.ctypes.data)
+    ldo = out.shape[1]
+    bp_at, edge_at, tile_at = np.intp(bp.ctypes.data), np.intp(edge.ctypes.data), np.intp(tile.ctypes.data)
+    out_at = np.intp(out.ctypes.data)
     packed = bp.size > 0
     n_full = nc // nr if not packed else _cdiv(nc, nr)
     b_edge = mr * kc
+    epilogue = last and (has_bias or act != NONE)
     if n_full * nr < nc:
         _pack(b_at, sb_k, sb_j, edge[b_edge:], pc, c0 + n_full * nr, kc, nc - n_full * nr, nr)
     for ir_ in range(_cdiv(m, mr)):
@@ -240,22 +275,19 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
                 pb, sb = b_at + (pc * sb_k + col) * item, sb_k
             else:
                 pb, sb = edge_at + b_edge * item, nr
-            _micro_kernel(pa, si, sk, pb, sb, kc, tile)
-            for i in range(rows):
-                o = out[row + i]
-                t = tile[i * nr:(i + 1) * nr]
-                if not first:
-                    for j in range(cols):
-                        t[j] += o[col + j]
-                if last and has_bias:
-                    for j in range(cols):
-                        t[j] += bias[col + j]
-            if last:
-                _activate(tile, act, alpha)
-            for i in range(rows):
-                o = out[row + i]
-                for j in range(cols):
-                    o[col + j] = tile[i * nr + j]
+            if rows == mr and cols == nr:
+                _micro_kernel(pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
+            else:
+                _micro_kernel(pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
+                for i in range(rows):
+                    o = out[row + i, col:col + cols]
+                    t = tile[i * nr:i * nr + cols]
+                    if first:
+                        o[:] = t
+                    else:
+                        o += t
+            if epilogue:
+                _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha)
 
 
 @jit
