@@ -67,9 +67,12 @@ def test_matches_reference(backend, data, trans_a, trans_b, dtype, with_bias, ac
 # real GPU they run too).
 # (M, K, N): 1023/1025 straddle every block size; (2000, 300, 10) and (10, 300, 2000) split the work by
 # rows and by columns across threads; (5000, 64, 3) and (3, 64, 5000) are tall-skinny and short-wide on
-# one thread; (300, 200, 100) is parallel with B packed; (40, 100, 150) is serial with B read in place.
+# one thread; (300, 200, 100) is parallel with B packed; (40, 100, 150) is serial with B read in place;
+# (200, 700, 600) reads a B larger than L2 in place (few rows of A), or packs B^T in blocks of rows with
+# a partial last one; (130, 300, 1024) packs a B whose rows are 4 KiB apart.
 LARGE = [(1023, 1023, 1023), (1025, 1025, 1025), (5000, 64, 3), (3, 64, 5000), (2000, 300, 10),
-         (10, 300, 2000), (300, 200, 100), (40, 100, 150), (1, 2000, 1), (700, 1, 700)]
+         (10, 300, 2000), (300, 200, 100), (40, 100, 150), (1, 2000, 1), (700, 1, 700), (200, 700, 600),
+         (130, 300, 1024)]
 
 
 @pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)],

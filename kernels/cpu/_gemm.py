@@ -5,8 +5,9 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 
 - K is cut into blocks of at most ``KC`` (balanced: 784 -> 2 x 392), N into blocks of at most ``NC``;
 - B's (K, N) block is packed into zero-padded micro-panels of ``NR`` columns (``bp[panel, k, j]``), so
-  the micro-kernel streams it contiguously from L2; a small B (at most PACK_B_MIN elements, row-major)
-  is read in place instead, only its last partial panel packed;
+  the micro-kernel streams it contiguously from L2; a row-major B is read in place instead (only its
+  last partial panel packed) when packing costs more than it saves: when B is small, fits in L2, or
+  only a few rows of A reuse it, unless its rows are a multiple of 4 KiB apart (see ``_gemm``);
 - A is never packed: the micro-kernel broadcasts A's elements through its two strides, so a row-major A
   and a transposed view cost the same; only a last partial row panel is copied, zero-padded;
 - tiles are taken row of tiles by row of tiles (a thread keeps MR rows of A in L1 while B's panels
@@ -65,12 +66,20 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
       80 -> 91-96, 2048^3 -> 99 (OpenBLAS 97 on 1 thread); 2 threads: 1024^3 125 -> 156 (NumPy 186),
       (128, 784, 512) 93 -> 119 (NumPy 155). Tried and dropped: software prefetch of the next A row
       panel, spread over the current row of tiles (no change; the A panel's first touch costs ~5%).
+  v11 packing read the operand through scalar loads at computed addresses (1.2 G elements/s, a quarter
+      of a plain copy: 330 us for a 784 x 512 B, a third of the product's time at M = 128); now each
+      source row (or, for B^T, each column within a block of 64 rows) is a typed view, panels filled
+      row by row: 200 us. And B is read in place when packing does not pay (see above). 1 thread:
+      (128, 784, 512) 63-81 -> 99, (256, 512, 784) 76 -> 102, (784, 256, 512) 95 -> 107, 1024^3 93 -> 95;
+      2 threads, NumPy alongside: 1024^3 193 -> 203 (NumPy 196), 2048^3 194 -> 197 (193),
+      (784, 256, 512) 176 -> 188 (202), (256, 512, 784) 147 -> 165 (194), (128, 784, 512) 140 -> 144 (176).
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
 
 Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
 (24 ymm accumulators + 4 B vectors + broadcasts), float64 6 x 16 (the same in 4-lane vectors).
 """
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -85,7 +94,13 @@ TILES = {np.dtype(np.float32): (6, 32, 8), np.dtype(np.float64): (6, 16, 4)}
 KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 across all of B's micro-panels
 NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
-PACK_B_MIN = 128 * 128  # B is read in place up to this many elements (it stays in L1/L2), packed above
+PACK_ROWS = 64  # rows per block when packing an operand whose columns are contiguous (the block stays in L1)
+# B (row-major) is read in place when it is small, or when packing it would cost more than it saves: when
+# it fits in L2 anyway or when few rows of A reuse it (M <= IN_PLACE_MAX_M); but never when its row stride
+# is a multiple of 4 KiB, which maps all of a panel's rows to a few cache sets.
+PACK_B_MIN = 128 * 128
+IN_PLACE_MAX_BYTES = 512 * 1024
+IN_PLACE_MAX_M = 256
 
 NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
@@ -187,30 +202,56 @@ def _load(typingctx, address, like):
     return like.dtype(types.intp, like), codegen
 
 
+@intrinsic
+def _ptr(typingctx, address, like):
+    """``address`` as a pointer to ``like``'s dtype (for ``numba.carray``)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return types.CPointer(like.dtype)(types.intp, like), codegen
+
+
 @jit
 def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
     """Rows ``r0:r0+rows`` and columns ``c0:c0+cols`` of the operand at ``x_at`` (element strides s_r, s_c)
     as micro-panels of ``width`` columns, zero-padded: ``xp[panel, r, j]`` (B's K x NC block, or one edge
-    panel of A^T or B)."""
-    zero = xp.dtype.type(0)
+    panel of A^T or B). The operand is read along its contiguous direction: row by row across all the
+    panels, or, when its columns are contiguous, in blocks of PACK_ROWS rows whose panel rows stay in L1
+    while the columns are read."""
     item = xp.itemsize
-    for p in range(_cdiv(cols, width)):
-        base = p * rows * width
-        n = min(width, cols - p * width)
-        cp = c0 + p * width
-        if abs(s_c) <= abs(s_r):  # read the operand in its contiguous direction
-            for r in range(rows):
-                at = x_at + ((r0 + r) * s_r + cp * s_c) * item
-                for j in range(n):
-                    xp[base + r * width + j] = _load(at + j * s_c * item, xp)
-        else:
-            for j in range(n):
-                at = x_at + (r0 * s_r + (cp + j) * s_c) * item
-                for r in range(rows):
-                    xp[base + r * width + j] = _load(at + r * s_r * item, xp)
+    panels = _cdiv(cols, width)
+    last = (panels - 1) * rows * width
+    for r in range(rows):  # zero padding of the last panel
+        for j in range(cols - (panels - 1) * width, width):
+            xp[last + r * width + j] = 0
+    if abs(s_c) <= abs(s_r):
         for r in range(rows):
-            for j in range(n, width):
-                xp[base + r * width + j] = zero
+            at = x_at + ((r0 + r) * s_r + c0 * s_c) * item
+            for p in range(panels):
+                n = min(width, cols - p * width)
+                dst = p * rows * width + r * width
+                if s_c == 1:
+                    src = numba.carray(_ptr(at + p * width * item, xp), n)
+                    for j in range(n):
+                        xp[dst + j] = src[j]
+                else:
+                    for j in range(n):
+                        xp[dst + j] = _load(at + (p * width + j) * s_c * item, xp)
+    else:
+        for p in range(panels):
+            n = min(width, cols - p * width)
+            for rb in range(0, rows, PACK_ROWS):
+                rn = min(PACK_ROWS, rows - rb)
+                dst = p * rows * width + rb * width
+                for j in range(n):
+                    at = x_at + ((r0 + rb) * s_r + (c0 + p * width + j) * s_c) * item
+                    if s_r == 1:
+                        src = numba.carray(_ptr(at, xp), rn)
+                        for r in range(rn):
+                            xp[dst + r * width + j] = src[r]
+                    else:
+                        for r in range(rn):
+                            xp[dst + r * width + j] = _load(at + r * s_r * item, xp)
 
 
 @jit(inline="always")
@@ -333,7 +374,9 @@ def _gemm(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    pack_b = sb_j != 1 or k * n > PACK_B_MIN
+    b_bytes, row_bytes = k * n * out.itemsize, sb_k * out.itemsize
+    pack_b = sb_j != 1 or (k * n > PACK_B_MIN and (row_bytes % 4096 == 0 or (b_bytes > IN_PLACE_MAX_BYTES and
+                                                                            m > IN_PLACE_MAX_M)))
     tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
     by_rows = tiles_n < 4 * threads  # columns when there are enough: each thread then packs half of B
     parts = min(threads, tiles_m if by_rows else tiles_n)
