@@ -100,6 +100,23 @@ def test_float64_and_layouts_on_the_parallel_path(fast_backend, dtype, layout):
     assert_gemm_close(y, a, b, None, False, False, activation="sigmoid")
 
 
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 10, 16, 17])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_outputs(fast_backend, dtype, n):
+    """N <= 16 with A's rows contiguous takes the dot-product tiles: edge rows and columns of the 5 x 5
+    tiles, K not a multiple of the vector lanes, A a view with a row stride wider than K, N = 17 just past
+    the route; on the parallel path (M = 1001) too."""
+    large(fast_backend)
+    rng = np.random.default_rng(n)
+    for m, k in [(23, 37), (1001, 300)]:
+        a = rng.standard_normal((m, k + 3)).astype(dtype)[:, 2:k + 2]
+        b = rng.standard_normal((k, n)).astype(dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        for activation in ACTIVATIONS:
+            y = _matmul(fast_backend, a, b, bias, activation=activation, alpha=0.3)
+            assert_gemm_close(y, a, b, bias, False, False, activation=activation, alpha=0.3)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_transposes_are_read_through_strides(backend, dtype):
     """The backward forms of a dense layer, dW = x^T dy and dx = dy W^T, on views as they come."""

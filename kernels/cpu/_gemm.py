@@ -17,6 +17,10 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   after the first K block), having prefetched those lines for writing before its K loop; edge tiles go
   through a small buffer; after the last K block, bias + activation are applied to the tile in place
   while it is in L1 (one vectorised loop per row and activation kind);
+- a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
+  another route: B^T is packed (N x K, in L1) and each 5 x 5 tile is 25 dot products along K, vectors
+  of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane is padding
+  (the register tile pads N = 10 to 32 columns);
 - products of at least PARALLEL_MIN_FLOPS are split into one stripe of ``out`` per thread (columns when
   there are at least 4 tile columns per thread, else rows; tile-aligned), each stripe running the
   serial loops above: one fork-join per call;
@@ -73,6 +77,12 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
       (128, 784, 512) 63-81 -> 99, (256, 512, 784) 76 -> 102, (784, 256, 512) 95 -> 107, 1024^3 93 -> 95;
       2 threads, NumPy alongside: 1024^3 193 -> 203 (NumPy 196), 2048^3 194 -> 197 (193),
       (784, 256, 512) 176 -> 188 (202), (256, 512, 784) 147 -> 165 (194), (128, 784, 512) 140 -> 144 (176).
+  v12 narrow outputs (N <= 16, A's rows contiguous) as 5 x 5 tiles of dot products along K (A's rows
+      and B^T's in vectors, the last K % lanes terms one masked vector step, one horizontal sum per
+      element), stored and given the epilogue per 5 x N row block. Interleaved with NumPy, 2 threads:
+      (2000, 300, 10) 68 -> 106 (NumPy 78), (256, 512, 10) 36 -> 75 (71). Tried: a 12 x 16 register
+      tile for N <= 16 (same 24 accumulators, N = 10 padded to 16): (256, 512, 10) 123 -> 63 us on one
+      thread, where the dot tiles take 31-41; the K remainder as a scalar loop: (2000, 300, 10) 68.
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
 
 Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
@@ -101,6 +111,11 @@ PACK_ROWS = 64  # rows per block when packing an operand whose columns are conti
 PACK_B_MIN = 128 * 128
 IN_PLACE_MAX_BYTES = 512 * 1024
 IN_PLACE_MAX_M = 256
+
+# The dot-product tile (MR x NR dot products along K, 25 vector accumulators; lanes per dtype), used when
+# N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
+DOT_MR, DOT_NR, DOT_MAX_N = 5, 5, 16
+DOT_LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}
 
 NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
@@ -186,6 +201,101 @@ def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, accumulate, 
         return context.get_dummy_value()
 
     return types.void(*[types.intp] * 9, like), codegen
+
+
+@intrinsic
+def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
+    """``tile[at + i*st + j] = sum_{k} a[i, k] * bt[j, k]`` for one MR x NR tile of dot products along K:
+    rows of A (element stride ``sa_i``) and of B^T (``sb_j``) are contiguous in K, so every vector lane
+    does useful work whatever N is; the last ``k % lanes`` terms are one masked vector step (masked-off
+    lanes are not read). Rows past ``rows`` and columns past ``cols`` repeat the last one (computed and
+    stored again, identical) instead of reading out of bounds."""
+    mr, nr, lanes = DOT_MR, DOT_NR, DOT_LANES[np.dtype(tile.dtype.name)]
+
+    def codegen(context, builder, sig, args):
+        pa_, sa_i_, rows_, pb_, sb_j_, cols_, k_, tile_, at_, st_ = args
+        t = context.make_array(sig.args[7])(context, builder, tile_).data
+        fty = context.get_value_type(sig.args[7].dtype)
+        size = context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, lanes)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        mask_ty = ir.VectorType(ir.IntType(1), lanes)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{lanes}f{8 * size}")
+        masked_load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty.as_pointer(), i32, mask_ty, vty]),
+            f"llvm.masked.load.v{lanes}f{8 * size}.p0")
+
+        def clamped(count, n):
+            last = builder.sub(count, ir.Constant(i64, 1))
+            return [builder.select(builder.icmp_signed("<", ir.Constant(i64, i), count), ir.Constant(i64, i), last)
+                    for i in range(n)]
+
+        def starts(address, stride, count, n):
+            base = builder.inttoptr(address, fty.as_pointer())
+            return [builder.gep(base, [builder.mul(stride, i)]) for i in clamped(count, n)]
+
+        a_rows, b_rows = starts(pa_, sa_i_, rows_, mr), starts(pb_, sb_j_, cols_, nr)
+        out_rows = [builder.gep(t, [builder.add(at_, builder.mul(st_, i))]) for i in clamped(rows_, mr)]
+        out_cols = clamped(cols_, nr)
+        kv_ = builder.and_(k_, ir.Constant(i64, -lanes))  # the whole vectors: k rounded down to the lanes
+        zero = ir.Constant(vty, None)
+        entry = builder.block
+        loop, done = builder.append_basic_block("dot.loop"), builder.append_basic_block("dot.done")
+        builder.cbranch(builder.icmp_signed(">", kv_, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        acc = [[builder.phi(vty) for _ in range(nr)] for _ in range(mr)]
+
+        def load(row):
+            return builder.load(builder.bitcast(builder.gep(row, [k]), vty.as_pointer()), align=size)
+
+        av, bv = [load(r) for r in a_rows], [load(r) for r in b_rows]
+        new = [[builder.call(fma, [av[i], bv[j], acc[i][j]]) for j in range(nr)] for i in range(mr)]
+        k_next = builder.add(k, ir.Constant(i64, lanes))
+        builder.cbranch(builder.icmp_signed("<", k_next, kv_), loop, done)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        k.add_incoming(k_next, loop)
+        for i in range(mr):
+            for j in range(nr):
+                acc[i][j].add_incoming(zero, entry)
+                acc[i][j].add_incoming(new[i][j], loop)
+
+        builder.position_at_end(done)
+        result = [[builder.phi(vty) for _ in range(nr)] for _ in range(mr)]
+        lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+        rest = builder.sub(k_, kv_)
+        mask = builder.icmp_signed("<", lane, builder.shuffle_vector(
+            builder.insert_element(ir.Constant(lane.type, ir.Undefined), rest, ir.Constant(i32, 0)),
+            ir.Constant(lane.type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)))
+
+        def tail(row):
+            at = builder.bitcast(builder.gep(row, [kv_]), vty.as_pointer())
+            return builder.call(masked_load, [at, ir.Constant(i32, size), mask, zero])
+
+        at_, bt_ = [tail(r) for r in a_rows], [tail(r) for r in b_rows]
+        for i in range(mr):
+            for j in range(nr):
+                v = result[i][j]
+                v.add_incoming(zero, entry)
+                v.add_incoming(new[i][j], loop)
+                v = builder.call(fma, [at_[i], bt_[j], v])
+                half = lanes // 2
+                while half:  # horizontal sum: the upper half added onto the lower half
+                    def part(start):
+                        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half),
+                                                                        list(range(start, start + half))))
+                    v, half = builder.fadd(part(0), part(half)), half // 2
+                builder.store(builder.extract_element(v, ir.Constant(i64, 0)), builder.gep(out_rows[i], [out_cols[j]]))
+        return context.get_dummy_value()
+
+    return types.void(*[types.intp] * 7, tile, types.intp, types.intp), codegen
+
+
+@jit(inline="always")
+def _cdiv(a, b):
+    return (a + b - 1) // b
 
 
 @jit(inline="always")
@@ -332,10 +442,36 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
 
 
 @jit
+def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1):
+    """``out[r0:r1]`` for a narrow N and A's rows contiguous: B^T packed once (N x K, at most DOT_MAX_N
+    rows), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows stream
+    once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of 5 x 5
+    cost more than the tile)."""
+    n = out.shape[1]
+    item = out.itemsize
+    mr, nr = DOT_MR, DOT_NR
+    bt = np.empty(n * k, out.dtype)
+    _pack(b_at, sb_j, sb_k, bt, 0, 0, n, k, k)
+    bt_at = np.intp(bt.ctypes.data)
+    block = np.empty(mr * n, out.dtype)
+    for row in range(r0, r1, mr):
+        rows = min(mr, r1 - row)
+        pa = a_at + row * sa_i * item
+        for col in range(0, n, nr):
+            _dot_kernel(pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
+        for i in range(rows):
+            out[row + i] = block[i * n:(i + 1) * n]
+        _epilogue(out, row, rows, 0, n, bias, has_bias, act, alpha)
+
+
+@jit
 def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, mr, nr, nc_max,
            pack_b):
     """The serial BLIS loops for ``out[r0:r1, c0:c1]``: K blocks, N blocks, then tiles; B is packed per
-    (K, N) block when ``pack_b``."""
+    (K, N) block when ``pack_b``. A narrow ``out`` whose A rows are contiguous goes to ``_dots`` instead."""
+    if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the stripes are by rows: c0:c1 is 0:N
+        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1)
+        return
     n_pc = max(1, _cdiv(k, KC))
     kc_step = _cdiv(k, n_pc)  # balanced K blocks: 784 -> 2 x 392
     nc_step = min(_cdiv(c1 - c0, nr) * nr, nc_max)
