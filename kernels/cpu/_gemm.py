@@ -15,8 +15,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   in vector registers;
 - the micro-kernel stores its tile straight from the accumulator registers into ``out`` (adding to it
   after the first K block), having prefetched those lines for writing before its K loop; edge tiles go
-  through a small buffer; after the last K block, bias + activation are applied to the tile in place
-  while it is in L1 (one vectorised loop per row and activation kind);
+  through a small buffer; after the last K block, bias + activation are applied in place to each row of
+  tiles while it is in L1/L2 (one vectorised loop per row and activation kind);
 - a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
   another route: B^T is packed (N x K, in L1) and each 5 x 5 tile is 25 dot products along K, vectors
   of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane is padding
@@ -100,7 +100,8 @@ from ._jit import jit
 from ._math import sigmoid, tanh
 
 # (MR, NR, vector lanes) per dtype: the register tile of the micro-kernel.
-TILES = {np.dtype(np.float32): (6, 32, 8), np.dtype(np.float64): (6, 16, 4)}
+TILE_F32, TILE_F64 = (6, 32, 8), (6, 16, 4)
+TILES = {np.dtype(np.float32): TILE_F32, np.dtype(np.float64): TILE_F64}
 KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 across all of B's micro-panels
 NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
@@ -366,14 +367,15 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
 
 @jit(inline="always")
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
-    """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a tile just written, in L1):
-    one branch per tile, then one vectorisable loop per row and kind."""
+    """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
+    still in L1/L2): one branch per call, then one vectorisable loop per row and kind."""
     zero = out.dtype.type(0)
-    for i in range(rows):
-        x = out[row + i, col:col + cols]
+    b = bias[col:col + cols] if has_bias else bias
+    for i in range(row, row + rows):
+        x = out[i, col:col + cols]
         if has_bias:
             for j in range(cols):
-                x[j] += bias[col + j]
+                x[j] += b[j]
         if act == RELU:
             for j in range(cols):
                 x[j] = zero if x[j] < zero else x[j]
@@ -394,7 +396,7 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
     """Every tile of the ``m x nc`` block of ``out`` at (r0, c0) for the K block ``pc:pc+kc``, row of tiles
     by row of tiles (the A rows stay in L1 while B's panels stream from L2): the micro-kernel writes a
     whole tile straight into ``out`` (added to it unless ``first``); an edge tile goes through ``tile``.
-    After the last K block, bias and activation are applied to the tile in place.
+    After the last K block, bias and activation are applied in place to each row of tiles as it is done.
 
     A is read in place through its strides; only a last partial row panel is copied (zero-padded) into
     ``edge``. B's panels come from ``bp`` when it is packed (size > 0), else from B in place (C-order
@@ -437,8 +439,8 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
                         o[:] = t
                     else:
                         o += t
-            if epilogue:
-                _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha)
+        if epilogue:
+            _epilogue(out, row, rows, c0, nc, bias, has_bias, act, alpha)
 
 
 @jit
@@ -490,14 +492,18 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
 
 
 @jit
-def gemm(a, b, bias, has_bias, act, alpha, out, mr, nr, nc_max, threads):
-    """``out = act(a @ b + bias)`` (bias only when ``has_bias``); a (M, K), b (K, N) with any strides that
-    are whole elements. Hands the operands on as addresses and element strides, so the kernel proper
-    compiles once per dtype whatever the layouts (this wrapper is all that is specialised per layout)."""
+def gemm(a, b, bias, act, alpha, out, threads):
+    """``out = act(a @ b + bias)``; a (M, K), b (K, N) with any strides that are whole elements; ``bias``
+    is (N,), or empty for none; ``act`` an ACTIVATION_CODES value. Hands the operands on as addresses
+    and element strides, so the kernel proper compiles once per dtype whatever the layouts (this wrapper
+    is all that is specialised per layout). Few, plain arguments: at 64^3 the dispatch is a tenth of
+    the call."""
     item = out.itemsize
+    mr, nr, _ = TILE_F32 if item == 4 else TILE_F64
+    nc_max = max(nr, NC_BYTES // (KC * item) // nr * nr)
     _gemm(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
           np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item,
-          a.shape[1], bias, has_bias, act, alpha, out, mr, nr, nc_max, threads)
+          a.shape[1], bias, bias.size > 0, act, out.dtype.type(alpha), out, mr, nr, nc_max, threads)
 
 
 @jit(parallel=True)
