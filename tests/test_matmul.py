@@ -4,6 +4,8 @@ columns, B packed or read in place), all four transpose combinations, C/F/stride
 bias + activation epilogue, float32 and float64; and the public API's argument checks."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -152,6 +154,31 @@ def test_out_is_overwritten_not_accumulated(fast_backend):
     y = kernels.matmul(fast_backend.to(a), fast_backend.to(b), out=out)
     assert y is out
     assert_gemm_close(fast_backend.get(out), a, b, None, False, False)
+
+
+# Each run: serial (64^3) and parallel (300^3) products, plain or with a transposed a (another layout,
+# so another specialisation of the serial wrapper).
+_CACHE_RUN = """
+import sys, numpy as np, kernels
+rng = np.random.default_rng(0)
+for m in (64, 300):
+    a = rng.standard_normal((m, m)).astype(np.float32)
+    y = kernels.matmul(a, a, trans_a=sys.argv[1] == "T")
+    assert np.allclose(y, (a.T if sys.argv[1] == "T" else a) @ a, atol=1e-3)
+"""
+
+
+@pytest.mark.slow
+def test_gemm_survives_numba_cache_reuse_across_processes(tmp_path):
+    """Regression: when a cached wrapper called the parallel GEMM, the wrapper compiled for a new layout in
+    a process that had loaded the parallel kernel from the cache crashed the next process that loaded it
+    (numba issue 8578): NN, then TN, then TN again segfaulted. Each run here is a fresh process sharing
+    one cache directory."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "KERNELS_BACKEND": "numba"}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    for layout in "NTTN":
+        run = subprocess.run([sys.executable, "-c", _CACHE_RUN, layout], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, f"run {layout} exited with {run.returncode}: {run.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -7,7 +7,7 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 - B's (K, N) block is packed into zero-padded micro-panels of ``NR`` columns (``bp[panel, k, j]``), so
   the micro-kernel streams it contiguously from L2; a row-major B is read in place instead (only its
   last partial panel packed) when packing costs more than it saves: when B is small, fits in L2, or
-  only a few rows of A reuse it, unless its rows are a multiple of 4 KiB apart (see ``_gemm``);
+  only a few rows of A reuse it, unless its rows are a multiple of 4 KiB apart (see ``_setup``);
 - A is never packed: the micro-kernel broadcasts A's elements through its two strides, so a row-major A
   and a transposed view cost the same; only a last partial row panel is copied, zero-padded;
 - tiles are taken row of tiles by row of tiles (a thread keeps MR rows of A in L1 while B's panels
@@ -24,8 +24,9 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 - products of at least PARALLEL_MIN_FLOPS are split into one stripe of ``out`` per thread (columns when
   there are at least 4 tile columns per thread, else rows; tile-aligned), each stripe running the
   serial loops above: one fork-join per call;
-- the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin
-  wrapper that takes arrays), so it compiles once per dtype whatever the layouts.
+- the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin serial
+  wrapper that takes arrays; ``gemm_parallel`` gets them from Python), so it compiles once per dtype
+  whatever the layouts.
 
 Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, and its loop vectoriser
 either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
@@ -106,12 +107,9 @@ KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 acro
 NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 PACK_ROWS = 64  # rows per block when packing an operand whose columns are contiguous (the block stays in L1)
-# B (row-major) is read in place when it is small, or when packing it would cost more than it saves: when
-# it fits in L2 anyway or when few rows of A reuse it (M <= IN_PLACE_MAX_M); but never when its row stride
-# is a multiple of 4 KiB, which maps all of a panel's rows to a few cache sets.
-PACK_B_MIN = 128 * 128
-IN_PLACE_MAX_BYTES = 512 * 1024
-IN_PLACE_MAX_M = 256
+PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (see _setup)
+IN_PLACE_MAX_BYTES = 512 * 1024  # ... and one up to this size (it fits in L2 with room to spare)
+IN_PLACE_MAX_M = 256  # ... and any, for at most this many rows of A (too few to pay for packing)
 
 # The dot-product tile (MR x NR dot products along K, 25 vector accumulators; lanes per dtype), used when
 # N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
@@ -491,46 +489,61 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
                    jc, nc, pc, kc, p == 0, p == n_pc - 1, mr, nr)
 
 
-@jit
-def gemm(a, b, bias, act, alpha, out, threads):
-    """``out = act(a @ b + bias)``; a (M, K), b (K, N) with any strides that are whole elements; ``bias``
-    is (N,), or empty for none; ``act`` an ACTIVATION_CODES value. Hands the operands on as addresses
-    and element strides, so the kernel proper compiles once per dtype whatever the layouts (this wrapper
-    is all that is specialised per layout). Few, plain arguments: at 64^3 the dispatch is a tenth of
-    the call."""
+@jit(inline="always")
+def _setup(k, sb_k, sb_j, out):
+    """The register tile and N block for ``out``'s dtype, and whether B gets packed: a row-major B is read
+    in place when it is small, or when packing costs more than it saves (it fits in L2 anyway, or few
+    rows of A reuse it), but never when its rows are a multiple of 4 KiB apart, which maps a whole
+    panel onto a few cache sets."""
+    m, n = out.shape
     item = out.itemsize
     mr, nr, _ = TILE_F32 if item == 4 else TILE_F64
     nc_max = max(nr, NC_BYTES // (KC * item) // nr * nr)
-    _gemm(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
-          np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item,
-          a.shape[1], bias, bias.size > 0, act, out.dtype.type(alpha), out, mr, nr, nc_max, threads)
+    in_place = sb_j == 1 and (k * n <= PACK_B_MIN or (sb_k * item % 4096 != 0 and (
+        k * n * item <= IN_PLACE_MAX_BYTES or m <= IN_PLACE_MAX_M)))
+    return mr, nr, nc_max, not in_place
 
 
-@jit(parallel=True)
-def _gemm(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, mr, nr, nc_max, threads):
-    """With ``threads`` > 1 (the caller passes 1 below PARALLEL_MIN_FLOPS) the product is split into that
-    many tile-aligned stripes of ``out`` (rows, or columns when there are more tile columns), each
-    computed independently: one fork-join per call and no barrier, which matters on a small shared
-    machine where a late thread stalls every barrier.
-    """
+@jit
+def gemm(a, b, bias, act, alpha, out):
+    """``out = act(a @ b + bias)`` on the calling thread; a (M, K), b (K, N) with any strides that are whole
+    elements; ``bias`` is (N,), or empty for none; ``act`` an ACTIVATION_CODES value; ``alpha`` the leaky
+    slope. Hands the operands on as addresses and element strides, so the kernel proper compiles once
+    per dtype whatever the layouts (this wrapper is all that is specialised per layout). Few, plain
+    arguments: at 64^3 the dispatch is a tenth of the call."""
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    b_bytes, row_bytes = k * n * out.itemsize, sb_k * out.itemsize
-    pack_b = sb_j != 1 or (k * n > PACK_B_MIN and (row_bytes % 4096 == 0 or (b_bytes > IN_PLACE_MAX_BYTES and
-                                                                            m > IN_PLACE_MAX_M)))
-    tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
-    by_rows = tiles_n < 4 * threads  # columns when there are enough: each thread then packs half of B
-    parts = min(threads, tiles_m if by_rows else tiles_n)
-    if parts <= 1:
-        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, 0, m, 0, n, mr, nr, nc_max,
-               pack_b)
+    item = out.itemsize
+    k, sb_k, sb_j = a.shape[1], b.strides[0] // item, b.strides[1] // item
+    mr, nr, nc_max, pack_b = _setup(k, sb_k, sb_j, out)
+    _block(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data), sb_k, sb_j,
+           k, bias, bias.size > 0, act, out.dtype.type(alpha), out, 0, m, 0, n, mr, nr, nc_max, pack_b)
+
+
+@jit(parallel=True)
+def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads):
+    """``gemm`` on ``threads`` threads, the operands given as addresses and element strides: the product is
+    split into that many tile-aligned stripes of ``out`` (rows, or columns when there are enough tile
+    columns: each thread then packs its part of B), each computed independently: one fork-join per call
+    and no barrier, which matters on a small shared machine where a late thread stalls every barrier.
+
+    Call it from Python only: a cached jitted function that calls a parallel one is loaded from Numba's
+    cache broken once it has been compiled in a process that loaded the callee from the cache (a segfault
+    on the next run; numba issue 8578)."""
+    m, n = out.shape
+    if m == 0 or n == 0:
         return
+    mr, nr, nc_max, pack_b = _setup(k, sb_k, sb_j, out)
+    has_bias, alpha_ = bias.size > 0, out.dtype.type(alpha)
+    tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
+    by_rows = tiles_n < 4 * threads
+    parts = min(threads, tiles_m if by_rows else tiles_n)
     for t in prange(parts):
         r0, r1, c0, c1 = 0, m, 0, n
         if by_rows:
             r0, r1 = t * tiles_m // parts * mr, min(m, (t + 1) * tiles_m // parts * mr)
         else:
             c0, c1 = t * tiles_n // parts * nr, min(n, (t + 1) * tiles_n // parts * nr)
-        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, mr, nr,
+        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha_, out, r0, r1, c0, c1, mr, nr,
                nc_max, pack_b)

@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from ._gemm import ACTIVATION_CODES, PARALLEL_MIN_FLOPS, TILES, gemm
+from ._gemm import ACTIVATION_CODES, PARALLEL_MIN_FLOPS, TILES, gemm, gemm_parallel
 
 _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in TILES}  # stands in for bias=None
 
@@ -24,4 +24,10 @@ def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
         bias = np.ascontiguousarray(bias)
     (m, k), n = a.shape, b.shape[1]
     threads = numba.get_num_threads() if 2 * m * k * n >= PARALLEL_MIN_FLOPS else 1
-    gemm(a, b, bias, ACTIVATION_CODES[activation], alpha, out, threads)
+    if threads == 1:
+        gemm(a, b, bias, ACTIVATION_CODES[activation], alpha, out)
+    else:
+        item = dtype.itemsize
+        gemm_parallel(a.ctypes.data, a.strides[0] // item, a.strides[1] // item, b.ctypes.data,
+                      b.strides[0] // item, b.strides[1] // item, k, bias, ACTIVATION_CODES[activation], alpha,
+                      out, threads)
