@@ -129,8 +129,9 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, activation=None, al
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     alpha = check.scalar("alpha", alpha)
     backend = select(a=a, b=b, bias=bias, out=out)
+    if out is not None:  # a fresh one cannot overlap
+        check.no_overlap("out", out, a=a, b=b, bias=bias)
     out = check.out(out, (m, n), dtype, backend, like=a)
-    check.no_overlap("out", out, a=a, b=b, bias=bias)
     backend.matmul(a, b, bool(trans_a), bool(trans_b), bias, activation, alpha, out)
     return out
 

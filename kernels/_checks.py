@@ -21,7 +21,7 @@ def float_array(name, x, ndim=None):
     """Check that ``x`` is a float32/float64 array (of rank ``ndim`` when given)."""
     if not _is_array(x):
         raise TypeError(f"{name} must be a NumPy or CUDA array, got {type(x).__name__}")
-    if np.dtype(x.dtype) not in FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if ndim is not None and len(x.shape) != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)} ({len(x.shape)}-D)")
@@ -30,13 +30,16 @@ def float_array(name, x, ndim=None):
 
 def same_dtype(**arrays):
     """Check that all given arrays share one dtype; returns it."""
-    items = [(n, a) for n, a in arrays.items() if a is not None]
-    dtype = np.dtype(items[0][1].dtype)
-    for name, a in items[1:]:
-        if np.dtype(a.dtype) != dtype:
-            seen = ", ".join(f"{n}: {a.dtype}" for n, a in items)
-            raise TypeError(f"{name} must have the same dtype as {items[0][0]} ({dtype}); got {seen}")
-    return dtype
+    first = dtype = None
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if first is None:
+            first, dtype = name, a.dtype
+        elif a.dtype != dtype:
+            seen = ", ".join(f"{n}: {a.dtype}" for n, a in arrays.items() if a is not None)
+            raise TypeError(f"{name} must have the same dtype as {first} ({dtype}); got {seen}")
+    return np.dtype(dtype)
 
 
 def shape(name, x, expected, because=""):
@@ -112,6 +115,8 @@ def sign_targets(name, t):
 
 def scalar(name, value, *, low=None, high=None, low_open=False, high_open=False):
     """A finite real hyperparameter within [low, high] (bounds made open by the flags)."""
+    if type(value) is float and low is None and high is None and math.isfinite(value):
+        return value  # the common case, first: this runs on every kernel call
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

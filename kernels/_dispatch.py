@@ -13,6 +13,8 @@ import importlib
 import os
 import threading
 
+import numpy as np
+
 _MODULES = {"numpy": "kernels.reference", "numba": "kernels.cpu", "cuda": "kernels.cuda"}
 _HOST_BACKENDS = ("numpy", "numba")
 
@@ -55,32 +57,45 @@ def is_device_array(x):
     return hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"
 
 
+_loaded = {}  # name -> backend module, once imported
+
+
 def module(name):
     """The backend module for ``name``, imported on first use."""
-    return importlib.import_module(_MODULES[_check_name(name)])
+    backend = _loaded.get(name)
+    if backend is None:
+        backend = _loaded[name] = importlib.import_module(_MODULES[_check_name(name)])
+    return backend
 
 
 def select(**arrays):
     """The backend module for a call whose array arguments are ``arrays`` (None entries are ignored).
 
-    Mixing host and device arrays is an error naming both, never a hidden copy.
+    Mixing host and device arrays is an error naming both, never a hidden copy. Runs on every kernel
+    call, so it is one pass over the arguments with plain NumPy arrays recognised by their type first.
     """
-    items = [(n, a) for n, a in arrays.items() if a is not None]
-    device = [n for n, a in items if is_device_array(a)]
-    host = [n for n, a in items if not is_device_array(a)]
+    device = host = None
+    for n, a in arrays.items():
+        if a is None:
+            continue
+        if type(a) is not np.ndarray and is_device_array(a):
+            device = device or n
+        else:
+            host = host or n
     if device and host:
         raise TypeError(
-            f"{device[0]} is a CUDA device array but {host[0]} is a host (NumPy) array; "
+            f"{device} is a CUDA device array but {host} is a host (NumPy) array; "
             "pass both on the same device (copy explicitly, e.g. cupy.asarray or .get())"
         )
-    name = get_backend()
+    override = getattr(_local, "name", None)
+    name = override or _default
     if device:
-        if name in _HOST_BACKENDS and getattr(_local, "name", None):
-            raise TypeError(f"backend {name!r} runs on host arrays, but {device[0]} is a CUDA device array")
+        if name in _HOST_BACKENDS and override:
+            raise TypeError(f"backend {name!r} runs on host arrays, but {device} is a CUDA device array")
         return module("cuda")
     if name == "cuda":
         raise TypeError(
-            f"backend 'cuda' needs CUDA device arrays (CuPy or Numba), but {host[0] if host else 'the input'} "
+            f"backend 'cuda' needs CUDA device arrays (CuPy or Numba), but {host or 'the input'} "
             "is a NumPy array; move it to the device explicitly"
         )
     return module(name)
