@@ -35,13 +35,15 @@ PEAK = {np.float32: 270.0, np.float64: 135.0}  # nominal 2-core GFLOP/s (see the
 # call (and torch's OpenMP threads briefly), and on two cores the next implementation's threads then
 # wait a whole scheduler slice (~8 ms medians seen for sub-millisecond products without this pause).
 SETTLE_S = 0.3
+ROOF_GROUP = "matmul 1024^3 float32"  # its numpy member is OpenBLAS at the roof's shape: it can raise the roof
 
 
 @pytest.fixture(scope="module", autouse=True)
 def blas_roof(request, roofs):
     """OpenBLAS sgemm GFLOP/s at 1024^3, measured now: the roof every group is read against. The best of
     three medians of 7, after a settle and two warm-up calls: one slow moment of a shared machine must not
-    lower the roof (it read 102 instead of ~190 once when measured as a single median of 5)."""
+    lower the roof (it read 102-105 instead of ~190 in runs where the same product read 188 a minute
+    later; the 1024^3 group, timed first, raises it when it reads higher)."""
     config = request.config
     if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
         return  # smoke run: nothing is timed
@@ -92,13 +94,16 @@ def _call(impl, a, b, trans_a, trans_b, bias, activation, out):
     return run
 
 
-def _bench(measure, benchmark, group, impl, m, k, n, dtype, trans_a=False, trans_b=False, activation=None,
+def _bench(measure, benchmark, roofs, group, impl, m, k, n, dtype, trans_a=False, trans_b=False, activation=None,
            bias=False, rounds=10):
     a, b, bias_, out = _operands(m, k, n, dtype, trans_a, trans_b, bias)
     flops = 2 * m * n * k
     time.sleep(SETTLE_S)
     measure(_call(impl, a, b, trans_a, trans_b, bias_, activation, out), group=group, impl=impl, flops=flops,
             rounds=rounds)
+    if group == ROOF_GROUP and impl == "numpy" and "GFLOP/s" in benchmark.extra_info:
+        # the same product timed properly: the roof is the better of the two readings
+        roofs["GFLOP/s"] = max(roofs["GFLOP/s"], benchmark.extra_info["GFLOP/s"])
     if "GFLOP/s" in benchmark.extra_info:
         benchmark.extra_info["peak"] = benchmark.extra_info["GFLOP/s"] / PEAK[dtype]
         benchmark.extra_info["peak GFLOP/s"] = PEAK[dtype]
@@ -110,8 +115,8 @@ def _bench(measure, benchmark, group, impl, m, k, n, dtype, trans_a=False, trans
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [1024, 2048])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_square(measure, benchmark, dtype, size, impl):
-    _bench(measure, benchmark, f"matmul {size}^3 {np.dtype(dtype).name}", impl, size, size, size, dtype,
+def test_square(measure, benchmark, roofs, dtype, size, impl):
+    _bench(measure, benchmark, roofs, f"matmul {size}^3 {np.dtype(dtype).name}", impl, size, size, size, dtype,
            rounds=5 if size == 2048 else 10)
 
 
@@ -122,9 +127,9 @@ BACKWARD = [("x^T dy", 784, 256, 512, True, False), ("dy W^T", 256, 512, 784, Fa
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", BACKWARD, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in BACKWARD])
-def test_backward(measure, benchmark, case, impl):
+def test_backward(measure, benchmark, roofs, case, impl):
     label, m, k, n, trans_a, trans_b = case
-    _bench(measure, benchmark, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
+    _bench(measure, benchmark, roofs, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
 
 
 FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)]
@@ -133,9 +138,9 @@ FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)]
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("shape", FUSED, ids=[f"{m}x{k}x{n}" for m, k, n in FUSED])
-def test_fused_dense(measure, benchmark, shape, activation, impl):
+def test_fused_dense(measure, benchmark, roofs, shape, activation, impl):
     m, k, n = shape
-    _bench(measure, benchmark, f"dense+{activation} ({m},{k},{n}) f32", impl, m, k, n, np.float32,
+    _bench(measure, benchmark, roofs, f"dense+{activation} ({m},{k},{n}) f32", impl, m, k, n, np.float32,
            activation=activation, bias=True, rounds=50)
 
 
@@ -144,6 +149,6 @@ SMALL = [(16, 16, 16), (64, 64, 64), (128, 128, 128), (100, 128, 10)]
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SMALL, ids=[f"{m}x{k}x{n}" for m, k, n in SMALL])
-def test_small(measure, benchmark, shape, impl):
+def test_small(measure, benchmark, roofs, shape, impl):
     m, k, n = shape
-    _bench(measure, benchmark, f"small ({m},{k},{n}) f32", impl, m, k, n, np.float32, rounds=100)
+    _bench(measure, benchmark, roofs, f"small ({m},{k},{n}) f32", impl, m, k, n, np.float32, rounds=100)
