@@ -37,6 +37,8 @@ def warmup(backend="numba", dtypes=("float32", "float64")):
                 matmul(x, w, bias=bias, activation=act)
             matmul(x, x, trans_a=True)
             matmul(x, w, trans_b=True)
+            big = np.ones((128, 128), dtype)  # 2^22 flops: the multithreaded GEMM, when threads > 1
+            matmul(big, big)
             for fwd, bwd, from_input in ((relu, relu_backward, True), (leaky_relu, leaky_relu_backward, True),
                                          (sigmoid, sigmoid_backward, False), (tanh, tanh_backward, False),
                                          (softmax, softmax_backward, False)):

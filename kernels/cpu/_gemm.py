@@ -517,8 +517,9 @@ def gemm(a, b, bias, act, alpha, out):
     item = out.itemsize
     k, sb_k, sb_j = a.shape[1], b.strides[0] // item, b.strides[1] // item
     mr, nr, nc_max, pack_b = _setup(k, sb_k, sb_j, out)
+    origin = np.intp(0)  # not the literal 0: _block then has the signature gemm_parallel compiles it for
     _block(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data), sb_k, sb_j,
-           k, bias, bias.size > 0, act, out.dtype.type(alpha), out, 0, m, 0, n, mr, nr, nc_max, pack_b)
+           k, bias, bias.size > 0, act, out.dtype.type(alpha), out, origin, m, origin, n, mr, nr, nc_max, pack_b)
 
 
 @jit(parallel=True)
