@@ -301,11 +301,6 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-@jit(inline="always")
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 @intrinsic
 def _load(typingctx, address, like):
     """The element of ``like``'s dtype at byte ``address`` (operands are passed as addresses and strides)."""
