@@ -70,8 +70,8 @@ def test_matches_reference(backend, data, trans_a, trans_b, dtype, with_bias, ac
 # (M, K, N): 1023/1025 straddle every block size; (2000, 300, 10) and (10, 300, 2000) split the work by
 # rows and by columns across threads; (5000, 64, 3) and (3, 64, 5000) are tall-skinny and short-wide on
 # one thread; (300, 200, 100) is parallel with B packed; (40, 100, 150) is serial with B read in place;
-# (200, 700, 600) reads a B larger than L2 in place (few rows of A), or packs B^T in blocks of rows with
-# a partial last one; (130, 300, 1024) packs a B whose rows are 4 KiB apart.
+# (200, 700, 600) and (130, 300, 1024) pack B, or B^T in 8 x 8 transposed blocks with partial edges, in
+# two K blocks and on two threads.
 LARGE = [(1023, 1023, 1023), (1025, 1025, 1025), (5000, 64, 3), (3, 64, 5000), (2000, 300, 10),
          (10, 300, 2000), (300, 200, 100), (40, 100, 150), (1, 2000, 1), (700, 1, 700), (200, 700, 600),
          (130, 300, 1024)]

@@ -5,9 +5,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 
 - K is cut into blocks of at most ``KC`` (balanced: 784 -> 2 x 392), N into blocks of at most ``NC``;
 - B's (K, N) block is packed into zero-padded micro-panels of ``NR`` columns (``bp[panel, k, j]``), so
-  the micro-kernel streams it contiguously from L2; a row-major B is read in place instead (only its
-  last partial panel packed) when packing costs more than it saves: when B is small, fits in L2, or
-  only a few rows of A reuse it, unless its rows are a multiple of 4 KiB apart (see ``_setup``);
+  the micro-kernel streams it contiguously from L2; a small row-major B (at most PACK_B_MIN elements)
+  is read in place instead, only its last partial panel packed;
 - A is never packed: the micro-kernel broadcasts A's elements through its two strides, so a row-major A
   and a transposed view cost the same; only a last partial row panel is copied, zero-padded;
 - tiles are taken row of tiles by row of tiles (a thread keeps MR rows of A in L1 while B's panels
@@ -74,7 +73,8 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
   v11 packing read the operand through scalar loads at computed addresses (1.2 G elements/s, a quarter
       of a plain copy: 330 us for a 784 x 512 B, a third of the product's time at M = 128); now each
       source row (or, for B^T, each column within a block of 64 rows) is a typed view, panels filled
-      row by row: 200 us. And B is read in place when packing does not pay (see above). 1 thread:
+      row by row: 200 us. And B was read in place when packing did not pay (M <= 256, or B within
+      L2; dropped again in v14, once packing was fast). 1 thread:
       (128, 784, 512) 63-81 -> 99, (256, 512, 784) 76 -> 102, (784, 256, 512) 95 -> 107, 1024^3 93 -> 95;
       2 threads, NumPy alongside: 1024^3 193 -> 203 (NumPy 196), 2048^3 194 -> 197 (193),
       (784, 256, 512) 176 -> 188 (202), (256, 512, 784) 147 -> 165 (194), (128, 784, 512) 140 -> 144 (176).
@@ -93,6 +93,8 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
       are contiguous, 8 x 8 (float64 4 x 4) blocks transposed in registers. Packing a 784 x 512 B:
       row-major 316 -> 64 us, column-major 313 -> 86 us (a plain copy: 40). dy W^T, 2 threads,
       interleaved with NumPy: (128, 512, 512) 122 -> 142 (NumPy 148), (256, 512, 784) 96 -> 162 (172).
+      Packing B now pays even for M = 128 (1 thread: (128, 784, 512) 66 -> 77 packed, (256, 512, 784)
+      75 -> 87), so v11's read-in-place rules went: B is packed unless it is small.
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
 
 Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
@@ -115,9 +117,7 @@ KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 acro
 NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
-PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (see _setup)
-IN_PLACE_MAX_BYTES = 512 * 1024  # ... and one up to this size (it fits in L2 with room to spare)
-IN_PLACE_MAX_M = 256  # ... and any, for at most this many rows of A (too few to pay for packing)
+PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 
 # The dot-product tile (MR x NR dot products along K, 25 vector accumulators; lanes per dtype), used when
 # N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
@@ -545,17 +545,12 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
 
 @jit(inline="always")
 def _setup(k, sb_k, sb_j, out):
-    """The register tile and N block for ``out``'s dtype, and whether B gets packed: a row-major B is read
-    in place when it is small, or when packing costs more than it saves (it fits in L2 anyway, or few
-    rows of A reuse it), but never when its rows are a multiple of 4 KiB apart, which maps a whole
-    panel onto a few cache sets."""
-    m, n = out.shape
+    """The register tile and N block for ``out``'s dtype, and whether B gets packed (unless it is small
+    and row-major)."""
     item = out.itemsize
     mr, nr, _ = TILE_F32 if item == 4 else TILE_F64
     nc_max = max(nr, NC_BYTES // (KC * item) // nr * nr)
-    in_place = sb_j == 1 and (k * n <= PACK_B_MIN or (sb_k * item % 4096 != 0 and (
-        k * n * item <= IN_PLACE_MAX_BYTES or m <= IN_PLACE_MAX_M)))
-    return mr, nr, nc_max, not in_place
+    return mr, nr, nc_max, sb_j != 1 or k * out.shape[1] > PACK_B_MIN
 
 
 @jit
