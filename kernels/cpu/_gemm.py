@@ -119,10 +119,9 @@ PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats wak
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 
-# The dot-product tile (MR x NR dot products along K, 25 vector accumulators; lanes per dtype), used when
+# The dot-product tile (MR x NR dot products along K, 25 vector accumulators of TILES' lanes), used when
 # N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
 DOT_MR, DOT_NR, DOT_MAX_N = 5, 5, 16
-DOT_LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}
 
 NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
@@ -217,7 +216,7 @@ def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
     does useful work whatever N is; the last ``k % lanes`` terms are one masked vector step (masked-off
     lanes are not read). Rows past ``rows`` and columns past ``cols`` repeat the last one (computed and
     stored again, identical) instead of reading out of bounds."""
-    mr, nr, lanes = DOT_MR, DOT_NR, DOT_LANES[np.dtype(tile.dtype.name)]
+    (mr, nr), lanes = (DOT_MR, DOT_NR), TILES[np.dtype(tile.dtype.name)][2]
 
     def codegen(context, builder, sig, args):
         pa_, sa_i_, rows_, pb_, sb_j_, cols_, k_, tile_, at_, st_ = args
@@ -319,7 +318,7 @@ def _copy(typingctx, src, dst, n, like):
     """``n`` elements of ``like``'s dtype from address ``src`` to ``dst`` (not overlapping): whole vectors,
     then the rest one by one. A numba loop over typed views does the same 3x slower here: signed indices
     carry a wraparound select per access, which keeps LLVM from vectorising it."""
-    lanes = DOT_LANES[np.dtype(like.dtype.name)]
+    lanes = TILES[np.dtype(like.dtype.name)][2]
 
     def codegen(context, builder, sig, args):
         src_, dst_, n_, _ = args
@@ -344,7 +343,7 @@ def _transpose(typingctx, src, src_stride, dst, dst_stride, like):
     """One lanes x lanes block (8 x 8 float32, 4 x 4 float64) transposed through vector registers:
     ``dst[r * dst_stride + j] = src[j * src_stride + r]`` (element addresses and strides). Packing a
     B^T whose columns are contiguous this way beats element-by-element stores 2-4x."""
-    lanes = DOT_LANES[np.dtype(like.dtype.name)]
+    lanes = TILES[np.dtype(like.dtype.name)][2]
 
     def codegen(context, builder, sig, args):
         src_, src_stride_, dst_, dst_stride_, _ = args
@@ -393,7 +392,7 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                     for j in range(n):
                         xp[dst + j] = _load(at + (p * width + j) * s_c * item, xp)
     elif s_r == 1:  # columns contiguous (B^T): lanes x lanes blocks through registers, edges one by one
-        lanes = 32 // item  # DOT_LANES
+        lanes = 32 // item  # 256-bit vectors, as in TILES
         rows_v = rows // lanes * lanes
         for p in range(panels):
             n = min(width, cols - p * width)
