@@ -543,13 +543,13 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
 
 
 @jit(inline="always")
-def _setup(k, sb_k, sb_j, out):
-    """The register tile and N block for ``out``'s dtype, and whether B gets packed (unless it is small
-    and row-major)."""
+def _setup(k, sb_k, sb_j, bias, alpha, out):
+    """What both entry points derive: the register tile and N block for ``out``'s dtype, whether B gets
+    packed (unless it is small and row-major), whether there is a bias, and alpha in ``out``'s dtype."""
     item = out.itemsize
     mr, nr, _ = TILE_F32 if item == 4 else TILE_F64
     nc_max = max(nr, NC_BYTES // (KC * item) // nr * nr)
-    return mr, nr, nc_max, sb_j != 1 or k * out.shape[1] > PACK_B_MIN
+    return mr, nr, nc_max, sb_j != 1 or k * out.shape[1] > PACK_B_MIN, bias.size > 0, out.dtype.type(alpha)
 
 
 @jit
@@ -564,10 +564,10 @@ def gemm(a, b, bias, act, alpha, out):
         return
     item = out.itemsize
     k, sb_k, sb_j = a.shape[1], b.strides[0] // item, b.strides[1] // item
-    mr, nr, nc_max, pack_b = _setup(k, sb_k, sb_j, out)
+    mr, nr, nc_max, pack_b, has_bias, alpha_ = _setup(k, sb_k, sb_j, bias, alpha, out)
     origin = np.intp(0)  # not the literal 0: _block then has the signature gemm_parallel compiles it for
     _block(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data), sb_k, sb_j,
-           k, bias, bias.size > 0, act, out.dtype.type(alpha), out, origin, m, origin, n, mr, nr, nc_max, pack_b)
+           k, bias, has_bias, act, alpha_, out, origin, m, origin, n, mr, nr, nc_max, pack_b)
 
 
 @jit(parallel=True)
@@ -583,8 +583,7 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    mr, nr, nc_max, pack_b = _setup(k, sb_k, sb_j, out)
-    has_bias, alpha_ = bias.size > 0, out.dtype.type(alpha)
+    mr, nr, nc_max, pack_b, has_bias, alpha_ = _setup(k, sb_k, sb_j, bias, alpha, out)
     tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
     by_rows = tiles_n < 4 * threads
     parts = min(threads, tiles_m if by_rows else tiles_n)
