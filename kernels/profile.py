@@ -248,6 +248,60 @@ def _print_table(rows, file):
               f"{gflops} {roof}", file=file)
 
 
+def launch_overhead(calls=200, file=sys.stdout):
+    """The cuda backend's host-side work per call, with the kernels themselves not run.
+
+    Each case calls the public API on device arrays (CuPy's when installed, else Numba's) with the launch
+    point's last step (``kernels.cuda._launch._run``) replaced by a no-op, so what is timed is the Python
+    work of one call: argument checks, output allocation, launch configuration and argument conversion.
+    Also counts kernel launches and CuPy-to-Numba argument conversions per call (``_launch.STATS``). Under
+    the simulator the device arrays are simulated ones, so only the counts and the relative times mean
+    something; ``bench/gpu_check.py`` times real launches on a GPU. Returns the rows it prints.
+    """
+    from numba import cuda
+
+    from .cuda import _launch
+
+    try:
+        import cupy
+
+        to = cupy.asarray
+    except ImportError:
+        to = cuda.to_device
+    rng = np.random.default_rng(0)
+
+    def dev(*shape):
+        return to(rng.standard_normal(shape).astype(np.float32))
+
+    x, out, m, v, a, b, logits = dev(1000), dev(1000), dev(1000), dev(1000), dev(64, 64), dev(64, 64), dev(64, 10)
+    labels = to(np.arange(64) % 10)
+    todo = {"relu 1000": lambda: kernels.relu(x, out=out), "matmul 64x64x64": lambda: kernels.matmul(a, b),
+            "softmax_cross_entropy 64x10": lambda: kernels.softmax_cross_entropy(logits, labels),
+            "mse 1000": lambda: kernels.mse(x, out), "adam_step 1000": lambda: kernels.adam_step(x, out, m, v, step=1)}
+    rows = []
+    run, _launch._run = _launch._run, lambda configured, args: None
+    try:
+        for name, call in todo.items():
+            call()  # compile / first configuration
+            before = dict(_launch.STATS)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                times.append((time.perf_counter() - t0) / calls)
+            per_call = {k: (_launch.STATS[k] - before.get(k, 0)) / (5 * calls) for k in ("launches", "conversions")}
+            rows.append(dict(kernel=name, us=_median(times) * 1e6, **per_call))
+    finally:
+        _launch._run = run
+    print(f"cuda host-side work per call ({'CuPy' if to is not cuda.to_device else 'Numba'} arrays, kernels not "
+          f"run{', simulator' if _launch.SIMULATOR else ''}):", file=file)
+    print(f"{'call':30} {'us/call':>8} {'launches':>9} {'conversions':>12}", file=file)
+    for r in rows:
+        print(f"{r['kernel']:30} {r['us']:8.1f} {r['launches']:9.1f} {r['conversions']:12.2f}", file=file)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kernels.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("numba", "cuda"), default="numba")
@@ -257,7 +311,12 @@ def main(argv=None):
                         help="tiny shapes: only checks that every kernel runs")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="profile only kernels whose name contains NAME")
+    parser.add_argument("--launch-overhead", action="store_true",
+                        help="cuda only: the host-side microseconds, launches and conversions per call")
     args = parser.parse_args(argv)
+    if args.launch_overhead:
+        launch_overhead()
+        return
     profile(args.backend, args.size, args.dtype, args.only)
 
 

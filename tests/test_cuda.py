@@ -21,9 +21,10 @@ if not cuda.is_available():
     pytest.skip("no CUDA device and the simulator is off", allow_module_level=True)
 
 import kernels.cuda  # noqa: E402
-from kernels.cuda.matmul import LARGE_TILES, SMALL_TILES  # noqa: E402
+from kernels.cuda._launch import GPU, STATS, geometry, use_geometry  # noqa: E402
 
 pytestmark = pytest.mark.cuda
+LARGE_TILES, SMALL_TILES = geometry().large_tiles, geometry().small_tiles
 
 
 def _rand(shape, dtype, seed=0, scale=3.0):
@@ -183,6 +184,7 @@ def test_cupy_arrays_get_cupy_outputs(monkeypatch):
 # Compiles every kernel for a real GPU (compute capability 9.0) down to LLVM IR, in a process without the
 # simulator: the simulator runs kernels as Python and checks no types. Needs no GPU and no driver (the
 # current device is only asked for its compute capability); NVVM, which makes PTX, is not needed either.
+# The GPU's launch constants (GPU geometry) are the ones compiled: warp-shuffle rows, 128x128x8 tiles.
 TARGET_CHECK = r"""
 import importlib, types as pytypes
 import numpy as np
@@ -193,29 +195,37 @@ from numba.cuda.compiler import compile_cuda
 numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
 launch, act, los, mm, opt, dr = (importlib.import_module("kernels.cuda." + m) for m in
                                  ("_launch", "activations", "losses", "matmul", "optim", "dropout"))
+G = launch.GPU
 for dtype in (np.float32, np.float64):
     f, b = types.float32 if dtype is np.float32 else types.float64, types.boolean
     v, m2, any2 = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "A")
+    u32 = types.Array(types.uint32, 1, "C")
     d = np.dtype(dtype)
     kernels = [(act._unary_kernel(fn), (v, f, v)) for fn in (act.relu_scalar, act.leaky_relu_scalar,
                                                               act.sigmoid_scalar, act.tanh_scalar)]
     kernels += [(act._binary_kernel(fn), (v, v, f, v)) for fn in (
         act.relu_backward_scalar, act.leaky_relu_backward_scalar, act.sigmoid_backward_scalar,
         act.tanh_backward_scalar)]
-    forward, backward = act._softmax_kernels(d)
-    kernels += [(forward, (m2, m2)), (backward, (m2, m2, m2)), (launch._copy1d, (types.Array(f, 1, "A"), v)),
-                (launch._copy2d, (any2, m2)), (launch._sum_kernel(d), (v, f, v)),
+    for warp_rows in (True, False):
+        forward, backward = act._softmax_kernels(d, warp_rows, G.row_threads)
+        kernels += [(forward, (m2, m2)), (backward, (m2, m2, m2))]
+        kernels += [(los._cross_entropy_kernel(d, warp_rows, G.row_threads),
+                     (m2, types.Array(label, 1, "C"), f, f, m2, v, u32, v)) for label in (types.int64, types.uint8)]
+    kernels += [(launch._copy1d, (types.Array(f, 1, "A"), v)),
+                (launch._copy2d, (any2, m2)),
                 (los._bias_grad_kernel(d), (any2, types.int64, m2)), (los._add_chunks, (m2, v)),
                 (dr._dropout, (v, types.uint64, types.uint64, f, v)),
                 (opt._sgd, (v, v, v, f, f, f, f, b, b, b)), (opt._adam, (v, v, v, v) + (f,) * 8 + (b,)),
                 (opt._rmsprop, (v, v, v, v) + (f,) * 6 + (b,)), (opt._adagrad, (v, v, v, f, f, f)),
                 (opt._adadelta, (v, v, v, v) + (f,) * 5)]
-    kernels += [(los._cross_entropy_kernel(d), (m2, types.Array(label, 1, "C"), f, m2, v))
-                for label in (types.int64, types.uint8)]
-    kernels += [(los._pointwise_kernel(t, d), (v, v, f, v, v)) for t in (los._mse_terms, los._bce_terms,
-                                                                         los._hinge_terms)]
-    kernels += [(mm._gemm_kernel(d, tiles), (any2, any2, b, b, types.Array(f, 1, "A"), b, types.int64, f, m2))
-                for tiles in (mm.LARGE_TILES, mm.SMALL_TILES)]
+    kernels += [(los._pointwise_kernel(t, d, G.threads), (v, v, f, f, v, v, u32, v))
+                for t in (los._mse_terms, los._bce_terms, los._hinge_terms)]
+    kernels += [(mm._gemm_kernel(d, tiles, ta, tb, bias, activation), (any2, any2, types.Array(f, 1, "A"), f, m2))
+                for tiles, ta, tb, bias, activation in [
+                    (G.large_tiles, False, False, True, "relu"), (G.large_tiles, True, False, False, None),
+                    (G.large_tiles, False, True, False, None), (G.small_tiles, True, True, True, "leaky_relu"),
+                    (G.small_tiles, False, False, True, "sigmoid"), (G.small_tiles, False, True, False, "tanh")]]
+    print(len(kernels))
     for kernel, signature in kernels:
         ir = compile_cuda(kernel.py_func, types.void, signature, cc=(9, 0)).library.get_llvm_str()
         doubles = [line for line in ir.splitlines() if " double" in line and "declare" not in line]
@@ -230,6 +240,8 @@ def test_every_kernel_compiles_for_a_gpu_and_float32_kernels_do_no_float64_math(
     result = subprocess.run([sys.executable, "-c", TARGET_CHECK], capture_output=True, text=True, env=env,
                             cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    doubles = [int(n) for n in result.stdout.split()[2::3]]  # lines: kernel name, dtype, float64 IR lines
-    assert len(doubles) == 2 * 28  # 28 kernels, float32 then float64
-    assert set(doubles[:28]) == {0} and max(doubles[28:]) > 0  # the check sees doubles
+    lines = result.stdout.split("\n")
+    count = int(lines[0])
+    doubles = [int(line.split()[2]) for line in lines if len(line.split()) == 3]  # name, dtype, float64 lines
+    assert count > 30 and len(doubles) == 2 * count  # float32 then float64
+    assert set(doubles[:count]) == {0} and max(doubles[count:]) > 0  # the check sees doubles

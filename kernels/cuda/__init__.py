@@ -6,9 +6,13 @@ device data is never copied to the host: losses return a 0-d device array, and o
 a NaN loss instead of an error (see ``losses``). Kernels compile on their first call for each dtype and
 layout. Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same code runs on the CPU, with
 small blocks (see ``_launch``).
+
+Launches go to one stream (CuPy's current stream for CuPy arrays, else Numba's default stream);
+``CapturedStep`` replays a sequence of launches as one CUDA graph; ``launch_stats`` counts launches.
 """
 
-from ._launch import ascontiguous, empty
+from ._launch import STATS as launch_stats
+from ._launch import CapturedStep, ascontiguous, empty
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
 from .dropout import dropout
@@ -19,7 +23,7 @@ from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_ste
 name = "cuda"
 
 __all__ = [
-    "name", "empty", "ascontiguous", "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward",
+    "name", "empty", "ascontiguous", "CapturedStep", "launch_stats", "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward",
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward",
     "softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step",
     "adam_step", "rmsprop_step", "adagrad_step", "adadelta_step",

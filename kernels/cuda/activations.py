@@ -1,4 +1,5 @@
-"""Activations and their gradients: grid-stride elementwise kernels, and softmax with one block per row.
+"""Activations and their gradients: grid-stride elementwise kernels, and softmax with a warp or a block
+per row.
 
 The elementwise kernels are built from one scalar device function each (also used by the matmul
 epilogue) by two generic grid-stride kernels, for one and for two input arrays.
@@ -10,7 +11,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import ONE, ROW_THREADS, ZERO, block_reduce, exp, grid, kernel, row_grid
+from ._launch import (ONE, WARP, ZERO, block_reduce, block_reduce_online, exp, grid, kernel, online_add, row_layout,
+                      warp_reduce, warp_reduce_online)
 from ._launch import tanh as _tanh
 
 # ---- scalar device functions --------------------------------------------------------------------------
@@ -122,51 +124,73 @@ def tanh_backward(y, dy, out):
     _binary(tanh_backward_scalar, y, dy, 0, out)
 
 
-# ---- softmax: one block per row (see row_grid) --------------------------------------------------------
+# ---- softmax: a warp or a block per row (see row_layout) --------------------------------------------
+
+
+def row_kernel_setup(warp_rows, row_threads):
+    """A device function giving the row loop's parameters for a warp (``warp_rows``) or a block per row:
+    the thread's first row, the row stride, its first column and the column stride."""
+    warps = row_threads // WARP
+    if warp_rows:
+        @cuda.jit(device=True)
+        def setup():
+            return (cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP, cuda.gridDim.x * warps,
+                    cuda.threadIdx.x % WARP, WARP)
+    else:
+        @cuda.jit(device=True)
+        def setup():
+            return cuda.blockIdx.x, cuda.gridDim.x, cuda.threadIdx.x, cuda.blockDim.x
+    return setup
 
 
 @functools.cache
-def _softmax_kernels(dtype):
+def _softmax_kernels(dtype, warp_rows, row_threads):
     nb_dtype, zero, lowest = numba.from_dtype(dtype), dtype.type(0), dtype.type(-np.inf)
+    setup = row_kernel_setup(warp_rows, row_threads)
 
     @kernel
     def forward(x, out):
-        """Row max, then the sum of exp(x - max), then each exp divided by the sum (x is read 3 times,
-        out written once: a row is small enough to stay in cache)."""
-        shared = cuda.shared.array(ROW_THREADS, nb_dtype)
-        t, step = cuda.threadIdx.x, cuda.blockDim.x
-        for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
-            m = lowest
+        """The row's max and sum of exp(x - max) in one online pass, then out = exp(x - max) / sum: x is
+        read twice, out written once."""
+        shared_m = cuda.shared.array(row_threads, nb_dtype)
+        shared_s = cuda.shared.array(row_threads, nb_dtype)
+        first, row_step, t, step = setup()
+        for row in range(first, x.shape[0], row_step):
+            m, s = lowest, zero
             for j in range(t, x.shape[1], step):
-                m = max(m, x[row, j])
-            m = block_reduce(shared, m, True)
-            s = zero
-            for j in range(t, x.shape[1], step):
-                s += exp(x[row, j] - m)
-            s = block_reduce(shared, s, False)
+                m, s = online_add(m, s, x[row, j], lowest)
+            if warp_rows:
+                m, s = warp_reduce_online(m, s, lowest)
+            else:
+                m, s = block_reduce_online(shared_m, shared_s, m, s, lowest)
             for j in range(t, x.shape[1], step):
                 out[row, j] = exp(x[row, j] - m) / s
 
     @kernel
     def backward(y, dy, out):
-        shared = cuda.shared.array(ROW_THREADS, nb_dtype)
-        t, step = cuda.threadIdx.x, cuda.blockDim.x
-        for row in range(cuda.blockIdx.x, y.shape[0], cuda.gridDim.x):
+        shared = cuda.shared.array(row_threads, nb_dtype)
+        first, row_step, t, step = setup()
+        for row in range(first, y.shape[0], row_step):
             dot = zero
             for j in range(t, y.shape[1], step):
                 dot += dy[row, j] * y[row, j]
-            dot = block_reduce(shared, dot, False)
+            dot = warp_reduce(dot, False) if warp_rows else block_reduce(shared, dot, False)
             for j in range(t, y.shape[1], step):
                 out[row, j] = y[row, j] * (dy[row, j] - dot)
 
     return forward, backward
 
 
+def _row_launch(which, x, *args):
+    warp_rows, blocks, threads = row_layout(*x.shape)
+    _softmax_kernels(np.dtype(x.dtype), warp_rows, threads)[which][blocks, threads](x, *args)
+
+
 def softmax(x, out):
     if out.size:
-        _softmax_kernels(np.dtype(x.dtype))[0][row_grid(out.shape[0])](x, out)
+        _row_launch(0, x, out)
 
 
 def softmax_backward(y, dy, out):
     if out.size:
-        _softmax_kernels(np.dtype(y.dtype))[1][row_grid(out.shape[0])](y, dy, out)
+        _row_launch(1, y, dy, out)

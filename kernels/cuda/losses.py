@@ -1,8 +1,10 @@
 """Losses and bias_grad. Each loss returns a 0-d device array of the input dtype (no device-to-host
-sync: read it with ``float(loss)``, ``.get()`` or ``copy_to_host()`` when needed) and writes the gradient.
+sync: ``float(loss)`` reads it, which synchronises; see ``_launch.as_scalar``) and writes the gradient.
 
-Reductions are deterministic: per-block partial sums in shared memory, then one block sums the partials
-(:func:`._launch.sum_divide`); no atomics, so a loss is bit-identical from run to run.
+Each loss is one launch: the kernel writes the gradient, sums its loss terms per block, and the last
+block to finish adds the per-block partials in block order (``_launch.grid_mean``): no follow-up kernel
+and no atomic float adds, so a loss is bit-identical from run to run. The partials and the block counter
+are long-lived scratch buffers (``_launch.scratch``).
 
 Out-of-range labels: device labels are not checked on the host (that would be a hidden copy). A row
 whose label is outside [0, classes) gets a NaN loss term and a NaN gradient row, so the returned loss is
@@ -15,35 +17,42 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import (ONE, ROW_THREADS, SIMULATOR, THREADS, ZERO, as_scalar, block_reduce, empty, exp, grid, kernel,
-                      log, log1p, row_grid, scalar_result, sm_count, sum_divide)
+from ._launch import (ONE, SIMULATOR, ZERO, as_scalar, block_reduce_online, empty, exp, grid, grid_mean, kernel, log,
+                      log1p, online_add, row_layout, scratch, sm_count, warp_reduce_online)
+from .activations import row_kernel_setup
 
-# ---- fused softmax cross-entropy: one block per row (see row_grid) ------------------------------------
+# ---- fused softmax cross-entropy: a warp or a block per row (see row_layout) ------------------------------
 
 
 @functools.cache
-def _cross_entropy_kernel(dtype):
+def _cross_entropy_kernel(dtype, warp_rows, row_threads):
     nb_dtype, zero, lowest, nan = numba.from_dtype(dtype), dtype.type(0), dtype.type(-np.inf), dtype.type(np.nan)
+    setup = row_kernel_setup(warp_rows, row_threads)
 
     @kernel
-    def cross_entropy(logits, labels, inv_n, dlogits, row_loss):
-        """Row max and sum of exp(x - max) by block reductions; then, in the pass that finishes the row,
-        dlogits = (exp(x - max - log(sum)) - onehot) / N (no probability array) and the row's loss
-        log(sum) - (x[label] - max), both formed as the reference does (exact for huge logits)."""
-        shared = cuda.shared.array(ROW_THREADS, nb_dtype)
-        t, step = cuda.threadIdx.x, cuda.blockDim.x
+    def cross_entropy(logits, labels, n, inv_n, dlogits, partials, counter, result):
+        """The row's max and sum of exp(x - max) in one online pass (llm.c's fused classifier); then, in
+        the pass that finishes the row, dlogits = (exp(x - max - log(sum)) - onehot) / N (no probability
+        array) and the row's loss log(sum) - (x[label] - max), both formed as the reference does (exact for
+        huge logits). The first thread of each row adds the row's loss to its running sum; the grid's
+        sum / N goes to result[0]."""
+        shared_m = cuda.shared.array(row_threads, nb_dtype)
+        shared_s = cuda.shared.array(row_threads, nb_dtype)
+        flag = cuda.shared.array(1, numba.int32)
+        first, row_step, t, step = setup()
         cols = logits.shape[1]
-        for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
+        loss = zero
+        for row in range(first, logits.shape[0], row_step):
             label = labels[row]
             valid = label >= 0 and label < cols
-            m = lowest
+            m, s = lowest, zero
             for j in range(t, cols, step):
-                m = max(m, logits[row, j])
-            m = block_reduce(shared, m, True)
-            s = zero
-            for j in range(t, cols, step):
-                s += exp(logits[row, j] - m)
-            log_s = log(block_reduce(shared, s, False))
+                m, s = online_add(m, s, logits[row, j], lowest)
+            if warp_rows:
+                m, s = warp_reduce_online(m, s, lowest)
+            else:
+                m, s = block_reduce_online(shared_m, shared_s, m, s, lowest)
+            log_s = log(s)
             for j in range(t, cols, step):
                 if valid:
                     p = exp(logits[row, j] - m - log_s)
@@ -51,18 +60,25 @@ def _cross_entropy_kernel(dtype):
                 else:
                     dlogits[row, j] = nan
             if t == 0:
-                row_loss[row] = log_s - (logits[row, label] - m) if valid else nan
+                loss += log_s - (logits[row, label] - m) if valid else nan
+        grid_mean(shared_m, flag, loss, zero, partials, counter, n, result)
 
     return cross_entropy
+
+
+def _mean_buffers(blocks, dtype, like):
+    """The per-block partials and the block counter (scratch), and a fresh 1-element result."""
+    return (scratch("partials", (blocks,), dtype, like), scratch("counter", (1,), np.uint32, like),
+            empty((1,), dtype, like))
 
 
 def softmax_cross_entropy(logits, labels, dlogits):
     n, classes = logits.shape
     dtype = np.dtype(logits.dtype)
-    row_loss = empty((n,), dtype, logits)
-    _cross_entropy_kernel(dtype)[row_grid(n)](logits, labels, dtype.type(1 / n), dlogits, row_loss)
-    loss = scalar_result(dtype, logits)
-    sum_divide(row_loss, n, loss)
+    warp_rows, blocks, threads = row_layout(n, classes)
+    partials, counter, loss = _mean_buffers(blocks, dtype, logits)
+    _cross_entropy_kernel(dtype, warp_rows, threads)[blocks, threads](
+        logits, labels, dtype.type(n), dtype.type(1 / n), dlogits, partials, counter, loss)
     return as_scalar(loss)
 
 
@@ -89,34 +105,32 @@ def _hinge_terms(score, target, scale):
 
 
 @functools.cache
-def _pointwise_kernel(terms, dtype):
+def _pointwise_kernel(terms, dtype, threads):
     nb_dtype, zero = numba.from_dtype(dtype), dtype.type(0)
 
     @kernel
-    def pointwise_loss(pred, target, scale, grad, partials):
-        """grad[i] from terms(); the loss terms summed per thread, then per block into partials."""
-        shared = cuda.shared.array(THREADS, nb_dtype)
+    def pointwise_loss(pred, target, scale, size, grad, partials, counter, result):
+        """grad[i] from terms(); the loss terms summed per thread, their mean to result[0]."""
+        shared = cuda.shared.array(threads, nb_dtype)
+        flag = cuda.shared.array(1, numba.int32)
         acc = zero
         for i in range(cuda.grid(1), grad.shape[0], cuda.gridsize(1)):
             value, g = terms(pred[i], target[i], scale)
             grad[i] = g
             acc += value
-        total = block_reduce(shared, acc, False)
-        if cuda.threadIdx.x == 0:
-            partials[cuda.blockIdx.x] = total
+        grid_mean(shared, flag, acc, zero, partials, counter, size, result)
 
     return pointwise_loss
 
 
 def _pointwise_loss(terms, pred, target, grad, grad_scale):
-    """Launch the loss kernel (its gradient is terms' derivative times ``grad_scale``), then the mean."""
+    """Launch the loss kernel; its gradient is terms' derivative times ``grad_scale``."""
     size = grad.shape[0]
     dtype = np.dtype(grad.dtype)
     blocks, threads = grid(size)
-    partials = empty((blocks,), dtype, pred)
-    _pointwise_kernel(terms, dtype)[blocks, threads](pred, target, dtype.type(grad_scale / size), grad, partials)
-    loss = scalar_result(dtype, pred)
-    sum_divide(partials, size, loss)
+    partials, counter, loss = _mean_buffers(blocks, dtype, pred)
+    _pointwise_kernel(terms, dtype, threads)[blocks, threads](
+        pred, target, dtype.type(grad_scale / size), dtype.type(size), grad, partials, counter, loss)
     return as_scalar(loss)
 
 

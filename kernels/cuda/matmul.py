@@ -4,9 +4,17 @@ Each block computes a BM x BN tile of ``out``; per step of BK along K it stages 
 and a BK x BN tile of op(b) in shared memory, and each thread accumulates a TM x TN register tile (its
 rows ``ty + i * (BM // TM)`` and columns ``tx + j * (BN // TN)``, so neighbouring threads read neighbouring
 shared-memory words and write neighbouring output columns). The loads read ``a``/``b`` with their own
-strides and the trans flags, so transposed views are never copied; each load is ordered so that
-consecutive threads read consecutive elements of a C-ordered operand. Bias and activation are applied to
-the register tile before the single store.
+strides, so transposed views are never copied; each load is ordered so that consecutive threads read
+consecutive elements of a C-ordered operand. Bias and activation are applied to the register tile before
+the single store.
+
+Everything that decides the code is a compile-time constant of the kernel (tile shape, trans flags, bias,
+activation): one specialised kernel per combination, with no branch on them in the loops. Every loop over
+a thread's register arrays has constant bounds and constant indices once unrolled, which is what lets
+NVVM keep the accumulators in registers (``bench/gpu_check.py`` counts local-memory loads in the PTX).
+The shared tiles are padded by 32 / BK words per row, so the stores along K (op(a) for a C-ordered ``a``,
+op(b) on the ``trans_b`` path, i.e. every ``dx = dy W^T``) hit distinct banks. Row tiles are on grid x
+(2**31 - 1 blocks), column tiles on grid y (65535 blocks of BN columns).
 
 Two tile shapes: large tiles (more work per shared-memory load) when the output has enough of them to
 give every SM a block, else small tiles, so that a dense layer's smaller products still fill the GPU.
@@ -18,41 +26,35 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import SIMULATOR, kernel, sm_count
+from ._launch import geometry, kernel, sm_count
 from .activations import leaky_relu_scalar, relu_scalar, sigmoid_scalar, tanh_scalar
-
-# (BM, BN, BK, TM, TN). On a GPU, 256 threads a block: 128x128 tiles of 8x8 per thread, or 64x64 of 4x4.
-# In the simulator (where a block's threads and each syncthreads are slow) 16 threads: 32x32 tiles of 8x8
-# per thread, or 16x16 of 4x4.
-LARGE_TILES = (32, 32, 16, 8, 8) if SIMULATOR else (128, 128, 8, 8, 8)
-SMALL_TILES = (16, 16, 16, 4, 4) if SIMULATOR else (64, 64, 16, 4, 4)
-ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}
 
 
 @cuda.jit(device=True)
-def activate(v, code, alpha):
-    if code == 1:
-        return relu_scalar(v, alpha)
-    if code == 2:
-        return leaky_relu_scalar(v, alpha)
-    if code == 3:
-        return sigmoid_scalar(v, alpha)
-    if code == 4:
-        return tanh_scalar(v, alpha)
+def _identity(v, alpha):
     return v
 
 
+ACTIVATIONS = {None: _identity, "relu": relu_scalar, "leaky_relu": leaky_relu_scalar, "sigmoid": sigmoid_scalar,
+               "tanh": tanh_scalar}
+
+
 @functools.cache
-def _gemm_kernel(dtype, tiles):
+def _gemm_kernel(dtype, tiles, trans_a, trans_b, has_bias, activation):
     BM, BN, BK, TM, TN = tiles
     NTY, NTX = BM // TM, BN // TN  # threads per block along rows and columns
-    PADDED_BM = BM + 4  # the (M, K) operand's stores into shared memory then hit distinct banks
+    THREADS = NTX * NTY
+    A_LOADS, B_LOADS = BM * BK // THREADS, BK * BN // THREADS  # shared-memory stores per thread per K step
+    assert A_LOADS * THREADS == BM * BK and B_LOADS * THREADS == BK * BN, tiles
+    PAD = max(1, 32 // BK)  # BK threads in a row store along K: a stride of BM + PAD spreads them over banks
+    SA, SB = (BK, BM + PAD), (BK, BN + PAD)  # shared tile shapes (constants, as cuda.shared.array needs)
     nb_dtype, zero = numba.from_dtype(dtype), dtype.type(0)
+    act = ACTIVATIONS[activation]
 
     @kernel
-    def gemm(a, b, trans_a, trans_b, bias, has_bias, code, alpha, out):
-        sa = cuda.shared.array((BK, PADDED_BM), nb_dtype)
-        sb = cuda.shared.array((BK, BN), nb_dtype)
+    def gemm(a, b, bias, alpha, out):
+        sa = cuda.shared.array(SA, nb_dtype)
+        sb = cuda.shared.array(SB, nb_dtype)
         acc = cuda.local.array((TM, TN), nb_dtype)
         ra = cuda.local.array(TM, nb_dtype)
         rb = cuda.local.array(TN, nb_dtype)
@@ -60,12 +62,13 @@ def _gemm_kernel(dtype, tiles):
         k_total = a.shape[0] if trans_a else a.shape[1]
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         tid = ty * NTX + tx
-        row0, col0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        row0, col0 = cuda.blockIdx.x * BM, cuda.blockIdx.y * BN
         for i in range(TM):
             for j in range(TN):
                 acc[i, j] = zero
         for k0 in range(0, k_total, BK):
-            for e in range(tid, BM * BK, NTX * NTY):
+            for load in range(A_LOADS):
+                e = tid + load * THREADS
                 if trans_a:  # a is (K, M): consecutive threads take consecutive rows of op(a)
                     kk, ii = e // BM, e % BM
                 else:  # a is (M, K): consecutive threads take consecutive k
@@ -75,7 +78,8 @@ def _gemm_kernel(dtype, tiles):
                 if gi < m and gk < k_total:
                     v = a[gk, gi] if trans_a else a[gi, gk]
                 sa[kk, ii] = v
-            for e in range(tid, BK * BN, NTX * NTY):
+            for load in range(B_LOADS):
+                e = tid + load * THREADS
                 if trans_b:  # b is (N, K)
                     jj, kk = e // BK, e % BK
                 else:  # b is (K, N)
@@ -103,7 +107,7 @@ def _gemm_kernel(dtype, tiles):
                     v = acc[i, j]
                     if has_bias:
                         v += bias[gj]
-                    out[gi, gj] = activate(v, code, alpha)
+                    out[gi, gj] = act(v, alpha)
 
     return gemm
 
@@ -112,14 +116,19 @@ def _tile_count(m, n, tiles):
     return -(-m // tiles[0]) * -(-n // tiles[1])
 
 
+def tiles_for(m, n):
+    """The tile shape for an m x n output (see the module docstring)."""
+    g = geometry()
+    return g.large_tiles if _tile_count(m, n, g.large_tiles) >= sm_count() else g.small_tiles
+
+
 def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    tiles = LARGE_TILES if _tile_count(m, n, LARGE_TILES) >= sm_count() else SMALL_TILES
+    tiles = tiles_for(m, n)
     BM, BN, _, TM, TN = tiles
     dtype = np.dtype(out.dtype)
-    has_bias = bias is not None
-    _gemm_kernel(dtype, tiles)[(-(-n // BN), -(-m // BM)), (BN // TN, BM // TM)](
-        a, b, trans_a, trans_b, bias if has_bias else out[0], has_bias, ACTIVATION_CODES[activation],
-        dtype.type(alpha), out)
+    gemm = _gemm_kernel(dtype, tiles, bool(trans_a), bool(trans_b), bias is not None, activation)
+    gemm[(-(-m // BM), -(-n // BN)), (BN // TN, BM // TM)](a, b, out[0] if bias is None else bias,
+                                                            dtype.type(alpha), out)
