@@ -3,10 +3,13 @@ scalars for losses, out-of-range labels, tile and block edges. The kernels' valu
 reference by every family's tests through the ``backend`` fixture; these are the cuda-only behaviours.
 Runs under the Numba CUDA simulator when no GPU is present."""
 
+import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ if not cuda.is_available():
 
 import kernels.cuda  # noqa: E402
 from kernels.cuda._launch import GPU, STATS, geometry, use_geometry  # noqa: E402
+from kernels.cuda.matmul import tiles_for  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 LARGE_TILES, SMALL_TILES = geometry().large_tiles, geometry().small_tiles
@@ -190,6 +194,7 @@ import importlib, types as pytypes
 import numpy as np
 import numba.cuda.dispatcher
 from numba import types
+import warnings
 from numba.cuda.compiler import compile_cuda
 
 numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
@@ -245,3 +250,216 @@ def test_every_kernel_compiles_for_a_gpu_and_float32_kernels_do_no_float64_math(
     doubles = [int(line.split()[2]) for line in lines if len(line.split()) == 3]  # name, dtype, float64 lines
     assert count > 30 and len(doubles) == 2 * count  # float32 then float64
     assert set(doubles[:count]) == {0} and max(doubles[count:]) > 0  # the check sees doubles
+
+
+# ---- the GPU's launch constants, run under the simulator ---------------------------------------------------
+# The simulator normally runs shrunk constants (see kernels.cuda._launch.Geometry); these cases run the ones
+# a GPU gets (256-thread blocks, 128x128x8 and 64x64x16 GEMM tiles, four one-row warps per row block), so the
+# real indexing runs somewhere. Slow (each GPU thread is a Python thread): a few small cases each.
+
+BLOCK_ROWS = dataclasses.replace(GPU, warp_rows=False)  # the GPU's row blocks, one block (tree) per row
+
+
+@pytest.mark.parametrize("m, n, k, trans_a, trans_b, activation", [
+    (130, 129, 9, False, False, "relu"),  # large tiles: 2 x 2 blocks of 128 x 128, two K steps of 8
+    (129, 130, 8, True, False, None),
+    (129, 131, 17, False, True, "tanh"),  # the trans_b (dx = dy W^T) path
+    (65, 20, 17, True, True, "sigmoid"),  # small tiles (64 x 64 x 16): too few large tiles for the SMs
+])
+def test_matmul_with_the_gpu_tiles(m, n, k, trans_a, trans_b, activation):
+    a = _rand((k, m) if trans_a else (m, k), np.float32, 1)
+    b = _rand((n, k) if trans_b else (k, n), np.float32, 2)
+    c = _rand(n, np.float32, 3)
+    expected = reference(kernels.matmul, a, b, trans_a=trans_a, trans_b=trans_b, bias=c, activation=activation)
+    with use_geometry(GPU):
+        assert tiles_for(m, n) == (GPU.small_tiles if m < 100 else GPU.large_tiles)
+        got = kernels.matmul(cuda.to_device(a), cuda.to_device(b), trans_a=trans_a, trans_b=trans_b,
+                             bias=cuda.to_device(c), activation=activation)
+    assert_close(got.copy_to_host(), expected, rtol=1e-4, atol=1e-4 * k)
+
+
+def _row_inputs(dtype=np.float32):
+    """Rows around a warp's width, and the special values: +inf, a row of -inf, NaN, huge logits."""
+    x = _rand((7, 45), dtype, 11)
+    x[2, 3], x[3], x[4, 7], x[5, :2] = np.inf, -np.inf, np.nan, (np.finfo(dtype).max, -np.finfo(dtype).max)
+    return x, _rand((7, 45), dtype, 12), np.arange(7) * 4 % 45
+
+
+@contextlib.contextmanager
+def _quiet():
+    """inf - inf and friends: NaN silently on a GPU, a RuntimeWarning from the simulator's NumPy scalars
+    (in its kernel threads too, so a warnings filter rather than np.errstate)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _row_results(x, dy, labels):
+    d = cuda.to_device
+    y = kernels.softmax(d(x)).copy_to_host()
+    finite = np.where(np.isfinite(y), y, 0)
+    dx = kernels.softmax_backward(d(finite), d(dy)).copy_to_host()
+    loss, grad = kernels.softmax_cross_entropy(d(x[[0, 1, 6]]), d(labels[[0, 1, 6]]))
+    return y, dx, loss.copy_to_host(), grad.copy_to_host()
+
+
+@pytest.mark.parametrize("geometry_", [GPU, BLOCK_ROWS], ids=["warp shuffles", "block tree"])
+def test_row_kernels_with_the_gpu_constants(geometry_):
+    x, dy, labels = _row_inputs()
+    with use_geometry(geometry_), _quiet():
+        y, dx, loss, grad = _row_results(x, dy, labels)
+    with _quiet():
+        expected = reference(kernels.softmax, x)
+        expected_dx = reference(kernels.softmax_backward, np.where(np.isfinite(expected), expected, 0), dy)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    assert_close(y[~np.isnan(y)], expected[~np.isnan(expected)])
+    assert_close(dx, expected_dx)
+    expected_loss, expected_grad = reference(kernels.softmax_cross_entropy, x[[0, 1, 6]], labels[[0, 1, 6]])
+    assert_close(loss, expected_loss)
+    assert_close(grad, expected_grad)
+
+
+def test_warp_shuffle_and_tree_reductions_agree():
+    """The same rows through one warp per row (shuffles) and one block per row (shared-memory tree):
+    equal up to rounding (the sums are added in a different order), with NaN in the same places."""
+    x, dy, labels = _row_inputs(np.float64)
+    with _quiet():
+        with use_geometry(GPU):
+            shuffled = _row_results(x, dy, labels)
+        with use_geometry(BLOCK_ROWS):
+            tree = _row_results(x, dy, labels)
+    for s, t in zip(shuffled, tree):
+        np.testing.assert_allclose(s, t, rtol=1e-13, atol=1e-15)
+
+
+def test_elementwise_losses_and_optimizers_with_the_gpu_blocks():
+    """256-thread blocks; 700 elements make three blocks, so the last-block mean adds three partials."""
+    x, t = _rand(700, np.float32, 13), np.sign(_rand(700, np.float32, 14))
+    param, grad, m, v = (np.abs(_rand(700, np.float32, s)) for s in range(15, 19))
+    with use_geometry(GPU):
+        got_relu = kernels.relu(cuda.to_device(x)).copy_to_host()
+        losses = [fn(cuda.to_device(x), cuda.to_device(t)) for fn in (kernels.mse, kernels.hinge)]
+        dev = [cuda.to_device(a) for a in (param, grad, m, v)]
+        kernels.adam_step(*dev, step=3)
+    assert_close(got_relu, np.maximum(x, 0))
+    for (loss, g), fn in zip(losses, (kernels.mse, kernels.hinge)):
+        expected_loss, expected_grad = reference(fn, x, t)
+        assert_close(loss.copy_to_host(), expected_loss)
+        assert_close(g.copy_to_host(), expected_grad)
+    expected = [a.copy() for a in (param, grad, m, v)]
+    with kernels.use_backend("numpy"):
+        kernels.adam_step(*expected, step=3)
+    for got, want in zip(dev, expected):
+        assert_close(got.copy_to_host(), want)
+
+
+# ---- launches: one per loss, counted per step, and CUDA graph replay --------------------------------------
+
+
+def test_float_reads_a_device_loss():
+    x = _rand(50, np.float32, 20)
+    loss, _ = kernels.mse(cuda.to_device(x), cuda.to_device(np.zeros_like(x)))
+    assert loss.shape == () and kernels.is_device_array(loss)
+    assert float(loss) == pytest.approx(float(np.mean(x * x)), rel=1e-6)
+
+
+def _training_step(batch=8, fan_in=5, hidden=6, classes=4):
+    """A two-layer classifier's step on device arrays (the launches nn makes): returns (step, buffers)."""
+    rng = np.random.default_rng(21)
+    d = {name: cuda.to_device(rng.standard_normal(shape).astype(np.float32)) for name, shape in [
+        ("x", (batch, fan_in)), ("w1", (fan_in, hidden)), ("b1", (hidden,)), ("w2", (hidden, classes)),
+        ("b2", (classes,))]}
+    d["labels"] = cuda.to_device(np.arange(batch) % classes)
+    state = {name: [cuda.to_device(np.zeros(d[name].shape, np.float32)) for _ in range(2)]
+             for name in ("w1", "b1", "w2", "b2")}
+
+    def step():
+        h = kernels.matmul(d["x"], d["w1"], bias=d["b1"], activation="relu")
+        logits = kernels.matmul(h, d["w2"], bias=d["b2"])
+        loss, dlogits = kernels.softmax_cross_entropy(logits, d["labels"])
+        grads = {"w2": kernels.matmul(h, dlogits, trans_a=True), "b2": kernels.bias_grad(dlogits)}
+        dh = kernels.relu_backward(h, kernels.matmul(dlogits, d["w2"], trans_b=True))
+        grads["w1"], grads["b1"] = kernels.matmul(d["x"], dh, trans_a=True), kernels.bias_grad(dh)
+        for name, g in grads.items():
+            kernels.adam_step(d[name], g, *state[name], step=1)
+        return loss
+
+    return step, d
+
+
+def test_launches_per_training_step():
+    """2 forward GEMMs, 1 fused loss (it was a loss kernel and a 1-block sum), 3 backward GEMMs, 2 bias
+    gradients, 1 relu backward, 4 optimizer steps: 13 launches."""
+    step, _ = _training_step()
+    step()
+    before = STATS["launches"]
+    step()
+    assert STATS["launches"] - before == 13
+    for fn, args in [(kernels.softmax_cross_entropy, (_rand((5, 3), np.float32), np.arange(5) % 3)),
+                     (kernels.mse, (_rand(9, np.float32), _rand(9, np.float32, 1)))]:
+        before = STATS["launches"]
+        fn(*(cuda.to_device(a) for a in args))
+        assert STATS["launches"] - before == 1
+
+
+def test_captured_step_falls_back_to_plain_launches_where_capture_is_unavailable():
+    step, _ = _training_step()
+    captured = kernels.cuda.CapturedStep(step)
+    assert not captured.captured and "simulator" in captured.fallback
+    plain, _ = _training_step()
+    forced = kernels.cuda.CapturedStep(plain, capture=False)
+    assert forced.fallback == "capture=False"
+    for _ in range(3):
+        before = STATS["launches"]
+        loss = captured()
+        assert STATS["launches"] - before == 13  # every call launches every kernel
+        assert float(loss) == float(forced())  # and computes what plain launches compute
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.launches = 0
+
+    def launch(self):
+        self.launches += 1
+
+
+def test_captured_step_runs_once_records_once_then_only_replays(monkeypatch):
+    """The recording itself needs CuPy and a GPU (bench/gpu_check.py); here a stand-in recorder checks the
+    step's sequence: a plain first call, one recording, then graph launches only, same outputs each time."""
+    from kernels.cuda import _launch
+
+    recorded = []
+
+    def record(fn):
+        recorded.append(STATS["launches"])
+        result = fn()
+        return _FakeGraph(), result, []
+
+    monkeypatch.setattr(_launch, "_capture_unavailable", lambda: None)
+    monkeypatch.setattr(_launch, "_record", record)
+    step, _ = _training_step()
+    captured = kernels.cuda.CapturedStep(step)
+    first = captured()
+    assert not captured.captured and not recorded
+    second = captured()
+    assert captured.captured and len(recorded) == 1 and captured._graph.launches == 1
+    before = STATS["launches"]
+    assert captured() is second and captured() is second and first is not second
+    assert STATS["launches"] == before and captured._graph.launches == 3  # replays launch no kernel
+
+
+def test_a_failed_recording_falls_back_with_a_warning(monkeypatch):
+    from kernels.cuda import _launch
+
+    def record(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_launch, "_capture_unavailable", lambda: None)
+    monkeypatch.setattr(_launch, "_record", record)
+    step, _ = _training_step()
+    captured = kernels.cuda.CapturedStep(step)
+    captured()
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        loss = captured()
+    assert not captured.captured and "not permitted" in captured.fallback and np.isfinite(float(loss))
