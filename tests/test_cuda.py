@@ -5,6 +5,7 @@ Runs under the Numba CUDA simulator when no GPU is present."""
 
 import contextlib
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -463,3 +464,11 @@ def test_a_failed_recording_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="capture failed"):
         loss = captured()
     assert not captured.captured and "not permitted" in captured.fallback and np.isfinite(float(loss))
+
+
+def test_launch_overhead_counts_one_launch_and_no_conversion_per_call():
+    from kernels.profile import launch_overhead
+
+    rows = launch_overhead(calls=2, file=io.StringIO())
+    assert [r["kernel"].split()[0] for r in rows] == ["relu", "matmul", "softmax_cross_entropy", "mse", "adam_step"]
+    assert all(r["launches"] == 1 and r["conversions"] == 0 and r["us"] > 0 for r in rows)
