@@ -23,7 +23,8 @@ from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_ste
 name = "cuda"
 
 __all__ = [
-    "name", "empty", "ascontiguous", "CapturedStep", "launch_stats", "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward",
+    "name", "empty", "ascontiguous", "CapturedStep", "launch_stats",
+    "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward",
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward",
     "softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step",
     "adam_step", "rmsprop_step", "adagrad_step", "adadelta_step",

@@ -242,7 +242,7 @@ def _simulated_shuffles():
         with lock:
             state = me._manager.__dict__.setdefault("_warps", {})
             if warp not in state:
-                state[warp] = (threading.Barrier(WARP), [None] * WARP)
+                state[warp] = (threading.Barrier(WARP, timeout=60), [None] * WARP)  # a lane that died: fail
             barrier, slots = state[warp]
         slots[lane] = value
         barrier.wait()
