@@ -150,7 +150,8 @@ def hinge(scores, target, dpred):
 
 # A block is COLS x ROWS threads: COLS adjacent columns (coalesced reads of each row), ROWS row groups
 # whose partial column sums are added in shared memory. Tall inputs are also split into row chunks along
-# the grid's y axis, so that enough blocks run; each chunk writes its partial sums, added by a second pass.
+# the grid's y axis, so that enough blocks run; each chunk writes its partial sums, and the last chunk of
+# a column block to finish adds them in chunk order (one launch, deterministic).
 COLS, ROWS = (8, 4) if SIMULATOR else (32, 8)
 
 
@@ -159,12 +160,15 @@ def _bias_grad_kernel(dtype):
     nb_dtype, zero = numba.from_dtype(dtype), dtype.type(0)
 
     @kernel
-    def column_sums(dy, rows_per_chunk, partials):
-        """partials[chunk, col] = sum of dy[rows of the chunk, col]."""
+    def column_sums(dy, rows_per_chunk, partials, counters, out):
+        """out[col] = sum of dy[:, col]: directly with one chunk, else through partials[chunk, col], added
+        by the column block's last chunk to finish (an atomic ticket on counters[column block], which it
+        then resets for the next launch)."""
         shared = cuda.shared.array((ROWS, COLS), nb_dtype)
+        flag = cuda.shared.array(1, numba.int32)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         col = cuda.blockIdx.x * COLS + tx
-        first = cuda.blockIdx.y * rows_per_chunk
+        first, chunks = cuda.blockIdx.y * rows_per_chunk, cuda.gridDim.y
         acc = zero
         if col < dy.shape[1]:
             for r in range(first + ty, min(first + rows_per_chunk, dy.shape[0]), ROWS):
@@ -174,28 +178,37 @@ def _bias_grad_kernel(dtype):
         if ty == 0 and col < dy.shape[1]:
             for r in range(1, ROWS):
                 acc += shared[r, tx]
-            partials[cuda.blockIdx.y, col] = acc
+            if chunks == 1:
+                out[col] = acc
+            else:
+                partials[cuda.blockIdx.y, col] = acc
+                cuda.threadfence()
+        if chunks == 1:
+            return
+        cuda.syncthreads()
+        if tx == 0 and ty == 0:
+            flag[0] = 1 if cuda.atomic.add(counters, cuda.blockIdx.x, 1) == chunks - 1 else 0
+        cuda.syncthreads()
+        if flag[0] == 1 and ty == 0:
+            if col < dy.shape[1]:
+                total = partials[0, col]
+                for chunk in range(1, chunks):
+                    total += partials[chunk, col]
+                out[col] = total
+            if tx == 0:
+                counters[cuda.blockIdx.x] = 0
 
     return column_sums
-
-
-@kernel
-def _add_chunks(partials, out):
-    for col in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-        acc = partials[0, col]
-        for chunk in range(1, partials.shape[0]):
-            acc += partials[chunk, col]
-        out[col] = acc
 
 
 def bias_grad(dy, out):
     rows, cols = dy.shape
     if cols == 0:
         return
+    dtype = np.dtype(dy.dtype)
     col_blocks = -(-cols // COLS)
     chunks = max(1, min(-(-rows // (4 * ROWS)), -(-2 * sm_count() // col_blocks)))
     rows_per_chunk = -(-rows // chunks) if rows else 1
-    partials = out.reshape(1, cols) if chunks == 1 else empty((chunks, cols), dtype=np.dtype(dy.dtype), like=dy)
-    _bias_grad_kernel(np.dtype(dy.dtype))[(col_blocks, chunks), (COLS, ROWS)](dy, rows_per_chunk, partials)
-    if chunks > 1:
-        _add_chunks[grid(cols)](partials, out)
+    partials = out.reshape(1, cols) if chunks == 1 else scratch("bias_grad partials", (chunks, cols), dtype, dy)
+    counters = scratch("bias_grad counters", (col_blocks,), np.uint32, dy)
+    _bias_grad_kernel(dtype)[(col_blocks, chunks), (COLS, ROWS)](dy, rows_per_chunk, partials, counters, out)
