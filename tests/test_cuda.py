@@ -473,3 +473,41 @@ def test_launch_overhead_counts_one_launch_and_no_conversion_per_call():
     rows = launch_overhead(calls=2, file=io.StringIO())
     assert [r["kernel"].split()[0] for r in rows] == ["relu", "matmul", "softmax_cross_entropy", "mse", "adam_step"]
     assert all(r["launches"] == 1 and r["conversions"] == 0 and r["us"] > 0 for r in rows)
+
+
+def _fake_cupy_array(ptr, shape):
+    array_type = type("ndarray", (), {"__module__": "cupy._core.core"})
+    x = array_type()
+    x.data, x.shape, x.strides = types.SimpleNamespace(ptr=ptr), shape, (8 * shape[-1], 8)
+    x.dtype, x.__cuda_array_interface__ = np.dtype(np.float64), {"data": (ptr, False), "shape": shape}
+    return x
+
+
+def test_cupy_arguments_are_wrapped_once_per_buffer_without_sync_and_launch_on_cupys_stream(monkeypatch):
+    """CuPy is not installed here: stand-ins check the conversion cache and the choice of stream."""
+    from kernels.cuda import _launch
+
+    wrapped = []
+    def wrap(desc, owner, sync):
+        wrapped.append((desc["data"][0], owner, sync))
+        return f"view {len(wrapped)}"
+
+    monkeypatch.setattr(cuda, "from_cuda_array_interface", wrap, raising=False)  # not in the simulator
+    monkeypatch.setattr(_launch, "_VIEWS", {})
+    a, same, other = _fake_cupy_array(4096, (2, 3)), _fake_cupy_array(4096, (2, 3)), _fake_cupy_array(4096, (3, 2))
+    before = STATS["conversions"]
+    assert _launch.device_view(a) == _launch.device_view(same) == "view 1"  # same buffer: wrapped once
+    assert _launch.device_view(other) == "view 2"  # another shape over the same pointer: another view
+    assert wrapped == [(4096, None, False)] * 2 and STATS["conversions"] - before == 2
+    numba_array = cuda.to_device(np.ones(2))
+    assert _launch.device_view(numba_array) is numba_array
+
+    current = types.SimpleNamespace(ptr=0)
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: current))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(_launch, "_external_stream", lambda ptr: f"external {ptr}")
+    assert _launch.stream_for(a) == 0  # CuPy's default (legacy) stream is Numba's stream 0
+    current.ptr = 77
+    assert _launch.stream_for(a) == "external 77" and _launch.stream_for(numba_array) == 0
+    monkeypatch.setattr(_launch, "_capture_stream", ["capture"])
+    assert _launch.stream_for(a) == _launch.stream_for(numba_array) == "capture"  # while recording: one stream
