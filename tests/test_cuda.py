@@ -511,3 +511,21 @@ def test_cupy_arguments_are_wrapped_once_per_buffer_without_sync_and_launch_on_c
     assert _launch.stream_for(a) == "external 77" and _launch.stream_for(numba_array) == 0
     monkeypatch.setattr(_launch, "_capture_stream", ["capture"])
     assert _launch.stream_for(a) == _launch.stream_for(numba_array) == "capture"  # while recording: one stream
+
+
+def test_low_occupancy_warnings_are_silenced_on_purpose_only():
+    """numba-cuda warns when a grid has under 128 blocks (a GPU-only warning, so a stand-in kernel here)."""
+    from numba.cuda.core.errors import NumbaPerformanceWarning
+
+    from kernels.cuda import _launch
+
+    class Compiled:
+        def __getitem__(self, config):
+            warnings.warn(NumbaPerformanceWarning(f"Grid size {config[0]} will likely result in GPU "
+                                                  "under-utilization due to low occupancy."))
+            warnings.warn(NumbaPerformanceWarning("another performance warning"))
+            return config
+
+    with pytest.warns(NumbaPerformanceWarning) as caught:
+        assert _launch._configure(Compiled(), 1, 32, 0) == (1, 32, 0)
+    assert len(caught) == 1 and "another performance warning" in str(caught[0].message)

@@ -160,7 +160,8 @@ def _configure(compiled, griddim, blockdim, stream):
     """``compiled[griddim, blockdim, stream]``. Numba's low-occupancy warning (under 128 blocks) is
     silenced: the grids here are sized on purpose (grid-stride loops, small row and loss grids)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", numba.NumbaPerformanceWarning)
+        # by message (after numba's highlighting codes): numba-cuda 0.30 has its own warning class
+        warnings.filterwarnings("ignore", message=r".*Grid size \d+ will likely result in GPU under-utilization")
         return compiled[griddim, blockdim, stream]
 
 
