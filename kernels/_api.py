@@ -294,3 +294,48 @@ def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e
     eps = check.scalar("eps", eps, low=0.0)
     backend, (p, g, sq, acc) = _optimizer_buffers(param, grad, square_avg=square_avg, acc_delta=acc_delta)
     backend.adadelta_step(p, g, sq, acc, lr, rho, eps, weight_decay)
+
+
+# ---- fused training-step kernels -------------------------------------------------------------------
+
+def bias_act_backward(y, dy, activation, *, alpha=0.01, out=None, bias_out=None):
+    """A Dense layer's backward pass around its matmul, in one pass over ``dy``: returns
+    ``(dz, db)`` with ``dz = dy * activation'`` (read from the forward output ``y``) and ``db`` the
+    column sums of ``dz`` (the bias gradient). Same results as ``<activation>_backward`` then
+    ``bias_grad``; ``activation`` is one of relu, leaky_relu (slope ``alpha``), sigmoid, tanh."""
+    check.float_array("y", y, ndim=2)
+    check.float_array("dy", dy, ndim=2)
+    check.same_dtype(y=y, dy=dy)
+    check.shape("dy", dy, y.shape, "the shape of y")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    alpha = check.scalar("alpha", alpha)
+    backend = select(y=y, dy=dy, out=out, bias_out=bias_out)
+    out = check.out(out, y.shape, y.dtype, backend, like=y)
+    bias_out = check.out(bias_out, (y.shape[1],), y.dtype, backend, like=y, name="bias_out")
+    check.no_overlap("out", out, y=y, dy=dy, bias_out=bias_out)
+    check.no_overlap("bias_out", bias_out, y=y, dy=dy)
+    backend.bias_act_backward(backend.ascontiguous(y), backend.ascontiguous(dy), activation, alpha, out, bias_out)
+    return out, bias_out
+
+
+def segment_norms(x, offsets, *, out=None):
+    """The L2 norm of each segment ``x[offsets[i]:offsets[i + 1]]`` of a flat array, all in one pass,
+    accumulated in float64 (a float64 array of ``len(offsets) - 1`` values): the per-layer gradient
+    norms of a model's flat gradient buffer. ``offsets`` are non-decreasing integers from 0 to at most
+    ``x.size`` (a host array, or for device ``x`` a device array, whose values are not checked)."""
+    import numpy as np
+
+    check.float_array("x", x, ndim=1)
+    if not hasattr(offsets, "dtype") or len(offsets.shape) != 1 or offsets.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be a 1-D integer array, got {getattr(offsets, 'dtype', type(offsets).__name__)}")
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets must hold at least one boundary (0)")
+    backend = select(x=x, offsets=offsets, out=out)
+    if isinstance(offsets, np.ndarray):
+        if offsets[0] < 0 or offsets[-1] > x.shape[0] or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"offsets must be non-decreasing within [0, {x.shape[0]}], got {offsets.tolist()}")
+        offsets = offsets.astype(np.int64)
+    out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x)
+    backend.segment_norms(backend.ascontiguous(x), offsets, out)
+    return out

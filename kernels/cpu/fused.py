@@ -10,7 +10,7 @@ from numba import prange
 
 from . import activations as act
 from ._jit import jit
-from ._parallel import CHUNK, PARALLEL_MIN
+from ._parallel import CHUNK, PARALLEL_MIN, n_chunks
 
 
 def _bias_act_backward_kernel(op, name):
@@ -56,21 +56,39 @@ def bias_act_backward(y, dy, activation, alpha, dz, db):
     _BIAS_ACT_BACKWARD[activation](y, dy, y.dtype.type(alpha), dz, db)
 
 
-@jit(inline="always")
-def _segment_norm(x, lo, hi):
+NORMS_PARALLEL_MIN = 1 << 19  # one read-only pass: threads paid off only from about this size
+
+
+@jit
+def _sum_squares(x, lo, hi):
+    """Sum of x[lo:hi]**2 in float64 (unsigned bounds: the loop vectorises)."""
     total = 0.0
-    for j in range(lo, hi):
+    for j in range(np.uint64(lo), np.uint64(hi)):
         v = np.float64(x[j])
         total += v * v
-    return np.sqrt(total)
+    return total
 
 
 @jit(parallel=True)
 def segment_norms(x, offsets, out):
-    """One pass over the flat buffer, no BLAS; segments in parallel when the buffer is large."""
-    if x.size < PARALLEL_MIN:
-        for i in range(out.size):
-            out[i] = _segment_norm(x, offsets[i], offsets[i + 1])
-    else:
-        for i in prange(out.size):
-            out[i] = _segment_norm(x, offsets[i], offsets[i + 1])
+    """One pass over the flat buffer, no BLAS. Large buffers go in fixed CHUNK-sized pieces in
+    parallel, each adding to a partial sum per segment it overlaps; the partials are then summed in
+    chunk order, so the result does not depend on the thread count."""
+    segments = out.size
+    if x.size < NORMS_PARALLEL_MIN:
+        for s in range(segments):
+            out[s] = np.sqrt(_sum_squares(x, offsets[s], offsets[s + 1]))
+        return
+    chunks = n_chunks(x.size)
+    partial = np.zeros((chunks, segments))
+    for c in prange(chunks):
+        lo, hi = c * CHUNK, min(x.size, (c + 1) * CHUNK)
+        for s in range(segments):
+            a, b = max(lo, offsets[s]), min(hi, offsets[s + 1])
+            if a < b:
+                partial[c, s] = _sum_squares(x, a, b)
+    for s in range(segments):
+        total = 0.0
+        for c in range(chunks):
+            total += partial[c, s]
+        out[s] = np.sqrt(total)
