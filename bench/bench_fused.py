@@ -39,3 +39,27 @@ def test_training_step(benchmark, widths, batch, optimizer, n):
     median = benchmark.stats.stats.median
     benchmark.extra_info["samples/s"] = n / median
     benchmark.extra_info["us/step"] = 1e6 * median / math.ceil(n / batch)
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (32, 128), (256, 1024)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["fused", "separate"])
+def test_bias_act_backward(benchmark, impl, shape):
+    """relu: the fused kernel against relu_backward + bias_grad (backend functions, no API checks)."""
+    from kernels import cpu
+
+    rng = np.random.default_rng(0)
+    y = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dz, db = np.empty_like(y), np.empty(shape[1], np.float32)
+
+    def fused():
+        cpu.bias_act_backward(y, dy, "relu", 0.0, dz, db)
+
+    def separate():
+        cpu.relu_backward(y.reshape(-1), dy.reshape(-1), dz.reshape(-1))
+        cpu.bias_grad(dz, db)
+
+    fn = fused if impl == "fused" else separate
+    fn()
+    benchmark.group = f"bias_act_backward relu {shape[0]}x{shape[1]} f32"
+    benchmark(fn)
