@@ -339,3 +339,55 @@ def segment_norms(x, offsets, *, out=None):
     out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x)
     backend.segment_norms(backend.ascontiguous(x), offsets, out)
     return out
+
+
+# ---- batch normalisation ---------------------------------------------------------------------------
+
+def _batchnorm_columns(x, x_name="x", **columns):
+    """Validate a 2-D float ``x`` and per-column vectors of its dtype; returns the backend."""
+    check.float_array(x_name, x, ndim=2)
+    for name, a in columns.items():
+        check.float_array(name, a, ndim=1)
+        check.shape(name, a, (x.shape[1],), f"one value per column of {x_name}")
+    check.same_dtype(**{x_name: x}, **columns)
+    return select(**{x_name: x}, **columns)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1, eps=1e-5):
+    """Batch normalisation in training (torch.nn.BatchNorm1d): returns ``(y, xhat, inv_std)`` with
+    ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv_std`` from the batch's mean and biased
+    variance, and updates ``running_mean``/``running_var`` in place (unbiased variance, ``momentum``)."""
+    momentum = check.scalar("momentum", momentum, low=0.0, high=1.0)
+    eps = check.scalar("eps", eps, low=0.0, low_open=True)
+    backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    check.inplace("running_mean", running_mean)
+    check.inplace("running_var", running_var)
+    y, xhat = backend.empty(x.shape, x.dtype, x), backend.empty(x.shape, x.dtype, x)
+    inv_std = backend.empty((x.shape[1],), x.dtype, x)
+    backend.batchnorm_forward(backend.ascontiguous(x), backend.ascontiguous(gamma), backend.ascontiguous(beta),
+                              running_mean, running_var, momentum, eps, y, xhat, inv_std)
+    return y, xhat, inv_std
+
+
+def batchnorm_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-5):
+    """Batch normalisation in evaluation: ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
+    eps = check.scalar("eps", eps, low=0.0, low_open=True)
+    backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    y = backend.empty(x.shape, x.dtype, x)
+    backend.batchnorm_eval(*(backend.ascontiguous(a) for a in (x, gamma, beta, running_mean, running_var)), eps, y)
+    return y
+
+
+def batchnorm_backward(dy, xhat, gamma, inv_std):
+    """Gradients of batch normalisation in training from the forward pass's ``xhat`` and ``inv_std``:
+    returns ``(dx, dgamma, dbeta)``."""
+    check.float_array("dy", dy, ndim=2)
+    check.float_array("xhat", xhat, ndim=2)
+    check.shape("xhat", xhat, dy.shape, "the shape of dy")
+    check.same_dtype(dy=dy, xhat=xhat)
+    backend = _batchnorm_columns(dy, "dy", gamma=gamma, inv_std=inv_std)
+    dx = backend.empty(dy.shape, dy.dtype, dy)
+    dgamma, dbeta = (backend.empty((dy.shape[1],), dy.dtype, dy) for _ in range(2))
+    backend.batchnorm_backward(backend.ascontiguous(dy), backend.ascontiguous(xhat), backend.ascontiguous(gamma),
+                               backend.ascontiguous(inv_std), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta

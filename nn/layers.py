@@ -290,34 +290,26 @@ class BatchNorm(Layer):
         return {"gamma": np.ones(self.input_dim), "beta": np.zeros(self.input_dim)}
 
     def forward(self, x, training):
+        y = self.buffer("y", x.shape)
+        gamma, beta = self.params["gamma"], self.params["beta"]
         if training:
-            n = x.shape[0]
-            mean = x.mean(axis=0)
-            var = x.var(axis=0)
-            m = self.momentum
-            self.running_mean *= 1 - m
-            self.running_mean += m * mean
-            self.running_var *= 1 - m
-            self.running_var += (m * n / max(n - 1, 1)) * var
+            xhat, inv_std = self.buffer("xhat", x.shape), self.buffer("inv_std", (x.shape[1],))
+            self.k.batchnorm_forward(x, gamma, beta, self.running_mean, self.running_var, self.momentum, self.eps,
+                                     y, xhat, inv_std)
+            self._cache = (xhat, inv_std)
         else:
-            mean, var = self.running_mean, self.running_var
-        inv_std = 1 / self.xp.sqrt(var + self.eps)
-        xhat = (x - mean) * inv_std
-        self._cache = (xhat, inv_std) if training else None
-        return xhat * self.params["gamma"] + self.params["beta"]
+            self.k.batchnorm_eval(x, gamma, beta, self.running_mean, self.running_var, self.eps, y)
+            self._cache = None
+        return y
 
     def backward(self, dy, need_dx=True):
         if self._cache is None:
             raise RuntimeError(f"{self.name}: backward needs a forward pass in training mode first")
         xhat, inv_std = self._cache
-        dgamma = self.grads["gamma"]
-        dgamma[...] = (dy * xhat).sum(axis=0)
-        dbeta = self.grads["beta"]
-        self.k.bias_grad(dy, dbeta)
-        if not need_dx:
-            return None
-        n = dy.shape[0]
-        return (self.params["gamma"] * inv_std / n) * (n * dy - dbeta - xhat * dgamma)
+        dx = self.buffer("dx", dy.shape)
+        self.k.batchnorm_backward(dy, xhat, self.params["gamma"], inv_std, dx, self.grads["gamma"],
+                                  self.grads["beta"])
+        return dx if need_dx else None
 
     def state(self):
         return {"running_mean": to_host(self.running_mean), "running_var": to_host(self.running_var)}
