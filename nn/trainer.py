@@ -255,8 +255,9 @@ class Trainer:
                 total_loss += loss * len(xb)
                 if self.metrics:
                     correct += self.loss.correct(out, yb)
-                bar.update(len(xb))
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if verbose:
+                    bar.update(len(xb))
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         logs = {"loss": total_loss / n}
         if self.metrics:
             logs["accuracy"] = float(correct) / n
