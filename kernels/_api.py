@@ -294,3 +294,100 @@ def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e
     eps = check.scalar("eps", eps, low=0.0)
     backend, (p, g, sq, acc) = _optimizer_buffers(param, grad, square_avg=square_avg, acc_delta=acc_delta)
     backend.adadelta_step(p, g, sq, acc, lr, rho, eps, weight_decay)
+
+
+# ---- fused training-step kernels -------------------------------------------------------------------
+
+def bias_act_backward(y, dy, activation, *, alpha=0.01, out=None, bias_out=None):
+    """A Dense layer's backward pass around its matmul, in one pass over ``dy``: returns
+    ``(dz, db)`` with ``dz = dy * activation'`` (read from the forward output ``y``) and ``db`` the
+    column sums of ``dz`` (the bias gradient). Same results as ``<activation>_backward`` then
+    ``bias_grad``; ``activation`` is one of relu, leaky_relu (slope ``alpha``), sigmoid, tanh."""
+    check.float_array("y", y, ndim=2)
+    check.float_array("dy", dy, ndim=2)
+    check.same_dtype(y=y, dy=dy)
+    check.shape("dy", dy, y.shape, "the shape of y")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    alpha = check.scalar("alpha", alpha)
+    backend = select(y=y, dy=dy, out=out, bias_out=bias_out)
+    out = check.out(out, y.shape, y.dtype, backend, like=y)
+    bias_out = check.out(bias_out, (y.shape[1],), y.dtype, backend, like=y, name="bias_out")
+    check.no_overlap("out", out, y=y, dy=dy, bias_out=bias_out)
+    check.no_overlap("bias_out", bias_out, y=y, dy=dy)
+    backend.bias_act_backward(backend.ascontiguous(y), backend.ascontiguous(dy), activation, alpha, out, bias_out)
+    return out, bias_out
+
+
+def segment_norms(x, offsets, *, out=None):
+    """The L2 norm of each segment ``x[offsets[i]:offsets[i + 1]]`` of a flat array, all in one pass,
+    accumulated in float64 (a float64 array of ``len(offsets) - 1`` values): the per-layer gradient
+    norms of a model's flat gradient buffer. ``offsets`` are non-decreasing integers from 0 to at most
+    ``x.size`` (a host array, or for device ``x`` a device array, whose values are not checked)."""
+    import numpy as np
+
+    check.float_array("x", x, ndim=1)
+    if not hasattr(offsets, "dtype") or len(offsets.shape) != 1 or offsets.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be a 1-D integer array, got {getattr(offsets, 'dtype', type(offsets).__name__)}")
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets must hold at least one boundary (0)")
+    backend = select(x=x, offsets=offsets, out=out)
+    if isinstance(offsets, np.ndarray):
+        if offsets[0] < 0 or offsets[-1] > x.shape[0] or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"offsets must be non-decreasing within [0, {x.shape[0]}], got {offsets.tolist()}")
+        offsets = offsets.astype(np.int64)
+    out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x)
+    backend.segment_norms(backend.ascontiguous(x), offsets, out)
+    return out
+
+
+# ---- batch normalisation ---------------------------------------------------------------------------
+
+def _batchnorm_columns(x, x_name="x", **columns):
+    """Validate a 2-D float ``x`` and per-column vectors of its dtype; returns the backend."""
+    check.float_array(x_name, x, ndim=2)
+    for name, a in columns.items():
+        check.float_array(name, a, ndim=1)
+        check.shape(name, a, (x.shape[1],), f"one value per column of {x_name}")
+    check.same_dtype(**{x_name: x}, **columns)
+    return select(**{x_name: x}, **columns)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1, eps=1e-5):
+    """Batch normalisation in training (torch.nn.BatchNorm1d): returns ``(y, xhat, inv_std)`` with
+    ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv_std`` from the batch's mean and biased
+    variance, and updates ``running_mean``/``running_var`` in place (unbiased variance, ``momentum``)."""
+    momentum = check.scalar("momentum", momentum, low=0.0, high=1.0)
+    eps = check.scalar("eps", eps, low=0.0, low_open=True)
+    backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    check.inplace("running_mean", running_mean)
+    check.inplace("running_var", running_var)
+    y, xhat = backend.empty(x.shape, x.dtype, x), backend.empty(x.shape, x.dtype, x)
+    inv_std = backend.empty((x.shape[1],), x.dtype, x)
+    backend.batchnorm_forward(backend.ascontiguous(x), backend.ascontiguous(gamma), backend.ascontiguous(beta),
+                              running_mean, running_var, momentum, eps, y, xhat, inv_std)
+    return y, xhat, inv_std
+
+
+def batchnorm_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-5):
+    """Batch normalisation in evaluation: ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
+    eps = check.scalar("eps", eps, low=0.0, low_open=True)
+    backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    y = backend.empty(x.shape, x.dtype, x)
+    backend.batchnorm_eval(*(backend.ascontiguous(a) for a in (x, gamma, beta, running_mean, running_var)), eps, y)
+    return y
+
+
+def batchnorm_backward(dy, xhat, gamma, inv_std):
+    """Gradients of batch normalisation in training from the forward pass's ``xhat`` and ``inv_std``:
+    returns ``(dx, dgamma, dbeta)``."""
+    check.float_array("dy", dy, ndim=2)
+    check.float_array("xhat", xhat, ndim=2)
+    check.shape("xhat", xhat, dy.shape, "the shape of dy")
+    check.same_dtype(dy=dy, xhat=xhat)
+    backend = _batchnorm_columns(dy, "dy", gamma=gamma, inv_std=inv_std)
+    dx = backend.empty(dy.shape, dy.dtype, dy)
+    dgamma, dbeta = (backend.empty((dy.shape[1],), dy.dtype, dy) for _ in range(2))
+    backend.batchnorm_backward(backend.ascontiguous(dy), backend.ascontiguous(xhat), backend.ascontiguous(gamma),
+                               backend.ascontiguous(inv_std), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta

@@ -1,9 +1,9 @@
 """The one place that picks the array namespace ``xp`` for nn's glue code.
 
 Parameters, gradients, optimizer state and batches live where the kernels run: NumPy arrays for the
-``numpy`` and ``numba`` backends, CuPy arrays for ``cuda`` (the kernels dispatch on the arrays). Glue
-code (BatchNorm statistics, argmax for accuracy, gradient norms) is written against ``xp`` so it runs
-on either. CuPy is needed only for ``cuda``.
+``numpy`` and ``numba`` backends, CuPy arrays for ``cuda`` (the kernels dispatch on the arrays). The
+remaining glue (allocation, host/device copies, argmax for accuracy, the non-finite diagnostics) is
+written against ``xp`` so it runs on either. CuPy is needed only for ``cuda``.
 """
 
 import numpy as np

@@ -2,8 +2,11 @@
 
 A layer declares its parameter shapes in ``build``; :class:`Sequential` allocates ONE flat parameter
 buffer and ONE flat gradient buffer and hands every layer views into them, so an optimizer step is a
-single fused kernel call for the whole model. Layers run forward and backward by hand through the
-public ``kernels`` API and write their gradients straight into their gradient views (``out=``).
+single fused kernel call for the whole model. The built-in layers call the backend module's kernels
+directly (``layer.k``, resolved once by the model: the unchecked functions behind the public
+``kernels`` API, whose arguments the model validated once) and write activations and gradients into
+buffers allocated once per batch shape (:meth:`Layer.buffer`), their parameter gradients straight into
+their gradient views.
 """
 
 import json
@@ -12,6 +15,7 @@ import math
 import numpy as np
 
 import kernels
+from kernels import _dispatch
 
 from ._device import namespace, to_host
 
@@ -21,6 +25,8 @@ INITS = ("he", "xavier", "glorot", "normal", "zeros")
 class Layer:
     """Base class. Subclasses set ``param_shapes`` in ``build`` and implement forward/backward."""
 
+    k = None  # the backend module whose kernels the layer calls, set by Sequential
+
     def __init__(self):
         self.name = None
         self.param_shapes = {}
@@ -28,6 +34,7 @@ class Layer:
         self.grads = {}
         self.xp = np
         self.input_dim = self.output_dim = None
+        self._buffers = {}
 
     def build(self, input_dim, xp, dtype):
         """Fix the input width; set ``param_shapes`` and ``output_dim`` (parameter-free by default)."""
@@ -36,6 +43,16 @@ class Layer:
     def init_params(self, rng):
         """Initial values of the parameters, as host arrays keyed like ``param_shapes``."""
         return {}
+
+    def buffer(self, key, shape):
+        """A scratch array of ``shape`` for ``key`` (``y``, ``dx``...), allocated on the first call for
+        that shape and reused after: a training step allocates nothing once its shapes were seen."""
+        buf = self._buffers.get((key, shape))
+        if buf is None:
+            if len(self._buffers) > 64:  # many batch shapes seen (predict on ragged inputs): start over
+                self._buffers.clear()
+            buf = self._buffers[key, shape] = self.xp.empty(shape, self.dtype)
+        return buf
 
     def forward(self, x, training):
         raise NotImplementedError
@@ -78,12 +95,22 @@ class Activation(Layer):
         self._saved = None
 
     def forward(self, x, training):
-        y = getattr(kernels, self.kind)(x, *self._extra())
+        y = self.buffer("y", x.shape)
+        if self.kind == "softmax":
+            self.k.softmax(x, y)
+        else:
+            getattr(self.k, self.kind)(x.reshape(-1), *self._extra(), y.reshape(-1))
         self._saved = x if self.kind in self.FROM_INPUT else y
         return y
 
     def backward(self, dy, need_dx=True):
-        return getattr(kernels, self.kind + "_backward")(self._saved, dy, *self._extra())
+        dx = self.buffer("dx", dy.shape)
+        if self.kind == "softmax":
+            self.k.softmax_backward(self._saved, dy, dx)
+        else:
+            getattr(self.k, self.kind + "_backward")(self._saved.reshape(-1), dy.reshape(-1), *self._extra(),
+                                                     dx.reshape(-1))
+        return dx
 
     def _extra(self):
         return (self.alpha,) if self.kind == "leaky_relu" else ()
@@ -163,21 +190,26 @@ class Dense(Layer):
         return {"W": rng.standard_normal((fan_in, fan_out)) * std, "b": np.zeros(fan_out)}
 
     def forward(self, x, training):
-        y = kernels.matmul(x, self.params["W"], bias=self.params["b"], activation=self.activation,
-                           alpha=self.alpha)
+        y = self.buffer("y", (x.shape[0], self.units))
+        self.k.matmul(x, self.params["W"], False, False, self.params["b"], self.activation, self.alpha, y)
         self._x, self._y = x, y
         return y
 
     def backward(self, dy, need_dx=True):
         # relu/leaky_relu (alpha >= 0) are positive exactly where their input is, so the saved output
         # stands in for the pre-activation and the forward pass stores nothing extra.
-        if self.activation == "leaky_relu":
-            dy = kernels.leaky_relu_backward(self._y, dy, self.alpha)
-        elif self.activation is not None:
-            dy = getattr(kernels, self.activation + "_backward")(self._y, dy)
-        kernels.matmul(self._x, dy, trans_a=True, out=self.grads["W"])
-        kernels.bias_grad(dy, out=self.grads["b"])
-        return kernels.matmul(dy, self.params["W"], trans_b=True) if need_dx else None
+        if self.activation is None:
+            self.k.bias_grad(dy, self.grads["b"])
+        else:  # dy * activation'(y) and its column sums in one pass
+            dz = self.buffer("dz", dy.shape)
+            self.k.bias_act_backward(self._y, dy, self.activation, self.alpha, dz, self.grads["b"])
+            dy = dz
+        self.k.matmul(self._x, dy, True, False, None, None, self.alpha, self.grads["W"])
+        if not need_dx:
+            return None
+        dx = self.buffer("dx", self._x.shape)
+        self.k.matmul(dy, self.params["W"], False, True, None, None, self.alpha, dx)
+        return dx
 
     def config(self):
         return {"units": self.units, "activation": self.activation, "init": self.init, "alpha": self.alpha,
@@ -208,10 +240,16 @@ class Dropout(Layer):
             return x
         self._seed = (self.seed_base + self.calls) % 2**64
         self.calls += 1
-        return kernels.dropout(x, self.rate, self._seed)
+        y = self.buffer("y", x.shape)
+        self.k.dropout(x.reshape(-1), self.rate, self._seed, y.reshape(-1))
+        return y
 
     def backward(self, dy, need_dx=True):
-        return dy if self._seed is None else kernels.dropout(dy, self.rate, self._seed)
+        if self._seed is None:
+            return dy
+        dx = self.buffer("dx", dy.shape)
+        self.k.dropout(dy.reshape(-1), self.rate, self._seed, dx.reshape(-1))
+        return dx
 
     def state(self):
         return {"calls": np.array(self.calls, np.int64)}
@@ -252,33 +290,26 @@ class BatchNorm(Layer):
         return {"gamma": np.ones(self.input_dim), "beta": np.zeros(self.input_dim)}
 
     def forward(self, x, training):
+        y = self.buffer("y", x.shape)
+        gamma, beta = self.params["gamma"], self.params["beta"]
         if training:
-            n = x.shape[0]
-            mean = x.mean(axis=0)
-            var = x.var(axis=0)
-            m = self.momentum
-            self.running_mean *= 1 - m
-            self.running_mean += m * mean
-            self.running_var *= 1 - m
-            self.running_var += (m * n / max(n - 1, 1)) * var
+            xhat, inv_std = self.buffer("xhat", x.shape), self.buffer("inv_std", (x.shape[1],))
+            self.k.batchnorm_forward(x, gamma, beta, self.running_mean, self.running_var, self.momentum, self.eps,
+                                     y, xhat, inv_std)
+            self._cache = (xhat, inv_std)
         else:
-            mean, var = self.running_mean, self.running_var
-        inv_std = 1 / self.xp.sqrt(var + self.eps)
-        xhat = (x - mean) * inv_std
-        self._cache = (xhat, inv_std) if training else None
-        return xhat * self.params["gamma"] + self.params["beta"]
+            self.k.batchnorm_eval(x, gamma, beta, self.running_mean, self.running_var, self.eps, y)
+            self._cache = None
+        return y
 
     def backward(self, dy, need_dx=True):
         if self._cache is None:
             raise RuntimeError(f"{self.name}: backward needs a forward pass in training mode first")
         xhat, inv_std = self._cache
-        dgamma = self.grads["gamma"]
-        dgamma[...] = (dy * xhat).sum(axis=0)
-        dbeta = kernels.bias_grad(dy, out=self.grads["beta"])
-        if not need_dx:
-            return None
-        n = dy.shape[0]
-        return (self.params["gamma"] * inv_std / n) * (n * dy - dbeta - xhat * dgamma)
+        dx = self.buffer("dx", dy.shape)
+        self.k.batchnorm_backward(dy, xhat, self.params["gamma"], inv_std, dx, self.grads["gamma"],
+                                  self.grads["beta"])
+        return dx if need_dx else None
 
     def state(self):
         return {"running_mean": to_host(self.running_mean), "running_var": to_host(self.running_var)}
@@ -292,6 +323,7 @@ class BatchNorm(Layer):
 
 
 LAYERS = {cls.__name__: cls for cls in (Dense, Activation, Dropout, BatchNorm)}
+_BUILTIN = frozenset(LAYERS.values())  # layers whose outputs are C-contiguous buffers
 
 
 # ---- Sequential -----------------------------------------------------------------------------------
@@ -323,6 +355,7 @@ class Sequential:
         self.input_dim = None
         self.params = self.grads = None
         self.xp = np
+        self.k = None  # the backend module, resolved by bind_kernels
         if input_dim is not None:
             self.build(input_dim)
 
@@ -370,19 +403,57 @@ class Sequential:
                 layer.calls = 0
 
     def forward(self, x, training=False):
-        """The model's output for a batch ``x`` of shape (n, input_dim) on the model's device."""
+        """The model's output for a batch ``x`` of shape (n, input_dim) on the model's device (a new array)."""
         if not self.built:
             self.build(x.shape[1])
-        for layer in self.layers:
-            x = layer.forward(x, training)
-        return x
+        self.check_batch(x)
+        self.bind_kernels()
+        return self.run_forward(self.k.ascontiguous(x), training).copy()
 
     __call__ = forward
 
+    def check_batch(self, x, what="x"):
+        """Raise unless ``x`` is a 2-D array of the model's dtype and width on the model's device."""
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{what} must be an array, got {type(x).__name__}")
+        if len(x.shape) != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"{what} must have shape (n, {self.input_dim}), got {tuple(x.shape)}")
+        if np.dtype(x.dtype) != self.dtype:
+            raise TypeError(f"{what} must have the model's dtype {self.dtype}, got {x.dtype}")
+        if kernels.is_device_array(x) != kernels.is_device_array(self.params):
+            raise TypeError(f"{what} must be on the model's device ("
+                            f"{'a CUDA array' if kernels.is_device_array(self.params) else 'a NumPy array'})")
+
+    def bind_kernels(self):
+        """Resolve the backend module once (for host models: the current host backend) and hand it to
+        every layer; the step then calls its kernels without dispatch or re-validation."""
+        k = _dispatch.select(params=self.params)
+        if k is not self.k:
+            self.k = k
+            for layer in self.layers:
+                layer.k = k
+
+    def run_forward(self, x, training):
+        """Forward through the layers on a validated, C-contiguous batch; returns the last layer's
+        output buffer (overwritten by the next call of the same shape)."""
+        for layer in self.layers:
+            x = layer.forward(x, training)
+            if type(layer) not in _BUILTIN:  # a user's layer may return any layout
+                x = self.k.ascontiguous(x)
+        return x
+
     def backward(self, dy):
         """Backpropagate dL/d(output), filling the flat gradient buffer; the input's gradient is skipped."""
+        self.bind_kernels()
+        self.run_backward(self.k.ascontiguous(dy))
+
+    def run_backward(self, dy):
+        """Backward through the layers from a C-contiguous ``dy`` after :meth:`run_forward`."""
         for i in range(len(self.layers) - 1, -1, -1):
-            dy = self.layers[i].backward(dy, need_dx=i > 0)
+            layer = self.layers[i]
+            dy = layer.backward(dy, need_dx=i > 0)
+            if dy is not None and type(layer) not in _BUILTIN:
+                dy = self.k.ascontiguous(dy)
 
     def parameter_layers(self):
         """Names of the layers that own parameters, bottom to top, with their slices of the flat buffers."""

@@ -17,6 +17,11 @@ class Loss:
     def __call__(self, output, target):
         return getattr(kernels, self.kernel)(output, target)
 
+    def compute(self, k, output, target, doutput):
+        """The loss (a scalar of the output's dtype) with ``doutput`` written, by backend module ``k``'s
+        kernel on validated, C-contiguous arrays (the training step's unchecked path)."""
+        return getattr(k, self.kernel)(output.reshape(-1), target.reshape(-1), doutput.reshape(-1))
+
     def prepare_targets(self, y, n_outputs, dtype, what="y"):
         """Validate host targets for a model with ``n_outputs`` outputs; return them as the kernel wants.
 
@@ -79,6 +84,9 @@ class SoftmaxCrossEntropy(Loss):
 
     def correct(self, output, target):
         return (output.argmax(axis=1) == target).sum()
+
+    def compute(self, k, output, target, doutput):
+        return k.softmax_cross_entropy(output, target, doutput)
 
 
 class MSE(Loss):

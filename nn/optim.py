@@ -1,15 +1,23 @@
 """Optimizers: each class validates its hyperparameters and holds its state as flat buffers shaped
 like the model's flat parameter buffer; :meth:`Optimizer.step` is ONE fused kernel call over the
-whole model (torch.optim semantics: the step counter starts at 1). Also gradient clipping by global norm.
+whole model (torch.optim semantics: the step counter starts at 1). Hyperparameters are validated when
+set (constructor, ``lr`` setter, ``load_state_dict``), so the step calls the backend's kernel without
+checks. Also gradient clipping by global norm.
 """
 
 import math
 
 import numpy as np
 
-import kernels
+from kernels import _dispatch
 
 from ._device import namespace_of, to_host
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check(name, value, low=0.0, high=math.inf, high_open=False):
@@ -34,7 +42,7 @@ class Optimizer:
             raise TypeError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}; "
                             f"it takes {sorted(self.defaults)}")
         self.hyper = {k: _check(k, hyper.get(k, v), *self.limits.get(k, ())) if isinstance(v, float)
-                      else hyper.get(k, v) for k, v in self.defaults.items()}
+                      else _check_flag(k, hyper.get(k, v)) for k, v in self.defaults.items()}
         self.base_lr = self.hyper["lr"]
         self.t = 0
         self.params = self.grads = None
@@ -56,14 +64,18 @@ class Optimizer:
         self.t = 0
         return self
 
-    def step(self):
-        """One update of every parameter from the gradient buffer, in one kernel call."""
+    def step(self, k=None):
+        """One update of every parameter from the gradient buffer, in one kernel call of the backend
+        module ``k`` (default: the one the bound buffers dispatch to)."""
         if self.params is None:
             raise RuntimeError(f"{type(self).__name__} is not bound to parameters; call bind(params, grads)")
+        if k is None:
+            k = _dispatch.select(param=self.params)
+        self._update(k, self.t + 1, self.params, self.grads, **self.state)
         self.t += 1
-        self._update(self.params, self.grads, **self.state)
 
-    def _update(self, param, grad, **state):
+    def _update(self, k, t, param, grad, **state):
+        """Call ``k``'s kernel for step number ``t`` (flat, C-contiguous buffers)."""
         raise NotImplementedError
 
     def state_dict(self):
@@ -108,11 +120,10 @@ class SGD(Optimizer):
         if self.hyper["momentum"] == 0:
             self.buffers = ()
 
-    def _update(self, param, grad, velocity=None):
+    def _update(self, k, t, param, grad, velocity=None):
         h = self.hyper
-        kernels.sgd_step(param, grad, lr=h["lr"], momentum=h["momentum"], velocity=velocity,
-                         dampening=h["dampening"], nesterov=h["nesterov"], weight_decay=h["weight_decay"],
-                         step=self.t)
+        k.sgd_step(param, grad, h["lr"], h["momentum"], velocity, h["dampening"], h["nesterov"], h["weight_decay"],
+                   t)
 
 
 class Adam(Optimizer):
@@ -123,8 +134,10 @@ class Adam(Optimizer):
     limits = {"beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True)}
     decoupled = False
 
-    def _update(self, param, grad, m, v):
-        kernels.adam_step(param, grad, m, v, step=self.t, decoupled=self.decoupled, **self.hyper)
+    def _update(self, k, t, param, grad, m, v):
+        h = self.hyper
+        k.adam_step(param, grad, m, v, t, h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
+                    self.decoupled)
 
 
 class AdamW(Adam):
@@ -146,8 +159,10 @@ class RMSProp(Optimizer):
         if self.hyper["momentum"] == 0:
             self.buffers = ("square_avg",)
 
-    def _update(self, param, grad, square_avg, momentum_buffer=None):
-        kernels.rmsprop_step(param, grad, square_avg, momentum_buffer=momentum_buffer, **self.hyper)
+    def _update(self, k, t, param, grad, square_avg, momentum_buffer=None):
+        h = self.hyper
+        k.rmsprop_step(param, grad, square_avg, h["lr"], h["alpha"], h["eps"], h["weight_decay"], h["momentum"],
+                       momentum_buffer)
 
 
 class Adagrad(Optimizer):
@@ -156,8 +171,9 @@ class Adagrad(Optimizer):
     buffers = ("sum_sq",)
     defaults = {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0}
 
-    def _update(self, param, grad, sum_sq):
-        kernels.adagrad_step(param, grad, sum_sq, **self.hyper)
+    def _update(self, k, t, param, grad, sum_sq):
+        h = self.hyper
+        k.adagrad_step(param, grad, sum_sq, h["lr"], h["eps"], h["weight_decay"])
 
 
 class Adadelta(Optimizer):
@@ -167,8 +183,9 @@ class Adadelta(Optimizer):
     defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
     limits = {"rho": (0.0, 1.0)}
 
-    def _update(self, param, grad, square_avg, acc_delta):
-        kernels.adadelta_step(param, grad, square_avg, acc_delta, **self.hyper)
+    def _update(self, k, t, param, grad, square_avg, acc_delta):
+        h = self.hyper
+        k.adadelta_step(param, grad, square_avg, acc_delta, h["lr"], h["rho"], h["eps"], h["weight_decay"])
 
 
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (SGD, Adam, AdamW, RMSProp, Adagrad, Adadelta)}

@@ -1,11 +1,16 @@
 """The trainer: ``fit`` (full-batch, mini-batch or stochastic gradient descent), ``evaluate``, ``predict``.
 
 Every input is validated before any training; batches are moved to the model's device once; each step
-is forward, fused loss, backward into the flat gradient buffer, per-layer gradient norms (recorded,
-checked for NaN/Inf, used for clipping), then ONE fused optimizer call.
+is forward, fused loss, backward into the flat gradient buffer, per-layer gradient norms (one kernel
+pass over that buffer: recorded, checked for NaN/Inf, used for clipping), then ONE fused optimizer call.
+The step calls the backend module's kernels (resolved once per ``fit``) on buffers reused from step to
+step. A KeyboardInterrupt that arrives during a step is held until the step has finished, so an
+interrupted ``fit`` leaves the weights of the last completed step and can simply be called again.
 """
 
 import math
+import signal
+import threading
 import time
 
 import numpy as np
@@ -43,6 +48,36 @@ class History:
         return f"History(epochs={len(self.epochs)}, keys={sorted(self.history)})"
 
 
+class _StepGuard:
+    """Hold SIGINT while a training step runs and raise KeyboardInterrupt when it ends (in the main
+    thread; elsewhere Python delivers no signals). Outside a step an interrupt raises at once."""
+
+    def __init__(self):
+        self.in_step = self.pending = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if not self.in_step:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def end_step(self):
+        self.in_step = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 class Trainer:
     """Trains a :class:`~nn.layers.Sequential` model.
 
@@ -73,6 +108,7 @@ class Trainer:
         self.health = health or GradientHealth()
         self.epoch = 0
         self.stop_training = False
+        self._scratch = {}
 
     # ---- data ----------------------------------------------------------------------------------------
 
@@ -97,8 +133,9 @@ class Trainer:
         check_finite(X, what)
         if self.optimizer.params is None:
             self.optimizer.bind(model.params, model.grads)
-        X = X.astype(model.dtype, copy=False)
-        return X if y is None else (X, self.loss.prepare_targets(y, model.output_dim, model.dtype, y_what))
+        X = np.ascontiguousarray(X, model.dtype)
+        return X if y is None else (X, np.ascontiguousarray(
+            self.loss.prepare_targets(y, model.output_dim, model.dtype, y_what)))
 
     def _validation(self, X, y, validation_data, validation_split):
         if validation_data is not None and validation_split:
@@ -142,32 +179,51 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self)
         last = self.epoch + epochs
-        for _ in range(epochs):
-            start = time.perf_counter()
-            logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose)
-            if val is not None:
-                logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
-            self.epoch += 1
-            history.append(self.epoch, logs, norms)
-            if verbose:
-                tqdm.write(f"epoch {self.epoch}/{last}: " + "  ".join(
-                    f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" for k, v in logs.items())
-                    + f"  ({time.perf_counter() - start:.2f}s)")
-            self.health.check(norms, self.epoch)
-            for cb in callbacks:
-                cb.on_epoch_end(self, self.epoch, logs)
-            if self.stop_training:
-                break
+        with _StepGuard() as guard:
+            for _ in range(epochs):
+                start = time.perf_counter()
+                logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose, guard)
+                if val is not None:
+                    logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+                self.epoch += 1
+                history.append(self.epoch, logs, norms)
+                if verbose:
+                    tqdm.write(f"epoch {self.epoch}/{last}: " + "  ".join(
+                        f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" for k, v in logs.items())
+                        + f"  ({time.perf_counter() - start:.2f}s)")
+                self.health.check(norms, self.epoch)
+                for cb in callbacks:
+                    cb.on_epoch_end(self, self.epoch, logs)
+                if self.stop_training:
+                    break
         for cb in callbacks:
             cb.on_train_end(self)
         return history
 
-    def _train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose):
-        model, opt, xp = self.model, self.optimizer, self.model.xp
+    def _buffer(self, key, shape, dtype):
+        """A scratch array on the model's device, allocated once per (key, shape, dtype)."""
+        buf = self._scratch.get((key, shape, dtype))
+        if buf is None:
+            buf = self._scratch[key, shape, dtype] = self.model.xp.empty(shape, dtype)
+        return buf
+
+    def _batch(self, key, A, idx):
+        """Rows ``idx`` (a slice or an index array) of the host array ``A`` on the model's device;
+        on the host, gathered into a reused buffer (a slice is a view: no copy at all)."""
+        if self.model.xp is not np:
+            return self.model.xp.asarray(A[idx])
+        if isinstance(idx, slice):
+            return A[idx]
+        return np.take(A, idx, axis=0, out=self._buffer(key, (len(idx),) + A.shape[1:], A.dtype))
+
+    def _train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose, guard):
+        model, opt = self.model, self.optimizer
+        model.bind_kernels()
         n = len(X)
         order = np.random.default_rng([seed, self.epoch]).permutation(n) if shuffle else None
         layers = model.parameter_layers()
         norm_sums = np.zeros(len(layers))
+        offsets = self._segment_offsets(layers)
         total_loss, correct, steps = 0.0, 0, math.ceil(n / batch_size)
         if self.schedule is not None and self.schedule.per == "epoch":
             opt.lr = self.schedule(opt.base_lr, self.epoch)
@@ -178,27 +234,30 @@ class Trainer:
             for step in range(steps):
                 rows = slice(step * batch_size, (step + 1) * batch_size)
                 idx = rows if order is None else order[rows]
-                xb, yb = xp.asarray(X[idx]), xp.asarray(y[idx])
+                xb, yb = self._batch("x", X, idx), self._batch("y", y, idx)
                 if self.schedule is not None and self.schedule.per == "step":
                     opt.lr = self.schedule(opt.base_lr, opt.t)
-                out = model.forward(xb, training=True)
-                loss, dout = self.loss(out, yb)
-                loss = float(loss)
+                guard.in_step = True
+                out = model.run_forward(xb, training=True)
+                dout = self._buffer("dout", out.shape, out.dtype)
+                loss = float(self.loss.compute(model.k, out, yb, dout))
                 if not math.isfinite(loss):
                     raise NonFiniteError(self._where(step) + f"the loss became {loss}{self._culprit(xb)}. "
                                          "The weights were not updated; lower the learning rate, clip "
                                          "gradients (clip_norm=...) or check the data")
-                model.backward(dout)
-                norms = self._grad_norms(layers, step)
+                model.run_backward(dout)
+                norms = self._grad_norms(layers, offsets, step)
                 norm_sums += norms
                 if self.clip_norm is not None:
                     optim.clip_grad_norm(model.grads, self.clip_norm, float(np.sqrt(np.sum(norms**2))))
-                opt.step()
+                opt.step(model.k)
+                guard.end_step()
                 total_loss += loss * len(xb)
                 if self.metrics:
                     correct += self.loss.correct(out, yb)
-                bar.update(len(xb))
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if verbose:
+                    bar.update(len(xb))
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         logs = {"loss": total_loss / n}
         if self.metrics:
             logs["accuracy"] = float(correct) / n
@@ -208,16 +267,27 @@ class Trainer:
     def _where(self, step):
         return f"training stopped at epoch {self.epoch + 1}, step {step + 1}: "
 
-    def _grad_norms(self, layers, step):
-        """The L2 norm of each parameter layer's gradient; raises naming the layers when one is NaN/Inf."""
+    def _segment_offsets(self, layers):
+        """Where each parameter layer's gradient starts in the flat buffer, and where the last ends
+        (the layers' slices are adjacent), on the model's device."""
+        bounds = [sl.start for _, sl in layers] + [layers[-1][1].stop if layers else 0]
+        return self.model.xp.asarray(np.array(bounds, np.int64))
+
+    def _grad_norms(self, layers, offsets, step):
+        """The L2 norm of each parameter layer's gradient, all in one kernel pass over the flat buffer
+        (in float64: non-finite only when an element is NaN/Inf, or a float64 square overflows); raises
+        naming the layers when one is NaN/Inf."""
         xp, grads = self.model.xp, self.model.grads
-        norms = np.empty(len(layers))
+        out = self._buffer("norms", (len(layers),), np.float64)
+        self.model.k.segment_norms(grads, offsets, out)
+        norms = to_host(out)
+        if np.isfinite(norms).all():
+            return norms
+        norms = norms.copy()
         for i, (_, sl) in enumerate(layers):
-            g = grads[sl]
-            sq = float(xp.vdot(g, g))
-            if not math.isfinite(sq) and bool(xp.isfinite(g).all()):  # overflowed the dtype, not NaN/Inf
-                sq = float(xp.vdot(g.astype(np.float64), g.astype(np.float64)))
-            norms[i] = math.sqrt(sq)
+            if not math.isfinite(norms[i]) and bool(xp.isfinite(grads[sl]).all()):  # float64 overflow
+                g = grads[sl] / xp.abs(grads[sl]).max()
+                norms[i] = float(xp.abs(grads[sl]).max()) * math.sqrt(float(xp.sum(g * g)))
         bad = [(name, norms[i]) for i, (name, _) in enumerate(layers) if not math.isfinite(norms[i])]
         if bad:
             kinds = {name: "nan" if bool(xp.isnan(grads[sl]).any()) else "inf" for name, sl in layers
@@ -250,12 +320,14 @@ class Trainer:
         return self._evaluate(*self._prepare(X, y), batch_size)
 
     def _evaluate(self, X, y, batch_size=256):
-        xp, n = self.model.xp, len(X)
+        model, n = self.model, len(X)
+        model.bind_kernels()
         total, correct = 0.0, 0
         for start in range(0, n, batch_size):
-            xb, yb = xp.asarray(X[start:start + batch_size]), xp.asarray(y[start:start + batch_size])
-            out = self.model.forward(xb, training=False)
-            total += float(self.loss(out, yb)[0]) * len(xb)
+            rows = slice(start, start + batch_size)
+            xb, yb = self._batch("x", X, rows), self._batch("y", y, rows)
+            out = model.run_forward(xb, training=False)
+            total += float(self.loss.compute(model.k, out, yb, self._buffer("dout", out.shape, out.dtype))) * len(xb)
             if self.metrics:
                 correct += self.loss.correct(out, yb)
         logs = {"loss": total / n}
@@ -265,9 +337,13 @@ class Trainer:
 
     def predict(self, X, batch_size=256):
         """The model's outputs for ``X`` (evaluation mode), as a host NumPy array."""
-        X, xp = self._prepare(X), self.model.xp
-        return np.concatenate([to_host(self.model.forward(xp.asarray(X[i:i + batch_size]), training=False))
-                               for i in range(0, len(X), batch_size)])
+        X, model = self._prepare(X), self.model
+        model.bind_kernels()
+        out = np.empty((len(X), model.output_dim), model.dtype)
+        for i in range(0, len(X), batch_size):
+            out[i:i + batch_size] = to_host(model.run_forward(self._batch("x", X, slice(i, i + batch_size)),
+                                                              training=False))
+        return out
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 

@@ -37,7 +37,17 @@ def _cross_entropy(logits, labels, dlogits):
     else:
         for r in prange(n):
             losses[r] = _cross_entropy_row(logits[r], labels[r], inv_n, dlogits[r])
-    return losses.sum() * inv_n
+    return _serial_sum(losses) * inv_n
+
+
+@scalar
+def _serial_sum(a):
+    """Left-to-right sum: ``a.sum()`` inside a parallel function becomes a parallel reduction whose
+    result depends on how the threads split it."""
+    total = _math.typed(0, a)
+    for i in range(a.size):
+        total += a[i]
+    return total
 
 
 def softmax_cross_entropy(logits, labels, dlogits):
@@ -65,7 +75,7 @@ def pointwise_loss(op, name):
         for c in prange(partial.size):
             lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
             partial[c] = span(pred[lo:hi], target[lo:hi], scale, grad[lo:hi])
-        return partial.sum()
+        return _serial_sum(partial)
 
     kernel.__name__ = kernel.__qualname__ = name
     return jit(kernel, parallel=True)

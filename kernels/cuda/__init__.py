@@ -15,7 +15,9 @@ from ._launch import STATS as launch_stats
 from ._launch import CapturedStep, ascontiguous, empty
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
+from .batchnorm import batchnorm_backward, batchnorm_eval, batchnorm_forward
 from .dropout import dropout
+from .fused import bias_act_backward, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
@@ -27,5 +29,6 @@ __all__ = [
     "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward",
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward",
     "softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step",
-    "adam_step", "rmsprop_step", "adagrad_step", "adadelta_step",
+    "adam_step", "rmsprop_step", "adagrad_step", "adadelta_step", "bias_act_backward", "segment_norms",
+    "batchnorm_forward", "batchnorm_eval", "batchnorm_backward",
 ]

@@ -9,7 +9,9 @@ import numpy as np
 
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
+from .batchnorm import batchnorm_backward, batchnorm_eval, batchnorm_forward
 from .dropout import dropout
+from .fused import bias_act_backward, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step

@@ -1,0 +1,114 @@
+"""The fused training-step kernels (bias_act_backward, segment_norms): every backend against the
+NumPy reference over many shapes and layouts, bit-equality of the numba version with the two calls
+it replaces, the parallel paths, and the public API's argument checks."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernels
+from helpers import SIZES_1D, SIZES_2D, arrays, assert_close, reference
+from kernels.cpu.activations import PARALLEL_MIN
+from kernels.cpu.fused import NORMS_PARALLEL_MIN
+
+ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh"]
+
+
+def _separately(y, dy, activation, alpha):
+    """dz and db by the two public kernels the fused one replaces."""
+    extra = (alpha,) if activation == "leaky_relu" else ()
+    dz = getattr(kernels, activation + "_backward")(y, dy, *extra)
+    return dz, kernels.bias_grad(dz)
+
+
+@given(data=st.data(), shape=st.tuples(SIZES_2D, SIZES_2D), activation=st.sampled_from(ACTIVATIONS))
+def test_bias_act_backward_matches_reference(backend, data, shape, activation):
+    y = data.draw(arrays(shape))
+    if activation in ("sigmoid", "tanh"):  # a forward output: in (0, 1) or (-1, 1)
+        y = np.tanh(y) if activation == "tanh" else 1 / (1 + np.exp(-y))
+    dy = data.draw(arrays(shape, dtype=y.dtype))
+    dz, db = kernels.bias_act_backward(backend.to(y), backend.to(dy), activation, alpha=0.2)
+    ref_dz, ref_db = reference(kernels.bias_act_backward, y, dy, activation, alpha=0.2)
+    assert_close(backend.get(dz), ref_dz)  # (compiled backends may contract a product into an FMA)
+    atol = 4 * np.finfo(y.dtype).eps * np.abs(ref_dz).sum(axis=0).max(initial=0)  # column sums: any order
+    assert_close(backend.get(db), ref_db, atol=atol)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 19), (PARALLEL_MIN // 300 + 5, 300)])  # serial and parallel
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_numba_bias_act_backward_is_bit_identical_to_the_separate_kernels(shape, activation):
+    rng = np.random.default_rng(0)
+    y, dy = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    with kernels.use_backend("numba"):
+        fused = kernels.bias_act_backward(y, dy, activation, alpha=0.3)
+        separate = _separately(y, dy, activation, 0.3)
+    for got, expected in zip(fused, separate):
+        np.testing.assert_array_equal(got, expected)
+
+
+def _offsets(data, n):
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=5)))
+    return np.array([0, *cuts, n], np.int64)
+
+
+@given(data=st.data(), n=SIZES_1D)
+def test_segment_norms_match_reference(backend, data, n):
+    x = data.draw(arrays((n,)))
+    offsets = _offsets(data, n)
+    got = backend.get(kernels.segment_norms(backend.to(x), backend.to(offsets)))
+    expected = np.array([np.linalg.norm(x[a:b].astype(np.float64)) for a, b in zip(offsets[:-1], offsets[1:])])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(reference(kernels.segment_norms, x, offsets), expected, rtol=1e-12)
+
+
+def test_segment_norms_parallel_path_and_special_values(fast_backend):
+    n = NORMS_PARALLEL_MIN + 12345 if not fast_backend.simulated else 300
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[3] = np.float32(3e38)  # squares overflow float32, not the float64 sum
+    offsets = np.array([0, 10, 10, n // 3, n - 5, n])
+    x[n - 2] = np.inf
+    x[n // 3 + 1] = np.nan
+    got = fast_backend.get(kernels.segment_norms(fast_backend.to(x), fast_backend.to(offsets)))
+    expected = reference(kernels.segment_norms, x, offsets)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert np.isfinite(got[0]) and got[0] > 3e38 and got[1] == 0 and np.isnan(got[3]) and got[4] == np.inf
+
+
+def test_segment_norms_do_not_depend_on_the_thread_count():
+    import numba
+
+    x = np.random.default_rng(2).standard_normal(NORMS_PARALLEL_MIN * 3 + 7).astype(np.float32)
+    offsets = np.array([0, 5, NORMS_PARALLEL_MIN * 2, x.size])
+    results = []
+    with kernels.use_backend("numba"):
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            results.append(kernels.segment_norms(x, offsets))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_bad_arguments_raise_naming_them():
+    y = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kernels.bias_act_backward(y, y, "softmax")
+    with pytest.raises(ValueError, match="dy"):
+        kernels.bias_act_backward(y, y[:2], "relu")
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.bias_act_backward(y, y.astype(np.float64), "relu")
+    with pytest.raises(TypeError, match="bias_out"):
+        kernels.bias_act_backward(y, y, "relu", bias_out=np.zeros(4, np.float64))
+    with pytest.raises(ValueError, match="overlap|share"):
+        kernels.bias_act_backward(y, y.copy(), "relu", out=y)
+    x = np.ones(10, np.float32)
+    with pytest.raises(TypeError, match="offsets must be a 1-D integer array"):
+        kernels.segment_norms(x, np.array([0.0, 10.0]))
+    with pytest.raises(ValueError, match="non-decreasing within \\[0, 10\\]"):
+        kernels.segment_norms(x, np.array([0, 11]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        kernels.segment_norms(x, np.array([0, 5, 3, 10]))
+    with pytest.raises(ValueError, match="x"):
+        kernels.segment_norms(np.ones((2, 5), np.float32), np.array([0, 10]))
