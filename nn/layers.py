@@ -14,12 +14,15 @@ import numpy as np
 import kernels
 
 from ._device import namespace, to_host
+from .distributed import Communicator
 
 INITS = ("he", "xavier", "glorot", "normal", "zeros")
 
 
 class Layer:
     """Base class. Subclasses set ``param_shapes`` in ``build`` and implement forward/backward."""
+
+    comm = Communicator()  # distributed: the trainer's communicator (Dropout and BatchNorm use it)
 
     def __init__(self):
         self.name = None
@@ -208,10 +211,11 @@ class Dropout(Layer):
             return x
         self._seed = (self.seed_base + self.calls) % 2**64
         self.calls += 1
-        return kernels.dropout(x, self.rate, self._seed)
+        self._offset = self.comm.offset * math.prod(x.shape[1:])  # distributed: global sample index
+        return kernels.dropout(x, self.rate, self._seed, offset=self._offset)
 
     def backward(self, dy, need_dx=True):
-        return dy if self._seed is None else kernels.dropout(dy, self.rate, self._seed)
+        return dy if self._seed is None else kernels.dropout(dy, self.rate, self._seed, offset=self._offset)
 
     def state(self):
         return {"calls": np.array(self.calls, np.int64)}
@@ -253,9 +257,7 @@ class BatchNorm(Layer):
 
     def forward(self, x, training):
         if training:
-            n = x.shape[0]
-            mean = x.mean(axis=0)
-            var = x.var(axis=0)
+            mean, var, n = self.comm.moments(x)  # distributed: over the global batch
             m = self.momentum
             self.running_mean *= 1 - m
             self.running_mean += m * mean
@@ -265,19 +267,19 @@ class BatchNorm(Layer):
             mean, var = self.running_mean, self.running_var
         inv_std = 1 / self.xp.sqrt(var + self.eps)
         xhat = (x - mean) * inv_std
-        self._cache = (xhat, inv_std) if training else None
+        self._cache = (xhat, inv_std, n) if training else None
         return xhat * self.params["gamma"] + self.params["beta"]
 
     def backward(self, dy, need_dx=True):
         if self._cache is None:
             raise RuntimeError(f"{self.name}: backward needs a forward pass in training mode first")
-        xhat, inv_std = self._cache
+        xhat, inv_std, n = self._cache
         dgamma = self.grads["gamma"]
         dgamma[...] = (dy * xhat).sum(axis=0)
         dbeta = kernels.bias_grad(dy, out=self.grads["beta"])
         if not need_dx:
             return None
-        n = dy.shape[0]
+        dbeta, dgamma = self.comm.sum_arrays(dbeta, dgamma)  # distributed: over the global batch
         return (self.params["gamma"] * inv_std / n) * (n * dy - dbeta - xhat * dgamma)
 
     def state(self):
