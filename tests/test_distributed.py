@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numba
 import numpy as np
 import pytest
 
@@ -83,7 +84,8 @@ def job(name, out):
     rank = trainer.comm.rank
     np.savez(os.path.join(out, f"rank{rank}.npz"), params=to_host(trainer.model.params),
              **{f"state/{k}": v for k, v in trainer.model.state().items()},
-             **{f"history/{k}": np.array(v) for k, v in history.history.items()}, size=trainer.comm.size)
+             **{f"history/{k}": np.array(v) for k, v in history.history.items()}, size=trainer.comm.size,
+             threads=numba.get_num_threads())
 
 
 def mpirun(ranks, name, out, timeout=120):
@@ -121,6 +123,9 @@ def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
         for key in results[0]:
             assert r[key].tobytes() == results[0][key].tobytes(), key
     assert int(results[0]["size"]) == ranks
+    cores = len(os.sched_getaffinity(0))  # the ranks share this machine's cores unless told otherwise
+    threads = os.environ.get("NUMBA_NUM_THREADS") or max(1, min(numba.config.NUMBA_NUM_THREADS, cores // ranks))
+    assert int(results[0]["threads"]) == int(threads)
     trainer, history = single(kind)
     assert relative(results[0]["params"], trainer.model.params) < 1e-5
     for key, value in trainer.model.state().items():  # BatchNorm running statistics, Dropout counters
