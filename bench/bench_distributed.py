@@ -119,11 +119,31 @@ def run_layout(ranks, threads, overlap, config, smoke):
     return report
 
 
+def step_model(step_s, nbytes, ranks, gbit):
+    """Predicted step time at ``ranks`` ranks (one per machine) for a global batch that takes ``step_s`` on
+    one: compute / N plus a ring allreduce's 2 (N - 1) / N x buffer bytes over a ``gbit`` Gbit/s link."""
+    return step_s / ranks + 2 * (ranks - 1) / ranks * nbytes / (gbit * 1e9 / 8)
+
+
+def model_table(measured, ranks=(2, 4, 8, 16), links=(10, 100)):
+    """Markdown: predicted step ms and speed-up over one rank, from each model's measured 1x2 step."""
+    header = ["model", "buffer MB", "1 rank ms"] + [f"{n} ranks, {g} Gbit/s" for g in links for n in ranks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config, r in measured.items():
+        step, nbytes = r["step_ms"] / 1e3, r["buffer_bytes"]
+        cells = [f"{1e3 * step_model(step, nbytes, n, g):.2f} ms ({step / step_model(step, nbytes, n, g):.1f}x)"
+                 for g in links for n in ranks]
+        lines.append("| " + " | ".join([config, f"{nbytes / 1e6:.2f}", f"{1e3 * step:.2f}"] + cells) + " |")
+    return "\n".join(lines)
+
+
 def table(configs=CONFIGS, smoke=False):
-    rows = []
+    """Markdown: every layout of every configuration; and the 1x2 results by configuration."""
+    rows, single = [], {}
     for config in configs:
         results = {f"{ranks}x{threads}" + (" overlap" if overlap else ""):
                    run_layout(ranks, threads, overlap, config, smoke) for ranks, threads, overlap in LAYOUTS}
+        single[config] = results["1x2"]
         base = results["1x2"]["samples_per_s"]
         for name, r in results.items():
             rows.append((config, CONFIGS[config][0], name, r["samples_per_s"], r["samples_per_s"] / base, r["step_ms"],
@@ -133,13 +153,16 @@ def table(configs=CONFIGS, smoke=False):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| {} | {} | {} | {:.0f} | {:.2f} | {:.3f} | {:.1f} | {:.3f} | {} |".format(*row))
-    return "\n".join(lines)
+    return "\n".join(lines), single
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install kernels-nn[mpi])")
 def test_distributed_bench_smoke():
     """Every layout runs on the smallest configuration (a couple of steps); nothing is timed."""
-    assert table(["64-128-10"], smoke=True).count("\n") == 1 + len(LAYOUTS)
+    text, single = table(["64-128-10"], smoke=True)
+    assert text.count("\n") == 1 + len(LAYOUTS)
+    assert model_table(single).count("\n") == 2
+    assert step_model(1.0, 0, 4, 10) == 0.25 and step_model(0.0, 1.25e9, 2, 10) == 1.0  # 1.25 GB/s = 10 Gbit/s
 
 
 def main(argv=None):
@@ -151,7 +174,9 @@ def main(argv=None):
         model, batch, steps, epochs = args.worker
         worker([int(w) for w in model.split("-")], int(batch), int(steps), int(epochs), args.overlap)
     else:
-        print(table())
+        text, single = table()
+        print(text + "\n\nPredicted step time at N ranks, one per machine (compute / N + ring allreduce):\n")
+        print(model_table(single))
 
 
 if __name__ == "__main__":
