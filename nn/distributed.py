@@ -17,7 +17,9 @@ depend on the number of ranks beyond float rounding:
 - ``shard(n)``, ``is_root``, ``barrier()``: evaluation shares, printing and checkpoint writes on rank 0.
 
 :class:`Communicator` is one process (every reduction is the identity); :class:`MPICommunicator` runs
-over mpi4py (host arrays); :class:`NCCLCommunicator` reduces device arrays with NCCL (CuPy).
+over mpi4py (host arrays; between the ranks of one machine through shared memory, :class:`NodeSum`);
+:class:`NCCLCommunicator` reduces device arrays with NCCL (CuPy). ``fit``, ``evaluate`` and ``save`` are
+collective: every rank calls them in the same order.
 """
 
 import os
