@@ -5,7 +5,7 @@
 For the three benchmark MLPs (Adam, synthetic data, numba backend) it prints samples/s per layout, the
 2-rank/1-rank ratio, the time spent in the gradient allreduce during training (waiting for the slower
 rank included) as a share of the step, the allreduce alone (median of back-to-back calls on the same
-buffer; the communicator's, through shared memory between local ranks, and MPI_Allreduce's), the measured single-rank step time, and the same run with the allreduce overlapped with backward
+buffer), the measured single-rank step time, and the same run with the allreduce overlapped with backward
 (``--overlap``: each layer's gradient slice is reduced with ``Iallreduce`` as soon as backward has written
 it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; each figure
 is the median of the timed epochs. ``pytest bench/bench_distributed.py`` runs a short smoke version.
@@ -78,22 +78,21 @@ def worker(widths, batch, steps, epochs, overlap):
         trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
         epoch_times.append(time.perf_counter() - t0)
         reduce_times.append(reduce_time[0])
-    alone = {"ours": [], "mpi": []}
+    alone = []
     if comm.size > 1:
-        buffer = np.ones_like(model.grads)
+        buffer = np.zeros_like(model.grads)
         for _ in range(30):
-            for name, reduce in (("ours", comm._allreduce), ("mpi", lambda b: comm.comm.Allreduce(comm.MPI.IN_PLACE, b))):
-                comm.barrier()
-                t0 = time.perf_counter()
-                reduce(buffer)
-                alone[name].append(time.perf_counter() - t0)
+            comm.barrier()
+            t0 = time.perf_counter()
+            comm.comm.Allreduce(comm.MPI.IN_PLACE, buffer)
+            alone.append(time.perf_counter() - t0)
     if comm.is_root:
         import numba
 
         epoch = float(np.median(epoch_times[1:]))
         print(json.dumps({"samples_per_s": n / epoch, "step_ms": 1e3 * epoch / steps,
                           "reduce_share": float(np.median(reduce_times[1:])) / epoch,
-                          **{f"{k}_allreduce_ms": 1e3 * float(np.median(v)) if v else 0.0 for k, v in alone.items()},
+                          "allreduce_ms": 1e3 * float(np.median(alone)) if alone else 0.0,
                           "buffer_bytes": int(model.grads.nbytes), "threads": numba.get_num_threads()}))
 
 
@@ -148,12 +147,12 @@ def table(configs=CONFIGS, smoke=False):
         base = results["1x2"]["samples_per_s"]
         for name, r in results.items():
             rows.append((config, CONFIGS[config][0], name, r["samples_per_s"], r["samples_per_s"] / base, r["step_ms"],
-                         100 * r["reduce_share"], r["ours_allreduce_ms"], r["mpi_allreduce_ms"], r["buffer_bytes"]))
+                         100 * r["reduce_share"], r["allreduce_ms"], r["buffer_bytes"]))
     header = ("model", "batch", "ranks x threads", "samples/s", "vs 1x2", "step ms", "allreduce % of step",
-              "allreduce alone ms", "MPI_Allreduce alone ms", "buffer bytes")
+              "allreduce alone ms", "buffer bytes")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| {} | {} | {} | {:.0f} | {:.2f} | {:.3f} | {:.1f} | {:.3f} | {:.3f} | {} |".format(*row))
+        lines.append("| {} | {} | {} | {:.0f} | {:.2f} | {:.3f} | {:.1f} | {:.3f} | {} |".format(*row))
     return "\n".join(lines), single
 
 

@@ -17,9 +17,8 @@ depend on the number of ranks beyond float rounding:
 - ``shard(n)``, ``is_root``, ``barrier()``: evaluation shares, printing and checkpoint writes on rank 0.
 
 :class:`Communicator` is one process (every reduction is the identity); :class:`MPICommunicator` runs
-over mpi4py (host arrays; between the ranks of one machine through shared memory, :class:`NodeSum`);
-:class:`NCCLCommunicator` reduces device arrays with NCCL (CuPy). ``fit``, ``evaluate`` and ``save`` are
-collective: every rank calls them in the same order.
+over mpi4py (host arrays); :class:`NCCLCommunicator` reduces device arrays with NCCL (CuPy).
+``fit``, ``evaluate`` and ``save`` are collective: every rank calls them in the same order.
 """
 
 import os
@@ -127,10 +126,9 @@ class MPICommunicator(Communicator):
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
-        self.node_sum = NodeSum(self) if self.local_size > 1 and self.comm.allreduce(
-            self.local_size, op=MPI.MIN) == self.comm.allreduce(self.local_size, op=MPI.MAX) else None
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
         if self.size > 1:
             _abort_on_uncaught_exception(self.comm, self.rank)
         if "NUMBA_NUM_THREADS" not in os.environ:
@@ -177,52 +175,7 @@ class MPICommunicator(Communicator):
 
     def _allreduce(self, buffer):
         """Sum a contiguous host buffer over ranks, in place."""
-        if self.node_sum is not None:
-            self.node_sum(buffer)
-        else:
-            self.comm.Allreduce(self.MPI.IN_PLACE, buffer)
-
-
-class NodeSum:
-    """Allreduce of host buffers through memory shared by the ranks of each machine (when every machine
-    runs the same number of ranks): each rank copies its buffer into its slot of a shared window, sums its
-    1/L part of the L slots into a result slot (allreducing that part with the ranks of the same local rank
-    on the other machines), and copies the result out. Each element is summed once, in rank order, so every
-    rank gets the same bits. Slots have a fixed stride, so a rank writing its slot for the next call never
-    touches the result another rank is still copying out."""
-
-    def __init__(self, communicator):
-        self.MPI, self.local = communicator.MPI, communicator.local
-        self.rank, self.ranks = self.local.Get_rank(), self.local.Get_size()
-        self.cross = communicator.comm.Split(self.rank, communicator.rank)
-        self.window, self.stride, self.memory = None, 0, None
-
-    def _slot(self, i, buffer):
-        """Slot ``i`` (0: the result, 1 + r: rank r's copy) as an array like ``buffer``; the window grows
-        (collectively: every rank reduces the same sizes in the same order) when it is too small."""
-        if buffer.nbytes > self.stride:
-            if self.window is not None:
-                self.local.Barrier()
-                self.window.Free()
-            self.stride = max(buffer.nbytes, 2 * self.stride)
-            size = (self.ranks + 1) * self.stride
-            self.window = self.MPI.Win.Allocate_shared(size if self.rank == 0 else 0, 1, comm=self.local)
-            self.memory = np.frombuffer(self.window.Shared_query(0)[0], np.uint8)
-        start = i * self.stride
-        return self.memory[start:start + buffer.nbytes].view(buffer.dtype)
-
-    def __call__(self, buffer):
-        self._slot(1 + self.rank, buffer)[...] = buffer
-        self.local.Barrier()  # every copy written
-        part = slice(self.rank * buffer.size // self.ranks, (self.rank + 1) * buffer.size // self.ranks)
-        total = self._slot(0, buffer)[part]
-        np.add(self._slot(1, buffer)[part], self._slot(2, buffer)[part], out=total)
-        for r in range(2, self.ranks):
-            total += self._slot(1 + r, buffer)[part]
-        if self.cross.Get_size() > 1:
-            self.cross.Allreduce(self.MPI.IN_PLACE, total)
-        self.local.Barrier()  # every part summed
-        buffer[...] = self._slot(0, buffer)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buffer)
 
 
 class NCCLCommunicator(MPICommunicator):

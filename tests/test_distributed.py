@@ -72,17 +72,6 @@ def job(name, out):
     """What every rank runs; writes ``rank<r>.npz`` (weights, layer state, history) into ``out``."""
     kernels.set_backend("numba")
     trainer = None
-    if name == "node_sum":  # 4 ranks as 2 pretend machines of 2 ranks: shared memory, then across machines
-        comm = distributed.MPICommunicator()
-        comm.local = comm.comm.Split(comm.rank // 2, comm.rank)
-        node_sum = distributed.NodeSum(comm)
-        sums = {}
-        for n in (5, 1000, 3, 20000, 7):  # the window grows, smaller buffers follow larger ones
-            x = np.random.default_rng([n, comm.rank]).standard_normal(n).astype(np.float32)
-            node_sum(x)
-            sums[f"n{n}"] = x
-        np.savez(os.path.join(out, f"rank{comm.rank}.npz"), cross=node_sum.cross.Get_size(), **sums)
-        return
     if name == "boom":
         model = nn.Sequential([nn.Dense(8, activation="relu"), Boom(), nn.Dense(3)], seed=1)
         X, y = dataset()
@@ -143,18 +132,6 @@ def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
         np.testing.assert_allclose(results[0][f"state/{key}"], value, rtol=1e-5, atol=1e-6)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):  # metrics reduced over ranks
         np.testing.assert_allclose(results[0][f"history/{key}"], history[key], rtol=1e-5)
-
-
-@needs_mpi
-def test_node_sum_through_shared_memory_and_across_machines(tmp_path):
-    results = run_ranks(4, "node_sum", tmp_path)
-    for n in (5, 1000, 3, 20000, 7):
-        expected = sum(np.random.default_rng([n, r]).standard_normal(n).astype(np.float32).astype(np.float64)
-                       for r in range(4))
-        for r in results:
-            assert r[f"n{n}"].tobytes() == results[0][f"n{n}"].tobytes()
-            assert int(r["cross"]) == 2
-        np.testing.assert_allclose(results[0][f"n{n}"], expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_mpi
