@@ -69,12 +69,14 @@ class Communicator:
         """Before training on ``n`` rows in global batches of ``batch_size``: check that every batch
         gives each rank a row, give the model's layers this communicator, broadcast rank 0's state."""
         last = n % batch_size
-        if batch_size < self.size or 0 < last < self.size:
-            small = batch_size if batch_size < self.size else last
-            raise ValueError(
-                f"{self.size} ranks share each global batch, but batch_size={batch_size} with {n} training "
-                f"samples gives a batch of {small} samples, fewer than the ranks: use at most {small} ranks, "
-                f"or a batch size of at least {self.size} that leaves no last batch of 1 to {self.size - 1}")
+        if batch_size < self.size:
+            raise ValueError(f"{self.size} ranks share each global batch, but batch_size={batch_size} is smaller: "
+                             f"use a batch size of at least {self.size}, or at most {batch_size} ranks")
+        if 0 < last < self.size:
+            raise ValueError(f"{self.size} ranks share each global batch, but the last batch of each epoch has "
+                             f"{last} samples ({n} training samples, batch_size={batch_size}): use a batch size "
+                             f"that leaves 0 or at least {self.size} samples for the last batch, or at most "
+                             f"{last} ranks")
         for layer in model.layers:
             layer.comm = self
         self.broadcast_model(model)
