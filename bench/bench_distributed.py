@@ -8,7 +8,8 @@ rank included) as a share of the step, the allreduce alone (median of back-to-ba
 buffer), the measured single-rank step time, and the same run with the allreduce overlapped with backward
 (``--overlap``: each layer's gradient slice is reduced with ``Iallreduce`` as soon as backward has written
 it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; each figure
-is the median of the timed epochs ("best epoch": the fastest one, the least disturbed on a shared machine). ``pytest bench/bench_distributed.py`` runs a short smoke version.
+is the median of the timed epochs ("best epoch": the fastest one, the least disturbed on a shared
+machine). ``pytest bench/bench_distributed.py`` runs a short smoke version.
 """
 
 import argparse
@@ -150,8 +151,8 @@ def table(configs=CONFIGS, smoke=False):
             rows.append((config, CONFIGS[config][0], name, r["samples_per_s"], r["best_samples_per_s"],
                          r["samples_per_s"] / base, r["step_ms"],
                          100 * r["reduce_share"], r["allreduce_ms"], r["buffer_bytes"]))
-    header = ("model", "batch", "ranks x threads", "samples/s", "best epoch", "vs 1x2", "step ms", "allreduce % of step",
-              "allreduce alone ms", "buffer bytes")
+    header = ("model", "batch", "ranks x threads", "samples/s", "best epoch", "vs 1x2", "step ms",
+              "allreduce % of step", "allreduce alone ms", "buffer bytes")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| {} | {} | {} | {:.0f} | {:.0f} | {:.2f} | {:.3f} | {:.1f} | {:.3f} | {} |".format(*row))

@@ -14,8 +14,8 @@ import pytest
 
 import kernels
 import nn
-from nn import distributed
 from kernels.reference.dropout import keep_threshold, random_bits
+from nn import distributed
 from nn._device import to_host
 from nn.distributed import Communicator
 
