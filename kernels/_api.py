@@ -6,6 +6,8 @@ buffers written in place must already be C-contiguous), and an output buffer tha
 ``out=`` or freshly allocated on the input's device.
 """
 
+import numbers
+
 from . import _checks as check
 from ._dispatch import select
 
@@ -198,14 +200,21 @@ def bias_grad(dy, *, out=None):
     return out
 
 
-def dropout(x, p, seed, *, out=None):
+def dropout(x, p, seed, *, offset=0, out=None):
     """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
 
-    The mask depends only on (seed, element index), so it is the same on every backend and thread
-    count, and the backward pass is this same call on ``dy`` with the same ``p`` and ``seed``.
+    The mask depends only on (seed, offset + element index), so it is the same on every backend and
+    thread count, and the backward pass is this same call on ``dy`` with the same ``p``, ``seed`` and
+    ``offset``. ``offset`` (an integer in [0, 2**64)) makes ``x`` draw the mask of elements
+    ``offset..offset + x.size - 1`` of a larger array: rows ``r..`` of a batch with ``f`` features take
+    ``offset=r * f`` and get the same mask as in the whole batch (data-parallel ranks do this).
     """
     p = check.scalar("p", p, low=0.0, high=1.0, high_open=True)
-    return _elementwise("dropout", x, out, p, check.seed(seed))
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"offset must be an integer, got {type(offset).__name__}")
+    if not 0 <= offset < 2**64:
+        raise ValueError(f"offset must be in [0, 2**64), got {offset}")
+    return _elementwise("dropout", x, out, p, check.seed(seed), int(offset))
 
 
 # ---- optimizers ------------------------------------------------------------------------------------

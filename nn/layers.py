@@ -18,6 +18,7 @@ import kernels
 from kernels import _dispatch
 
 from ._device import namespace, to_host
+from .distributed import Communicator
 
 INITS = ("he", "xavier", "glorot", "normal", "zeros")
 
@@ -26,6 +27,7 @@ class Layer:
     """Base class. Subclasses set ``param_shapes`` in ``build`` and implement forward/backward."""
 
     k = None  # the backend module whose kernels the layer calls, set by Sequential
+    comm = Communicator()  # distributed: the trainer's communicator (Dropout and BatchNorm use it)
 
     def __init__(self):
         self.name = None
@@ -240,15 +242,16 @@ class Dropout(Layer):
             return x
         self._seed = (self.seed_base + self.calls) % 2**64
         self.calls += 1
+        self._offset = self.comm.offset * math.prod(x.shape[1:])  # distributed: global sample index
         y = self.buffer("y", x.shape)
-        self.k.dropout(x.reshape(-1), self.rate, self._seed, y.reshape(-1))
+        self.k.dropout(x.reshape(-1), self.rate, self._seed, self._offset, y.reshape(-1))
         return y
 
     def backward(self, dy, need_dx=True):
         if self._seed is None:
             return dy
         dx = self.buffer("dx", dy.shape)
-        self.k.dropout(dy.reshape(-1), self.rate, self._seed, dx.reshape(-1))
+        self.k.dropout(dy.reshape(-1), self.rate, self._seed, self._offset, dx.reshape(-1))
         return dx
 
     def state(self):
@@ -293,23 +296,52 @@ class BatchNorm(Layer):
         y = self.buffer("y", x.shape)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if training:
+            if self.comm.size > 1:
+                return self._forward_global(x)
             xhat, inv_std = self.buffer("xhat", x.shape), self.buffer("inv_std", (x.shape[1],))
             self.k.batchnorm_forward(x, gamma, beta, self.running_mean, self.running_var, self.momentum, self.eps,
                                      y, xhat, inv_std)
-            self._cache = (xhat, inv_std)
+            self._cache = (xhat, inv_std, None)
         else:
             self.k.batchnorm_eval(x, gamma, beta, self.running_mean, self.running_var, self.eps, y)
             self._cache = None
         return y
 
+    def _forward_global(self, x):
+        """Training forward on several ranks: statistics over the global batch (one small allreduce), in
+        array operations rather than the single-process kernels, which see only this rank's rows."""
+        mean, var, n = self.comm.moments(x)  # distributed: over the global batch
+        m = self.momentum
+        self.running_mean *= 1 - m
+        self.running_mean += m * mean
+        self.running_var *= 1 - m
+        self.running_var += (m * n / max(n - 1, 1)) * var
+        inv_std = 1 / self.xp.sqrt(var + self.eps)
+        xhat = (x - mean) * inv_std
+        self._cache = (xhat, inv_std, n)
+        return xhat * self.params["gamma"] + self.params["beta"]
+
     def backward(self, dy, need_dx=True):
         if self._cache is None:
             raise RuntimeError(f"{self.name}: backward needs a forward pass in training mode first")
-        xhat, inv_std = self._cache
+        xhat, inv_std, n = self._cache
+        if n is not None:
+            return self._backward_global(dy, xhat, inv_std, n, need_dx)
         dx = self.buffer("dx", dy.shape)
         self.k.batchnorm_backward(dy, xhat, self.params["gamma"], inv_std, dx, self.grads["gamma"],
                                   self.grads["beta"])
         return dx if need_dx else None
+
+    def _backward_global(self, dy, xhat, inv_std, n, need_dx):
+        """Backward of :meth:`_forward_global`: the local dgamma/dbeta go into grads (the gradient
+        allreduce sums them), dx needs their global sums."""
+        dgamma = self.grads["gamma"]
+        dgamma[...] = (dy * xhat).sum(axis=0)
+        dbeta = kernels.bias_grad(dy, out=self.grads["beta"])
+        if not need_dx:
+            return None
+        dbeta, dgamma = self.comm.sum_arrays(dbeta, dgamma)  # distributed: over the global batch
+        return (self.params["gamma"] * inv_std / n) * (n * dy - dbeta - xhat * dgamma)
 
     def state(self):
         return {"running_mean": to_host(self.running_mean), "running_var": to_host(self.running_var)}

@@ -3,9 +3,11 @@
     python -m nn.train                      # sklearn's digits, numba backend, ~0.97 test accuracy
     python -m nn.train --backend numpy --epochs 10 --plot curves.png --save model.npz
     python -m nn.train --data ~/mnist       # MNIST IDX files (or --data mnist.npz with x/y arrays)
+    mpiexec -n 2 python -m nn.train         # data-parallel on 2 ranks: the same model as on 1
 
 Prints a progress bar and per-epoch training/validation loss and accuracy, then samples per second and,
-last, ``test accuracy: X``.
+last, ``test accuracy: X``. Launched by ``mpiexec``/``srun`` on several ranks, it trains data-parallel
+(``--batch-size`` is the global batch, shared by the ranks) and only rank 0 prints and saves.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import time
 import kernels
 
 from . import data as datasets
+from . import distributed
 from . import optim
 from .callbacks import EarlyStopping
 from .layers import Dense, Sequential
@@ -34,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, metavar="FILE", help="write loss and accuracy curves to this PNG")
     p.add_argument("--save", default=None, metavar="FILE", help="save the trained model here (.npz)")
     p.add_argument("--verbose", type=int, default=1, help="0: only the summary lines")
+    p.add_argument("--distributed", choices=("auto", "mpi", "off"), default="auto",
+                   help="auto: data-parallel over MPI when launched on several ranks (mpiexec, srun); "
+                        "off: every rank trains alone")
     return p.parse_args(argv)
 
 
@@ -61,6 +67,8 @@ def main(argv=None):
     """Run the job; returns the test metrics dict."""
     args = parse_args(argv)
     kernels.set_backend(args.backend)
+    comm = distributed.get(args.distributed)  # before the model: on cuda it picks this rank's GPU
+    say = print if comm.is_root else (lambda *a, **k: None)
     (X, y), test = datasets.load(args.data)
     if test is None:
         (X, y), test = datasets.split(X, y, 0.2, args.seed)
@@ -69,9 +77,10 @@ def main(argv=None):
     hidden = [int(h) for h in args.hidden.split(",") if h]
     model = Sequential([Dense(h, activation="relu") for h in hidden] + [Dense(n_classes)], seed=args.seed)
     optimizer = optim.get(args.optimizer, **({} if args.lr is None else {"lr": args.lr}))
-    trainer = Trainer(model, loss="softmax_cross_entropy", optimizer=optimizer)
-    print(f"{len(X_train)} training, {len(val[0])} validation, {len(test[0])} test samples; {X.shape[1]} "
-          f"features, {n_classes} classes; {args.backend} backend; {optimizer}")
+    trainer = Trainer(model, loss="softmax_cross_entropy", optimizer=optimizer, distributed=comm)
+    say(f"{len(X_train)} training, {len(val[0])} validation, {len(test[0])} test samples; {X.shape[1]} "
+        f"features, {n_classes} classes; {args.backend} backend; {optimizer}; {comm.size} rank"
+        + ("s" if comm.size > 1 else ""))
     if args.backend != "cuda":  # compile (or load from Numba's cache) before the clock starts
         kernels.warmup(args.backend, dtypes=("float32",))
     start = time.perf_counter()
@@ -79,16 +88,16 @@ def main(argv=None):
                           seed=args.seed, callbacks=[EarlyStopping(patience=args.patience)], verbose=args.verbose)
     elapsed = time.perf_counter() - start
     metrics = trainer.evaluate(*test)
-    if args.plot:
+    if args.plot and comm.is_root:
         plot(history, args.plot)
         print(f"curves written to {args.plot}")
     if args.save:
         trainer.save(args.save)
-        print(f"model saved to {args.save}")
-    print(f"samples/s: {len(history.epochs) * len(X_train) / elapsed:.0f} ({len(history.epochs)} epochs of "
-          f"{len(X_train)} samples in {elapsed:.2f}s, validation included)")
-    print(f"test loss: {metrics['loss']:.4f}")
-    print(f"test accuracy: {metrics['accuracy']:.4f}")
+        say(f"model saved to {args.save}")
+    say(f"samples/s: {len(history.epochs) * len(X_train) / elapsed:.0f} ({len(history.epochs)} epochs of "
+        f"{len(X_train)} samples in {elapsed:.2f}s, validation included)")
+    say(f"test loss: {metrics['loss']:.4f}")
+    say(f"test accuracy: {metrics['accuracy']:.4f}")
     return metrics
 
 

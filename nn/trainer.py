@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint
+from . import distributed as distributed_
 from . import losses as losses_
 from . import optim
 from ._device import to_host
@@ -84,11 +85,13 @@ class Trainer:
     ``loss``: a name from :mod:`nn.losses` or a Loss; ``optimizer``: a name from :mod:`nn.optim` or an
     Optimizer; ``metrics``: ``("accuracy",)`` by default for classification losses; ``clip_norm``: clip
     the global gradient norm to this; ``schedule``: a learning-rate schedule from :mod:`nn.schedules`;
-    ``health``: a :class:`~nn.health.GradientHealth` (warning thresholds).
+    ``health``: a :class:`~nn.health.GradientHealth` (warning thresholds); ``distributed``: data-parallel
+    training, see :func:`nn.distributed.get` (``"auto"``: over MPI when launched by mpiexec/srun on
+    several ranks; ``"off"``; or a communicator).
     """
 
     def __init__(self, model, loss="softmax_cross_entropy", optimizer="adam", metrics=None, clip_norm=None,
-                 schedule=None, health=None):
+                 schedule=None, health=None, distributed="auto"):
         if not isinstance(model, Sequential):
             raise TypeError(f"model must be a Sequential, got {type(model).__name__}")
         self.model = model
@@ -109,6 +112,7 @@ class Trainer:
         self.epoch = 0
         self.stop_training = False
         self._scratch = {}
+        self.comm = distributed_.get(distributed)
 
     # ---- data ----------------------------------------------------------------------------------------
 
@@ -172,6 +176,8 @@ class Trainer:
         batch_size = len(X) if batch_size is None else batch_size
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        self.comm.setup(self.model, len(X), min(batch_size, len(X)))  # distributed: rank 0's state to all
+        verbose = verbose if self.comm.is_root else 0  # distributed: rank 0 prints
         seed = self.model.seed if seed is None else int(seed)
         history = History()
         self.stop_training = False
@@ -233,6 +239,7 @@ class Trainer:
                   disable=not verbose) as bar, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for step in range(steps):
                 rows = slice(step * batch_size, (step + 1) * batch_size)
+                rows = self.comm.share(rows, n)  # distributed: this rank's rows of the global batch
                 idx = rows if order is None else order[rows]
                 xb, yb = self._batch("x", X, idx), self._batch("y", y, idx)
                 if self.schedule is not None and self.schedule.per == "step":
@@ -245,7 +252,8 @@ class Trainer:
                     raise NonFiniteError(self._where(step) + f"the loss became {loss}{self._culprit(xb)}. "
                                          "The weights were not updated; lower the learning rate, clip "
                                          "gradients (clip_norm=...) or check the data")
-                model.run_backward(dout)
+                model.run_backward(self.comm.weigh(dout))  # distributed: weighted for the global batch
+                self.comm.reduce_gradients(model.grads)  # distributed: sum over ranks
                 norms = self._grad_norms(layers, offsets, step)
                 norm_sums += norms
                 if self.clip_norm is not None:
@@ -258,6 +266,7 @@ class Trainer:
                 if verbose:
                     bar.update(len(xb))
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        total_loss, correct = self.comm.sum(total_loss, correct)  # distributed: over ranks
         logs = {"loss": total_loss / n}
         if self.metrics:
             logs["accuracy"] = float(correct) / n
@@ -322,14 +331,17 @@ class Trainer:
     def _evaluate(self, X, y, batch_size=256):
         model, n = self.model, len(X)
         model.bind_kernels()
+        part = self.comm.shard(n)  # distributed: this rank's rows, the sums reduced below
+        X, y = X[part], y[part]
         total, correct = 0.0, 0
-        for start in range(0, n, batch_size):
+        for start in range(0, len(X), batch_size):
             rows = slice(start, start + batch_size)
             xb, yb = self._batch("x", X, rows), self._batch("y", y, rows)
             out = model.run_forward(xb, training=False)
             total += float(self.loss.compute(model.k, out, yb, self._buffer("dout", out.shape, out.dtype))) * len(xb)
             if self.metrics:
                 correct += self.loss.correct(out, yb)
+        total, correct = self.comm.sum(total, correct)  # distributed: over ranks
         logs = {"loss": total / n}
         if self.metrics:
             logs["accuracy"] = float(correct) / n
@@ -349,7 +361,9 @@ class Trainer:
 
     def save(self, path):
         """Architecture, weights, layer state, optimizer state and epoch count in one ``.npz``, atomically."""
-        checkpoint.save(path, self.model, self.optimizer, {"epoch": self.epoch})
+        if self.comm.is_root:  # distributed: rank 0 writes, the others wait until it is on disk
+            checkpoint.save(path, self.model, self.optimizer, {"epoch": self.epoch})
+        self.comm.barrier()
 
     def restore(self, path):
         """Load a checkpoint saved by :meth:`save` into this trainer's model and optimizer, to resume.

@@ -9,7 +9,7 @@ any number of threads.
 import numpy as np
 from numba import prange
 
-from ..reference.dropout import GAMMA, keep_threshold, mix
+from ..reference.dropout import GAMMA, keep_threshold, mix, stream
 from ._jit import jit
 from ._parallel import chunk, n_chunks, run
 
@@ -32,8 +32,8 @@ def _dropout_chunks(n, *args):
         _dropout(lo, hi, *args)
 
 
-def dropout(x, p, seed, out):
-    """out = x * (1 / (1 - p)) where kept, x * 0 where dropped; the mask depends on (seed, index) only."""
+def dropout(x, p, seed, offset, out):
+    """out = x * (1 / (1 - p)) where kept, x * 0 where dropped; the mask depends on (seed, offset + index) only."""
     t = x.dtype.type
-    run(_dropout, _dropout_chunks, x.size, x, out, np.uint64(mix(seed)), np.uint64(keep_threshold(p)),
+    run(_dropout, _dropout_chunks, x.size, x, out, np.uint64(stream(seed, offset)), np.uint64(keep_threshold(p)),
         t(1 / (1 - p)), t(0))

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..reference.dropout import GAMMA, MUL1, MUL2, keep_threshold, mix
+from ..reference.dropout import GAMMA, MUL1, MUL2, keep_threshold, stream
 from ._launch import ZERO, grid, kernel
 
 _LOW = np.uint64(0xFFFFFFFF)
@@ -45,7 +45,7 @@ def _dropout(x, stream, threshold, scale, out):
         out[i] = x[i] * (scale if (z >> _40) >= threshold else ZERO * scale)
 
 
-def dropout(x, p, seed, out):
+def dropout(x, p, seed, offset, out):
     if out.shape[0]:
-        _dropout[grid(out.shape[0])](x, np.uint64(mix(seed)), np.uint64(keep_threshold(p)),
+        _dropout[grid(out.shape[0])](x, np.uint64(stream(seed, offset)), np.uint64(keep_threshold(p)),
                                      out.dtype.type(1 / (1 - p)), out)

@@ -1,9 +1,11 @@
 """Inverted dropout with a counter-based RNG.
 
-Element ``i`` (its C-order index) is kept when ``bits(seed, i) >= ceil(p * 2**24)``, where ``bits`` is
-the top 24 bits of SplitMix64's output for counter ``i + 1`` of a stream started at ``mix(seed)``. The mask
-depends only on (seed, i): the same on every backend and for any number of threads, and it need not be
-stored, since the backward pass is the same call on ``dy``. Kept values are scaled by ``1 / (1 - p)``.
+Element ``i`` (its C-order index) is kept when ``bits(seed, offset + i) >= ceil(p * 2**24)``, where
+``bits(seed, j)`` is the top 24 bits of SplitMix64's output for counter ``j + 1`` of a stream started at
+``mix(seed)``. The mask depends only on (seed, offset + i): the same on every backend and for any number
+of threads, and it need not be stored, since the backward pass is the same call on ``dy``. ``offset``
+lets a slice of a larger array draw the larger array's mask (a rank's share of a global batch). Kept
+values are scaled by ``1 / (1 - p)``.
 """
 
 import numpy as np
@@ -21,20 +23,25 @@ def mix(z):
     return z ^ (z >> 31)
 
 
+def stream(seed, offset):
+    """The stream's start shifted by ``offset`` counters: counter ``i + 1`` then draws element ``offset + i``."""
+    return (mix(seed) + offset * GAMMA) & MASK64
+
+
 def keep_threshold(p):
     """Integer threshold on the 24 random bits: keep with probability 1 - p (to 2**-24)."""
     return int(np.ceil(p * 2**24))
 
 
-def random_bits(seed, n):
-    """The 24-bit random integers of elements 0..n-1 (uint64 arithmetic wraps modulo 2**64)."""
-    z = np.uint64(mix(seed)) + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(GAMMA))
+def random_bits(seed, n, offset=0):
+    """The 24-bit random integers of elements offset..offset+n-1 (uint64 arithmetic wraps modulo 2**64)."""
+    z = np.uint64(stream(seed, offset)) + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(GAMMA))
     z = (z ^ (z >> np.uint64(30))) * np.uint64(MUL1)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(MUL2)
     z = z ^ (z >> np.uint64(31))
     return z >> np.uint64(40)
 
 
-def dropout(x, p, seed, out):
-    keep = random_bits(seed, x.size).reshape(x.shape) >= keep_threshold(p)
+def dropout(x, p, seed, offset, out):
+    keep = random_bits(seed, x.size, offset).reshape(x.shape) >= keep_threshold(p)
     np.multiply(x, np.where(keep, x.dtype.type(1 / (1 - p)), x.dtype.type(0)), out=out)

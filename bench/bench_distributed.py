@@ -1,0 +1,186 @@
+"""Data-parallel training throughput: 1 rank x 2 threads against 2 ranks x 1 thread (and 1 x 1).
+
+    flock /tmp/kernels-bench.lock python bench/bench_distributed.py     # the table (a few minutes)
+
+For the three benchmark MLPs (Adam, synthetic data, numba backend) it prints samples/s per layout, the
+2-rank/1-rank ratio, the time spent in the gradient allreduce during training (waiting for the slower
+rank included) as a share of the step, the allreduce alone (median of back-to-back calls on the same
+buffer), the measured single-rank step time, and the same run with the allreduce overlapped with backward
+(``--overlap``: each layer's gradient slice is reduced with ``Iallreduce`` as soon as backward has written
+it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; each figure
+is the median of the timed epochs ("best epoch": the fastest one, the least disturbed on a shared
+machine). ``pytest bench/bench_distributed.py`` runs a short smoke version.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+CONFIGS = {"784-256-256-10": (128, 200), "784-1024-1024-10": (256, 40), "64-128-10": (32, 3000)}  # batch, steps
+LAYOUTS = [(1, 2, False), (1, 1, False), (2, 1, False), (2, 1, True)]  # ranks, threads per rank, overlap
+
+
+def overlap_model(model, comm):
+    """Make ``model.backward`` start a non-blocking allreduce of each layer's gradient slice as soon as it
+    is written, and ``comm.reduce_gradients`` wait for them (instead of one blocking allreduce)."""
+    from mpi4py import MPI
+
+    requests, slices = [], [model.slices.get(layer.name) for layer in model.layers]
+
+    def backward(dy):
+        for i in range(len(model.layers) - 1, -1, -1):
+            dy = model.layers[i].backward(dy, need_dx=i > 0)
+            if slices[i] is not None and slices[i].stop > slices[i].start:
+                requests.append(comm.comm.Iallreduce(MPI.IN_PLACE, model.grads[slices[i]]))
+                MPI.Request.Testall(requests)  # let MPI progress what it can
+
+    def reduce_gradients(grads):
+        MPI.Request.Waitall(requests)
+        requests.clear()
+
+    model.backward, comm.reduce_gradients = backward, reduce_gradients
+
+
+def worker(widths, batch, steps, epochs, overlap):
+    """Train and report (rank 0, as one JSON line) the timed epochs' median samples/s and allreduce time."""
+    import kernels
+    import nn
+
+    kernels.set_backend("numba")
+    rng = np.random.default_rng(0)
+    n = batch * steps
+    X, y = rng.standard_normal((n, widths[0])).astype(np.float32), rng.integers(0, widths[-1], n)
+    model = nn.Sequential([nn.Dense(w, activation="relu") for w in widths[1:-1]] + [nn.Dense(widths[-1])],
+                          input_dim=widths[0], seed=0)
+    trainer = nn.Trainer(model, optimizer=nn.Adam(lr=1e-3))
+    comm = trainer.comm
+    if overlap:
+        overlap_model(model, comm)
+    reduce, reduce_time = comm.reduce_gradients, [0.0]
+
+    def timed_reduce(grads):
+        t0 = time.perf_counter()
+        reduce(grads)
+        reduce_time[0] += time.perf_counter() - t0
+
+    comm.reduce_gradients = timed_reduce
+    epoch_times, reduce_times = [], []
+    for _ in range(epochs + 1):
+        reduce_time[0] = 0.0
+        comm.barrier()
+        t0 = time.perf_counter()
+        trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
+        epoch_times.append(time.perf_counter() - t0)
+        reduce_times.append(reduce_time[0])
+    alone = []
+    if comm.size > 1:
+        buffer = np.zeros_like(model.grads)
+        for _ in range(30):
+            comm.barrier()
+            t0 = time.perf_counter()
+            comm.comm.Allreduce(comm.MPI.IN_PLACE, buffer)
+            alone.append(time.perf_counter() - t0)
+    if comm.is_root:
+        import numba
+
+        epoch = float(np.median(epoch_times[1:]))
+        print(json.dumps({"samples_per_s": n / epoch, "best_samples_per_s": n / min(epoch_times[1:]),
+                          "step_ms": 1e3 * epoch / steps,
+                          "reduce_share": float(np.median(reduce_times[1:])) / epoch,
+                          "allreduce_ms": 1e3 * float(np.median(alone)) if alone else 0.0,
+                          "buffer_bytes": int(model.grads.nbytes), "threads": numba.get_num_threads()}))
+
+
+def run_layout(ranks, threads, overlap, config, smoke):
+    """One layout's JSON line; several ranks get cores / ranks Numba threads by default (checked)."""
+    batch, steps = CONFIGS[config]
+    epochs = 1 if smoke else 7
+    steps = 2 * ranks if smoke else steps
+    command = [sys.executable, os.path.abspath(__file__), "--worker", config, str(batch), str(steps), str(epochs)]
+    command += ["--overlap"] if overlap else []
+    if ranks > 1:
+        command = [shutil.which("mpiexec"), "-n", str(ranks)] + command
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("NUMBA_NUM_THREADS", None)
+    if ranks == 1:
+        env["NUMBA_NUM_THREADS"] = str(threads)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+    if result.returncode:
+        raise RuntimeError(f"{ranks} ranks on {config} failed:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if threads <= len(os.sched_getaffinity(0)) // ranks:
+        assert report["threads"] == threads, report
+    return report
+
+
+def step_model(step_s, nbytes, ranks, gbit):
+    """Predicted step time at ``ranks`` ranks (one per machine) for a global batch that takes ``step_s`` on
+    one: compute / N plus a ring allreduce's 2 (N - 1) / N x buffer bytes over a ``gbit`` Gbit/s link."""
+    return step_s / ranks + 2 * (ranks - 1) / ranks * nbytes / (gbit * 1e9 / 8)
+
+
+def model_table(measured, ranks=(2, 4, 8, 16), links=(10, 100)):
+    """Markdown: predicted step ms and speed-up over one rank, from each model's measured 1x2 step."""
+    header = ["model", "buffer MB", "1 rank ms"] + [f"{n} ranks, {g} Gbit/s" for g in links for n in ranks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config, r in measured.items():
+        step, nbytes = r["step_ms"] / 1e3, r["buffer_bytes"]
+        cells = [f"{1e3 * step_model(step, nbytes, n, g):.2f} ms ({step / step_model(step, nbytes, n, g):.1f}x)"
+                 for g in links for n in ranks]
+        lines.append("| " + " | ".join([config, f"{nbytes / 1e6:.2f}", f"{1e3 * step:.2f}"] + cells) + " |")
+    return "\n".join(lines)
+
+
+def table(configs=CONFIGS, smoke=False):
+    """Markdown: every layout of every configuration; and the 1x2 results by configuration."""
+    rows, single = [], {}
+    for config in configs:
+        results = {f"{ranks}x{threads}" + (" overlap" if overlap else ""):
+                   run_layout(ranks, threads, overlap, config, smoke) for ranks, threads, overlap in LAYOUTS}
+        single[config] = results["1x2"]
+        base = results["1x2"]["samples_per_s"]
+        for name, r in results.items():
+            rows.append((config, CONFIGS[config][0], name, r["samples_per_s"], r["best_samples_per_s"],
+                         r["samples_per_s"] / base, r["step_ms"],
+                         100 * r["reduce_share"], r["allreduce_ms"], r["buffer_bytes"]))
+    header = ("model", "batch", "ranks x threads", "samples/s", "best epoch", "vs 1x2", "step ms",
+              "allreduce % of step", "allreduce alone ms", "buffer bytes")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| {} | {} | {} | {:.0f} | {:.0f} | {:.2f} | {:.3f} | {:.1f} | {:.3f} | {} |".format(*row))
+    return "\n".join(lines), single
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install kernels-nn[mpi])")
+def test_distributed_bench_smoke():
+    """Every layout runs on the smallest configuration (a couple of steps); nothing is timed."""
+    text, single = table(["64-128-10"], smoke=True)
+    assert text.count("\n") == 1 + len(LAYOUTS)
+    assert model_table(single).count("\n") == 2
+    assert step_model(1.0, 0, 4, 10) == 0.25 and step_model(0.0, 1.25e9, 2, 10) == 1.0  # 1.25 GB/s = 10 Gbit/s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python bench/bench_distributed.py", description=__doc__.split("\n")[0])
+    p.add_argument("--worker", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "EPOCHS"), help=argparse.SUPPRESS)
+    p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        model, batch, steps, epochs = args.worker
+        worker([int(w) for w in model.split("-")], int(batch), int(steps), int(epochs), args.overlap)
+    else:
+        text, single = table()
+        print(text + "\n\nPredicted step time at N ranks, one per machine (compute / N + ring allreduce):\n")
+        print(model_table(single))
+
+
+if __name__ == "__main__":
+    main()

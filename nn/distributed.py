@@ -1,0 +1,246 @@
+"""Data-parallel training: one process per rank, each taking its share of every global batch.
+
+The trainer and the layers talk to a communicator through a few calls, and a run's result does not
+depend on the number of ranks beyond float rounding:
+
+- ``setup(model, n, batch_size)`` at the start of ``fit``: rank 0's seed, weights and layer state go to
+  every rank, and the layers (Dropout, BatchNorm) get the communicator;
+- ``share(rows, n)``: this rank's rows of a global batch (rank r of N takes rows ``r*m//N`` to
+  ``(r+1)*m//N`` of its m); it remembers where they start, so Dropout draws the masks of the global
+  sample index, and the rank's weight ``m_r / m``;
+- ``weigh(dloss)``: scales the loss gradient (a mean over the rank's rows) by that weight, so that after
+  backward every rank holds its part of the gradient of the global batch's mean loss;
+- ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (one allreduce);
+- ``sum(*values)``: sums host numbers over ranks (loss totals, accuracy counts);
+- ``moments(x)`` and ``sum_arrays(*arrays)``: BatchNorm's mean and variance over the global batch, and
+  the global sums its backward pass needs;
+- ``shard(n)``, ``is_root``, ``barrier()``: evaluation shares, printing and checkpoint writes on rank 0.
+
+:class:`Communicator` is one process (every reduction is the identity); :class:`MPICommunicator` runs
+over mpi4py (host arrays); :class:`NCCLCommunicator` reduces device arrays with NCCL (CuPy).
+``fit``, ``evaluate`` and ``save`` are collective: every rank calls them in the same order.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+import kernels
+
+from ._device import namespace, namespace_of, to_host
+
+# Set by the launchers in every rank's environment: MPICH/Intel MPI (hydra), Open MPI, srun.
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+class Communicator:
+    """A single process: it holds the whole global batch, and every reduction is the identity."""
+
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def __init__(self):
+        self.rows = 0  # size of the current global batch
+        self.offset = 0  # row of this rank's first sample in it
+        self.weight = 1.0  # this rank's share of it
+
+    @property
+    def is_root(self):
+        """Rank 0 prints and writes checkpoints."""
+        return self.rank == 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+    def shard(self, n):
+        """This rank's part ``slice(r*n//N, (r+1)*n//N)`` of ``n`` rows."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def share(self, rows, n):
+        """This rank's part of the global batch ``rows`` (a slice of ``n`` rows); remembers where it starts
+        in the global batch (for Dropout) and its weight in the mean loss (for :meth:`weigh`)."""
+        start, stop, _ = rows.indices(n)
+        part = self.shard(stop - start)
+        self.rows, self.offset = stop - start, part.start
+        self.weight = (part.stop - part.start) / self.rows
+        return slice(start + part.start, start + part.stop)
+
+    def setup(self, model, n, batch_size):
+        """Before training on ``n`` rows in global batches of ``batch_size``: check that every batch
+        gives each rank a row, give the model's layers this communicator, broadcast rank 0's state."""
+        last = n % batch_size
+        if batch_size < self.size:
+            raise ValueError(f"{self.size} ranks share each global batch, but batch_size={batch_size} is smaller: "
+                             f"use a batch size of at least {self.size}, or at most {batch_size} ranks")
+        if 0 < last < self.size:
+            raise ValueError(f"{self.size} ranks share each global batch, but the last batch of each epoch has "
+                             f"{last} samples ({n} training samples, batch_size={batch_size}): use a batch size "
+                             f"that leaves 0 or at least {self.size} samples for the last batch, or at most "
+                             f"{last} ranks")
+        for layer in model.layers:
+            layer.comm = self
+        self.broadcast_model(model)
+
+    def broadcast_model(self, model):
+        """Give every rank rank 0's seed (which draws Dropout's masks), weights and layer state."""
+
+    def weigh(self, dloss):
+        """The loss gradient of the rank's rows weighted for the global batch (in place)."""
+        if self.weight != 1.0:
+            dloss *= dloss.dtype.type(self.weight)
+        return dloss
+
+    def reduce_gradients(self, grads):
+        """Sum the flat gradient buffer over ranks, in place."""
+
+    def sum(self, *values):
+        """Each of ``values`` (host numbers) summed over ranks, as floats."""
+        return tuple(float(v) for v in values)
+
+    def sum_arrays(self, *arrays):
+        """The arrays summed over ranks (new arrays; a single process returns its own)."""
+        return arrays
+
+    def moments(self, x):
+        """Mean and biased variance of each column of ``x`` (this rank's rows of the current global batch)
+        over the global batch, and the global batch's row count."""
+        return x.mean(axis=0), x.var(axis=0), x.shape[0]
+
+    def barrier(self):
+        """Wait until every rank is here."""
+
+
+class MPICommunicator(Communicator):
+    """Data parallelism over MPI (mpi4py) on host arrays.
+
+    ``comm``: an mpi4py communicator (default ``COMM_WORLD``). Creating one also makes an uncaught
+    exception on any rank abort the whole job (so the other ranks never wait forever in a collective),
+    and, unless ``NUMBA_NUM_THREADS`` is set, gives each rank cores / ranks-on-this-machine Numba threads.
+    """
+
+    def __init__(self, comm=None):
+        super().__init__()
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ImportError("data-parallel training needs mpi4py and an MPI library "
+                              "(pip install kernels-nn[mpi]); or run without mpiexec") from exc
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        if self.size > 1:
+            _abort_on_uncaught_exception(self.comm, self.rank)
+        if "NUMBA_NUM_THREADS" not in os.environ:
+            import numba
+
+            numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
+                                             len(os.sched_getaffinity(0)) // self.local_size)))
+
+    def broadcast_model(self, model):
+        seed = self.comm.bcast(model.seed)
+        if seed != model.seed:
+            model.seed = seed
+            model.reset_parameters()
+        params = to_host(model.params).copy()
+        self.comm.Bcast(params)
+        model.set_weights(params, self.comm.bcast(model.state()))
+
+    def reduce_gradients(self, grads):
+        self._allreduce(grads)
+
+    def sum(self, *values):
+        total = np.array([float(v) for v in values])
+        self.comm.Allreduce(self.MPI.IN_PLACE, total)
+        return tuple(total.tolist())
+
+    def sum_arrays(self, *arrays):
+        """One allreduce for all the arrays together."""
+        xp = namespace_of(arrays[0])
+        packed = xp.concatenate([a.reshape(-1) for a in arrays])
+        self._allreduce(packed)
+        sizes = np.cumsum([a.size for a in arrays])[:-1]
+        return tuple(p.reshape(a.shape) for p, a in zip(xp.split(packed, sizes), arrays))
+
+    def moments(self, x):
+        """Two passes (sum, then squared deviations from the global mean), one allreduce each."""
+        n = x.dtype.type(self.rows)
+        (sums,) = self.sum_arrays(x.sum(axis=0))
+        mean = sums / n
+        (squares,) = self.sum_arrays(((x - mean) ** 2).sum(axis=0))
+        return mean, squares / n, self.rows
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def _allreduce(self, buffer):
+        """Sum a contiguous host buffer over ranks, in place."""
+        self.comm.Allreduce(self.MPI.IN_PLACE, buffer)
+
+
+class NCCLCommunicator(MPICommunicator):
+    """MPI for control and host numbers, NCCL (``cupy.cuda.nccl``) for device buffers, on CuPy's current
+    stream (the one the cuda kernels use). Each rank uses GPU ``local_rank % GPUs on this machine``; create
+    the communicator before the model, so the model's arrays land on that GPU. Written against CuPy's
+    documented NCCL API; not yet run on GPUs."""
+
+    def __init__(self, comm=None):
+        super().__init__(comm)
+        cupy = namespace("cuda")
+        from cupy.cuda import nccl
+
+        cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        self.nccl = nccl
+        self.nccl_comm = nccl.NcclCommunicator(
+            self.size, self.comm.bcast(nccl.get_unique_id() if self.is_root else None), self.rank)
+
+    def _allreduce(self, buffer):
+        if not kernels.is_device_array(buffer):
+            return super()._allreduce(buffer)
+        types = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
+        ptr = buffer.data.ptr
+        self.nccl_comm.allReduce(ptr, ptr, buffer.size, types[buffer.dtype], self.nccl.NCCL_SUM,
+                                 namespace("cuda").cuda.get_current_stream().ptr)
+
+
+def _abort_on_uncaught_exception(comm, rank):
+    """An uncaught exception prints its traceback (naming the rank) and aborts every rank, at once."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        sys.stderr.write(f"rank {rank}: uncaught exception, aborting all ranks\n")
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        comm.Abort(1)
+
+    sys.excepthook = hook
+
+
+def launched_ranks():
+    """The number of ranks the launcher (mpiexec, srun) started, from its environment; 1 without one."""
+    for name in _SIZE_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+_WORLD = None
+
+
+def get(distributed="auto"):
+    """The communicator for ``distributed``: ``"auto"`` (MPI when launched on several ranks, else one
+    process), ``"mpi"`` (MPI even on one rank), ``"off"``/``None``/``False`` (one process), or a
+    :class:`Communicator`. On the cuda backend the MPI communicator reduces device arrays with NCCL.
+    The MPI communicator over ``COMM_WORLD`` is created once per process."""
+    global _WORLD
+    if isinstance(distributed, Communicator):
+        return distributed
+    if distributed in (None, False, "off") or (distributed == "auto" and launched_ranks() == 1):
+        return Communicator()
+    if distributed not in ("auto", "mpi"):
+        raise ValueError(f"distributed must be 'auto', 'mpi', 'off', None or a Communicator, got {distributed!r}")
+    if _WORLD is None:
+        _WORLD = NCCLCommunicator() if kernels.get_backend() == "cuda" else MPICommunicator()
+    return _WORLD

@@ -1,0 +1,266 @@
+"""Data-parallel training (nn.distributed): the same run on 1, 2 or 3 ranks gives the same model up to float
+rounding, identical bit for bit on every rank; a failing rank ends the job; checkpoints move between rank
+counts. The MPI runs launch this file under ``mpiexec`` (``python tests/test_distributed.py JOB OUT``)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+import pytest
+
+import kernels
+import nn
+from kernels.reference.dropout import keep_threshold, random_bits
+from nn import distributed
+from nn._device import to_host
+from nn.distributed import Communicator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIEXEC = shutil.which("mpiexec")
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install kernels-nn[mpi])")
+EPOCHS, BATCH = 4, 32
+
+
+# ---- the jobs (run in every rank) ----------------------------------------------------------------------
+
+def dataset():
+    """180 training rows (batches of 32 shared 10/11/11 by 3 ranks, the last one of 20 shared 6/7/7) and
+    23 validation rows."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((203, 12)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] ** 2 > 1).astype(np.int64) + (X[:, 2] > 0.5)
+    return X, y
+
+
+def make_trainer(kind, distributed_="auto"):
+    layers = [nn.Dense(24, activation="relu")]
+    if kind == "dropout_batchnorm":
+        layers += [nn.BatchNorm(), nn.Dropout(0.3), nn.Dense(16, activation="tanh"), nn.BatchNorm()]
+    model = nn.Sequential(layers + [nn.Dense(3)], seed=7)
+    return nn.Trainer(model, optimizer=nn.Adam(lr=3e-3), schedule=nn.StepDecay(2, gamma=0.5),
+                      distributed=distributed_)
+
+
+def train(kind, epochs, trainer=None, distributed_="auto"):
+    """``epochs`` epochs with validation and early stopping; returns the trainer and its history."""
+    X, y = dataset()
+    trainer = trainer or make_trainer(kind, distributed_)
+    history = trainer.fit(X[:180], y[:180], epochs=epochs, batch_size=BATCH,
+                          validation_data=(X[180:], y[180:]), seed=3, verbose=0,
+                          callbacks=[nn.EarlyStopping(patience=10)])
+    return trainer, history
+
+
+class Boom(nn.Layer):
+    """Identity that raises on rank 1 at its 5th training call (mid-epoch), noting the time in ``path``."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.calls = path, 0
+
+    def forward(self, x, training):
+        self.calls += training
+        if self.comm.rank == 1 and self.calls == 5:
+            with open(self.path, "w") as f:
+                f.write(repr(time.time()))
+            raise RuntimeError("boom on purpose")
+        return x
+
+    def backward(self, dy, need_dx=True):
+        return dy
+
+
+def job(name, out):
+    """What every rank runs; writes ``rank<r>.npz`` (weights, layer state, history) into ``out``."""
+    kernels.set_backend("numba")
+    trainer = None
+    if name == "boom":
+        model = nn.Sequential([nn.Dense(8, activation="relu"), Boom(os.path.join(out, "raised")), nn.Dense(3)],
+                              seed=1)
+        X, y = dataset()
+        nn.Trainer(model).fit(np.tile(X, (50, 1)), np.tile(y, 50), epochs=100, batch_size=4, verbose=0)
+    if name.startswith("save_"):  # half the epochs, then a checkpoint
+        trainer, _ = train(name[5:], EPOCHS // 2)
+        trainer.save(os.path.join(out, "checkpoint.npz"))
+        return
+    trainer, history = train(name, EPOCHS)
+    rank = trainer.comm.rank
+    np.savez(os.path.join(out, f"rank{rank}.npz"), params=to_host(trainer.model.params),
+             **{f"state/{k}": v for k, v in trainer.model.state().items()},
+             **{f"history/{k}": np.array(v) for k, v in history.history.items()}, size=trainer.comm.size,
+             threads=numba.get_num_threads())
+
+
+def mpirun(ranks, name, out, timeout=600):  # a fresh clone compiles the kernels first (cached after)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, os.path.abspath(__file__), name, str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_ranks(ranks, name, out):
+    result = mpirun(ranks, name, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [dict(np.load(os.path.join(out, f"rank{r}.npz"))) for r in range(ranks)]
+
+
+def single(name):
+    """The same job in this process, on one rank without MPI."""
+    with kernels.use_backend("numba"):
+        trainer, history = train(name, EPOCHS, distributed_="off")
+    return trainer, history
+
+
+def relative(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# ---- MPI: the same model on any number of ranks --------------------------------------------------------
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, kind", [(2, "plain"), (3, "plain"), (2, "dropout_batchnorm"),
+                                         (3, "dropout_batchnorm")])
+def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
+    results = run_ranks(ranks, kind, tmp_path)
+    for r in results[1:]:  # every rank holds the same model, bit for bit
+        for key in results[0]:
+            assert r[key].tobytes() == results[0][key].tobytes(), key
+    assert int(results[0]["size"]) == ranks
+    cores = len(os.sched_getaffinity(0))  # the ranks share this machine's cores unless told otherwise
+    threads = os.environ.get("NUMBA_NUM_THREADS") or max(1, min(numba.config.NUMBA_NUM_THREADS, cores // ranks))
+    assert int(results[0]["threads"]) == int(threads)
+    trainer, history = single(kind)
+    assert relative(results[0]["params"], trainer.model.params) < 1e-5
+    for key, value in trainer.model.state().items():  # BatchNorm running statistics, Dropout counters
+        np.testing.assert_allclose(results[0][f"state/{key}"], value, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):  # metrics reduced over ranks
+        np.testing.assert_allclose(results[0][f"history/{key}"], history[key], rtol=1e-5)
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(tmp_path):
+    result = mpirun(2, "save_dropout_batchnorm", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with kernels.use_backend("numba"):
+        trainer = make_trainer("dropout_batchnorm", "off")
+        trainer.restore(tmp_path / "checkpoint.npz")
+        assert trainer.epoch == EPOCHS // 2
+        _, resumed = train("dropout_batchnorm", EPOCHS - EPOCHS // 2, trainer=trainer)
+    straight, history = single("dropout_batchnorm")
+    for key in ("loss", "val_loss", "lr"):
+        np.testing.assert_allclose(resumed[key], history[key][EPOCHS // 2:], rtol=1e-5)
+    assert relative(trainer.model.params, straight.model.params) < 1e-5
+    for key, value in straight.model.state().items():
+        np.testing.assert_allclose(trainer.model.state()[key], value, rtol=1e-5, atol=1e-6)
+
+
+@needs_mpi
+def test_a_failing_rank_ends_the_job_at_once(tmp_path):
+    result = mpirun(2, "boom", tmp_path, timeout=300)  # without the abort, rank 0 would wait forever
+    elapsed = time.time() - float((tmp_path / "raised").read_text())
+    assert result.returncode != 0
+    assert "boom on purpose" in result.stderr and "rank 1" in result.stderr
+    assert elapsed < 15, f"the job ended {elapsed:.1f}s after the exception"
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_main_job_prints_the_same_test_accuracy_on_two_ranks(tmp_path):
+    args = [sys.executable, "-m", "nn.train", "--epochs", "3", "--verbose", "0"]
+    one = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([MPIEXEC, "-n", "2"] + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert "; 1 rank" in one.stdout and "; 2 ranks" in two.stdout
+    last = [[line for line in r.stdout.splitlines() if line.startswith("test ")] for r in (one, two)]
+    assert len(last[0]) == 2 and last[0] == last[1]
+    assert two.stdout.count("test accuracy") == 1  # rank 0 prints alone
+
+
+# ---- in one process: sharing a batch, argument checks, dropout offsets ---------------------------------
+
+def ranks(size, rank):
+    comm = Communicator()
+    comm.rank, comm.size = rank, size
+    return comm
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [slice(0, 32), slice(64, 96), slice(192, 224)])
+def test_shares_cover_the_global_batch_once(size, rows):
+    n = 203  # the last batch, rows 192..202, has 11 rows
+    parts = [ranks(size, r).share(rows, n) for r in range(size)]
+    covered = np.concatenate([np.arange(n)[p] for p in parts])
+    np.testing.assert_array_equal(covered, np.arange(n)[rows])
+    comms = [ranks(size, r) for r in range(size)]
+    for comm in comms:
+        comm.share(rows, n)
+    assert sum(c.weight for c in comms) == pytest.approx(1.0)
+    assert [c.offset for c in comms] == [p.start - parts[0].start for p in parts]
+
+
+def test_more_ranks_than_the_batch_is_a_clear_error():
+    model = nn.Sequential([nn.Dense(3)], input_dim=4, seed=0)
+    with pytest.raises(ValueError, match=r"3 ranks share each global batch, but batch_size=2 is smaller"):
+        ranks(3, 0).setup(model, 100, 2)
+    with pytest.raises(ValueError, match=r"the last batch of each epoch has 1 samples \(65 training samples, "
+                                         r"batch_size=32\).* or at most 1 ranks"):
+        ranks(2, 0).setup(model, 65, 32)
+    ranks(2, 0).setup(model, 66, 32)
+
+
+def test_get_picks_one_process_unless_launched_on_several_ranks(monkeypatch):
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert type(distributed.get("auto")) is Communicator
+    monkeypatch.setenv("PMI_SIZE", "1")
+    assert distributed.launched_ranks() == 1 and type(distributed.get()) is Communicator
+    assert type(distributed.get("off")) is Communicator and type(distributed.get(None)) is Communicator
+    comm = Communicator()
+    assert distributed.get(comm) is comm
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.delenv("PMI_SIZE")
+    assert distributed.launched_ranks() == 4
+    with pytest.raises(ValueError, match="distributed must be 'auto', 'mpi', 'off'.*got 'nccl'"):
+        distributed.get("nccl")
+
+
+def test_single_process_trainer_is_unchanged_by_the_hooks():
+    """distributed='off' and a fresh Communicator train exactly as before (no weighting, no reduction)."""
+    with kernels.use_backend("numba"):
+        a, _ = train("dropout_batchnorm", 2, distributed_="off")
+        b, _ = train("dropout_batchnorm", 2, distributed_=Communicator())
+    assert a.model.params.tobytes() == b.model.params.tobytes()
+
+
+@pytest.mark.parametrize("shape, start", [((7, 5), 3), ((33, 40), 17), ((1, 9), 0), ((4, 1), 3)])
+def test_dropout_offset_draws_the_whole_batchs_mask(backend, shape, start):
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    whole = backend.get(kernels.dropout(backend.to(x), 0.4, 99))
+    part = backend.get(kernels.dropout(backend.to(np.ascontiguousarray(x[start:])), 0.4, 99,
+                                       offset=start * shape[1]))
+    assert part.tobytes() == whole[start:].tobytes()
+
+
+def test_dropout_offset_wraps_like_the_reference(backend):
+    x = np.ones(300, np.float64)
+    expected = random_bits(5, 300, 2**64 - 100) >= keep_threshold(0.5)
+    y = backend.get(kernels.dropout(backend.to(x), 0.5, 5, offset=2**64 - 100))
+    np.testing.assert_array_equal(y != 0, expected)
+
+
+@pytest.mark.parametrize("offset, error, message", [(-1, ValueError, r"offset must be in \[0, 2\*\*64\), got -1"),
+                                                    (2**64, ValueError, "offset must be in"),
+                                                    (1.0, TypeError, "offset must be an integer, got float"),
+                                                    (True, TypeError, "offset must be an integer, got bool")])
+def test_dropout_offset_is_checked(offset, error, message):
+    with pytest.raises(error, match=message):
+        kernels.dropout(np.ones(3, np.float32), 0.5, 1, offset=offset)
+
+
+if __name__ == "__main__":
+    job(sys.argv[1], sys.argv[2])
