@@ -110,16 +110,23 @@ from numba.extending import intrinsic
 from ._jit import jit
 from ._math import sigmoid, tanh
 
-# (MR, NR, vector lanes) per dtype: the register tile of the micro-kernel.
-TILE_F32, TILE_F64 = (6, 32, 8), (6, 16, 4)
-TILES = {np.dtype(np.float32): TILE_F32, np.dtype(np.float64): TILE_F64}
-KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 across all of B's micro-panels
-NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
+# Register tiles of the micro-kernel, per variant: (MR, NR, vector lanes) for float32 and float64. A
+# variant is chosen per CPU by _cpuinfo and passed to the kernels as its index in VARIANTS.
+VARIANTS = ("avx2", "avx512vl", "avx512")
+TILES = {
+    "avx2": ((6, 16, 8), (6, 8, 4)),  # 16 ymm registers: 12 accumulators + 2 B vectors + a broadcast
+    "avx512vl": ((6, 32, 8), (6, 16, 4)),  # 256-bit vectors in AVX-512VL's 32 registers: 24 accumulators
+    "avx512": ((12, 32, 16), (12, 16, 8)),  # 32 zmm registers: 24 accumulators + 2 B vectors + broadcasts
+}
+_MR = tuple(TILES[v][0][0] for v in VARIANTS) + tuple(TILES[v][1][0] for v in VARIANTS)  # by (f64, variant)
+_NR = tuple(TILES[v][0][1] for v in VARIANTS) + tuple(TILES[v][1][1] for v in VARIANTS)
+LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # 256-bit vectors: packing and the dot tiles
+DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 
-# The dot-product tile (MR x NR dot products along K, 25 vector accumulators of TILES' lanes), used when
+# The dot-product tile (MR x NR dot products along K, 25 vector accumulators of LANES), used when
 # N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
 DOT_MR, DOT_NR, DOT_MAX_N = 5, 5, 16
 
@@ -127,86 +134,102 @@ NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
 
 
+def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_):
+    """The IR of one MR x NR register tile over the K block (see ``_micro_kernel``), ending in a block of
+    its own (``fty`` the element type, ``size`` its bytes); returns that block."""
+    nv = nr // lanes
+    vty = ir.VectorType(fty, lanes)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+
+    def const(v):
+        return ir.Constant(i64, v)
+
+    def vector_at(base, offset):
+        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                         f"llvm.fma.v{lanes}f{8 * size}")
+    i8p = ir.IntType(8).as_pointer()
+    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
+                                              "llvm.prefetch.p0i8")
+    splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+    undef, zero = ir.Constant(vty, ir.Undefined), ir.Constant(vty, None)
+    b0 = builder.inttoptr(pb_, fty.as_pointer())
+    a0 = builder.inttoptr(pa_, fty.as_pointer())
+    c0 = builder.inttoptr(pc_, fty.as_pointer())
+    rows = [builder.gep(a0, [builder.mul(sa_i_, const(i))]) for i in range(mr)]
+    c_rows = [builder.gep(c0, [builder.mul(ldc_, const(i))]) for i in range(mr)]
+    for row in c_rows:  # write intent, keep in all levels: one call per 64-byte line of the row
+        for offset in range(0, nr * size, 64):
+            builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
+                                    ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    entry = builder.block
+    loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
+    builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+    bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
+    bv = [builder.load(vector_at(b0, builder.add(bk, const(v * lanes))), align=size) for v in range(nv)]
+    new = []
+    for i in range(mr):
+        ai = builder.load(builder.gep(rows[i], [ak]), align=size)
+        ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
+        new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
+    k_next = builder.add(k, const(1))
+    builder.cbranch(builder.icmp_signed("<", k_next, kc_), loop, done)
+    k.add_incoming(const(0), entry)
+    k.add_incoming(k_next, loop)
+    for i in range(mr):
+        for v in range(nv):
+            acc[i][v].add_incoming(zero, entry)
+            acc[i][v].add_incoming(new[i][v], loop)
+
+    builder.position_at_end(done)
+    result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+    for i in range(mr):
+        for v in range(nv):
+            result[i][v].add_incoming(zero, entry)
+            result[i][v].add_incoming(new[i][v], loop)
+    with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
+        for block, adding in ((add, True), (store, False)):
+            with block:
+                for i in range(mr):
+                    for v in range(nv):
+                        at = vector_at(c_rows[i], const(v * lanes))
+                        value = builder.fadd(result[i][v], builder.load(at, align=size)) if adding else result[i][v]
+                        builder.store(value, at, align=size)
+    return builder.block
+
+
 @intrinsic
-def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, accumulate, like):
-    """``c[i, j] (+)= sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile, stored
-    at ``pc + (i*ldc + j)`` (added to what is there when ``accumulate``), in ``like``'s dtype.
+def _micro_kernel(typingctx, variant, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, accumulate, like):
+    """``c[i, j] (+)= sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile of
+    ``variant`` (an index in VARIANTS), stored at ``pc + (i*ldc + j)`` (added to what is there when
+    ``accumulate``), in ``like``'s dtype.
 
     ``pa``, ``pb``, ``pc`` are element addresses (``x.ctypes.data`` plus a byte offset), strides in
     elements; B's rows must be contiguous (packed panels, or a row-major b read in place). The C tile
-    is prefetched for writing before the K loop, so its write-back does not wait on memory."""
-    mr, nr, lanes = TILES[np.dtype(like.dtype.name)]
-    nv = nr // lanes
+    is prefetched for writing before the K loop, so its write-back does not wait on memory. One loop
+    per variant behind a switch on ``variant``: the kernels compile once whatever the CPU, and a test
+    can run every variant on any x86-64 machine (LLVM splits vectors wider than the CPU's)."""
+    f64 = like.dtype.bitwidth == 64
 
     def codegen(context, builder, sig, args):
-        pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_, _ = args
-        fty = context.get_value_type(sig.args[9].dtype)
-        size = context.get_abi_sizeof(fty)
-        vty = ir.VectorType(fty, lanes)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-
-        def const(v):
-            return ir.Constant(i64, v)
-
-        def vector_at(base, offset):
-            return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.v{lanes}f{8 * size}")
-        i8p = ir.IntType(8).as_pointer()
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
-                                                  "llvm.prefetch.p0i8")
-        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-        undef, zero = ir.Constant(vty, ir.Undefined), ir.Constant(vty, None)
-        b0 = builder.inttoptr(pb_, fty.as_pointer())
-        a0 = builder.inttoptr(pa_, fty.as_pointer())
-        c0 = builder.inttoptr(pc_, fty.as_pointer())
-        rows = [builder.gep(a0, [builder.mul(sa_i_, const(i))]) for i in range(mr)]
-        c_rows = [builder.gep(c0, [builder.mul(ldc_, const(i))]) for i in range(mr)]
-        for row in c_rows:  # write intent, keep in all levels: one call per 64-byte line of the row
-            for offset in range(0, nr * size, 64):
-                builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
-                                        ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        entry = builder.block
-        loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
-        builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
-
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-        bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
-        bv = [builder.load(vector_at(b0, builder.add(bk, const(v * lanes))), align=size) for v in range(nv)]
-        new = []
-        for i in range(mr):
-            ai = builder.load(builder.gep(rows[i], [ak]), align=size)
-            ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
-            new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
-        k_next = builder.add(k, const(1))
-        builder.cbranch(builder.icmp_signed("<", k_next, kc_), loop, done)
-        k.add_incoming(const(0), entry)
-        k.add_incoming(k_next, loop)
-        for i in range(mr):
-            for v in range(nv):
-                acc[i][v].add_incoming(zero, entry)
-                acc[i][v].add_incoming(new[i][v], loop)
-
-        builder.position_at_end(done)
-        result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-        for i in range(mr):
-            for v in range(nv):
-                result[i][v].add_incoming(zero, entry)
-                result[i][v].add_incoming(new[i][v], loop)
-        with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
-            for block, adding in ((add, True), (store, False)):
-                with block:
-                    for i in range(mr):
-                        for v in range(nv):
-                            at = vector_at(c_rows[i], const(v * lanes))
-                            value = builder.fadd(result[i][v], builder.load(at, align=size)) if adding else result[i][v]
-                            builder.store(value, at, align=size)
+        fty = context.get_value_type(sig.args[10].dtype)
+        end = builder.append_basic_block("tile.end")
+        cases = [builder.append_basic_block(f"tile.{name}") for name in VARIANTS]
+        switch = builder.switch(args[0], cases[0])
+        for index, (name, block) in enumerate(zip(VARIANTS, cases)):
+            switch.add_case(ir.Constant(args[0].type, index), block)
+            builder.position_at_end(block)
+            _emit_tile(builder, fty, context.get_abi_sizeof(fty), *TILES[name][f64], *args[1:10])
+            builder.branch(end)
+        builder.position_at_end(end)
         return context.get_dummy_value()
 
-    return types.void(*[types.intp] * 9, like), codegen
+    return types.void(*[types.intp] * 10, like), codegen
 
 
 @intrinsic
@@ -216,7 +239,7 @@ def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
     does useful work whatever N is; the last ``k % lanes`` terms are one masked vector step (masked-off
     lanes are not read). Rows past ``rows`` and columns past ``cols`` repeat the last one (computed and
     stored again, identical) instead of reading out of bounds."""
-    (mr, nr), lanes = (DOT_MR, DOT_NR), TILES[np.dtype(tile.dtype.name)][2]
+    (mr, nr), lanes = (DOT_MR, DOT_NR), LANES[np.dtype(tile.dtype.name)]
 
     def codegen(context, builder, sig, args):
         pa_, sa_i_, rows_, pb_, sb_j_, cols_, k_, tile_, at_, st_ = args
@@ -318,7 +341,7 @@ def _copy(typingctx, src, dst, n, like):
     """``n`` elements of ``like``'s dtype from address ``src`` to ``dst`` (not overlapping): whole vectors,
     then the rest one by one. A numba loop over typed views does the same 3x slower here: signed indices
     carry a wraparound select per access, which keeps LLVM from vectorising it."""
-    lanes = TILES[np.dtype(like.dtype.name)][2]
+    lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
         src_, dst_, n_, _ = args
@@ -343,7 +366,7 @@ def _transpose(typingctx, src, src_stride, dst, dst_stride, like):
     """One lanes x lanes block (8 x 8 float32, 4 x 4 float64) transposed through vector registers:
     ``dst[r * dst_stride + j] = src[j * src_stride + r]`` (element addresses and strides). Packing a
     B^T whose columns are contiguous this way beats element-by-element stores 2-4x."""
-    lanes = TILES[np.dtype(like.dtype.name)][2]
+    lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
         src_, src_stride_, dst_, dst_stride_, _ = args
@@ -392,7 +415,7 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                     for j in range(n):
                         xp[dst + j] = _load(at + (p * width + j) * s_c * item, xp)
     elif s_r == 1:  # columns contiguous (B^T): lanes x lanes blocks through registers, edges one by one
-        lanes = 32 // item  # 256-bit vectors, as in TILES
+        lanes = 32 // item  # 256-bit vectors, as in LANES
         rows_v = rows // lanes * lanes
         for p in range(panels):
             n = min(width, cols - p * width)
@@ -443,7 +466,7 @@ def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
 
 @jit
 def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, m, c0, nc,
-           pc, kc, first, last, mr, nr):
+           pc, kc, first, last, variant, mr, nr):
     """Every tile of the ``m x nc`` block of ``out`` at (r0, c0) for the K block ``pc:pc+kc``, row of tiles
     by row of tiles (the A rows stay in L1 while B's panels stream from L2): the micro-kernel writes a
     whole tile straight into ``out`` (added to it unless ``first``); an edge tile goes through ``tile``.
@@ -480,9 +503,9 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
             else:
                 pb, sb = edge_at + b_edge * item, nr
             if rows == mr and cols == nr:
-                _micro_kernel(pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
+                _micro_kernel(variant, pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
             else:
-                _micro_kernel(pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
+                _micro_kernel(variant, pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
                 for i in range(rows):
                     o = out[row + i, col:col + cols]
                     t = tile[i * nr:i * nr + cols]
@@ -518,19 +541,19 @@ def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, 
 
 
 @jit
-def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, mr, nr, nc_max,
-           pack_b):
+def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, variant, kc_max,
+           nc_max, pack_b, bp, edge, tile):
     """The serial BLIS loops for ``out[r0:r1, c0:c1]``: K blocks, N blocks, then tiles; B is packed per
-    (K, N) block when ``pack_b``. A narrow ``out`` whose A rows are contiguous goes to ``_dots`` instead."""
-    if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the stripes are by rows: c0:c1 is 0:N
+    (K, N) block into ``bp`` when ``pack_b``. A narrow ``out`` whose A rows are contiguous goes to
+    ``_dots`` instead. Every element gets the same K blocks in the same order whatever the block, so a
+    result does not depend on how ``out`` was split."""
+    if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the blocks are by rows: c0:c1 is 0:N
         _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1)
         return
-    n_pc = max(1, _cdiv(k, KC))
+    mr, nr = _tile(variant, out)
+    n_pc = max(1, _cdiv(k, kc_max))
     kc_step = _cdiv(k, n_pc)  # balanced K blocks: 784 -> 2 x 392
     nc_step = min(_cdiv(c1 - c0, nr) * nr, nc_max)
-    bp = np.empty(nc_step * kc_step if pack_b else 0, out.dtype)
-    edge = np.empty((mr + nr) * kc_step, out.dtype)
-    tile = np.empty(mr * nr, out.dtype)
     for p in range(n_pc):
         pc = p * kc_step
         kc = min(kc_step, k - pc)
@@ -539,43 +562,71 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
             if pack_b:
                 _pack(b_at, sb_k, sb_j, bp, pc, jc, kc, nc, nr)
             _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, r1 - r0,
-                   jc, nc, pc, kc, p == 0, p == n_pc - 1, mr, nr)
+                   jc, nc, pc, kc, p == 0, p == n_pc - 1, variant, mr, nr)
 
 
 @jit(inline="always")
-def _setup(k, sb_k, sb_j, bias, alpha, out):
-    """What both entry points derive: the register tile and N block for ``out``'s dtype, whether B gets
-    packed (unless it is small and row-major), whether there is a bias, and alpha in ``out``'s dtype."""
+def _tile(variant, out):
+    """(MR, NR) of ``variant``'s register tile for ``out``'s dtype."""
+    at = variant + (len(VARIANTS) if out.itemsize == 8 else 0)
+    return _MR[at], _NR[at]
+
+
+@jit(inline="always")
+def _setup(k, sb_k, sb_j, bias, alpha, out, variant, kc_max, nc_bytes):
+    """What both entry points derive: the N block for the variant's tile and ``out``'s dtype (``nc_bytes``
+    of packed B at K block ``kc_max``), whether B gets packed (unless it is small and row-major), whether
+    there is a bias, alpha in ``out``'s dtype, and the sizes of one thread's buffers (packed B, A/B edge
+    panels, an edge tile) for blocks of at most ``nc_max`` columns."""
     item = out.itemsize
-    mr, nr, _ = TILE_F32 if item == 4 else TILE_F64
-    nc_max = max(nr, NC_BYTES // (KC * item) // nr * nr)
-    return mr, nr, nc_max, sb_j != 1 or k * out.shape[1] > PACK_B_MIN, bias.size > 0, out.dtype.type(alpha)
+    mr, nr = _tile(variant, out)
+    nc_max = max(nr, nc_bytes // (kc_max * item) // nr * nr)
+    pack_b = sb_j != 1 or k * out.shape[1] > PACK_B_MIN
+    kc_step = _cdiv(k, max(1, _cdiv(k, kc_max)))
+    nc_step = min(_cdiv(out.shape[1], nr) * nr, nc_max)
+    b_size = nc_step * kc_step if pack_b else 0
+    return mr, nr, nc_max, pack_b, bias.size > 0, out.dtype.type(alpha), b_size, (mr + nr) * kc_step, mr * nr
 
 
 @jit
-def gemm(a, b, bias, act, alpha, out):
+def gemm(a, b, bias, act, alpha, out, variant, kc_max, nc_bytes):
     """``out = act(a @ b + bias)`` on the calling thread; a (M, K), b (K, N) with any strides that are whole
     elements; ``bias`` is (N,), or empty for none; ``act`` an ACTIVATION_CODES value; ``alpha`` the leaky
-    slope. Hands the operands on as addresses and element strides, so the kernel proper compiles once
-    per dtype whatever the layouts (this wrapper is all that is specialised per layout). Few, plain
-    arguments: at 64^3 the dispatch is a tenth of the call."""
+    slope; ``variant`` the register tile (index in VARIANTS), ``kc_max`` and ``nc_bytes`` the blocking.
+    Hands the operands on as addresses and element strides, so the kernel proper compiles once per
+    dtype whatever the layouts (this wrapper is all that is specialised per layout). Plain arguments:
+    at 64^3 the dispatch is a tenth of the call."""
     m, n = out.shape
     if m == 0 or n == 0:
         return
     item = out.itemsize
     k, sb_k, sb_j = a.shape[1], b.strides[0] // item, b.strides[1] // item
-    mr, nr, nc_max, pack_b, has_bias, alpha_ = _setup(k, sb_k, sb_j, bias, alpha, out)
+    _, _, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
+                                                                                   variant, kc_max, nc_bytes)
     origin = np.intp(0)  # not the literal 0: _block then has the signature gemm_parallel compiles it for
     _block(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data), sb_k, sb_j,
-           k, bias, has_bias, act, alpha_, out, origin, m, origin, n, mr, nr, nc_max, pack_b)
+           k, bias, has_bias, act, alpha_, out, origin, m, origin, n, variant, kc_max, nc_max, pack_b,
+           np.empty(b_size, out.dtype), np.empty(edge_size, out.dtype), np.empty(tile_size, out.dtype))
+
+
+@intrinsic
+def _take(typingctx, counter):
+    """Atomically ``counter[0] += 1`` at the address ``counter``, returning the old value: the next chunk."""
+    def codegen(context, builder, sig, args):
+        at = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.intp(types.intp), codegen
 
 
 @jit(parallel=True)
-def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads):
-    """``gemm`` on ``threads`` threads, the operands given as addresses and element strides: the product is
-    split into that many tile-aligned stripes of ``out`` (rows, or columns when there are enough tile
-    columns: each thread then packs its part of B), each computed independently: one fork-join per call
-    and no barrier, which matters on a small shared machine where a late thread stalls every barrier.
+def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
+                  mc):
+    """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
+    into chunks of about ``mc`` rows by one N block, more chunks than threads; each thread takes the next
+    chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
+    chunks instead of holding the others back. Each chunk is computed whole by one thread in the same
+    K order, so the result is bitwise the same whatever the split and the thread count.
 
     Call it from Python only: a cached jitted function that calls a parallel one is loaded from Numba's
     cache broken once it has been compiled in a process that loaded the callee from the cache (a segfault
@@ -583,15 +634,24 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    mr, nr, nc_max, pack_b, has_bias, alpha_ = _setup(k, sb_k, sb_j, bias, alpha, out)
-    tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
-    by_rows = tiles_n < 4 * threads
-    parts = min(threads, tiles_m if by_rows else tiles_n)
-    for t in prange(parts):
-        r0, r1, c0, c1 = 0, m, 0, n
-        if by_rows:
-            r0, r1 = t * tiles_m // parts * mr, min(m, (t + 1) * tiles_m // parts * mr)
-        else:
-            c0, c1 = t * tiles_n // parts * nr, min(n, (t + 1) * tiles_n // parts * nr)
-        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha_, out, r0, r1, c0, c1, mr, nr,
-               nc_max, pack_b)
+    mr, nr, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
+                                                                                     variant, kc_max, nc_bytes)
+    if sa_k == 1 and n <= DOT_MAX_N and k > 0:  # the dot tiles: chunks of rows only
+        col_blocks, rows = 1, max(DOT_MR, mc // DOT_MR * DOT_MR)
+    else:
+        col_blocks, rows = _cdiv(n, nc_max), max(mr, mc // mr * mr)
+    cols = _cdiv(_cdiv(n, nr), col_blocks) * nr  # balanced, tile-aligned N blocks: 784 -> 4 x 208 (NR 16)
+    col_blocks = _cdiv(n, cols)
+    chunks = _cdiv(m, rows) * col_blocks
+    counter = np.zeros(1, np.intp)
+    counter_at = np.intp(counter.ctypes.data)
+    for _ in prange(min(threads, chunks)):
+        bp = np.empty(b_size, out.dtype)
+        edge = np.empty(edge_size, out.dtype)
+        tile = np.empty(tile_size, out.dtype)
+        c = _take(counter_at)
+        while c < chunks:
+            r0, c0 = c // col_blocks * rows, c % col_blocks * cols
+            _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
+                   min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
+            c = _take(counter_at)
