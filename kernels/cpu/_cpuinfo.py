@@ -36,7 +36,7 @@ ENV_VARIANT = "KERNELS_GEMM_VARIANT"
 
 # variant -> default blocking (kc, nc_bytes, mc)
 DEFAULT_BLOCKING = {
-    "avx2": (256, 256 * 1024, 96),
+    "avx2": (128, 128 * 1024, 64),
     "avx512vl": (512, 512 * 1024, 96),
     "avx512": (512, 512 * 1024, 96),
 }

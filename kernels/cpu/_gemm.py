@@ -17,12 +17,15 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   through a small buffer; after the last K block, bias + activation are applied in place to each row of
   tiles while it is in L1/L2 (one vectorised loop per row and activation kind);
 - a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
-  another route: B^T is packed (N x K, in L1) and each 5 x 5 tile is 25 dot products along K, vectors
+  another route: B^T is packed (N x K, in L1) and each MR x NR tile (DOT_TILES) is dot products along K, vectors
   of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane is padding
   (the register tile pads N = 10 to 32 columns);
-- products of at least PARALLEL_MIN_FLOPS are split into one stripe of ``out`` per thread (columns when
-  there are at least 4 tile columns per thread, else rows; tile-aligned), each stripe running the
-  serial loops above: one fork-join per call;
+- products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (balanced, tile-aligned N
+  blocks, then as few row blocks of at least MC rows as give CHUNKS_PER_THREAD chunks per thread); each thread takes the next chunk from an
+  atomic counter as it frees up and runs the serial loops above on it: one fork-join per call, and a
+  thread whose core is busy elsewhere takes fewer chunks instead of stalling the others. Every element
+  is computed by one thread over the same K blocks in the same order, so the result is bitwise the
+  same whatever the split or the thread count;
 - the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin serial
   wrapper that takes arrays; ``gemm_parallel`` gets them from Python), so it compiles once per dtype
   whatever the layouts.
@@ -31,8 +34,21 @@ Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, 
 either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
 loop never gets register-resident accumulators (versions 1-3). The intrinsic emits exactly the loop a
 BLAS micro-kernel is: MR x NR/VW vector accumulators as phi nodes, NR/VW vector loads of B and MR
-broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls (``inspect_asm``: 72 vfmadd231ps on ymm in the
-loop body LLVM unrolls three times, no spills in the loop).
+broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls.
+
+Register tiles (TILES), one variant chosen per CPU by _cpuinfo, all compiled behind one switch:
+- ``avx2``: float32 6 x 16, float64 6 x 8 (12 ymm accumulators + 2 B vectors + a broadcast: the 16
+  registers of AVX2, BLIS's Haswell shape);
+- ``avx512vl``: 6 x 32 / 6 x 16 in ymm (24 accumulators: needs AVX-512VL's 32 registers; Zen 4's tile);
+- ``avx512``: 12 x 32 / 12 x 16 in zmm (24 accumulators + 2 B vectors + broadcasts of 32 registers;
+  BLIS's Skylake-X sgemm shape, transposed).
+``inspect_asm`` of the K loop (LLVM unrolls it twice; counts per loop, float32 and float64 alike), the
+micro-kernel's IR compiled by llvmlite for each target CPU: ``avx2`` 24 vfmadd231 on ymm, no stack
+access, on znver3..znver5 and Intel; ``avx512vl`` 48 on ymm, no stack access on znver4/znver5/
+skylake-avx512/sapphirerapids, but 76 stack loads/stores on znver3 (16 registers: the spills that held
+the old kernel to half speed here); ``avx512`` 24 vfmadd231 on zmm, no stack access, on znver4, znver5,
+skylake-avx512 and sapphirerapids (explicit 512-bit IR is kept 512-bit despite those CPUs' 256-bit
+preference), split into ymm pairs with spills on znver3 (correct, slow: tests only).
 
 Versions, float32 GFLOP/s on this machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
 the machine was quiet; the machine was shared with load 4-14 during this work, so figures are noisy;
@@ -96,9 +112,7 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
       Packing B now pays even for M = 128 (1 thread: (128, 784, 512) 66 -> 77 packed, (256, 512, 784)
       75 -> 87), so v11's read-in-place rules went: B is packed unless it is small.
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
-
-Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
-(24 ymm accumulators + 4 B vectors + broadcasts), float64 6 x 16 (the same in 4-lane vectors).
+V15_PLACEHOLDER
 """
 
 import numpy as np
@@ -123,12 +137,17 @@ _NR = tuple(TILES[v][0][1] for v in VARIANTS) + tuple(TILES[v][1][1] for v in VA
 LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # 256-bit vectors: packing and the dot tiles
 DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
+CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 
-# The dot-product tile (MR x NR dot products along K, 25 vector accumulators of LANES), used when
-# N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
-DOT_MR, DOT_NR, DOT_MAX_N = 5, 5, 16
+# The dot-product tile per variant (MR x NR dot products along K in vector accumulators of LANES, plus
+# MR vectors of A), used when N <= DOT_MAX_N and A's rows are contiguous: N = 10 is a whole number of
+# tiles wide, with no padded lanes. 5 x 5 needs 32 registers; 2 x 5 fits AVX2's 16.
+DOT_TILES = {"avx2": (2, 5), "avx512vl": (5, 5), "avx512": (5, 5)}
+_DOT_MR = tuple(DOT_TILES[v][0] for v in VARIANTS)
+_DOT_NR = tuple(DOT_TILES[v][1] for v in VARIANTS)
+DOT_MAX_N = 16
 
 NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
@@ -233,18 +252,19 @@ def _micro_kernel(typingctx, variant, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, acc
 
 
 @intrinsic
-def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
-    """``tile[at + i*st + j] = sum_{k} a[i, k] * bt[j, k]`` for one MR x NR tile of dot products along K:
+def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
+    """``tile[at + i*st + j] = sum_{k} a[i, k] * bt[j, k]`` for one MR x NR tile of dot products along K
+    (DOT_TILES of ``variant``, an index in VARIANTS):
     rows of A (element stride ``sa_i``) and of B^T (``sb_j``) are contiguous in K, so every vector lane
     does useful work whatever N is; the last ``k % lanes`` terms are one masked vector step (masked-off
     lanes are not read). Rows past ``rows`` and columns past ``cols`` repeat the last one (computed and
     stored again, identical) instead of reading out of bounds."""
-    (mr, nr), lanes = (DOT_MR, DOT_NR), LANES[np.dtype(tile.dtype.name)]
+    lanes = LANES[np.dtype(tile.dtype.name)]
 
-    def codegen(context, builder, sig, args):
+    def emit(context, builder, sig, args, mr, nr):
         pa_, sa_i_, rows_, pb_, sb_j_, cols_, k_, tile_, at_, st_ = args
-        t = context.make_array(sig.args[7])(context, builder, tile_).data
-        fty = context.get_value_type(sig.args[7].dtype)
+        t = context.make_array(sig.args[8])(context, builder, tile_).data
+        fty = context.get_value_type(sig.args[8].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
         i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -317,9 +337,20 @@ def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
                                                                         list(range(start, start + half))))
                     v, half = builder.fadd(part(0), part(half)), half // 2
                 builder.store(builder.extract_element(v, ir.Constant(i64, 0)), builder.gep(out_rows[i], [out_cols[j]]))
+
+    def codegen(context, builder, sig, args):
+        end = builder.append_basic_block("dot.end")
+        cases = [builder.append_basic_block(f"dot.{name}") for name in VARIANTS]
+        switch = builder.switch(args[0], cases[0])
+        for index, (name, block) in enumerate(zip(VARIANTS, cases)):
+            switch.add_case(ir.Constant(args[0].type, index), block)
+            builder.position_at_end(block)
+            emit(context, builder, sig, args[1:], *DOT_TILES[name])
+            builder.branch(end)
+        builder.position_at_end(end)
         return context.get_dummy_value()
 
-    return types.void(*[types.intp] * 7, tile, types.intp, types.intp), codegen
+    return types.void(*[types.intp] * 8, tile, types.intp, types.intp), codegen
 
 
 @jit(inline="always")
@@ -518,14 +549,14 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
 
 
 @jit
-def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1):
+def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant):
     """``out[r0:r1]`` for a narrow N and A's rows contiguous: B^T packed once (N x K, at most DOT_MAX_N
     rows), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows stream
     once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of 5 x 5
     cost more than the tile)."""
     n = out.shape[1]
     item = out.itemsize
-    mr, nr = DOT_MR, DOT_NR
+    mr, nr = _DOT_MR[variant], _DOT_NR[variant]
     bt = np.empty(n * k, out.dtype)
     _pack(b_at, sb_j, sb_k, bt, 0, 0, n, k, k)
     bt_at = np.intp(bt.ctypes.data)
@@ -534,7 +565,7 @@ def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, 
         rows = min(mr, r1 - row)
         pa = a_at + row * sa_i * item
         for col in range(0, n, nr):
-            _dot_kernel(pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
+            _dot_kernel(variant, pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
         for i in range(rows):
             out[row + i] = block[i * n:(i + 1) * n]
         _epilogue(out, row, rows, 0, n, bias, has_bias, act, alpha)
@@ -548,7 +579,7 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
     ``_dots`` instead. Every element gets the same K blocks in the same order whatever the block, so a
     result does not depend on how ``out`` was split."""
     if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the blocks are by rows: c0:c1 is 0:N
-        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1)
+        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant)
         return
     mr, nr = _tile(variant, out)
     n_pc = max(1, _cdiv(k, kc_max))
@@ -623,7 +654,7 @@ def _take(typingctx, counter):
 def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
                   mc):
     """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
-    into chunks of about ``mc`` rows by one N block, more chunks than threads; each thread takes the next
+    into chunks of at least ``mc`` rows by one N block, about CHUNKS_PER_THREAD per thread; each thread takes the next
     chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
     chunks instead of holding the others back. Each chunk is computed whole by one thread in the same
     K order, so the result is bitwise the same whatever the split and the thread count.
@@ -636,12 +667,14 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
         return
     mr, nr, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
                                                                                      variant, kc_max, nc_bytes)
-    if sa_k == 1 and n <= DOT_MAX_N and k > 0:  # the dot tiles: chunks of rows only
-        col_blocks, rows = 1, max(DOT_MR, mc // DOT_MR * DOT_MR)
-    else:
-        col_blocks, rows = _cdiv(n, nc_max), max(mr, mc // mr * mr)
-    cols = _cdiv(_cdiv(n, nr), col_blocks) * nr  # balanced, tile-aligned N blocks: 784 -> 4 x 208 (NR 16)
+    dots = sa_k == 1 and n <= DOT_MAX_N and k > 0  # the dot tiles: chunks of rows only
+    row_tile = _DOT_MR[variant] if dots else mr
+    cols = _cdiv(_cdiv(n, nr), 1 if dots else _cdiv(n, nc_max)) * nr  # balanced N blocks: 784 -> 4 x 208
     col_blocks = _cdiv(n, cols)
+    # as few row blocks as give CHUNKS_PER_THREAD chunks per thread (each one packs its B block again),
+    # of at least mc rows
+    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(CHUNKS_PER_THREAD * threads, col_blocks)))
+    rows = _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile
     chunks = _cdiv(m, rows) * col_blocks
     counter = np.zeros(1, np.intp)
     counter_at = np.intp(counter.ctypes.data)
