@@ -2,8 +2,8 @@
 
 A configuration is a variant of the micro-kernel (a register tile, see ``_gemm.TILES``) and its blocking:
 ``kc`` (the K block), ``nc_bytes`` (the packed B block of ``kc`` rows, in bytes: it sets the N block)
-and ``mc`` (rows of ``out`` per chunk of the multithreaded split). A is not packed, so there is no
-M block in the serial loops.
+and ``mc`` (the fewest rows of ``out`` in a chunk of the multithreaded split). A is not packed, so
+there is no M block in the serial loops.
 
 Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
 
@@ -73,7 +73,8 @@ def _host():
 
 
 CPU, FEATURES = _host()
-VARIANT, (KC, NC_BYTES, MC) = choose(CPU, FEATURES, os.environ.get(ENV_VARIANT) or None)
+FORCED = os.environ.get(ENV_VARIANT) or None
+VARIANT, (KC, NC_BYTES, MC) = choose(CPU, FEATURES, FORCED)
 VARIANT_INDEX = VARIANTS.index(VARIANT)
 
 
@@ -83,6 +84,6 @@ def cpu_info():
     width = 512 if "avx512f" in FEATURES else 256 if "avx2" in FEATURES else 128
     (mr32, nr32, lanes32), (mr64, nr64, _) = TILES[VARIANT]
     return {"cpu": CPU, "vector_bits": width, "gemm_variant": VARIANT,
-            "gemm_variant_forced": bool(os.environ.get(ENV_VARIANT)),
+            "gemm_variant_forced": FORCED is not None,
             "gemm_vector_bits": 32 * lanes32, "tile_float32": (mr32, nr32), "tile_float64": (mr64, nr64),
             "kc": KC, "nc_bytes": NC_BYTES, "mc": MC}

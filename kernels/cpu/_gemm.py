@@ -112,7 +112,28 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
       Packing B now pays even for M = 128 (1 thread: (128, 784, 512) 66 -> 77 packed, (256, 512, 784)
       75 -> 87), so v11's read-in-place rules went: B is packed unless it is small.
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
-V15_PLACEHOLDER
+
+Versions on a Zen 3 (lscpu family 25 model 1, LLVM host ``znver3``: AVX2 and FMA, 16 ymm registers, L1d
+32 KiB and L2 512 KiB per core), 2 vCPUs shared with five other sessions' work (load 3-7): wall-clock
+figures swing 2x from one minute to the next; "1 thread" figures use thread CPU time (best of three
+rounds of medians of 5). The 512-bit variant's speed was NOT measured: this machine has no AVX-512
+(its correctness is tested here, LLVM splitting its vectors; its code was checked with inspect_asm).
+  v15 register-tile variants chosen per CPU (_cpuinfo), compiled behind one switch: the 6 x 32 ymm tile
+      above needs AVX-512VL's 32 registers and on Zen 3 spilled (76 stack accesses per K loop); the
+      6 x 16 ``avx2`` tile fits 16. 1 thread, float32: 1024^3 31 -> 71, (256, 784, 1024) 24 -> 60,
+      128^3 29 -> 77; float64 1024^3 28.
+  v16 blocking re-measured for Zen 3 with the avx2 tile, 1 thread, KC / NC bytes 128/128K, 128/256K,
+      192/192K, 256/128K, 256/256K, 384/192K, 384/384K, 512/256K, 512/512K: 1024^3 63-66 and
+      (256, 784, 1024), (784, 256, 1024), 128^3 52-70 for all of them (within the noise), but dy W^T
+      (256, 1024, 784), B^T packed: 53.6 at 128/128K, 52 at 128/256K, 43-47 at KC >= 256: KC 128,
+      NC 128 KiB (256 float32 columns) for znver3.
+  v17 the dot tiles: 5 x 5 needs 30 registers (80 stack accesses per loop on Zen 3); 2 x 5 for avx2
+      (no stack access). SMALL_PLACEHOLDER
+  v18 the multithreaded split: a static stripe per thread waited for the slower thread (a busy core
+      halves the call); now chunks from an atomic counter, so a late thread takes fewer. Tried: chunks
+      of a fixed MC rows (24-96) by one N block: every row block packs its B block again, and x@W
+      (256, 784, 1024) on 2 threads fell from 139-145 (MC 192 or one row block) to 50-88: now as few row
+      blocks as give 4 chunks per thread. SPLIT_PLACEHOLDER
 """
 
 import numpy as np
@@ -153,6 +174,42 @@ NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
 
 
+def _switch(builder, variant, label):
+    """Yields each name in VARIANTS with the builder in a block taken when ``variant`` is its index (the
+    first one by default), then joins the blocks: the code emitted for each name is one case."""
+    end = builder.append_basic_block(f"{label}.end")
+    cases = [builder.append_basic_block(f"{label}.{name}") for name in VARIANTS]
+    switch = builder.switch(variant, cases[0])
+    for index, (name, block) in enumerate(zip(VARIANTS, cases)):
+        switch.add_case(ir.Constant(variant.type, index), block)
+        builder.position_at_end(block)
+        yield name
+        builder.branch(end)
+    builder.position_at_end(end)
+
+
+def _close_loop(builder, k, k_next, end, acc, new, entry, loop, done):
+    """Closes a K loop over vector accumulators: ``loop`` repeats while ``k_next < end`` (``k`` starts at
+    0 from ``entry``), the phis ``acc[i][j]`` start at zero and take ``new[i][j]``. Returns the final
+    values as phis at the top of ``done`` (zero when the loop was skipped), the builder positioned there."""
+    builder.cbranch(builder.icmp_signed("<", k_next, end), loop, done)
+    k.add_incoming(ir.Constant(k.type, 0), entry)
+    k.add_incoming(k_next, loop)
+    builder.position_at_end(done)
+    result = []
+    for acc_row, new_row in zip(acc, new):
+        result.append([])
+        for phi, value in zip(acc_row, new_row):
+            zero = ir.Constant(phi.type, None)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(value, loop)
+            final = builder.phi(phi.type)
+            final.add_incoming(zero, entry)
+            final.add_incoming(value, loop)
+            result[-1].append(final)
+    return result
+
+
 def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_):
     """The IR of one MR x NR register tile over the K block (see ``_micro_kernel``), ending in a block of
     its own (``fty`` the element type, ``size`` its bytes); returns that block."""
@@ -172,7 +229,7 @@ def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_,
     prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
                                               "llvm.prefetch.p0i8")
     splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-    undef, zero = ir.Constant(vty, ir.Undefined), ir.Constant(vty, None)
+    undef = ir.Constant(vty, ir.Undefined)
     b0 = builder.inttoptr(pb_, fty.as_pointer())
     a0 = builder.inttoptr(pa_, fty.as_pointer())
     c0 = builder.inttoptr(pc_, fty.as_pointer())
@@ -196,21 +253,7 @@ def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_,
         ai = builder.load(builder.gep(rows[i], [ak]), align=size)
         ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
         new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
-    k_next = builder.add(k, const(1))
-    builder.cbranch(builder.icmp_signed("<", k_next, kc_), loop, done)
-    k.add_incoming(const(0), entry)
-    k.add_incoming(k_next, loop)
-    for i in range(mr):
-        for v in range(nv):
-            acc[i][v].add_incoming(zero, entry)
-            acc[i][v].add_incoming(new[i][v], loop)
-
-    builder.position_at_end(done)
-    result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-    for i in range(mr):
-        for v in range(nv):
-            result[i][v].add_incoming(zero, entry)
-            result[i][v].add_incoming(new[i][v], loop)
+    result = _close_loop(builder, k, builder.add(k, const(1)), kc_, acc, new, entry, loop, done)
     with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
         for block, adding in ((add, True), (store, False)):
             with block:
@@ -237,15 +280,8 @@ def _micro_kernel(typingctx, variant, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, acc
 
     def codegen(context, builder, sig, args):
         fty = context.get_value_type(sig.args[10].dtype)
-        end = builder.append_basic_block("tile.end")
-        cases = [builder.append_basic_block(f"tile.{name}") for name in VARIANTS]
-        switch = builder.switch(args[0], cases[0])
-        for index, (name, block) in enumerate(zip(VARIANTS, cases)):
-            switch.add_case(ir.Constant(args[0].type, index), block)
-            builder.position_at_end(block)
+        for name in _switch(builder, args[0], "tile"):
             _emit_tile(builder, fty, context.get_abi_sizeof(fty), *TILES[name][f64], *args[1:10])
-            builder.branch(end)
-        builder.position_at_end(end)
         return context.get_dummy_value()
 
     return types.void(*[types.intp] * 10, like), codegen
@@ -302,17 +338,7 @@ def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at,
 
         av, bv = [load(r) for r in a_rows], [load(r) for r in b_rows]
         new = [[builder.call(fma, [av[i], bv[j], acc[i][j]]) for j in range(nr)] for i in range(mr)]
-        k_next = builder.add(k, ir.Constant(i64, lanes))
-        builder.cbranch(builder.icmp_signed("<", k_next, kv_), loop, done)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        k.add_incoming(k_next, loop)
-        for i in range(mr):
-            for j in range(nr):
-                acc[i][j].add_incoming(zero, entry)
-                acc[i][j].add_incoming(new[i][j], loop)
-
-        builder.position_at_end(done)
-        result = [[builder.phi(vty) for _ in range(nr)] for _ in range(mr)]
+        result = _close_loop(builder, k, builder.add(k, ir.Constant(i64, lanes)), kv_, acc, new, entry, loop, done)
         lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
         rest = builder.sub(k_, kv_)
         mask = builder.icmp_signed("<", lane, builder.shuffle_vector(
@@ -326,10 +352,7 @@ def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at,
         at_, bt_ = [tail(r) for r in a_rows], [tail(r) for r in b_rows]
         for i in range(mr):
             for j in range(nr):
-                v = result[i][j]
-                v.add_incoming(zero, entry)
-                v.add_incoming(new[i][j], loop)
-                v = builder.call(fma, [at_[i], bt_[j], v])
+                v = builder.call(fma, [at_[i], bt_[j], result[i][j]])
                 half = lanes // 2
                 while half:  # horizontal sum: the upper half added onto the lower half
                     def part(start):
@@ -339,15 +362,8 @@ def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at,
                 builder.store(builder.extract_element(v, ir.Constant(i64, 0)), builder.gep(out_rows[i], [out_cols[j]]))
 
     def codegen(context, builder, sig, args):
-        end = builder.append_basic_block("dot.end")
-        cases = [builder.append_basic_block(f"dot.{name}") for name in VARIANTS]
-        switch = builder.switch(args[0], cases[0])
-        for index, (name, block) in enumerate(zip(VARIANTS, cases)):
-            switch.add_case(ir.Constant(args[0].type, index), block)
-            builder.position_at_end(block)
+        for name in _switch(builder, args[0], "dot"):
             emit(context, builder, sig, args[1:], *DOT_TILES[name])
-            builder.branch(end)
-        builder.position_at_end(end)
         return context.get_dummy_value()
 
     return types.void(*[types.intp] * 8, tile, types.intp, types.intp), codegen
