@@ -50,7 +50,7 @@ the old kernel to half speed here); ``avx512`` 24 vfmadd231 on zmm, no stack acc
 skylake-avx512 and sapphirerapids (explicit 512-bit IR is kept 512-bit despite those CPUs' 256-bit
 preference), split into ymm pairs with spills on znver3 (correct, slow: tests only).
 
-Versions, float32 GFLOP/s on this machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
+Versions v1-v14, float32 GFLOP/s on a Zen 4 machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
 the machine was quiet; the machine was shared with load 4-14 during this work, so figures are noisy;
 "1 core" figures use thread CPU time):
   v1  @njit tile loop over a local accumulator array, fastmath: LLVM vectorised the K loop into
@@ -128,12 +128,19 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       (256, 1024, 784), B^T packed: 53.6 at 128/128K, 52 at 128/256K, 43-47 at KC >= 256: KC 128,
       NC 128 KiB (256 float32 columns) for znver3.
   v17 the dot tiles: 5 x 5 needs 30 registers (80 stack accesses per loop on Zen 3); 2 x 5 for avx2
-      (no stack access). SMALL_PLACEHOLDER
+      (no stack access). 1 thread, us per call (thread CPU time), old tiles (6 x 32, 5 x 5) -> avx2:
+      16^3 2.6 -> 2.4, 32^3 5.6 -> 4.2, 64^3 34 -> 12.7, 128^3 156 -> 85, (2000, 300, 10) 813 -> 285,
+      (256, 512, 10) 161 -> 95, (256, 784, 16) 445 -> 228.
   v18 the multithreaded split: a static stripe per thread waited for the slower thread (a busy core
       halves the call); now chunks from an atomic counter, so a late thread takes fewer. Tried: chunks
       of a fixed MC rows (24-96) by one N block: every row block packs its B block again, and x@W
       (256, 784, 1024) on 2 threads fell from 139-145 (MC 192 or one row block) to 50-88: now as few row
-      blocks as give 4 chunks per thread. SPLIT_PLACEHOLDER
+      blocks as give 4 chunks per thread. 768^3 / 1024^3 float32 through kernels.matmul, medians of 15 calls
+      each isolated (0.3 s pause) and right after an OpenBLAS 1024^3 call, two runs (load 3-7), old code
+      (static stripes, 6 x 32) -> this one (chunks, avx2): 768^3 isolated 34 / 55 -> 20 / 15 ms, after
+      OpenBLAS 70 / 112 -> 41 / 20 ms; 1024^3 isolated 76 / 222 -> 89 / 60 ms, after OpenBLAS 102 / 241
+      -> 140 / 95 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
+      2-thread call is steadier: 2048^3 32 -> 47, 1024^3 32 -> 52, (256, 784, 1024) 27 -> 51.
 """
 
 import numpy as np
