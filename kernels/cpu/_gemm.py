@@ -18,14 +18,14 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   tiles while it is in L1/L2 (one vectorised loop per row and activation kind);
 - a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
   another route: B^T is packed (N x K, in L1) and each MR x NR tile (DOT_TILES) is dot products along
-  K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane is padding
-  (the register tile pads N = 10 to 16 or 32 columns);
+  K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
+  is padding (the register tile pads N = 10 to 16 or 32 columns);
 - products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (balanced, tile-aligned N
   blocks, then as few row blocks of at least MC rows as give CHUNKS_PER_THREAD chunks per thread);
   each thread takes the next chunk from an atomic counter as it frees up and runs the serial loops
   above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
-  instead of stalling the others. Every element is computed by one thread over the same K blocks in the same order, so the result is bitwise the
-  same whatever the split or the thread count;
+  instead of stalling the others. Every element is computed by one thread over the same K blocks in
+  the same order, so the result is bitwise the same whatever the split or the thread count;
 - the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin serial
   wrapper that takes arrays; ``gemm_parallel`` gets them from Python), so it compiles once per dtype
   whatever the layouts.
