@@ -139,7 +139,9 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       each isolated (0.3 s pause) and right after an OpenBLAS 1024^3 call, two runs (load 3-7), old code
       (static stripes, 6 x 32) -> this one (chunks, avx2): 768^3 isolated 34 / 55 -> 20 / 15 ms, after
       OpenBLAS 70 / 112 -> 41 / 20 ms; 1024^3 isolated 76 / 222 -> 89 / 60 ms, after OpenBLAS 102 / 241
-      -> 140 / 95 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
+      -> 140 / 95 ms; two more runs, old and new alternating (load 2.6-4.6): 768^3 isolated 22 / 35 ->
+      20 / 24 ms, after OpenBLAS 35 / 70 -> 27 / 33 ms; 1024^3 isolated 65 / 106 -> 41 / 71 ms, after
+      OpenBLAS 92 / 137 -> 62 / 99 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
       2-thread call is steadier: 2048^3 32 -> 47, 1024^3 32 -> 52, (256, 784, 1024) 27 -> 51.
 """
 
