@@ -20,9 +20,17 @@ __all__ = [
     "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy", "mse",
     "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step", "adam_step", "rmsprop_step",
     "adagrad_step", "adadelta_step", "set_backend", "get_backend", "use_backend", "is_device_array",
-    "warmup", "bias_act_backward", "segment_norms", "batchnorm_forward", "batchnorm_eval",
+    "warmup", "cpu_info", "bias_act_backward", "segment_norms", "batchnorm_forward", "batchnorm_eval",
     "batchnorm_backward",
 ]
+
+
+def cpu_info():
+    """The CPU as LLVM reports it and the CPU GEMM's configuration chosen for it: vector width, register
+    tile variant (``KERNELS_GEMM_VARIANT`` overrides it), tiles and blocking. See kernels/cpu/_cpuinfo.py."""
+    from .cpu._cpuinfo import cpu_info as info
+
+    return info()
 
 
 def warmup(backend="numba", dtypes=("float32", "float64")):

@@ -17,12 +17,15 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   through a small buffer; after the last K block, bias + activation are applied in place to each row of
   tiles while it is in L1/L2 (one vectorised loop per row and activation kind);
 - a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
-  another route: B^T is packed (N x K, in L1) and each 5 x 5 tile is 25 dot products along K, vectors
-  of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane is padding
-  (the register tile pads N = 10 to 32 columns);
-- products of at least PARALLEL_MIN_FLOPS are split into one stripe of ``out`` per thread (columns when
-  there are at least 4 tile columns per thread, else rows; tile-aligned), each stripe running the
-  serial loops above: one fork-join per call;
+  another route: B^T is packed (N x K, in L1) and each MR x NR tile (DOT_TILES) is dot products along
+  K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
+  is padding (the register tile pads N = 10 to 16 or 32 columns);
+- products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (balanced, tile-aligned N
+  blocks, then as few row blocks of at least MC rows as give CHUNKS_PER_THREAD chunks per thread);
+  each thread takes the next chunk from an atomic counter as it frees up and runs the serial loops
+  above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
+  instead of stalling the others. Every element is computed by one thread over the same K blocks in
+  the same order, so the result is bitwise the same whatever the split or the thread count;
 - the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin serial
   wrapper that takes arrays; ``gemm_parallel`` gets them from Python), so it compiles once per dtype
   whatever the layouts.
@@ -31,10 +34,23 @@ Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, 
 either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
 loop never gets register-resident accumulators (versions 1-3). The intrinsic emits exactly the loop a
 BLAS micro-kernel is: MR x NR/VW vector accumulators as phi nodes, NR/VW vector loads of B and MR
-broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls (``inspect_asm``: 72 vfmadd231ps on ymm in the
-loop body LLVM unrolls three times, no spills in the loop).
+broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls.
 
-Versions, float32 GFLOP/s on this machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
+Register tiles (TILES), one variant chosen per CPU by _cpuinfo, all compiled behind one switch:
+- ``avx2``: float32 6 x 16, float64 6 x 8 (12 ymm accumulators + 2 B vectors + a broadcast: the 16
+  registers of AVX2, BLIS's Haswell shape);
+- ``avx512vl``: 6 x 32 / 6 x 16 in ymm (24 accumulators: needs AVX-512VL's 32 registers; Zen 4's tile);
+- ``avx512``: 12 x 32 / 12 x 16 in zmm (24 accumulators + 2 B vectors + broadcasts of 32 registers;
+  BLIS's Skylake-X sgemm shape, transposed).
+``inspect_asm`` of the K loop (LLVM unrolls it twice; counts per loop, float32 and float64 alike), the
+micro-kernel's IR compiled by llvmlite for each target CPU: ``avx2`` 24 vfmadd231 on ymm, no stack
+access, on znver3..znver5 and Intel; ``avx512vl`` 48 on ymm, no stack access on znver4/znver5/
+skylake-avx512/sapphirerapids, but 76 stack loads/stores on znver3 (16 registers: the spills that held
+the old kernel to half speed here); ``avx512`` 24 vfmadd231 on zmm, no stack access, on znver4, znver5,
+skylake-avx512 and sapphirerapids (explicit 512-bit IR is kept 512-bit despite those CPUs' 256-bit
+preference), split into ymm pairs with spills on znver3 (correct, slow: tests only).
+
+Versions v1-v14, float32 GFLOP/s on a Zen 4 machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
 the machine was quiet; the machine was shared with load 4-14 during this work, so figures are noisy;
 "1 core" figures use thread CPU time):
   v1  @njit tile loop over a local accumulator array, fastmath: LLVM vectorised the K loop into
@@ -97,8 +113,36 @@ the machine was quiet; the machine was shared with load 4-14 during this work, s
       75 -> 87), so v11's read-in-place rules went: B is packed unless it is small.
   The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
 
-Tile shapes (32 vector registers with AVX-512VL, 256-bit vectors as LLVM prefers here): float32 6 x 32
-(24 ymm accumulators + 4 B vectors + broadcasts), float64 6 x 16 (the same in 4-lane vectors).
+Versions on a Zen 3 (lscpu family 25 model 1, LLVM host ``znver3``: AVX2 and FMA, 16 ymm registers, L1d
+32 KiB and L2 512 KiB per core), 2 vCPUs shared with five other sessions' work (load 3-7): wall-clock
+figures swing 2x from one minute to the next; "1 thread" figures use thread CPU time (best of three
+rounds of medians of 5). The 512-bit variant's speed was NOT measured: this machine has no AVX-512
+(its correctness is tested here, LLVM splitting its vectors; its code was checked with inspect_asm).
+  v15 register-tile variants chosen per CPU (_cpuinfo), compiled behind one switch: the 6 x 32 ymm tile
+      above needs AVX-512VL's 32 registers and on Zen 3 spilled (76 stack accesses per K loop); the
+      6 x 16 ``avx2`` tile fits 16. 1 thread, float32: 1024^3 31 -> 71, (256, 784, 1024) 24 -> 60,
+      128^3 29 -> 77; float64 1024^3 28.
+  v16 blocking re-measured for Zen 3 with the avx2 tile, 1 thread, KC / NC bytes 128/128K, 128/256K,
+      192/192K, 256/128K, 256/256K, 384/192K, 384/384K, 512/256K, 512/512K: 1024^3 63-66 and
+      (256, 784, 1024), (784, 256, 1024), 128^3 52-70 for all of them (within the noise), but dy W^T
+      (256, 1024, 784), B^T packed: 53.6 at 128/128K, 52 at 128/256K, 43-47 at KC >= 256: KC 128,
+      NC 128 KiB (256 float32 columns) for znver3.
+  v17 the dot tiles: 5 x 5 needs 30 registers (80 stack accesses per loop on Zen 3); 2 x 5 for avx2
+      (no stack access). 1 thread, us per call (thread CPU time), old tiles (6 x 32, 5 x 5) -> avx2:
+      16^3 2.6 -> 2.4, 32^3 5.6 -> 4.2, 64^3 34 -> 12.7, 128^3 156 -> 85, (2000, 300, 10) 813 -> 285,
+      (256, 512, 10) 161 -> 95, (256, 784, 16) 445 -> 228.
+  v18 the multithreaded split: a static stripe per thread waited for the slower thread (a busy core
+      halves the call); now chunks from an atomic counter, so a late thread takes fewer. Tried: chunks
+      of a fixed MC rows (24-96) by one N block: every row block packs its B block again, and x@W
+      (256, 784, 1024) on 2 threads fell from 139-145 (MC 192 or one row block) to 50-88: now as few row
+      blocks as give 4 chunks per thread. 768^3 / 1024^3 float32 through kernels.matmul, medians of 15 calls
+      each isolated (0.3 s pause) and right after an OpenBLAS 1024^3 call, two runs (load 3-7), old code
+      (static stripes, 6 x 32) -> this one (chunks, avx2): 768^3 isolated 34 / 55 -> 20 / 15 ms, after
+      OpenBLAS 70 / 112 -> 41 / 20 ms; 1024^3 isolated 76 / 222 -> 89 / 60 ms, after OpenBLAS 102 / 241
+      -> 140 / 95 ms; two more runs, old and new alternating (load 2.6-4.6): 768^3 isolated 22 / 35 ->
+      20 / 24 ms, after OpenBLAS 35 / 70 -> 27 / 33 ms; 1024^3 isolated 65 / 106 -> 41 / 71 ms, after
+      OpenBLAS 92 / 137 -> 62 / 99 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
+      2-thread call is steadier: 2048^3 32 -> 47, 1024^3 32 -> 52, (256, 784, 1024) 27 -> 51.
 """
 
 import numpy as np
@@ -110,118 +154,162 @@ from numba.extending import intrinsic
 from ._jit import jit
 from ._math import sigmoid, tanh
 
-# (MR, NR, vector lanes) per dtype: the register tile of the micro-kernel.
-TILE_F32, TILE_F64 = (6, 32, 8), (6, 16, 4)
-TILES = {np.dtype(np.float32): TILE_F32, np.dtype(np.float64): TILE_F64}
-KC = 512  # K block: an A micro-panel (6 x 512 float32, 12 KiB) stays in L1 across all of B's micro-panels
-NC_BYTES = 512 * 1024  # N block: the packed B block (KC x NC) fills half of a core's 1 MiB L2 (NC 256 f32)
+# Register tiles of the micro-kernel, per variant: (MR, NR, vector lanes) for float32 and float64. A
+# variant is chosen per CPU by _cpuinfo and passed to the kernels as its index in VARIANTS.
+VARIANTS = ("avx2", "avx512vl", "avx512")
+TILES = {
+    "avx2": ((6, 16, 8), (6, 8, 4)),  # 16 ymm registers: 12 accumulators + 2 B vectors + a broadcast
+    "avx512vl": ((6, 32, 8), (6, 16, 4)),  # 256-bit vectors in AVX-512VL's 32 registers: 24 accumulators
+    "avx512": ((12, 32, 16), (12, 16, 8)),  # 32 zmm registers: 24 accumulators + 2 B vectors + broadcasts
+}
+_MR = tuple(TILES[v][0][0] for v in VARIANTS) + tuple(TILES[v][1][0] for v in VARIANTS)  # by (f64, variant)
+_NR = tuple(TILES[v][0][1] for v in VARIANTS) + tuple(TILES[v][1][1] for v in VARIANTS)
+LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # 256-bit vectors: packing and the dot tiles
+DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
+CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 
-# The dot-product tile (MR x NR dot products along K, 25 vector accumulators of TILES' lanes), used when
-# N <= DOT_MAX_N and A's rows are contiguous: N = 10 is two tiles wide, with no padded lanes.
-DOT_MR, DOT_NR, DOT_MAX_N = 5, 5, 16
+# The dot-product tile per variant (MR x NR dot products along K in vector accumulators of LANES, plus
+# MR vectors of A), used when N <= DOT_MAX_N and A's rows are contiguous: N = 10 is a whole number of
+# tiles wide, with no padded lanes. 5 x 5 needs 32 registers; 2 x 5 fits AVX2's 16.
+DOT_TILES = {"avx2": (2, 5), "avx512vl": (5, 5), "avx512": (5, 5)}
+_DOT_MR = tuple(DOT_TILES[v][0] for v in VARIANTS)
+_DOT_NR = tuple(DOT_TILES[v][1] for v in VARIANTS)
+DOT_MAX_N = 16
 
 NONE, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
 ACTIVATION_CODES = {None: NONE, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH}
 
 
+def _switch(builder, variant, label):
+    """Yields each name in VARIANTS with the builder in a block taken when ``variant`` is its index (the
+    first one by default), then joins the blocks: the code emitted for each name is one case."""
+    end = builder.append_basic_block(f"{label}.end")
+    cases = [builder.append_basic_block(f"{label}.{name}") for name in VARIANTS]
+    switch = builder.switch(variant, cases[0])
+    for index, (name, block) in enumerate(zip(VARIANTS, cases)):
+        switch.add_case(ir.Constant(variant.type, index), block)
+        builder.position_at_end(block)
+        yield name
+        builder.branch(end)
+    builder.position_at_end(end)
+
+
+def _close_loop(builder, k, k_next, end, acc, new, entry, loop, done):
+    """Closes a K loop over vector accumulators: ``loop`` repeats while ``k_next < end`` (``k`` starts at
+    0 from ``entry``), the phis ``acc[i][j]`` start at zero and take ``new[i][j]``. Returns the final
+    values as phis at the top of ``done`` (zero when the loop was skipped), the builder positioned there."""
+    builder.cbranch(builder.icmp_signed("<", k_next, end), loop, done)
+    k.add_incoming(ir.Constant(k.type, 0), entry)
+    k.add_incoming(k_next, loop)
+    builder.position_at_end(done)
+    result = []
+    for acc_row, new_row in zip(acc, new):
+        result.append([])
+        for phi, value in zip(acc_row, new_row):
+            zero = ir.Constant(phi.type, None)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(value, loop)
+            final = builder.phi(phi.type)
+            final.add_incoming(zero, entry)
+            final.add_incoming(value, loop)
+            result[-1].append(final)
+    return result
+
+
+def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_):
+    """The IR of one MR x NR register tile over the K block (see ``_micro_kernel``), ending in a block of
+    its own (``fty`` the element type, ``size`` its bytes); returns that block."""
+    nv = nr // lanes
+    vty = ir.VectorType(fty, lanes)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+
+    def const(v):
+        return ir.Constant(i64, v)
+
+    def vector_at(base, offset):
+        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                         f"llvm.fma.v{lanes}f{8 * size}")
+    i8p = ir.IntType(8).as_pointer()
+    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
+                                              "llvm.prefetch.p0i8")
+    splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+    undef = ir.Constant(vty, ir.Undefined)
+    b0 = builder.inttoptr(pb_, fty.as_pointer())
+    a0 = builder.inttoptr(pa_, fty.as_pointer())
+    c0 = builder.inttoptr(pc_, fty.as_pointer())
+    rows = [builder.gep(a0, [builder.mul(sa_i_, const(i))]) for i in range(mr)]
+    c_rows = [builder.gep(c0, [builder.mul(ldc_, const(i))]) for i in range(mr)]
+    for row in c_rows:  # write intent, keep in all levels: one call per 64-byte line of the row
+        for offset in range(0, nr * size, 64):
+            builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
+                                    ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    entry = builder.block
+    loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
+    builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+    bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
+    bv = [builder.load(vector_at(b0, builder.add(bk, const(v * lanes))), align=size) for v in range(nv)]
+    new = []
+    for i in range(mr):
+        ai = builder.load(builder.gep(rows[i], [ak]), align=size)
+        ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
+        new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
+    result = _close_loop(builder, k, builder.add(k, const(1)), kc_, acc, new, entry, loop, done)
+    with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
+        for block, adding in ((add, True), (store, False)):
+            with block:
+                for i in range(mr):
+                    for v in range(nv):
+                        at = vector_at(c_rows[i], const(v * lanes))
+                        value = builder.fadd(result[i][v], builder.load(at, align=size)) if adding else result[i][v]
+                        builder.store(value, at, align=size)
+    return builder.block
+
+
 @intrinsic
-def _micro_kernel(typingctx, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, accumulate, like):
-    """``c[i, j] (+)= sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile, stored
-    at ``pc + (i*ldc + j)`` (added to what is there when ``accumulate``), in ``like``'s dtype.
+def _micro_kernel(typingctx, variant, pa, sa_i, sa_k, pb, sb_k, kc, pc, ldc, accumulate, like):
+    """``c[i, j] (+)= sum_k pa[i*sa_i + k*sa_k] * pb[k*sb_k + j]`` for one MR x NR register tile of
+    ``variant`` (an index in VARIANTS), stored at ``pc + (i*ldc + j)`` (added to what is there when
+    ``accumulate``), in ``like``'s dtype.
 
     ``pa``, ``pb``, ``pc`` are element addresses (``x.ctypes.data`` plus a byte offset), strides in
     elements; B's rows must be contiguous (packed panels, or a row-major b read in place). The C tile
-    is prefetched for writing before the K loop, so its write-back does not wait on memory."""
-    mr, nr, lanes = TILES[np.dtype(like.dtype.name)]
-    nv = nr // lanes
+    is prefetched for writing before the K loop, so its write-back does not wait on memory. One loop
+    per variant behind a switch on ``variant``: the kernels compile once whatever the CPU, and a test
+    can run every variant on any x86-64 machine (LLVM splits vectors wider than the CPU's)."""
+    f64 = like.dtype.bitwidth == 64
 
     def codegen(context, builder, sig, args):
-        pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_, _ = args
-        fty = context.get_value_type(sig.args[9].dtype)
-        size = context.get_abi_sizeof(fty)
-        vty = ir.VectorType(fty, lanes)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-
-        def const(v):
-            return ir.Constant(i64, v)
-
-        def vector_at(base, offset):
-            return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.v{lanes}f{8 * size}")
-        i8p = ir.IntType(8).as_pointer()
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
-                                                  "llvm.prefetch.p0i8")
-        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-        undef, zero = ir.Constant(vty, ir.Undefined), ir.Constant(vty, None)
-        b0 = builder.inttoptr(pb_, fty.as_pointer())
-        a0 = builder.inttoptr(pa_, fty.as_pointer())
-        c0 = builder.inttoptr(pc_, fty.as_pointer())
-        rows = [builder.gep(a0, [builder.mul(sa_i_, const(i))]) for i in range(mr)]
-        c_rows = [builder.gep(c0, [builder.mul(ldc_, const(i))]) for i in range(mr)]
-        for row in c_rows:  # write intent, keep in all levels: one call per 64-byte line of the row
-            for offset in range(0, nr * size, 64):
-                builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
-                                        ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        entry = builder.block
-        loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
-        builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
-
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-        bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
-        bv = [builder.load(vector_at(b0, builder.add(bk, const(v * lanes))), align=size) for v in range(nv)]
-        new = []
-        for i in range(mr):
-            ai = builder.load(builder.gep(rows[i], [ak]), align=size)
-            ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
-            new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
-        k_next = builder.add(k, const(1))
-        builder.cbranch(builder.icmp_signed("<", k_next, kc_), loop, done)
-        k.add_incoming(const(0), entry)
-        k.add_incoming(k_next, loop)
-        for i in range(mr):
-            for v in range(nv):
-                acc[i][v].add_incoming(zero, entry)
-                acc[i][v].add_incoming(new[i][v], loop)
-
-        builder.position_at_end(done)
-        result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-        for i in range(mr):
-            for v in range(nv):
-                result[i][v].add_incoming(zero, entry)
-                result[i][v].add_incoming(new[i][v], loop)
-        with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
-            for block, adding in ((add, True), (store, False)):
-                with block:
-                    for i in range(mr):
-                        for v in range(nv):
-                            at = vector_at(c_rows[i], const(v * lanes))
-                            value = builder.fadd(result[i][v], builder.load(at, align=size)) if adding else result[i][v]
-                            builder.store(value, at, align=size)
+        fty = context.get_value_type(sig.args[10].dtype)
+        for name in _switch(builder, args[0], "tile"):
+            _emit_tile(builder, fty, context.get_abi_sizeof(fty), *TILES[name][f64], *args[1:10])
         return context.get_dummy_value()
 
-    return types.void(*[types.intp] * 9, like), codegen
+    return types.void(*[types.intp] * 10, like), codegen
 
 
 @intrinsic
-def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
-    """``tile[at + i*st + j] = sum_{k} a[i, k] * bt[j, k]`` for one MR x NR tile of dot products along K:
+def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
+    """``tile[at + i*st + j] = sum_{k} a[i, k] * bt[j, k]`` for one MR x NR tile of dot products along K
+    (DOT_TILES of ``variant``, an index in VARIANTS):
     rows of A (element stride ``sa_i``) and of B^T (``sb_j``) are contiguous in K, so every vector lane
     does useful work whatever N is; the last ``k % lanes`` terms are one masked vector step (masked-off
     lanes are not read). Rows past ``rows`` and columns past ``cols`` repeat the last one (computed and
     stored again, identical) instead of reading out of bounds."""
-    (mr, nr), lanes = (DOT_MR, DOT_NR), TILES[np.dtype(tile.dtype.name)][2]
+    lanes = LANES[np.dtype(tile.dtype.name)]
 
-    def codegen(context, builder, sig, args):
+    def emit(context, builder, sig, args, mr, nr):
         pa_, sa_i_, rows_, pb_, sb_j_, cols_, k_, tile_, at_, st_ = args
-        t = context.make_array(sig.args[7])(context, builder, tile_).data
-        fty = context.get_value_type(sig.args[7].dtype)
+        t = context.make_array(sig.args[8])(context, builder, tile_).data
+        fty = context.get_value_type(sig.args[8].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
         i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -259,17 +347,7 @@ def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
 
         av, bv = [load(r) for r in a_rows], [load(r) for r in b_rows]
         new = [[builder.call(fma, [av[i], bv[j], acc[i][j]]) for j in range(nr)] for i in range(mr)]
-        k_next = builder.add(k, ir.Constant(i64, lanes))
-        builder.cbranch(builder.icmp_signed("<", k_next, kv_), loop, done)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        k.add_incoming(k_next, loop)
-        for i in range(mr):
-            for j in range(nr):
-                acc[i][j].add_incoming(zero, entry)
-                acc[i][j].add_incoming(new[i][j], loop)
-
-        builder.position_at_end(done)
-        result = [[builder.phi(vty) for _ in range(nr)] for _ in range(mr)]
+        result = _close_loop(builder, k, builder.add(k, ir.Constant(i64, lanes)), kv_, acc, new, entry, loop, done)
         lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
         rest = builder.sub(k_, kv_)
         mask = builder.icmp_signed("<", lane, builder.shuffle_vector(
@@ -283,10 +361,7 @@ def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
         at_, bt_ = [tail(r) for r in a_rows], [tail(r) for r in b_rows]
         for i in range(mr):
             for j in range(nr):
-                v = result[i][j]
-                v.add_incoming(zero, entry)
-                v.add_incoming(new[i][j], loop)
-                v = builder.call(fma, [at_[i], bt_[j], v])
+                v = builder.call(fma, [at_[i], bt_[j], result[i][j]])
                 half = lanes // 2
                 while half:  # horizontal sum: the upper half added onto the lower half
                     def part(start):
@@ -294,9 +369,13 @@ def _dot_kernel(typingctx, pa, sa_i, rows, pb, sb_j, cols, k, tile, at, st):
                                                                         list(range(start, start + half))))
                     v, half = builder.fadd(part(0), part(half)), half // 2
                 builder.store(builder.extract_element(v, ir.Constant(i64, 0)), builder.gep(out_rows[i], [out_cols[j]]))
+
+    def codegen(context, builder, sig, args):
+        for name in _switch(builder, args[0], "dot"):
+            emit(context, builder, sig, args[1:], *DOT_TILES[name])
         return context.get_dummy_value()
 
-    return types.void(*[types.intp] * 7, tile, types.intp, types.intp), codegen
+    return types.void(*[types.intp] * 8, tile, types.intp, types.intp), codegen
 
 
 @jit(inline="always")
@@ -318,7 +397,7 @@ def _copy(typingctx, src, dst, n, like):
     """``n`` elements of ``like``'s dtype from address ``src`` to ``dst`` (not overlapping): whole vectors,
     then the rest one by one. A numba loop over typed views does the same 3x slower here: signed indices
     carry a wraparound select per access, which keeps LLVM from vectorising it."""
-    lanes = TILES[np.dtype(like.dtype.name)][2]
+    lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
         src_, dst_, n_, _ = args
@@ -343,7 +422,7 @@ def _transpose(typingctx, src, src_stride, dst, dst_stride, like):
     """One lanes x lanes block (8 x 8 float32, 4 x 4 float64) transposed through vector registers:
     ``dst[r * dst_stride + j] = src[j * src_stride + r]`` (element addresses and strides). Packing a
     B^T whose columns are contiguous this way beats element-by-element stores 2-4x."""
-    lanes = TILES[np.dtype(like.dtype.name)][2]
+    lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
         src_, src_stride_, dst_, dst_stride_, _ = args
@@ -392,7 +471,7 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                     for j in range(n):
                         xp[dst + j] = _load(at + (p * width + j) * s_c * item, xp)
     elif s_r == 1:  # columns contiguous (B^T): lanes x lanes blocks through registers, edges one by one
-        lanes = 32 // item  # 256-bit vectors, as in TILES
+        lanes = 32 // item  # 256-bit vectors, as in LANES
         rows_v = rows // lanes * lanes
         for p in range(panels):
             n = min(width, cols - p * width)
@@ -443,7 +522,7 @@ def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
 
 @jit
 def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, m, c0, nc,
-           pc, kc, first, last, mr, nr):
+           pc, kc, first, last, variant, mr, nr):
     """Every tile of the ``m x nc`` block of ``out`` at (r0, c0) for the K block ``pc:pc+kc``, row of tiles
     by row of tiles (the A rows stay in L1 while B's panels stream from L2): the micro-kernel writes a
     whole tile straight into ``out`` (added to it unless ``first``); an edge tile goes through ``tile``.
@@ -480,9 +559,9 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
             else:
                 pb, sb = edge_at + b_edge * item, nr
             if rows == mr and cols == nr:
-                _micro_kernel(pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
+                _micro_kernel(variant, pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
             else:
-                _micro_kernel(pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
+                _micro_kernel(variant, pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
                 for i in range(rows):
                     o = out[row + i, col:col + cols]
                     t = tile[i * nr:i * nr + cols]
@@ -495,14 +574,14 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
 
 
 @jit
-def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1):
+def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant):
     """``out[r0:r1]`` for a narrow N and A's rows contiguous: B^T packed once (N x K, at most DOT_MAX_N
     rows), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows stream
     once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of 5 x 5
     cost more than the tile)."""
     n = out.shape[1]
     item = out.itemsize
-    mr, nr = DOT_MR, DOT_NR
+    mr, nr = _DOT_MR[variant], _DOT_NR[variant]
     bt = np.empty(n * k, out.dtype)
     _pack(b_at, sb_j, sb_k, bt, 0, 0, n, k, k)
     bt_at = np.intp(bt.ctypes.data)
@@ -511,26 +590,26 @@ def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, 
         rows = min(mr, r1 - row)
         pa = a_at + row * sa_i * item
         for col in range(0, n, nr):
-            _dot_kernel(pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
+            _dot_kernel(variant, pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
         for i in range(rows):
             out[row + i] = block[i * n:(i + 1) * n]
         _epilogue(out, row, rows, 0, n, bias, has_bias, act, alpha)
 
 
 @jit
-def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, mr, nr, nc_max,
-           pack_b):
+def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, variant, kc_max,
+           nc_max, pack_b, bp, edge, tile):
     """The serial BLIS loops for ``out[r0:r1, c0:c1]``: K blocks, N blocks, then tiles; B is packed per
-    (K, N) block when ``pack_b``. A narrow ``out`` whose A rows are contiguous goes to ``_dots`` instead."""
-    if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the stripes are by rows: c0:c1 is 0:N
-        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1)
+    (K, N) block into ``bp`` when ``pack_b``. A narrow ``out`` whose A rows are contiguous goes to
+    ``_dots`` instead. Every element gets the same K blocks in the same order whatever the block, so a
+    result does not depend on how ``out`` was split."""
+    if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the blocks are by rows: c0:c1 is 0:N
+        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant)
         return
-    n_pc = max(1, _cdiv(k, KC))
+    mr, nr = _tile(variant, out)
+    n_pc = max(1, _cdiv(k, kc_max))
     kc_step = _cdiv(k, n_pc)  # balanced K blocks: 784 -> 2 x 392
     nc_step = min(_cdiv(c1 - c0, nr) * nr, nc_max)
-    bp = np.empty(nc_step * kc_step if pack_b else 0, out.dtype)
-    edge = np.empty((mr + nr) * kc_step, out.dtype)
-    tile = np.empty(mr * nr, out.dtype)
     for p in range(n_pc):
         pc = p * kc_step
         kc = min(kc_step, k - pc)
@@ -539,43 +618,71 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
             if pack_b:
                 _pack(b_at, sb_k, sb_j, bp, pc, jc, kc, nc, nr)
             _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bias, act, alpha, r0, r1 - r0,
-                   jc, nc, pc, kc, p == 0, p == n_pc - 1, mr, nr)
+                   jc, nc, pc, kc, p == 0, p == n_pc - 1, variant, mr, nr)
 
 
 @jit(inline="always")
-def _setup(k, sb_k, sb_j, bias, alpha, out):
-    """What both entry points derive: the register tile and N block for ``out``'s dtype, whether B gets
-    packed (unless it is small and row-major), whether there is a bias, and alpha in ``out``'s dtype."""
+def _tile(variant, out):
+    """(MR, NR) of ``variant``'s register tile for ``out``'s dtype."""
+    at = variant + (len(VARIANTS) if out.itemsize == 8 else 0)
+    return _MR[at], _NR[at]
+
+
+@jit(inline="always")
+def _setup(k, sb_k, sb_j, bias, alpha, out, variant, kc_max, nc_bytes):
+    """What both entry points derive: the N block for the variant's tile and ``out``'s dtype (``nc_bytes``
+    of packed B at K block ``kc_max``), whether B gets packed (unless it is small and row-major), whether
+    there is a bias, alpha in ``out``'s dtype, and the sizes of one thread's buffers (packed B, A/B edge
+    panels, an edge tile) for blocks of at most ``nc_max`` columns."""
     item = out.itemsize
-    mr, nr, _ = TILE_F32 if item == 4 else TILE_F64
-    nc_max = max(nr, NC_BYTES // (KC * item) // nr * nr)
-    return mr, nr, nc_max, sb_j != 1 or k * out.shape[1] > PACK_B_MIN, bias.size > 0, out.dtype.type(alpha)
+    mr, nr = _tile(variant, out)
+    nc_max = max(nr, nc_bytes // (kc_max * item) // nr * nr)
+    pack_b = sb_j != 1 or k * out.shape[1] > PACK_B_MIN
+    kc_step = _cdiv(k, max(1, _cdiv(k, kc_max)))
+    nc_step = min(_cdiv(out.shape[1], nr) * nr, nc_max)
+    b_size = nc_step * kc_step if pack_b else 0
+    return mr, nr, nc_max, pack_b, bias.size > 0, out.dtype.type(alpha), b_size, (mr + nr) * kc_step, mr * nr
 
 
 @jit
-def gemm(a, b, bias, act, alpha, out):
+def gemm(a, b, bias, act, alpha, out, variant, kc_max, nc_bytes):
     """``out = act(a @ b + bias)`` on the calling thread; a (M, K), b (K, N) with any strides that are whole
     elements; ``bias`` is (N,), or empty for none; ``act`` an ACTIVATION_CODES value; ``alpha`` the leaky
-    slope. Hands the operands on as addresses and element strides, so the kernel proper compiles once
-    per dtype whatever the layouts (this wrapper is all that is specialised per layout). Few, plain
-    arguments: at 64^3 the dispatch is a tenth of the call."""
+    slope; ``variant`` the register tile (index in VARIANTS), ``kc_max`` and ``nc_bytes`` the blocking.
+    Hands the operands on as addresses and element strides, so the kernel proper compiles once per
+    dtype whatever the layouts (this wrapper is all that is specialised per layout). Plain arguments:
+    at 64^3 the dispatch is a tenth of the call."""
     m, n = out.shape
     if m == 0 or n == 0:
         return
     item = out.itemsize
     k, sb_k, sb_j = a.shape[1], b.strides[0] // item, b.strides[1] // item
-    mr, nr, nc_max, pack_b, has_bias, alpha_ = _setup(k, sb_k, sb_j, bias, alpha, out)
+    _, _, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
+                                                                                   variant, kc_max, nc_bytes)
     origin = np.intp(0)  # not the literal 0: _block then has the signature gemm_parallel compiles it for
     _block(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data), sb_k, sb_j,
-           k, bias, has_bias, act, alpha_, out, origin, m, origin, n, mr, nr, nc_max, pack_b)
+           k, bias, has_bias, act, alpha_, out, origin, m, origin, n, variant, kc_max, nc_max, pack_b,
+           np.empty(b_size, out.dtype), np.empty(edge_size, out.dtype), np.empty(tile_size, out.dtype))
+
+
+@intrinsic
+def _take(typingctx, counter):
+    """Atomically ``counter[0] += 1`` at the address ``counter``, returning the old value: the next chunk."""
+    def codegen(context, builder, sig, args):
+        at = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.intp(types.intp), codegen
 
 
 @jit(parallel=True)
-def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads):
-    """``gemm`` on ``threads`` threads, the operands given as addresses and element strides: the product is
-    split into that many tile-aligned stripes of ``out`` (rows, or columns when there are enough tile
-    columns: each thread then packs its part of B), each computed independently: one fork-join per call
-    and no barrier, which matters on a small shared machine where a late thread stalls every barrier.
+def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
+                  mc):
+    """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
+    into chunks of at least ``mc`` rows by one N block, about CHUNKS_PER_THREAD per thread; each thread takes the next
+    chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
+    chunks instead of holding the others back. Each chunk is computed whole by one thread in the same
+    K order, so the result is bitwise the same whatever the split and the thread count.
 
     Call it from Python only: a cached jitted function that calls a parallel one is loaded from Numba's
     cache broken once it has been compiled in a process that loaded the callee from the cache (a segfault
@@ -583,15 +690,26 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    mr, nr, nc_max, pack_b, has_bias, alpha_ = _setup(k, sb_k, sb_j, bias, alpha, out)
-    tiles_m, tiles_n = _cdiv(m, mr), _cdiv(n, nr)
-    by_rows = tiles_n < 4 * threads
-    parts = min(threads, tiles_m if by_rows else tiles_n)
-    for t in prange(parts):
-        r0, r1, c0, c1 = 0, m, 0, n
-        if by_rows:
-            r0, r1 = t * tiles_m // parts * mr, min(m, (t + 1) * tiles_m // parts * mr)
-        else:
-            c0, c1 = t * tiles_n // parts * nr, min(n, (t + 1) * tiles_n // parts * nr)
-        _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha_, out, r0, r1, c0, c1, mr, nr,
-               nc_max, pack_b)
+    mr, nr, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
+                                                                                     variant, kc_max, nc_bytes)
+    dots = sa_k == 1 and n <= DOT_MAX_N and k > 0  # the dot tiles: chunks of rows only
+    row_tile = _DOT_MR[variant] if dots else mr
+    cols = _cdiv(_cdiv(n, nr), 1 if dots else _cdiv(n, nc_max)) * nr  # balanced N blocks: 784 -> 4 x 208
+    col_blocks = _cdiv(n, cols)
+    # as few row blocks as give CHUNKS_PER_THREAD chunks per thread (each one packs its B block again),
+    # of at least mc rows
+    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(CHUNKS_PER_THREAD * threads, col_blocks)))
+    rows = _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile
+    chunks = _cdiv(m, rows) * col_blocks
+    counter = np.zeros(1, np.intp)
+    counter_at = np.intp(counter.ctypes.data)
+    for _ in prange(min(threads, chunks)):
+        bp = np.empty(b_size, out.dtype)
+        edge = np.empty(edge_size, out.dtype)
+        tile = np.empty(tile_size, out.dtype)
+        c = _take(counter_at)
+        while c < chunks:
+            r0, c0 = c // col_blocks * rows, c % col_blocks * cols
+            _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
+                   min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
+            c = _take(counter_at)

@@ -3,9 +3,13 @@
 import numba
 import numpy as np
 
-from ._gemm import ACTIVATION_CODES, PARALLEL_MIN_FLOPS, TILES, gemm, gemm_parallel
+from . import _cpuinfo
+from ._gemm import ACTIVATION_CODES, DTYPES, PARALLEL_MIN_FLOPS, gemm, gemm_parallel
 
-_NO_BIAS = {dtype: np.empty(0, dtype) for dtype in TILES}  # stands in for bias=None
+_NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}  # stands in for bias=None
+# (variant index, kc, nc_bytes, mc): the register tile and blocking chosen for this CPU (_cpuinfo);
+# tests replace it to run every variant
+TILING = (_cpuinfo.VARIANT_INDEX, _cpuinfo.KC, _cpuinfo.NC_BYTES, _cpuinfo.MC)
 
 
 def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
@@ -23,11 +27,12 @@ def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
     elif not bias.flags.c_contiguous:
         bias = np.ascontiguousarray(bias)
     (m, k), n = a.shape, b.shape[1]
+    variant, kc, nc_bytes, mc = TILING
     threads = numba.get_num_threads() if 2 * m * k * n >= PARALLEL_MIN_FLOPS else 1
     if threads == 1:
-        gemm(a, b, bias, ACTIVATION_CODES[activation], alpha, out)
+        gemm(a, b, bias, ACTIVATION_CODES[activation], alpha, out, variant, kc, nc_bytes)
     else:
         item = dtype.itemsize
         gemm_parallel(a.ctypes.data, a.strides[0] // item, a.strides[1] // item, b.ctypes.data,
                       b.strides[0] // item, b.strides[1] // item, k, bias, ACTIVATION_CODES[activation], alpha,
-                      out, threads)
+                      out, threads, variant, kc, nc_bytes, mc)

@@ -1,0 +1,89 @@
+"""The GEMM's register tile and blocking for this CPU, chosen once at import from what LLVM reports.
+
+A configuration is a variant of the micro-kernel (a register tile, see ``_gemm.TILES``) and its blocking:
+``kc`` (the K block), ``nc_bytes`` (the packed B block of ``kc`` rows, in bytes: it sets the N block)
+and ``mc`` (the fewest rows of ``out`` in a chunk of the multithreaded split). A is not packed, so
+there is no M block in the serial loops.
+
+Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
+
+- ``znver5`` (Zen 5): ``avx512``. Two full 512-bit FMA pipes: zmm tiles double the flops per
+  instruction over ymm; the 256-bit kernel reached half of XLA's rate there.
+- ``znver4`` (Zen 4): ``avx512vl``. Its 512-bit operations are double-pumped on 256-bit pipes, so zmm
+  brings no more flops per cycle; the 6 x 32 ymm tile (32 registers with AVX-512VL) measured 115-118
+  GFLOP/s per core there (the pipes' peak) and a 6 x 64 zmm tile no faster. Not re-measured this
+  session (no Zen 4 machine).
+- Intel AVX-512 server cores: ``avx512``. Most have two 512-bit FMA ports (ports 0+1 fused and
+  port 5); where only one exists the zmm tile still matches the ymm one's flops. Not measured.
+- ``znver3`` and every other CPU with AVX2 but no AVX-512: ``avx2``, the 6 x 16 tile of 16 ymm
+  registers (the 6 x 32 tile spills half its accumulators to the stack there). Blocking measured on
+  Zen 3 (L1d 32 KiB, L2 512 KiB per core): see ``_gemm``'s notes.
+- any other CPU: with AVX-512VL ``avx512vl`` (safe: no frequency licence, 32 registers), else ``avx2``,
+  the smallest register tile, correct on any x86-64 CPU (LLVM splits the vectors where it must).
+
+Override: ``KERNELS_GEMM_VARIANT=avx2|avx512vl|avx512`` in the environment before ``import kernels``
+forces a variant (with that variant's default blocking unless it is the CPU's own choice). Every
+variant is correct on any CPU; a forced wider one is only slower where the CPU lacks the registers.
+"""
+
+import os
+
+from llvmlite import binding as llvm
+
+from ._gemm import TILES, VARIANTS
+
+ENV_VARIANT = "KERNELS_GEMM_VARIANT"
+
+# variant -> default blocking (kc, nc_bytes, mc)
+DEFAULT_BLOCKING = {
+    "avx2": (128, 128 * 1024, 64),
+    "avx512vl": (512, 512 * 1024, 96),
+    "avx512": (512, 512 * 1024, 96),
+}
+# LLVM CPU name -> (variant, blocking); CPUs not listed are chosen by their features (see the docstring)
+CPUS = {
+    "znver3": ("avx2", DEFAULT_BLOCKING["avx2"]),
+    "znver4": ("avx512vl", DEFAULT_BLOCKING["avx512vl"]),
+    "znver5": ("avx512", DEFAULT_BLOCKING["avx512"]),
+    **{name: ("avx512", DEFAULT_BLOCKING["avx512"])
+       for name in ("skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
+                    "emeraldrapids", "graniterapids", "graniterapids-d")},
+}
+
+
+def choose(cpu, features, forced=None):
+    """``(variant, (kc, nc_bytes, mc))`` for LLVM CPU name ``cpu`` with feature names ``features`` (a set
+    of strings such as ``"avx512f"``), or for the ``forced`` variant (an override)."""
+    if cpu in CPUS:
+        variant, blocking = CPUS[cpu]
+    else:
+        variant = "avx512vl" if {"avx512f", "avx512vl"} <= features else "avx2"
+        blocking = DEFAULT_BLOCKING[variant]
+    if forced:
+        if forced not in VARIANTS:
+            raise ValueError(f"{ENV_VARIANT}: expected one of {', '.join(VARIANTS)}, got {forced!r}")
+        if forced != variant:
+            variant, blocking = forced, DEFAULT_BLOCKING[forced]
+    return variant, blocking
+
+
+def _host():
+    features = llvm.get_host_cpu_features()
+    return llvm.get_host_cpu_name(), {name for name, on in features.items() if on}
+
+
+CPU, FEATURES = _host()
+FORCED = os.environ.get(ENV_VARIANT) or None
+VARIANT, (KC, NC_BYTES, MC) = choose(CPU, FEATURES, FORCED)
+VARIANT_INDEX = VARIANTS.index(VARIANT)
+
+
+def cpu_info():
+    """What the CPU GEMM runs with here: LLVM's CPU name, the widest vector it supports (bits), the
+    chosen variant and whether it was forced, the register tiles (MR x NR per dtype) and the blocking."""
+    width = 512 if "avx512f" in FEATURES else 256 if "avx2" in FEATURES else 128
+    (mr32, nr32, lanes32), (mr64, nr64, _) = TILES[VARIANT]
+    return {"cpu": CPU, "vector_bits": width, "gemm_variant": VARIANT,
+            "gemm_variant_forced": FORCED is not None,
+            "gemm_vector_bits": 32 * lanes32, "tile_float32": (mr32, nr32), "tile_float64": (mr64, nr64),
+            "kc": KC, "nc_bytes": NC_BYTES, "mc": MC}

@@ -1,0 +1,184 @@
+"""The CPU GEMM's register-tile variants, each forced in turn, against the NumPy reference (so the 512-bit
+one stays correct on an AVX2 machine, where LLVM splits its vectors, and the 256-bit fallback on an
+AVX-512 one); the blocking, with tiny blocks to reach every block edge at small sizes; the multithreaded
+split's determinism; the per-CPU choice and its override."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernels
+from kernels.cpu import _cpuinfo, _gemm
+
+matmul_module = importlib.import_module("kernels.cpu.matmul")
+ACTIVATIONS = [None, "relu", "leaky_relu", "sigmoid", "tanh"]
+DTYPES = [np.float32, np.float64]
+TINY = (16, 2048, 8)  # kc, nc_bytes, mc: several K blocks, N blocks and chunks at small sizes
+
+
+@pytest.fixture(params=_gemm.VARIANTS)
+def variant(request, monkeypatch):
+    """Run the CPU backend with this register tile and its default blocking; yields its name."""
+    name = request.param
+    monkeypatch.setattr(matmul_module, "TILING", (_gemm.VARIANTS.index(name), *_cpuinfo.DEFAULT_BLOCKING[name]))
+    with kernels.use_backend("numba"):
+        yield name
+
+
+def tile(variant, dtype):
+    return _gemm.TILES[variant][np.dtype(dtype) == np.float64][:2]
+
+
+def expected_and_bound(a, b, bias, activation, alpha):
+    """The reference result in float64 and the rounding error a K-term dot product may have (both sides
+    can be off by ``K eps (|a| |b|)``; the activations are 1-Lipschitz)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    with kernels.use_backend("numpy"):
+        expected = kernels.matmul(a64, b64, bias=None if bias is None else bias.astype(np.float64),
+                                  activation=activation, alpha=alpha)
+    magnitude = np.abs(a64) @ np.abs(b64) + (0 if bias is None else np.abs(bias))
+    eps = np.finfo(a.dtype).eps
+    return expected, 2 * (a.shape[1] + 2) * eps * magnitude + 8 * eps * np.abs(expected) + 10 * np.finfo(a.dtype).tiny
+
+
+def check(a, b, bias=None, activation=None, alpha=0.1, trans_a=False, trans_b=False):
+    """kernels.matmul on the (possibly transposed) operands, within rounding of the reference."""
+    y = kernels.matmul(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, activation=activation, alpha=alpha)
+    expected, bound = expected_and_bound(a.T if trans_a else a, b.T if trans_b else b, bias, activation, alpha)
+    assert y.dtype == a.dtype and y.shape == expected.shape
+    error = np.abs(y - expected)
+    assert (error <= bound).all(), f"max error {error.max()} where bound {bound.flat[error.argmax()]}"
+    return y
+
+
+def operands(rng, m, k, n, dtype):
+    return rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_edge_sizes_around_the_tile(variant, dtype):
+    """0, 1, MR +- 1, NR +- 1 along M and N, with K empty, one, odd and past a K block."""
+    mr, nr = tile(variant, dtype)
+    rng = np.random.default_rng(mr * nr)
+    kc = _cpuinfo.DEFAULT_BLOCKING[variant][0]
+    for m in sorted({0, 1, mr - 1, mr, mr + 1, 2 * mr + 1}):
+        for n in sorted({0, 1, nr - 1, nr + 1, 2 * nr + 3}):
+            for k in (0, 1, 7, kc + 3):
+                check(*operands(rng, m, k, n, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", ["m", "k", "n"])
+def test_1023_and_1025_along_each_dimension(variant, dtype, dim):
+    rng = np.random.default_rng(7)
+    for size in (1023, 1025):
+        shape = {"m": 37, "k": 45, "n": 70, dim: size}
+        check(*operands(rng, shape["m"], shape["k"], shape["n"], dtype), activation="tanh")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiny_blocks_reach_every_block_edge(variant, dtype, monkeypatch):
+    """K, N and the thread chunks cut into many small pieces (a K block of 16, N blocks of one or two
+    panels, one tile row per chunk), on the serial and the parallel path, with the epilogue."""
+    index = _gemm.VARIANTS.index(variant)
+    monkeypatch.setattr(matmul_module, "TILING", (index, *TINY))
+    rng = np.random.default_rng(1)
+    for m, k, n in [(13, 50, 45), (130, 70, 140), (61, 33, 9)]:
+        a, b = operands(rng, m, k, n, dtype)
+        check(a, b, rng.standard_normal(n).astype(dtype), activation="relu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_transposed_and_strided_operands(variant, dtype, trans_a, trans_b):
+    """Transposes as flags, and views: every other row or column, reversed (negative strides), Fortran
+    order; on the serial path (small) and the parallel one."""
+    rng = np.random.default_rng(2)
+    for m, k, n in [(9, 20, 35), (150, 90, 110)]:
+        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+        views = [lambda x: x, lambda x: x[::-1], lambda x: x[:, ::-1], lambda x: np.asfortranarray(x),
+                 lambda x: np.repeat(x, 2, axis=1)[:, ::2], lambda x: np.repeat(x, 3, axis=0)[::-3][::-1]]
+        for view in views:
+            check(view(a), view(b), trans_a=trans_a, trans_b=trans_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bias_and_activation(variant, dtype, activation):
+    """The fused epilogue on register tiles, edge tiles and narrow outputs (N <= 16: the dot tiles)."""
+    rng = np.random.default_rng(3)
+    for m, k, n in [(25, 40, 50), (200, 100, 70), (300, 64, 10)]:
+        a, b = operands(rng, m, k, n, dtype)
+        check(a, b, rng.standard_normal(n).astype(dtype), activation=activation, alpha=0.3)
+
+
+@given(m=st.integers(0, 40), k=st.integers(0, 40), n=st.integers(0, 70), trans_a=st.booleans(),
+       trans_b=st.booleans(), f64=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_random_small_shapes(variant, m, k, n, trans_a, trans_b, f64, seed):
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if f64 else np.float32
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    check(a, b, rng.standard_normal(n).astype(dtype), activation="sigmoid", trans_a=trans_a, trans_b=trans_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_result_is_bitwise_the_same_whatever_the_split(variant, dtype, monkeypatch):
+    """One thread, two threads, and chunks of every size give identical bits: each element of ``out`` is
+    computed by one thread, over the same K blocks in the same order, whatever the split."""
+    rng = np.random.default_rng(4)
+    index, (kc, nc_bytes, _) = _gemm.VARIANTS.index(variant), _cpuinfo.DEFAULT_BLOCKING[variant]
+    for m, k, n in [(301, 530, 277), (500, 200, 12)]:
+        a, b = operands(rng, m, k, n, dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        results = []
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            for mc in (1, 50, 96, 1000):
+                monkeypatch.setattr(matmul_module, "TILING", (index, kc, nc_bytes, mc))
+                numba.set_num_threads(threads)
+                try:
+                    results.append(kernels.matmul(a, b, bias=bias, activation="tanh"))
+                finally:
+                    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        out = np.empty((m, n), dtype)  # and more threads than cores, chunks taken from the shared counter
+        _gemm.gemm_parallel(a.ctypes.data, k, 1, b.ctypes.data, n, 1, k, bias, _gemm.TANH, 0.0, out, 5, index, kc,
+                            nc_bytes, 7)
+        results.append(out)
+        for y in results[1:]:
+            np.testing.assert_array_equal(y, results[0])
+
+
+def test_cpu_choice():
+    """The table and the feature fallbacks; an override wins; a bad override names the variable."""
+    assert _cpuinfo.choose("znver5", set())[0] == "avx512"
+    assert _cpuinfo.choose("znver4", {"avx512f", "avx512vl"})[0] == "avx512vl"
+    assert _cpuinfo.choose("znver3", {"avx2", "fma"})[0] == "avx2"
+    assert _cpuinfo.choose("sapphirerapids", {"avx512f", "avx512vl"})[0] == "avx512"
+    assert _cpuinfo.choose("some-future-cpu", {"avx2", "avx512f", "avx512vl"})[0] == "avx512vl"
+    assert _cpuinfo.choose("some-future-cpu", {"avx2"})[0] == "avx2"
+    assert _cpuinfo.choose("generic", set())[0] == "avx2"
+    assert _cpuinfo.choose("znver5", set(), "avx2") == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
+    assert _cpuinfo.choose("znver3", set(), "avx2") == _cpuinfo.CPUS["znver3"]
+    with pytest.raises(ValueError, match="KERNELS_GEMM_VARIANT.*avx512.*'zmm'"):
+        _cpuinfo.choose("znver3", set(), "zmm")
+
+
+def test_cpu_info_shows_the_choice_and_the_override():
+    info = kernels.cpu_info()
+    assert info["cpu"] == _cpuinfo.CPU and info["gemm_variant"] in _gemm.VARIANTS
+    assert info["tile_float32"] == tile(info["gemm_variant"], np.float32)
+    assert {"vector_bits", "gemm_vector_bits", "kc", "nc_bytes", "mc", "gemm_variant_forced"} <= set(info)
+    env = {**os.environ, "KERNELS_GEMM_VARIANT": "avx512"}
+    run = subprocess.run([sys.executable, "-c", "import kernels; i = kernels.cpu_info(); "
+                          "print(i['gemm_variant'], i['gemm_variant_forced'], i['tile_float32'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["avx512", "True", "(12,", "32)"]
