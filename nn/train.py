@@ -73,7 +73,9 @@ def main(argv=None):
     print(f"{len(X_train)} training, {len(val[0])} validation, {len(test[0])} test samples; {X.shape[1]} "
           f"features, {n_classes} classes; {args.backend} backend; {optimizer}")
     if args.backend != "cuda":  # compile (or load from Numba's cache) before the clock starts
-        kernels.warmup(args.backend, dtypes=("float32",))
+        kernels.warmup(args.backend, dtypes=("float32",), verbose=args.verbose,
+                       only=("matmul", "relu_backward", "bias_grad", "softmax_cross_entropy",
+                             args.optimizer.replace("adamw", "adam") + "_step"))
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, validation_data=val,
                           seed=args.seed, callbacks=[EarlyStopping(patience=args.patience)], verbose=args.verbose)
