@@ -4,8 +4,8 @@ Runs pytest on bench/ with ``--benchmark-enable --benchmark-json`` (the suites a
 of what is measured), reads the JSON back and prints a markdown table (bench/_report.py): per group the
 median of every implementation, numba's speed against the best peer, its GB/s or GFLOP/s and the
 fraction of the roof measured in the same run, with the machine it ran on. ``--quick`` caps every
-benchmark at 3 rounds and leaves out the 2048^3 and float64 products, the 784-1024-1024-10 model and
-torch.compile (a few minutes in all).
+benchmark at 3 rounds and leaves out the 2048^3 and float64 products, most of the small and fused
+matmul shapes, the 784-1024-1024-10 model and torch.compile (a few minutes on a quiet machine).
 """
 
 import argparse

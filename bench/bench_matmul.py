@@ -30,6 +30,8 @@ import pytest
 
 import kernels
 
+from .conftest import QUICK
+
 IMPLS = ["numpy", "numba", "torch", "jax"]
 # Idle time before each implementation is timed: OpenBLAS's threads busy-wait for a long while after a
 # call (and torch's OpenMP threads briefly), and on two cores the next implementation's threads then
@@ -134,7 +136,7 @@ def test_square(measure, dtype, size, impl):
 
 # (label, M, K, N, trans_a, trans_b): dW = x^T dy with x (B, in), dy (B, out); dx = dy W^T with W (in, out)
 BACKWARD = [("x^T dy", 784, 256, 512, True, False), ("dy W^T", 256, 512, 784, False, True),
-            ("x^T dy", 512, 128, 512, True, False), ("dy W^T", 128, 512, 512, False, True)]
+            ("x^T dy", 512, 128, 512, True, False), ("dy W^T", 128, 512, 512, False, True)][:2 if QUICK else 4]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,11 +146,11 @@ def test_backward(measure, case, impl):
     _bench(measure, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
 
 
-FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)]
+FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)][:1 if QUICK else 3]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"] if QUICK else ["relu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("shape", FUSED, ids=[f"{m}x{k}x{n}" for m, k, n in FUSED])
 def test_fused_dense(measure, shape, activation, impl):
     m, k, n = shape
@@ -156,7 +158,7 @@ def test_fused_dense(measure, shape, activation, impl):
            activation=activation, bias=True, rounds=50)
 
 
-SMALL = [(16, 16, 16), (64, 64, 64), (128, 128, 128), (100, 128, 10)]
+SMALL = [(64, 64, 64), (100, 128, 10)] if QUICK else [(16, 16, 16), (64, 64, 64), (128, 128, 128), (100, 128, 10)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
