@@ -22,7 +22,6 @@ Run: ``python -m pytest bench/bench_matmul.py --benchmark-enable -q`` (plain pyt
 """
 
 import contextlib
-import os
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ import pytest
 
 import kernels
 
+from ._report import openblas
 from .conftest import QUICK
 
 IMPLS = ["numpy", "numba", "torch", "jax"]
@@ -39,24 +39,10 @@ IMPLS = ["numpy", "numba", "torch", "jax"]
 SETTLE_S = 0.3
 
 
-def openblas():
-    """Which OpenBLAS NumPy runs: version and kernel family (threadpoolctl), and any variable forcing it."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown (threadpoolctl not installed)"
-    info = [i for i in threadpool_info() if i["internal_api"] == "openblas"]
-    if not info:
-        return "NumPy does not use OpenBLAS"
-    forced = [f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-    return (f"OpenBLAS {info[0]['version']}, {info[0].get('architecture')} kernels"
-            + (f", forced by {' '.join(forced)} (unset both for native kernels)" if forced else ", native"))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def blas_kernel(record_testsuite_property):
     """Names the OpenBLAS kernel in use, in the run's output and its JUnit properties."""
-    print(f"\nnumpy matmul: {openblas()}")
+    print(f"\nnumpy matmul: OpenBLAS {openblas()}")
     record_testsuite_property("openblas", openblas())
 
 
