@@ -144,13 +144,15 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     mine, *theirs = _shares(jobs, max(1, min(processes, len(jobs))))
-    helpers, start = [], time.perf_counter()
+    helpers, start, mine_done = [], time.perf_counter(), []
 
-    def cold():  # the first compilation: say so, and start the helpers on the other shares
+    def cold():  # the first compilation: say so, and start helpers on the other shares while this one works
         if verbose:
             print(f"kernels: compiling numba kernels for {', '.join(sorted({j[1] for j in jobs}))} in "
-                  f"{1 + len([s for s in theirs if s])} process(es) (first run only, cached in {_cache_dir()})",
-                  file=sys.stderr, flush=True)
+                  f"{1 if mine_done else 1 + len([s for s in theirs if s])} process(es) (first run only, cached in "
+                  f"{_cache_dir()})", file=sys.stderr, flush=True)
+        if mine_done:
+            return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this kernels package, not another
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps(share)],
@@ -161,16 +163,17 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
         for job in mine:
             timings.append((job, *_run(job, backend)))
             _report(timings[-1], verbose)
-    for helper in helpers:
-        out, _ = helper.communicate()
-        for line in out.splitlines():  # a helper that failed leaves its jobs to the loop below
-            job, seconds, compiled = json.loads(line)
-            _report((tuple(job), seconds, compiled), verbose)
-    for share in theirs:  # load what the helpers compiled (or compile here what they could not)
-        for job in share:
-            timings.append((job, *_run(job, backend)))
-            if not helpers:
-                _report(timings[-1], verbose)
+        mine_done.append(True)
+        for helper in helpers:
+            out, _ = helper.communicate()
+            for line in out.splitlines():  # a helper that failed leaves its jobs to the loop below
+                job, seconds, compiled = json.loads(line)
+                _report((tuple(job), seconds, compiled), verbose)
+        for share in theirs:  # load what the helpers compiled (or compile here what they could not)
+            for job in share:
+                timings.append((job, *_run(job, backend)))
+                if not helpers:
+                    _report(timings[-1], verbose)
     if verbose and (helpers or any(compiled for _, _, compiled in timings)):
         print(f"kernels: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return backend
