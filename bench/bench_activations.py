@@ -1,7 +1,8 @@
-"""Activations in float32: NumPy reference vs numba vs PyTorch CPU, in the same run and group.
+"""Activations in float32: NumPy reference vs numba vs PyTorch CPU vs JAX (XLA), in the same run and group.
 
-Every implementation writes into preallocated outputs where it can (``out=``), so the timings are the
-kernels, not the allocator. ``bytes`` is one call's memory traffic: arrays read plus arrays written.
+Every implementation writes into preallocated outputs where it can (``out=``; JAX has no ``out=`` and
+allocates its result), so the timings are the kernels, not the allocator. ``bytes`` is one call's memory
+traffic: arrays read plus arrays written.
 """
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 
 import kernels
 
-IMPLS = ["numpy", "numba", "torch"]
+from .conftest import jax_jit
+
+IMPLS = ["numpy", "numba", "torch", "jax"]
 BIG = 16 * 2**20  # 16M elements: 64 MiB per float32 array, far beyond the caches
 ROWS, COLS = 512, 1000
 
@@ -31,6 +34,17 @@ def _torch_call(name, a):
                          torch.ops.aten.threshold_backward.grad_input(t["dy"], t["x"], 0, grad_input=t["dx"])),
         "softmax": lambda: torch.softmax(t["x"], 1),
     }[name]
+
+
+def _jax_call(name, a):
+    import jax
+    import jax.numpy as jnp
+
+    fn = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "softmax": lambda x: jax.nn.softmax(x, axis=1),
+          "relu": lambda x, dy: (jax.nn.relu(x), jnp.where(x > 0, dy, 0))}[name]
+    args = [jax.device_put(a[n]) for n in (("x", "dy") if name == "relu" else ("x",))]
+    call = jax_jit(fn)
+    return lambda: call(*args)
 
 
 def _our_call(impl, name, a):
@@ -57,6 +71,6 @@ GROUPS = {"sigmoid": "sigmoid 16M f32", "relu": "relu fwd+bwd 16M f32", "tanh": 
 @pytest.mark.parametrize("name", GROUPS)
 def test_activation(measure, name, impl):
     a = _arrays(name)
-    call = _torch_call(name, a) if impl == "torch" else _our_call(impl, name, a)
+    call = {"torch": _torch_call, "jax": _jax_call}.get(impl, lambda *a: _our_call(impl, *a))(name, a)
     measure(call, group=GROUPS[name], impl=impl, bytes=ARRAYS_MOVED[name] * a["x"].nbytes,
             rounds=20 if name == "softmax" else 7)

@@ -1,7 +1,8 @@
-"""Dropout on 16M float32 elements: NumPy reference vs numba vs torch.nn.functional.dropout.
+"""Dropout on 16M float32 elements: NumPy reference vs numba vs torch.nn.functional.dropout vs JAX.
 
-numpy and numba write into a preallocated ``out`` (traffic: read x, write out); torch allocates its
-result and draws a Bernoulli mask, as it does in training.
+numpy and numba write into a preallocated ``out`` (traffic: read x, write out), the mask a hash of the
+seed and the element index; torch allocates its result and draws a Bernoulli mask from its generator,
+as it does in training; JAX draws its mask with ``jax.random.bernoulli`` (threefry) inside the jit.
 """
 
 import numpy as np
@@ -9,10 +10,12 @@ import pytest
 
 import kernels
 
+from .conftest import jax_jit
+
 N = 16 * 2**20
 
 
-@pytest.mark.parametrize("impl", ["numpy", "numba", "torch"])
+@pytest.mark.parametrize("impl", ["numpy", "numba", "torch", "jax"])
 def test_dropout(measure, impl):
     x = np.random.default_rng(0).standard_normal(N).astype(np.float32)
     out = np.empty_like(x)
@@ -22,10 +25,18 @@ def test_dropout(measure, impl):
 
         def run():
             return torch.nn.functional.dropout(tx, 0.5, training=True)
+    elif impl == "jax":
+        import jax
+
+        call = jax_jit(lambda k, v: v * jax.random.bernoulli(k, 0.5, v.shape) / 0.5)
+        jx, key = jax.device_put(x), jax.random.key(42)
+
+        def run():
+            return call(key, jx)
     else:
         def run():
             with kernels.use_backend(impl):
                 return kernels.dropout(x, 0.5, 42, out=out)
-    y = measure(run, group="dropout 16M f32 p=0.5", impl=impl, bytes=2 * x.nbytes)
+    y = measure(run, group="dropout 16M f32 p=0.5 (torch, jax: mask drawn too)", impl=impl, bytes=2 * x.nbytes)
     kept = np.asarray(y[: 1 << 16]) != 0
     assert 0.45 < kept.mean() < 0.55

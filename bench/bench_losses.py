@@ -1,8 +1,8 @@
-"""Losses in float32, forward and backward: NumPy reference vs numba vs PyTorch CPU (autograd).
+"""Losses in float32, forward and backward: NumPy reference vs numba vs PyTorch CPU (autograd) vs JAX.
 
 Our kernels return the loss and write the gradient in one call; for torch the same work is the loss
 function's forward plus ``backward()`` on a ``requires_grad`` input (its ``.grad`` reset each round, as
-``zero_grad(set_to_none=True)`` does). ``bytes`` is one call's traffic: inputs read, gradient written.
+``zero_grad(set_to_none=True)`` does); for JAX ``jax.jit(jax.value_and_grad(loss))``. ``bytes`` is one call's traffic: inputs read, gradient written.
 """
 
 import numpy as np
@@ -10,7 +10,9 @@ import pytest
 
 import kernels
 
-IMPLS = ["numpy", "numba", "torch"]
+from .conftest import jax_jit
+
+IMPLS = ["numpy", "numba", "torch", "jax"]
 ROWS, CLASSES = 512, 1000
 N = 2**20
 
@@ -40,6 +42,18 @@ def _torch_call(name, pred, target):
     return call
 
 
+def _jax_call(name, pred, target):
+    import jax
+    import jax.numpy as jnp
+
+    loss = {"softmax_cross_entropy": lambda p, t: -jnp.mean(jnp.take_along_axis(
+                jax.nn.log_softmax(p, axis=1), t[:, None], axis=1)),
+            "binary_cross_entropy": lambda p, t: jnp.mean(jax.nn.softplus(p) - p * t),
+            "mse": lambda p, t: jnp.mean((p - t) ** 2)}[name]
+    call, p, t = jax_jit(jax.value_and_grad(loss)), jax.device_put(pred), jax.device_put(target)
+    return lambda: call(p, t)
+
+
 def _our_call(impl, name, pred, target):
     fn, grad = getattr(kernels, name), np.empty_like(pred)
 
@@ -53,5 +67,5 @@ def _our_call(impl, name, pred, target):
 @pytest.mark.parametrize("name", GROUPS)
 def test_loss(measure, name, impl):
     pred, target = _inputs(name)
-    call = _torch_call(name, pred, target) if impl == "torch" else _our_call(impl, name, pred, target)
+    call = {"torch": _torch_call, "jax": _jax_call}.get(impl, lambda *a: _our_call(impl, *a))(name, pred, target)
     measure(call, group=GROUPS[name], impl=impl, bytes=2 * pred.nbytes + target.nbytes, rounds=30)

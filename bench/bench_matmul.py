@@ -1,4 +1,4 @@
-"""Matmul: the NumPy reference (OpenBLAS) vs the numba backend's packed GEMM vs PyTorch CPU.
+"""Matmul: the NumPy reference (OpenBLAS) vs the numba backend's packed GEMM vs PyTorch CPU vs JAX (XLA).
 
 Groups, one shape each (M, K, N: out is M x N, K the reduction):
 - square GEMM at 1024^3 and 2048^3 in float32 and float64;
@@ -9,22 +9,19 @@ Groups, one shape each (M, K, N: out is M x N, K the reduction):
   activation, numba applies bias and activation to each output tile as it is finished;
 - small products (every side at most 128), where call overhead and packing dominate.
 
-Every group reports GFLOP/s (2MNK per call) and, as its roof, the OpenBLAS sgemm rate at 1024^3 measured
-in the same run (at the start, or in the 1024^3 group if that reads higher), so "roof" reads as the
-fraction of BLAS; ``extra_info`` also holds the
-fraction of the 2-core peak: 236 GFLOP/s float32, 118 float64, i.e. 32 (16) flops per cycle per core
-at about 3.7 GHz, which is what the micro-kernel alone measured on an L1/L2-resident tile (115-118
-float32 per core, see kernels/cpu/_gemm.py); this AMD Zen 4 runs AVX-512 on 256-bit FMA units, so the
-issue's ~270 (two 512-bit FMA units at base clock) does not apply. The machine is shared: read the
-ratios within one run.
-
-512-bit vectors: the micro-kernel's vector width is fixed in its code (256-bit ymm, 32 registers with
-AVX-512VL), so NUMBA_CPU_FEATURES with -prefer-256-bit does not change it; on Zen 4 a 512-bit zmm FMA
-costs two 256-bit ones anyway (a 6 x 64 zmm tile measured no faster than 6 x 32 ymm, see _gemm.py).
+Every group reports GFLOP/s (2MNK per call). The roof is measured, never a constant: the best peer
+(OpenBLAS through NumPy, PyTorch, XLA) in the square groups of the same dtype and run (``gemm_peak``),
+found by the report (bench/_report.py, kernels.profile.gemm_roof). JAX runs ``jax.jit(a @ b)`` (float64
+under ``jax.enable_x64``); it has no ``out=`` and no transposed-view operands, so its transposed groups
+time ``a.T @ b`` inside the jit (XLA folds the transpose into the dot). The numpy row is whatever
+OpenBLAS kernel NumPy loaded: :func:`openblas` names it (threadpoolctl) and says when
+``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` force an older one; the README shows how to compare against
+native OpenBLAS. The machine is shared: read the ratios within one run.
 
 Run: ``python -m pytest bench/bench_matmul.py --benchmark-enable -q`` (plain pytest: one smoke call each).
 """
 
+import contextlib
 import time
 
 import numpy as np
@@ -32,39 +29,21 @@ import pytest
 
 import kernels
 
-IMPLS = ["numpy", "numba", "torch"]
-PEAK = {np.float32: 236.0, np.float64: 118.0}  # measured 2-core GFLOP/s (see the module docstring)
+from ._report import openblas
+from .conftest import QUICK
+
+IMPLS = ["numpy", "numba", "torch", "jax"]
 # Idle time before each implementation is timed: OpenBLAS's threads busy-wait for a long while after a
 # call (and torch's OpenMP threads briefly), and on two cores the next implementation's threads then
 # wait a whole scheduler slice (~8 ms medians seen for sub-millisecond products without this pause).
 SETTLE_S = 0.3
-ROOF_GROUP = "matmul 1024^3 float32"  # its numpy member is OpenBLAS at the roof's shape: it can raise the roof
 
 
 @pytest.fixture(scope="module", autouse=True)
-def blas_roof(request, roofs):
-    """OpenBLAS sgemm GFLOP/s at 1024^3, measured now: the roof every group is read against. The best of
-    three medians of 7, after a settle and two warm-up calls: one slow moment of a shared machine must not
-    lower the roof (it read 102-105 instead of ~190 in runs where the same product read 188 a minute
-    later; the 1024^3 group, timed first, raises it when it reads higher)."""
-    config = request.config
-    if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
-        return  # smoke run: nothing is timed
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((1024, 1024), dtype=np.float32) for _ in range(2))
-    out = np.empty_like(a)
-    time.sleep(SETTLE_S)
-    medians = []
-    for _ in range(3):
-        np.matmul(a, b, out=out)
-        np.matmul(a, b, out=out)
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            np.matmul(a, b, out=out)
-            times.append(time.perf_counter() - t0)
-        medians.append(float(np.median(times)))
-    roofs["GFLOP/s"] = 2 * 1024**3 / min(medians) / 1e9
+def blas_kernel(record_testsuite_property):
+    """Names the OpenBLAS kernel in use, in the run's output and its JUnit properties."""
+    print(f"\nnumpy matmul: OpenBLAS {openblas()}")
+    record_testsuite_property("openblas", openblas())
 
 
 def _operands(m, k, n, dtype, trans_a=False, trans_b=False, bias=False):
@@ -75,6 +54,8 @@ def _operands(m, k, n, dtype, trans_a=False, trans_b=False, bias=False):
 
 
 def _call(impl, a, b, trans_a, trans_b, bias, activation, out):
+    if impl == "jax":
+        return _jax_call(a, b, trans_a, trans_b, bias, activation)
     if impl == "torch":
         torch = pytest.importorskip("torch")
         ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
@@ -97,19 +78,35 @@ def _call(impl, a, b, trans_a, trans_b, bias, activation, out):
     return run
 
 
-def _bench(measure, benchmark, roofs, group, impl, m, k, n, dtype, trans_a=False, trans_b=False, activation=None,
-           bias=False, rounds=10):
+def _jax_call(a, b, trans_a, trans_b, bias, activation):
+    """The product in one ``jax.jit``, float64 under ``jax.enable_x64``; returns a callable writing nothing."""
+    jax = pytest.importorskip("jax")
+    x64 = jax.enable_x64(True) if a.dtype == np.float64 else contextlib.nullcontext()
+    act = {None: lambda y: y, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jax.numpy.tanh}[activation]
+
+    def product(a, b, *bias):
+        y = (a.T if trans_a else a) @ (b.T if trans_b else b)
+        return act(y + bias[0]) if bias else act(y)
+
+    with x64:
+        mm = jax.jit(product)
+        args = [jax.device_put(x) for x in (a, b) + (() if bias is None else (bias,))]
+
+    def run():
+        with x64:
+            return jax.block_until_ready(mm(*args))
+    return run
+
+
+def _bench(measure, group, impl, m, k, n, dtype, trans_a=False, trans_b=False, activation=None, bias=False,
+           rounds=10, gemm_peak=False):
     a, b, bias_, out = _operands(m, k, n, dtype, trans_a, trans_b, bias)
     flops = 2 * m * n * k
     time.sleep(SETTLE_S)
-    measure(_call(impl, a, b, trans_a, trans_b, bias_, activation, out), group=group, impl=impl, flops=flops,
-            rounds=rounds)
-    if group == ROOF_GROUP and impl == "numpy" and "GFLOP/s" in benchmark.extra_info:
-        # the same product timed properly: the roof is the better of the two readings
-        roofs["GFLOP/s"] = max(roofs["GFLOP/s"], benchmark.extra_info["GFLOP/s"])
-    if "GFLOP/s" in benchmark.extra_info:
-        benchmark.extra_info["peak"] = benchmark.extra_info["GFLOP/s"] / PEAK[dtype]
-        benchmark.extra_info["peak GFLOP/s"] = PEAK[dtype]
+    result = measure(_call(impl, a, b, trans_a, trans_b, bias_, activation, out), group=group, impl=impl,
+                     flops=flops, dtype=dtype, rounds=rounds, gemm_peak=gemm_peak)
+    if impl == "jax":
+        out[...] = np.asarray(result)
     with kernels.use_backend("numpy"):
         expected = kernels.matmul(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias_, activation=activation)
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-3 * np.sqrt(k))
@@ -118,40 +115,40 @@ def _bench(measure, benchmark, roofs, group, impl, m, k, n, dtype, trans_a=False
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [1024, 2048])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_square(measure, benchmark, roofs, dtype, size, impl):
-    _bench(measure, benchmark, roofs, f"matmul {size}^3 {np.dtype(dtype).name}", impl, size, size, size, dtype,
-           rounds=5 if size == 2048 else 10)
+def test_square(measure, dtype, size, impl):
+    _bench(measure, f"matmul {size}^3 {np.dtype(dtype).name}", impl, size, size, size, dtype,
+           rounds=5 if size == 2048 else 10, gemm_peak=True)
 
 
 # (label, M, K, N, trans_a, trans_b): dW = x^T dy with x (B, in), dy (B, out); dx = dy W^T with W (in, out)
 BACKWARD = [("x^T dy", 784, 256, 512, True, False), ("dy W^T", 256, 512, 784, False, True),
-            ("x^T dy", 512, 128, 512, True, False), ("dy W^T", 128, 512, 512, False, True)]
+            ("x^T dy", 512, 128, 512, True, False), ("dy W^T", 128, 512, 512, False, True)][:2 if QUICK else 4]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", BACKWARD, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in BACKWARD])
-def test_backward(measure, benchmark, roofs, case, impl):
+def test_backward(measure, case, impl):
     label, m, k, n, trans_a, trans_b = case
-    _bench(measure, benchmark, roofs, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
+    _bench(measure, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
 
 
-FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)]
+FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)][:1 if QUICK else 3]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"] if QUICK else ["relu", "sigmoid", "tanh"])
 @pytest.mark.parametrize("shape", FUSED, ids=[f"{m}x{k}x{n}" for m, k, n in FUSED])
-def test_fused_dense(measure, benchmark, roofs, shape, activation, impl):
+def test_fused_dense(measure, shape, activation, impl):
     m, k, n = shape
-    _bench(measure, benchmark, roofs, f"dense+{activation} ({m},{k},{n}) f32", impl, m, k, n, np.float32,
+    _bench(measure, f"dense+{activation} ({m},{k},{n}) f32", impl, m, k, n, np.float32,
            activation=activation, bias=True, rounds=50)
 
 
-SMALL = [(16, 16, 16), (64, 64, 64), (128, 128, 128), (100, 128, 10)]
+SMALL = [(64, 64, 64), (100, 128, 10)] if QUICK else [(16, 16, 16), (64, 64, 64), (128, 128, 128), (100, 128, 10)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SMALL, ids=[f"{m}x{k}x{n}" for m, k, n in SMALL])
-def test_small(measure, benchmark, roofs, shape, impl):
+def test_small(measure, shape, impl):
     m, k, n = shape
-    _bench(measure, benchmark, roofs, f"small ({m},{k},{n}) f32", impl, m, k, n, np.float32, rounds=100)
+    _bench(measure, f"small ({m},{k},{n}) f32", impl, m, k, n, np.float32, rounds=100)

@@ -1,20 +1,44 @@
-"""End-to-end training: one epoch of an MLP with Adam on synthetic data, samples per second.
+"""End-to-end training: one epoch of an MLP on synthetic data, samples per second, against every peer.
 
-Implementations: ``numpy`` (nn on the reference backend), ``numba`` (nn on the compiled backend) and
-``torch`` (the equivalent torch.nn model and torch.optim.Adam loop, CPU). Each call is one epoch of
-``Trainer.fit`` (shuffling, input checks and gradient-norm bookkeeping included) or of the torch loop.
-``flops`` counts the matmuls only: 2 per multiply-add forward, 4 backward (dW and dx).
-``benchmark.extra_info["samples/s"]`` holds the throughput.
+Implementations, each in its fastest form with the same thread count (bench/conftest.py):
+- ``numpy`` / ``numba``: ``nn.Trainer.fit`` for one epoch on the reference / compiled backend
+  (shuffling, input checks and gradient-norm bookkeeping included);
+- ``torch``: the equivalent torch.nn model and loop, eager, with the fused CPU optimizer
+  (``Adam(fused=True)``, ``SGD(fused=True)``);
+- ``torch.compile``: the same loop with the whole step (forward, backward, optimizer) in one
+  ``torch.compile``d function; skipped in smoke runs (it compiles for ~10 s per model);
+- ``jax``: the step (``value_and_grad`` + the update written in jax.numpy, as optax does it) in one
+  ``jax.jit`` with the parameters and optimizer state donated, one call per mini-batch;
+- ``jax-scan``: the whole epoch in one ``jax.jit`` (``lax.scan`` over the mini-batches).
+
+Every peer shuffles once per epoch. ``flops`` counts only the products computed: forward ``x @ W``,
+backward ``dW = x^T dy`` for every layer and ``dx = dy W^T`` for all but the first (whose input needs no
+gradient). ``extra_info`` holds samples/s and us/step.
 """
 
 import numpy as np
 import pytest
-import torch
 
 import kernels
 import nn
 
-CONFIGS = [((784, 256, 256, 10), 128, 4096), ((64, 128, 10), 32, 2048)]  # widths, batch size, samples
+from .conftest import jax_jit, smoke
+
+# widths, hidden activation, batch size, optimizer (name, hyperparameters), samples per epoch
+CONFIGS = [
+    ((784, 256, 256, 10), "relu", 128, ("adam", dict(lr=1e-3)), 4096),
+    ((784, 1024, 1024, 10), "relu", 256, ("adam", dict(lr=1e-3)), 2048),
+    ((64, 128, 10), "relu", 32, ("adam", dict(lr=1e-3)), 2048),
+    ((256, 512, 256, 10), "tanh", 64, ("sgd", dict(lr=0.01, momentum=0.9)), 4096),
+    ((784, 128, 10), "relu", 1, ("sgd", dict(lr=0.01, momentum=0.0)), 512),
+]
+IMPLS = ["numpy", "numba", "torch", "torch.compile", "jax", "jax-scan"]
+
+
+def _label(config):
+    widths, act, batch, (opt, hyper), _ = config
+    opt = "SGD momentum" if opt == "sgd" and hyper["momentum"] else opt.capitalize() if opt == "adam" else "SGD"
+    return f"train {'-'.join(map(str, widths))}{' ' + act if act != 'relu' else ''} b{batch} {opt} f32"
 
 
 def _data(widths, n):
@@ -22,11 +46,13 @@ def _data(widths, n):
     return rng.standard_normal((n, widths[0])).astype(np.float32), rng.integers(0, widths[-1], n)
 
 
-def _nn_epoch(widths, batch, X, y, backend):
+def _nn_epoch(config, X, y, backend):
+    widths, act, batch, (opt, hyper), _ = config
     with kernels.use_backend(backend):
-        model = nn.Sequential([nn.Dense(w, activation="relu") for w in widths[1:-1]] + [nn.Dense(widths[-1])],
+        model = nn.Sequential([nn.Dense(w, activation=act) for w in widths[1:-1]] + [nn.Dense(widths[-1])],
                               input_dim=widths[0], seed=0)
-    trainer = nn.Trainer(model, optimizer=nn.Adam(lr=1e-3))
+    optimizer = nn.Adam(**hyper) if opt == "adam" else nn.SGD(**hyper)
+    trainer = nn.Trainer(model, optimizer=optimizer)
 
     def epoch():
         with kernels.use_backend(backend):
@@ -35,35 +61,137 @@ def _nn_epoch(widths, batch, X, y, backend):
     return epoch
 
 
-def _torch_epoch(widths, batch, X, y):
+def _torch_epoch(config, X, y, compiled):
+    torch = pytest.importorskip("torch")
+    widths, act, batch, (opt, hyper), _ = config
     torch.manual_seed(0)
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU() if act == "relu" else torch.nn.Tanh()]
     model = torch.nn.Sequential(*layers[:-1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cls = torch.optim.Adam if opt == "adam" else torch.optim.SGD
+    # torch.compile generates its own fused update from the default (for-loop) optimizer
+    optimizer = cls(model.parameters(), **hyper, **({} if compiled else dict(fused=True)))
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     generator = torch.Generator().manual_seed(0)
+
+    def step(xb, yb):
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+
+    if compiled:
+        step = torch.compile(step)
 
     def epoch():
         order = torch.randperm(len(Xt), generator=generator)
         for start in range(0, len(Xt), batch):
             idx = order[start:start + batch]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(Xt[idx]), yt[idx]).backward()
-            opt.step()
+            step(Xt[idx], yt[idx])
 
     return epoch
 
 
-@pytest.mark.parametrize("impl", ["numpy", "numba", "torch"])
-@pytest.mark.parametrize("widths, batch, n", CONFIGS, ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple)
-                         else None)
-def test_training_epoch(measure, benchmark, impl, widths, batch, n):
+def _jax_model(config):
+    """Initial parameters, the initial optimizer state and ``update(params, state, xb, yb, t)`` in jax.numpy."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    widths, act, _, (opt, hyper), _ = config
+    rng = np.random.default_rng(0)
+    params = [(jnp.asarray(rng.standard_normal((a, b)).astype(np.float32) * np.sqrt(2 / a)),
+               jnp.zeros(b, jnp.float32)) for a, b in zip(widths[:-1], widths[1:])]
+    hidden = jax.nn.relu if act == "relu" else jnp.tanh
+
+    def loss(params, xb, yb):
+        for i, (w, b) in enumerate(params):
+            xb = xb @ w + b
+            if i < len(params) - 1:
+                xb = hidden(xb)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(xb), yb[:, None], axis=1))
+
+    def zeros():  # distinct buffers: donated state must not alias
+        return jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    if opt == "adam":
+        state, (b1, b2, eps, lr) = (zeros(), zeros()), (0.9, 0.999, 1e-8, hyper["lr"])
+
+        def apply(params, state, grads, t):
+            m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state[0], grads)
+            v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state[1], grads)
+            params = jax.tree_util.tree_map(
+                lambda p, m, v: p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps), params, m, v)
+            return params, (m, v)
+    else:
+        state, (lr, mu) = zeros(), (hyper["lr"], hyper["momentum"])
+
+        def apply(params, velocity, grads, t):
+            velocity = jax.tree_util.tree_map(lambda v, g: mu * v + g, velocity, grads)
+            return jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity), velocity
+
+    def update(params, state, xb, yb, t):
+        grads = jax.grad(loss)(params, xb, yb)
+        return apply(params, state, grads, t)
+
+    return params, state, update
+
+
+def _jax_epoch(config, X, y, scan):
+    import jax
+
+    widths, _, batch, _, n = config
+    params, state, update = _jax_model(config)
+    Xd, yd = jax.device_put(X), jax.device_put(y.astype(np.int32))
+    steps = n // batch
+    carry = [params, state, 0]
+    rng = np.random.default_rng(0)
+
+    if scan:
+        def run_epoch(params, state, X, y, order, t0):
+            xs, ys = X[order].reshape(steps, batch, -1), y[order].reshape(steps, batch)
+
+            def body(c, xy):
+                params, state, t = c
+                params, state = update(params, state, xy[0], xy[1], t)
+                return (params, state, t + 1.0), None
+
+            (params, state, _), _ = jax.lax.scan(body, (params, state, t0), (xs, ys))
+            return params, state
+
+        call = jax_jit(run_epoch, donate_argnums=(0, 1))
+
+        def epoch():
+            order = jax.device_put(rng.permutation(n).astype(np.int32))
+            carry[0], carry[1] = call(carry[0], carry[1], Xd, yd, order, float(carry[2] + 1))
+            carry[2] += steps
+    else:
+        step = jax.jit(lambda params, state, X, y, idx, t: update(params, state, X[idx], y[idx], t),
+                       donate_argnums=(0, 1))
+
+        def epoch():
+            order = rng.permutation(n).astype(np.int32)
+            params, state = carry[0], carry[1]
+            for s in range(steps):
+                params, state = step(params, state, Xd, yd, order[s * batch:(s + 1) * batch],
+                                     float(carry[2] + s + 1))
+            carry[0], carry[1] = jax.block_until_ready((params, state))
+            carry[2] += steps
+
+    return epoch
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", CONFIGS, ids=[_label(c).removeprefix("train ").replace(" ", "-") for c in CONFIGS])
+def test_training_epoch(measure, request, impl, config):
+    widths, _, batch, _, n = config
     X, y = _data(widths, n)
-    fn = _torch_epoch(widths, batch, X, y) if impl == "torch" else _nn_epoch(widths, batch, X, y, impl)
-    macs = n * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    measure(fn, group=f"train epoch {'-'.join(map(str, widths))} b{batch} f32", impl=impl, flops=6 * macs,
-            rounds=5)
-    if benchmark.stats is not None:
-        benchmark.extra_info["samples/s"] = n / benchmark.stats.stats.median
+    if impl == "torch.compile" and smoke(request.config):
+        pytest.skip("torch.compile compiles for ~10 s per model: timed runs only")
+    if impl.startswith("torch"):
+        fn = _torch_epoch(config, X, y, compiled=impl == "torch.compile")
+    elif impl.startswith("jax"):
+        fn = _jax_epoch(config, X, y, scan=impl == "jax-scan")
+    else:
+        fn = _nn_epoch(config, X, y, impl)
+    macs = [a * b for a, b in zip(widths[:-1], widths[1:])]
+    flops = 2 * n * (2 * sum(macs) + sum(macs[1:]))  # forward and dW for every layer, dx for all but the first
+    measure(fn, group=_label(config), impl=impl, flops=flops, samples=n, steps=n // batch, rounds=5)

@@ -1,96 +1,108 @@
 """Benchmark harness shared by every suite in bench/.
 
-Each benchmark group is one kernel at one shape; its members are implementations (the NumPy reference,
-the numba backend, PyTorch CPU, ...). :func:`measure` warms the callable up first (JIT compile and page
-faults stay out of the timings), then times it for several rounds. The summary at the end of the run
-prints, per group, the median, the achieved GB/s or GFLOP/s, the fraction of the measured roof, and the
-ratio of each implementation's speed to NumPy's and to PyTorch's.
+Each benchmark group is one kernel or model at one shape; its members are implementations (the NumPy
+reference, the numba backend, PyTorch CPU, JAX, ...). :func:`measure` warms the callable up first (JIT
+compile and page faults stay out of the timings), then times it for several rounds, and stores in
+``extra_info`` what the report needs: the implementation, one call's bytes or flops, the dtype and, for a
+memory-bound group, the roof measured now for its working set (:func:`kernels.profile.memory_roof`: a
+copy with the same threads and working set). The GEMM roof is the best peer in the run's square-GEMM
+groups (``gemm_peak=True``), found by the report. The summary at the end prints the report's table.
+
+Thread counts are set alike for every library: ``THREADS`` (the CPUs this process may use) for Numba,
+PyTorch and NumPy's OpenBLAS (threadpoolctl); XLA's CPU pool uses every core by default, the same number.
 
 Plain ``pytest`` runs each benchmark once as a smoke test (``--benchmark-disable`` in setup.cfg);
-``pytest bench --benchmark-enable`` times them.
+``pytest bench --benchmark-enable`` times them; ``python -m bench`` runs them and prints the report.
+``BENCH_QUICK=1`` caps every benchmark at 3 rounds (``python -m bench --quick``).
 """
 
-import time
+import os
 
+import numba
 import numpy as np
 import pytest
 
-_results = {}  # group -> {implementation: (median seconds, bytes, flops, fraction of roof)}
-_roofs_seen = {}  # unit -> roof measured in this run, for the summary
+from kernels.profile import memory_roof
+
+from . import _report
+
+THREADS = len(os.sched_getaffinity(0))
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+numba.set_num_threads(THREADS)
+try:
+    import torch
+except ImportError:
+    torch = None
+else:
+    torch.set_num_threads(THREADS)
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:
+    _blas_limit = None
+else:
+    _blas_limit = threadpool_limits(THREADS)  # held for the whole session
+
+_records = []  # what the summary prints
 
 
-def _median_time(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def smoke(config):
+    """True in a smoke run (``--benchmark-disable``): each benchmark is called once, nothing is timed."""
+    return config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
 
 
-@pytest.fixture(scope="session")
-def copy_bandwidth(request):
-    """Memory bandwidth roof in GB/s: a 256 MiB float32 copy (bytes read + written), median of 7."""
-    config = request.config
-    if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
-        return float("nan")  # smoke run: nothing is timed, so no roof is needed
-    src = np.ones(64 * 2**20, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    return 2 * src.nbytes / _median_time(lambda: np.copyto(dst, src), 7) / 1e9
-
-
-@pytest.fixture(scope="session")
-def roofs(copy_bandwidth):
-    """Roofs by unit; a suite that knows a compute roof (matmul: BLAS GFLOP/s) adds it here."""
-    _roofs_seen["GB/s"] = copy_bandwidth
-    return _roofs_seen
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["kernels"] = _report.machine()
 
 
 @pytest.fixture
-def measure(benchmark, roofs):
-    """``measure(fn, group=..., impl=..., bytes=..., flops=..., rounds=...)`` times ``fn`` in ``group``.
+def measure(benchmark, request):
+    """``measure(fn, group=..., impl=..., bytes=..., flops=..., dtype=..., rounds=..., gemm_peak=...)`` times
+    ``fn`` in ``group``. ``bytes`` is one call's memory traffic (reads + writes), ``flops`` its arithmetic
+    (only the products computed); the one given decides the roof. ``gemm_peak``: this group's peers set
+    the GEMM roof of ``dtype``; ``samples`` / ``steps`` per call (training): samples/s and us/step."""
 
-    ``bytes`` is the memory traffic of one call (reads + writes), ``flops`` its floating-point work;
-    the one given decides which roof the result is compared with.
-    """
-
-    def run(fn, *, group, impl, bytes=None, flops=None, rounds=10):
+    def run(fn, *, group, impl, bytes=None, flops=None, dtype="float32", rounds=10, gemm_peak=False, samples=None,
+            steps=None):
         fn()  # warm-up: compile, fault pages in, fill caches the way a training loop would
         benchmark.group = group
-        benchmark.extra_info["impl"] = impl
-        result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        extra = benchmark.extra_info
+        extra.update(impl=impl, dtype=np.dtype(dtype).name, threads=THREADS)
+        if bytes:
+            extra["bytes"] = int(bytes)
+        if flops:
+            extra["flops"] = int(flops)
+        if gemm_peak:
+            extra["gemm_peak"] = True
+        if bytes and not flops and not smoke(request.config):
+            roof = memory_roof(int(bytes))
+            extra.update(memory_roof=roof.value, memory_roof_what=roof.what)
+        result = benchmark.pedantic(fn, rounds=min(rounds, 3) if QUICK else rounds, iterations=1, warmup_rounds=1)
         if benchmark.stats is not None:
             median = benchmark.stats.stats.median
-            if bytes:
-                benchmark.extra_info["GB/s"] = bytes / median / 1e9
-                benchmark.extra_info["roof"] = benchmark.extra_info["GB/s"] / roofs["GB/s"]
-            if flops:
-                benchmark.extra_info["GFLOP/s"] = flops / median / 1e9
-                if "GFLOP/s" in roofs:
-                    benchmark.extra_info["roof"] = benchmark.extra_info["GFLOP/s"] / roofs["GFLOP/s"]
-            _results.setdefault(group, {})[impl] = (median, bytes, flops, benchmark.extra_info.get("roof"))
+            if samples:
+                extra["samples/s"] = samples / median
+            if steps:
+                extra["us/step"] = median / steps * 1e6
+            _records.append(dict(extra, group=group, median=median))
         return result
 
     return run
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _results:
-        return
-    tr = terminalreporter
-    tr.section("kernel benchmarks: medians, throughput, roof, speed ratios")
-    tr.write_line(f"{'group':44} {'impl':10} {'median ms':>10} {'GB/s':>7} {'GFLOP/s':>8} {'roof':>6} "
-                  f"{'x numpy':>8} {'x torch':>8}")
-    for group, impls in _results.items():
-        base = impls.get("numpy", (None,))[0]
-        torch_t = impls.get("torch", (None,))[0]
-        for impl, (median, nbytes, flops, roof) in impls.items():
-            gbs = f"{nbytes / median / 1e9:7.1f}" if nbytes else " " * 7
-            gfl = f"{flops / median / 1e9:8.1f}" if flops else " " * 8
-            roof_s = f"{roof:6.0%}" if roof is not None else " " * 6
-            vs_np = f"{base / median:8.2f}" if base else " " * 8
-            vs_t = f"{torch_t / median:8.2f}" if torch_t else " " * 8
-            tr.write_line(f"{group:44} {impl:10} {median * 1e3:10.3f} {gbs} {gfl} {roof_s} {vs_np} {vs_t}")
-    for unit, value in _roofs_seen.items():
-        tr.write_line(f"roof {unit}: {value:.1f} (measured in this run)")
+    if _records:
+        terminalreporter.section("kernel benchmarks (medians in ms; the same table as python -m bench)")
+        for line in _report.table(_records, _report.machine()).splitlines():
+            terminalreporter.write_line(line)
+
+
+def jax_jit(fn, **jit_options):
+    """``jax.jit(fn)`` returning a callable that waits for its results (JAX dispatches asynchronously);
+    skips the benchmark when JAX is not installed."""
+    jax = pytest.importorskip("jax")
+    compiled = jax.jit(fn, **jit_options)
+
+    def call(*args):
+        return jax.block_until_ready(compiled(*args))
+
+    return call

@@ -3,8 +3,11 @@
 For each kernel at a representative shape it prints the first-call time (compilation, reported apart),
 the median of the steady-state calls, the achieved GB/s (memory traffic: bytes read + written once) and
 GFLOP/s for matmul, and the percentage of a roof measured in the same run: on a GPU the device-to-device
-copy bandwidth and cuBLAS (through CuPy, when installed) for matmul; on the CPU the memory copy bandwidth
-and NumPy's BLAS. GPU times come from CUDA events.
+copy bandwidth and cuBLAS (through CuPy, when installed) for matmul; on the CPU a copy with the kernel's
+thread count and working set (:func:`memory_roof`: cache-resident kernels against a cache-resident copy,
+large ones against DRAM) and the best GEMM among NumPy's BLAS, PyTorch and XLA (:func:`gemm_roof`).
+The bench suites and ``python -m bench`` read their results against the same roofs. GPU times come from
+CUDA events.
 
 For Nsight: every kernel call sits in an NVTX range named after the kernel (when the ``nvtx`` package is
 installed), and the steady state is bracketed by ``cudaProfilerStart/Stop``, so
@@ -15,6 +18,8 @@ its timings mean nothing; it only shows that every kernel runs.
 
 import argparse
 import contextlib
+import functools
+import os
 import statistics
 import sys
 import time
@@ -54,8 +59,121 @@ def _nvtx_range(name):
     return nvtx.annotate(name)
 
 
+@dataclass(frozen=True)
+class Roof:
+    """A measured upper bound: ``value`` (GB/s or GFLOP/s) and what was measured (printed with results)."""
+
+    value: float
+    what: str
+
+
+def l3_bytes():
+    """The last-level cache size this CPU reports (32 MiB when it reports none)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]]
+    except (OSError, ValueError, KeyError):
+        return 32 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_kernel():
+    from numba import prange
+
+    from .cpu._jit import jit
+    from .cpu._parallel import CHUNK
+
+    @jit(parallel=True)
+    def parallel_copy(src, dst):
+        """dst[:] = src[:] in CHUNK-sized tasks over Numba's threads, like the elementwise kernels."""
+        n = src.size
+        for c in prange((n + CHUNK - 1) // CHUNK):
+            dst[c * CHUNK:min(n, (c + 1) * CHUNK)] = src[c * CHUNK:min(n, (c + 1) * CHUNK)]
+
+    return parallel_copy
+
+
+@functools.lru_cache(maxsize=None)
+def memory_roof(nbytes, threads=None):
+    """The bandwidth of a float32 copy that moves ``nbytes`` (read + written) on ``threads`` threads, the way
+    a kernel with that traffic would: by default Numba's thread count, or one thread below the kernels'
+    parallel threshold (where they stay on the calling thread). A working set that fits the L3 is timed
+    warm (the roof of a cache-resident kernel), a larger one comes from DRAM. The fastest of enough calls
+    to last ~0.2 s (at least 5): a roof is the best the machine does, not its median under load."""
+    import numba
+
+    from .cpu._parallel import PARALLEL_MIN
+
+    src = np.ones(max(nbytes // 8, 1024), np.float32)
+    dst = np.empty_like(src)
+    threads = threads or (numba.get_num_threads() if src.size >= PARALLEL_MIN else 1)
+    copy, previous = _copy_kernel(), numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        copy(src, dst)
+        once = _time(lambda: copy(src, dst))
+        times = [_time(lambda: copy(src, dst)) for _ in range(max(5, min(200, int(0.2 / once))))]
+    finally:
+        numba.set_num_threads(previous)
+    where = "cache-resident" if 2 * src.nbytes <= l3_bytes() else "DRAM"
+    return Roof(2 * src.nbytes / min(times) / 1e9,
+                f"{threads}-thread copy of {_size(2 * src.nbytes)} ({where})")
+
+
+def gemm_roof(rates):
+    """The GEMM roof from the GFLOP/s that peers reached in the same run (``{name: GFLOP/s}``): the best."""
+    rates = {name: rate for name, rate in rates.items() if rate}
+    if not rates:
+        return None
+    best = max(rates, key=rates.get)
+    return Roof(rates[best], f"best GEMM peer {best} (" + ", ".join(f"{n} {r:.0f}" for n, r in rates.items())
+                + " GFLOP/s)")
+
+
+def gemm_peers(dtype):
+    """``{name: (a, b) -> a @ b}`` for the GEMMs installed here: NumPy's BLAS, PyTorch, XLA (JAX)."""
+    peers = {"NumPy BLAS": np.matmul}
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        peers["torch"] = lambda a, b: torch.from_numpy(a) @ torch.from_numpy(b)
+    try:
+        import jax
+
+        if np.dtype(dtype) == np.float64 and not jax.config.jax_enable_x64:
+            raise ImportError("float64 needs jax_enable_x64")
+    except ImportError:
+        pass
+    else:
+        mm = jax.jit(lambda a, b: a @ b)
+        peers["XLA"] = lambda a, b: mm(a, b).block_until_ready()
+    return peers
+
+
+def measured_gemm_roof(n, dtype, repeat=5):
+    """:func:`gemm_roof` over :func:`gemm_peers` timed now on an ``n``-cubed product of ``dtype``."""
+    a, b = _rand((n, n), dtype, 20), _rand((n, n), dtype, 21)
+    rates = {}
+    for name, mm in gemm_peers(dtype).items():
+        args = (a, b)
+        if name == "XLA":
+            import jax
+
+            args = tuple(jax.device_put(x) for x in args)
+        mm(*args)
+        rates[name] = 2 * n**3 / _median([_time(lambda: mm(*args)) for _ in range(repeat)]) / 1e9
+    return gemm_roof(rates)
+
+
+def _size(nbytes):
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
+
+
 class _Host:
-    """The numba backend: host arrays, wall-clock timing, memory bandwidth and NumPy BLAS as roofs."""
+    """The numba backend: host arrays, wall-clock timing, roofs from :func:`memory_roof`, :func:`gemm_roof`."""
 
     simulator = False
 
@@ -63,18 +181,13 @@ class _Host:
         return x
 
     def time(self, fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        return _time(fn)
 
     def copy_roof(self, nbytes):
-        src = np.ones(nbytes // 4, np.float32)
-        dst = np.empty_like(src)
-        return 2 * src.nbytes / _median([self.time(lambda: np.copyto(dst, src)) for _ in range(5)]) / 1e9
+        return memory_roof(nbytes)
 
-    def gemm_roof(self, a, b):
-        return "NumPy BLAS", a.shape[0] * b.shape[1] * a.shape[1] * 2 / _median(
-            [self.time(lambda: a @ b) for _ in range(3)]) / 1e9
+    def gemm_roof(self, n, dtype):
+        return measured_gemm_roof(n, dtype)
 
     def capture(self):
         return contextlib.nullcontext()
@@ -96,7 +209,7 @@ class _Device:
 
     def time(self, fn):
         if self.simulator:  # the simulator's events record no time
-            return _Host.time(self, fn)
+            return _time(fn)
         start, end = self.cuda.event(), self.cuda.event()
         start.record()
         fn()
@@ -105,19 +218,19 @@ class _Device:
         return start.elapsed_time(end) / 1e3
 
     def copy_roof(self, nbytes):
-        src = self.cuda.to_device(np.ones(nbytes // 4, np.float32))
+        src = self.cuda.to_device(np.ones(max(nbytes // 8, 1024), np.float32))
         dst = self.cuda.device_array_like(src)
-        return 2 * src.nbytes / _median([self.time(lambda: dst.copy_to_device(src)) for _ in range(5)]) / 1e9
+        return Roof(2 * src.nbytes / _median([self.time(lambda: dst.copy_to_device(src)) for _ in range(5)]) / 1e9,
+                    f"device copy of {_size(2 * src.nbytes)}")
 
-    def gemm_roof(self, a, b):
+    def gemm_roof(self, n, dtype):
         try:
             import cupy
         except ImportError:
-            return None, None
-        a, b = cupy.asarray(a), cupy.asarray(b)
+            return None
+        a, b = cupy.asarray(_rand((n, n), dtype, 20)), cupy.asarray(_rand((n, n), dtype, 21))
         a @ b
-        return "cuBLAS (CuPy)", a.shape[0] * b.shape[1] * a.shape[1] * 2 / _median(
-            [self.time(lambda: a @ b) for _ in range(5)]) / 1e9
+        return gemm_roof({"cuBLAS (CuPy)": 2 * n**3 / _median([self.time(lambda: a @ b) for _ in range(5)]) / 1e9})
 
     def capture(self):
         """cudaProfilerStart/Stop around the steady state (not in the simulator, which has neither)."""
@@ -134,6 +247,12 @@ class _Device:
                 stop()
 
         return bracket()
+
+
+def _time(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _median(times):
@@ -212,12 +331,12 @@ def profile(backend="numba", size="quick", dtype="float32", only=None, file=sys.
     with kernels.use_backend(backend):
         todo = [c for c in cases(dev, size, dtype) if not only or any(o in c.kernel for o in only)]
         s = SIZES[size]
-        copy_roof = dev.copy_roof(min(256 * 2**20, 4 * 4 * s["n"]))
         g = s["gemm"]
-        roof_name, gemm_roof = dev.gemm_roof(*(dev.to(_rand((g, g), dtype, i)) for i in (20, 21)))
-        print(f"backend {backend}, {np.dtype(dtype)}, shapes '{size}'; roofs: copy {copy_roof:.1f} GB/s"
-              + (f", {roof_name} {gemm_roof:.1f} GFLOP/s at {g}^3" if gemm_roof else
-                 ", no GEMM roof (CuPy not installed)"), file=file)
+        gemm = dev.gemm_roof(g, dtype)
+        print(f"backend {backend}, {np.dtype(dtype)}, shapes '{size}'; roofs: a copy with each kernel's threads "
+              f"and working set" + (f"; GEMM {gemm.value:.1f} GFLOP/s at {g}^3, {gemm.what}" if gemm else
+                                    "; no GEMM roof (CuPy not installed)"), file=file)
+        memory = {case.kernel: dev.copy_roof(case.bytes) for case in todo if not case.flops}
         first = {}
         for case in todo:  # first calls: compilation (or loading the cache), kept out of the capture range
             with _nvtx_range(case.kernel + " (first call)"):
@@ -231,21 +350,25 @@ def profile(backend="numba", size="quick", dtype="float32", only=None, file=sys.
                 median = _median(times)
                 gbs = case.bytes / median / 1e9
                 gflops = case.flops / median / 1e9 if case.flops else None
-                roof = gflops / gemm_roof if gflops and gemm_roof else (None if gflops else gbs / copy_roof)
+                if gflops:
+                    roof, roof_what = (gflops / gemm.value, "GEMM") if gemm else (None, "")
+                else:
+                    copy = memory[case.kernel]
+                    roof, roof_what = gbs / copy.value, f"{copy.value:.0f} GB/s {copy.what}"
                 rows.append(dict(kernel=case.kernel, shape=case.shape, first_ms=first[case.kernel] * 1e3,
-                                 median_ms=median * 1e3, gbs=gbs, gflops=gflops, roof=roof))
+                                 median_ms=median * 1e3, gbs=gbs, gflops=gflops, roof=roof, roof_what=roof_what))
     _print_table(rows, file)
     return rows
 
 
 def _print_table(rows, file):
     print(f"{'kernel':24} {'shape':>18} {'first call ms':>14} {'median ms':>10} {'GB/s':>8} {'GFLOP/s':>9} "
-          f"{'% roof':>7}", file=file)
+          f"{'% roof':>7}  roof", file=file)
     for r in rows:
         gflops = f"{r['gflops']:9.1f}" if r["gflops"] else " " * 9
         roof = f"{r['roof']:7.0%}" if r["roof"] is not None else " " * 7
         print(f"{r['kernel']:24} {r['shape']:>18} {r['first_ms']:14.1f} {r['median_ms']:10.3f} {r['gbs']:8.1f} "
-              f"{gflops} {roof}", file=file)
+              f"{gflops} {roof}  {r['roof_what']}", file=file)
 
 
 def launch_overhead(calls=200, file=sys.stdout):

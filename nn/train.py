@@ -82,7 +82,9 @@ def main(argv=None):
         f"features, {n_classes} classes; {args.backend} backend; {optimizer}; {comm.size} rank"
         + ("s" if comm.size > 1 else ""))
     if args.backend != "cuda":  # compile (or load from Numba's cache) before the clock starts
-        kernels.warmup(args.backend, dtypes=("float32",))
+        kernels.warmup(args.backend, dtypes=("float32",), verbose=args.verbose if comm.is_root else 0,
+                       only=("matmul", "bias_act_backward", "bias_grad", "segment_norms", "softmax_cross_entropy",
+                             args.optimizer.replace("adamw", "adam") + "_step"))
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, validation_data=val,
                           seed=args.seed, callbacks=[EarlyStopping(patience=args.patience)], verbose=args.verbose)

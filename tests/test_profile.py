@@ -47,13 +47,31 @@ def test_profile_cuda_runs_every_kernel_and_flags_the_simulator():
 
 
 def test_command_line_on_numba_filters_kernels():
-    """The host path (wall clock, memory and BLAS roofs), on two kernels to keep compilation short."""
+    """The host path (wall clock, memory and GEMM roofs), on two kernels to keep compilation short."""
     result = subprocess.run([sys.executable, "-m", "kernels.profile", "--smoke", "--only", "adam", "dropout"],
                             capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("backend numba, float32, shapes 'smoke'; roofs: copy")
-    assert "NumPy BLAS" in lines[0] and "meaningless" not in result.stdout
+    assert lines[0].startswith("backend numba, float32, shapes 'smoke'; roofs: a copy with each kernel's threads")
+    assert "best GEMM peer" in lines[0] and "NumPy BLAS" in lines[0] and "meaningless" not in result.stdout
     assert [line.split()[0] for line in lines[2:]] == ["dropout", "adam_step"]
     for line in lines[2:]:
-        *numbers, roof = line.split()[2:]
-        assert all(float(x) > 0 for x in numbers) and roof.endswith("%")
+        numbers, roof = line.split("%")[0].split()[2:], line.split("%")[1]
+        assert all(float(x) > 0 for x in numbers)
+        assert "1-thread copy of" in roof and "(cache-resident)" in roof  # 1000 elements: serial kernels
+
+
+def test_memory_roof_matches_threads_and_working_set():
+    import numba
+
+    small = profile.memory_roof(2**18)  # 256 KiB moved: below the parallel threshold, in cache
+    assert small.value > 0 and small.what == "1-thread copy of 256 KiB (cache-resident)"
+    big = profile.memory_roof(3 * profile.l3_bytes())  # well beyond the L3: from DRAM, on every thread
+    assert big.what == f"{numba.get_num_threads()}-thread copy of {3 * profile.l3_bytes() // 2**20} MiB (DRAM)"
+    assert profile.memory_roof(2**18) is small  # measured once per run and reused
+
+
+def test_gemm_roof_is_the_best_peer_and_says_so():
+    roof = profile.gemm_roof({"NumPy BLAS": 250.0, "XLA": 480.5, "torch": None})
+    assert roof.value == 480.5
+    assert roof.what == "best GEMM peer XLA (NumPy BLAS 250, XLA 480 GFLOP/s)"
+    assert profile.gemm_roof({}) is None

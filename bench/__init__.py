@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark) and ``python -m bench``, the report built from them."""
