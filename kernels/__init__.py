@@ -12,13 +12,14 @@ from ._api import (adadelta_step, adagrad_step, adam_step, bias_grad, binary_cro
                    sgd_step, sigmoid, sigmoid_backward, softmax, softmax_backward, softmax_cross_entropy,
                    tanh, tanh_backward)
 from ._dispatch import get_backend, is_device_array, set_backend, use_backend
+from ._threading import threading_info
 
 __all__ = [
     "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward",
     "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy", "mse",
     "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step", "adam_step", "rmsprop_step",
     "adagrad_step", "adadelta_step", "set_backend", "get_backend", "use_backend", "is_device_array",
-    "warmup",
+    "threading_info", "warmup",
 ]
 
 

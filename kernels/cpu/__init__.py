@@ -5,7 +5,11 @@ Same function names and arguments as ``kernels.reference``; compiled on first ca
 ``NUMBA_CACHE_DIR`` when set).
 """
 
-from ..reference import ascontiguous, empty  # host arrays, as for the reference
+from .._threading import setup as _setup_threading
+
+_setup_threading()  # before any kernel runs: Numba fixes its threading layer at the first parallel call
+
+from ..reference import ascontiguous, empty  # noqa: E402  (host arrays, as for the reference)
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
 from .dropout import dropout

@@ -23,6 +23,7 @@ Numba's cache does not see edits to this file from the modules that inline its h
 
 import numpy as np
 
+from . import _math
 from ._jit import jit
 
 CHUNK = 1 << 14  # elements per parallel task: 64 KiB of a float32 buffer, a multiple of any vector width
@@ -42,6 +43,19 @@ def chunk(c, n):
     """Unsigned bounds ``(lo, hi)`` of chunk ``c`` of ``n`` elements."""
     lo = c * CHUNK
     return np.uint64(lo), np.uint64(min(n, lo + CHUNK))
+
+
+@jit(inline="always")
+def ordered_sum(values):
+    """Sum of a 1-D array of per-chunk partials on the calling thread, always in the same order.
+
+    ``values.sum()`` inside a ``parallel=True`` function becomes a parallel reduction split by thread
+    count, so its rounding would change with the number of threads.
+    """
+    total = _math.typed(0, values)
+    for i in range(values.size):
+        total += values[i]
+    return total
 
 
 def run(body, body_chunks, n, *args):

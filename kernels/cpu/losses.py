@@ -10,7 +10,7 @@ from numba import prange
 
 from . import _math
 from ._jit import jit
-from ._parallel import CHUNK, n_chunks
+from ._parallel import CHUNK, n_chunks, ordered_sum
 from .activations import PARALLEL_MIN, exp_shifted, row_max, scalar
 
 
@@ -37,7 +37,7 @@ def _cross_entropy(logits, labels, dlogits):
     else:
         for r in prange(n):
             losses[r] = _cross_entropy_row(logits[r], labels[r], inv_n, dlogits[r])
-    return losses.sum() * inv_n
+    return ordered_sum(losses) * inv_n
 
 
 def softmax_cross_entropy(logits, labels, dlogits):
@@ -65,7 +65,7 @@ def pointwise_loss(op, name):
         for c in prange(partial.size):
             lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
             partial[c] = span(pred[lo:hi], target[lo:hi], scale, grad[lo:hi])
-        return partial.sum()
+        return ordered_sum(partial)
 
     kernel.__name__ = kernel.__qualname__ = name
     return jit(kernel, parallel=True)
