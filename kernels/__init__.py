@@ -52,7 +52,8 @@ def warmup(backend="numba", dtypes=("float32", "float64")):
             hinge(x, np.sign(x) + (x == 0))
             bias_grad(x)
             dropout(x, 0.5, 0)
-            p, g, s1, s2 = (np.zeros(64, dtype) for _ in range(4))
+            p, g, s1, s2 = (np.zeros(1 << 16, dtype) for _ in range(4))  # large: the parallel drivers
+            dropout(p, 0.5, 0)
             sgd_step(p, g, lr=0.1, momentum=0.9, velocity=s1, nesterov=True, weight_decay=0.1, step=1)
             adam_step(p, g, s1, s2, step=1, weight_decay=0.1)
             adam_step(p, g, s1, s2, step=1, weight_decay=0.1, decoupled=True)
