@@ -16,5 +16,12 @@ from .dropout import dropout
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
+from ._parallel import scheduled
+
+# the kernels whose prange loops chunk or split rows themselves (run() schedules dropout and the optimizers)
+(relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
+ softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad) = map(scheduled, (
+    relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
+    softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad))
 
 name = "numba"
