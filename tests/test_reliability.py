@@ -179,3 +179,16 @@ def test_reductions_bitwise_equal_across_thread_counts():
         print("ok", numba.get_num_threads())
     """, NUMBA_NUM_THREADS="3")
     assert out.split() == ["ok", "3"]
+
+
+def test_dynamic_scheduling_leaves_the_callers_chunk_size_alone():
+    import numba
+    x = np.linspace(-1, 1, 1 << 18, dtype=np.float32)
+    with kernels.use_backend("numba"):
+        numba.set_parallel_chunksize(7)
+        try:
+            kernels.relu(x)
+            kernels.mse(x, x)
+            assert numba.get_parallel_chunksize() == 7
+        finally:
+            numba.set_parallel_chunksize(0)
