@@ -21,7 +21,7 @@ def _flat(backend, x):
 def _elementwise(kernel, x, out, *params, name="x"):
     check.float_array(name, x)
     backend = select(**{name: x}, out=out)
-    out = check.out(out, x.shape, x.dtype, backend, like=x)
+    out = check.out(out, x.shape, x.dtype, backend, like=x, reads={name: x}, same_ok=True)
     getattr(backend, kernel)(_flat(backend, x), *params, out.reshape(-1))
     return out
 
@@ -32,7 +32,7 @@ def _elementwise_backward(kernel, a_name, a, dy, out, *params):
     check.same_dtype(**{a_name: a}, dy=dy)
     check.shape("dy", dy, a.shape, f"the shape of {a_name}")
     backend = select(**{a_name: a}, dy=dy, out=out)
-    out = check.out(out, a.shape, a.dtype, backend, like=a)
+    out = check.out(out, a.shape, a.dtype, backend, like=a, reads={a_name: a, "dy": dy}, same_ok=True)
     getattr(backend, kernel)(_flat(backend, a), _flat(backend, dy), *params, out.reshape(-1))
     return out
 
@@ -88,7 +88,7 @@ def _rows(kernel, arrays, out):
         check.shape(name, a, x.shape, f"the shape of {first}")
     check.same_dtype(**arrays)
     backend = select(**arrays, out=out)
-    out = check.out(out, x.shape, x.dtype, backend, like=x)
+    out = check.out(out, x.shape, x.dtype, backend, like=x, reads=arrays)
     getattr(backend, kernel)(*(backend.ascontiguous(a) for a in arrays.values()), out)
     return out
 
@@ -115,6 +115,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, activation=None, al
     """
     check.float_array("a", a, ndim=2)
     check.float_array("b", b, ndim=2)
+    trans_a, trans_b = check.flag("trans_a", trans_a), check.flag("trans_b", trans_b)
     if bias is not None:
         check.float_array("bias", bias, ndim=1)
     dtype = check.same_dtype(a=a, b=b, bias=bias)
@@ -131,10 +132,8 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, activation=None, al
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     alpha = check.scalar("alpha", alpha)
     backend = select(a=a, b=b, bias=bias, out=out)
-    if out is not None:  # a fresh one cannot overlap
-        check.no_overlap("out", out, a=a, b=b, bias=bias)
-    out = check.out(out, (m, n), dtype, backend, like=a)
-    backend.matmul(a, b, bool(trans_a), bool(trans_b), bias, activation, alpha, out)
+    out = check.out(out, (m, n), dtype, backend, like=a, reads=dict(a=a, b=b, bias=bias))
+    backend.matmul(a, b, trans_a, trans_b, bias, activation, alpha, out)
     return out
 
 
@@ -156,8 +155,7 @@ def softmax_cross_entropy(logits, labels, *, out=None):
     n, classes = logits.shape
     check.labels("labels", labels, n, classes)
     backend = select(logits=logits, labels=labels, out=out)
-    out = check.out(out, logits.shape, logits.dtype, backend, like=logits)
-    check.no_overlap("out", out, labels=labels)
+    out = check.out(out, logits.shape, logits.dtype, backend, like=logits, reads=dict(logits=logits, labels=labels))
     loss = backend.softmax_cross_entropy(backend.ascontiguous(logits), backend.ascontiguous(labels), out)
     return loss, out
 
@@ -171,7 +169,8 @@ def _pointwise_loss(kernel, pred_name, pred, target, out, check_target=None):
     if check_target is not None:
         check_target("target", target)
     backend = select(**{pred_name: pred}, target=target, out=out)
-    out = check.out(out, pred.shape, pred.dtype, backend, like=pred)
+    out = check.out(out, pred.shape, pred.dtype, backend, like=pred, reads={pred_name: pred, "target": target},
+                    same_ok=True)
     loss = getattr(backend, kernel)(_flat(backend, pred), _flat(backend, target), out.reshape(-1))
     return loss, out
 
@@ -195,7 +194,7 @@ def bias_grad(dy, *, out=None):
     """Column sums of a 2-D ``dy``: the gradient of a bias added to every row."""
     check.float_array("dy", dy, ndim=2)
     backend = select(dy=dy, out=out)
-    out = check.out(out, (dy.shape[1],), dy.dtype, backend, like=dy)
+    out = check.out(out, (dy.shape[1],), dy.dtype, backend, like=dy, reads=dict(dy=dy))
     backend.bias_grad(backend.ascontiguous(dy), out)
     return out
 
@@ -231,6 +230,7 @@ def _optimizer_buffers(param, grad, **state):
             check.shape(name, buf, param.shape, "the shape of param")
             check.inplace(name, buf)
     check.same_dtype(param=param, grad=grad, **state)
+    check.disjoint(param=param, grad=grad, **state)
     backend = select(param=param, grad=grad, **state)
     flat = [None if a is None else _flat(backend, a) for a in (param, grad, *state.values())]
     return backend, flat
@@ -254,13 +254,14 @@ def sgd_step(param, grad, *, lr, momentum=0.0, velocity=None, dampening=0.0, nes
     lr, weight_decay = _lr(lr), _decay(weight_decay)
     momentum = check.scalar("momentum", momentum, low=0.0)
     dampening = check.scalar("dampening", dampening, low=0.0, high=1.0)
+    nesterov = check.flag("nesterov", nesterov)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov=True needs momentum > 0 and dampening == 0")
     if momentum != 0 and velocity is None:
         raise ValueError("velocity must be given (a buffer shaped like param) when momentum != 0")
     step = 0 if step is None else check.step(step)
     backend, (p, g, vel) = _optimizer_buffers(param, grad, velocity=velocity if momentum else None)
-    backend.sgd_step(p, g, lr, momentum, vel, dampening, bool(nesterov), weight_decay, step)
+    backend.sgd_step(p, g, lr, momentum, vel, dampening, nesterov, weight_decay, step)
 
 
 def adam_step(param, grad, m, v, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
@@ -270,8 +271,9 @@ def adam_step(param, grad, m, v, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1
     beta1 = check.scalar("beta1", beta1, low=0.0, high=1.0, high_open=True)
     beta2 = check.scalar("beta2", beta2, low=0.0, high=1.0, high_open=True)
     eps = check.scalar("eps", eps, low=0.0)
+    decoupled = check.flag("decoupled", decoupled)
     backend, (p, g, m_, v_) = _optimizer_buffers(param, grad, m=m, v=v)
-    backend.adam_step(p, g, m_, v_, step, lr, beta1, beta2, eps, weight_decay, bool(decoupled))
+    backend.adam_step(p, g, m_, v_, step, lr, beta1, beta2, eps, weight_decay, decoupled)
 
 
 def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
@@ -320,10 +322,10 @@ def bias_act_backward(y, dy, activation, *, alpha=0.01, out=None, bias_out=None)
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     alpha = check.scalar("alpha", alpha)
     backend = select(y=y, dy=dy, out=out, bias_out=bias_out)
-    out = check.out(out, y.shape, y.dtype, backend, like=y)
-    bias_out = check.out(bias_out, (y.shape[1],), y.dtype, backend, like=y, name="bias_out")
-    check.no_overlap("out", out, y=y, dy=dy, bias_out=bias_out)
-    check.no_overlap("bias_out", bias_out, y=y, dy=dy)
+    out = check.out(out, y.shape, y.dtype, backend, like=y, reads=dict(y=y, dy=dy))
+    bias_out = check.out(bias_out, (y.shape[1],), y.dtype, backend, like=y, reads=dict(y=y, dy=dy),
+                         name="bias_out")
+    check.no_overlap("bias_out", bias_out, out=out)
     backend.bias_act_backward(backend.ascontiguous(y), backend.ascontiguous(dy), activation, alpha, out, bias_out)
     return out, bias_out
 
@@ -345,7 +347,7 @@ def segment_norms(x, offsets, *, out=None):
         if offsets[0] < 0 or offsets[-1] > x.shape[0] or np.any(np.diff(offsets) < 0):
             raise ValueError(f"offsets must be non-decreasing within [0, {x.shape[0]}], got {offsets.tolist()}")
         offsets = offsets.astype(np.int64)
-    out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x)
+    out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x, reads=dict(x=x, offsets=offsets))
     backend.segment_norms(backend.ascontiguous(x), offsets, out)
     return out
 

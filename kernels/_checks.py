@@ -70,8 +70,129 @@ def inplace(name, x):
     return x
 
 
-def out(out_arr, shape_, dtype, backend, like, name="out"):
-    """Validate a user ``out=`` buffer, or allocate one on ``like``'s device when it is None."""
+def flag(name, value):
+    """A boolean option: True/False or a NumPy bool (a truthy string such as "no" is refused)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _host(x):
+    """The NumPy array holding x's data: x itself, or the array behind a CUDA simulator device array."""
+    if isinstance(x, np.ndarray):
+        return x
+    ary = getattr(x, "_ary", None)
+    return ary if isinstance(ary, np.ndarray) else None
+
+
+def _owner(x):
+    """The NumPy array that allocated x's memory; None for device arrays and foreign buffers."""
+    if type(x) is not np.ndarray:
+        return None
+    while x.base is not None:
+        if type(x.base) is not np.ndarray:
+            return None
+        x = x.base
+    return x if x.flags.owndata else None
+
+
+def _layout(x):
+    """(data address, shape, byte strides, itemsize), from NumPy's or CUDA's array interface."""
+    host = _host(x)
+    if host is not None:
+        return host.__array_interface__["data"][0], host.shape, host.strides, host.itemsize
+    cai = x.__cuda_array_interface__
+    shape, itemsize = tuple(cai["shape"]), np.dtype(cai["typestr"]).itemsize
+    strides = cai.get("strides")
+    if strides is None:  # C-contiguous
+        strides, step = [], itemsize
+        for n in reversed(shape):
+            strides.insert(0, step)
+            step *= n
+    return cai["data"][0], shape, tuple(strides), itemsize
+
+
+def _span(layout):
+    """The byte range [lo, hi) an array's elements occupy (empty for an empty array)."""
+    lo, shape, strides, itemsize = layout
+    if 0 in shape:
+        return lo, lo
+    hi = lo + itemsize
+    for n, stride in zip(shape, strides):
+        if stride < 0:
+            lo += (n - 1) * stride
+        else:
+            hi += (n - 1) * stride
+    return lo, hi
+
+
+def _shared(a, b):
+    """None when a and b share no memory; "same" when they are the same elements in the same layout;
+    else "partial". Reads only data addresses, shapes and strides: works on device arrays, copies nothing
+    (device arrays whose byte ranges interleave without touching count as overlapping)."""
+    ha, hb = _host(a), _host(b)
+    if ha is not None and hb is not None:
+        if not np.may_share_memory(ha, hb):
+            return None  # byte ranges apart
+        try:
+            if not np.shares_memory(ha, hb, max_work=10_000):
+                return None  # interleaved views, e.g. x[::2] and x[1::2]
+        except _TooHardError:
+            pass
+    elif ha is not None or hb is not None:
+        return None  # host and device memory (select() refuses such a mix anyway)
+    la, lb = _layout(a), _layout(b)
+    (a_lo, a_hi), (b_lo, b_hi) = _span(la), _span(lb)
+    if a_lo >= b_hi or b_lo >= a_hi:
+        return None
+    return "same" if la == lb else "partial"
+
+
+_TooHardError = getattr(np, "exceptions", np).TooHardError
+
+
+def no_overlap(name, buf, same_ok=False, **others):
+    """``buf`` (a buffer a kernel writes) shares no memory with any of ``others``; with ``same_ok`` it may
+    also be exactly one of them (element for element: an elementwise kernel reads each element before it
+    writes it, so that is a correct in-place call)."""
+    _check_pairs([(name, buf)], others.items(), same_ok)
+
+
+def disjoint(**buffers):
+    """No two of ``buffers`` (a step's parameter, gradient and state, None entries skipped) share memory."""
+    items = [(n, a) for n, a in buffers.items() if a is not None]
+    owners = [id(_owner(a)) for _, a in items]
+    if id(None) in owners or len(set(owners)) < len(owners):  # else: all allocated separately by NumPy
+        for i, item in enumerate(items[:-1]):
+            _check_pairs([item], items[i + 1:], why="an optimizer step writes param and its state and reads grad")
+
+
+def _check_pairs(written, read, same_ok=False, why=None):
+    """Each (name, array) of ``written`` against each different one of ``read``. Runs on every call:
+    arrays that NumPy allocated separately (the common case) are told apart by their owners alone."""
+    read = [(n, a, _owner(a)) for n, a in read if a is not None]
+    for name, buf in written:
+        owner = _owner(buf)
+        for n, a, a_owner in read:
+            if a is buf and same_ok or owner is not None and a_owner is not owner:
+                continue
+            shared = _shared(buf, a)
+            if shared is None or shared == "same" and same_ok:
+                continue
+            how = "exactly the same memory as" if shared == "same" else "memory overlapping"
+            rule = f"be exactly {n} (in place) or share no memory with it" if same_ok else f"not share memory with {n}"
+            why = why or f"the kernel reads {n} while it writes {name}"
+            raise ValueError(f"{name} must {rule}, got {how} {n} ({why}); pass a separate buffer")
+
+
+def out(out_arr, shape_, dtype, backend, like, *, reads, same_ok=False, name="out"):
+    """Validate a user ``out=`` buffer, or allocate one on ``like``'s device when it is None.
+
+    ``reads`` (name -> array) are the inputs the kernel reads: a user buffer must not share memory with
+    them (``same_ok``: except by being exactly one of them, for elementwise kernels).
+    """
     if out_arr is None:
         return backend.empty(shape_, dtype, like)
     if not _is_array(out_arr):
@@ -79,16 +200,9 @@ def out(out_arr, shape_, dtype, backend, like, name="out"):
     if np.dtype(out_arr.dtype) != np.dtype(dtype):
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out_arr.dtype}")
     shape(name, out_arr, shape_)
-    return inplace(name, out_arr)
-
-
-def no_overlap(name, out_arr, **inputs):
-    """``out`` must not share memory with an input the kernel still reads after writing ``out``."""
-    if not isinstance(out_arr, np.ndarray):
-        return
-    for n, a in inputs.items():
-        if isinstance(a, np.ndarray) and np.may_share_memory(out_arr, a):
-            raise ValueError(f"{name} must not overlap {n}: the kernel reads {n} while it writes {name}")
+    inplace(name, out_arr)
+    no_overlap(name, out_arr, same_ok, **reads)
+    return out_arr
 
 
 def labels(name, y, n, n_classes):

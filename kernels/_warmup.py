@@ -29,7 +29,7 @@ def _job_calls(name, dtype):
 
     x = np.linspace(-2, 2, 96, dtype=dtype).reshape(8, 12)
     w = np.linspace(-1, 1, 144, dtype=dtype).reshape(12, 12)
-    p, g, s1, s2 = (np.zeros(64, dtype) for _ in range(4))
+    p, g, s1, s2 = (np.zeros(1 << 16, dtype) for _ in range(4))  # large: the parallel drivers too
     calls = {
         "matmul": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"), k.matmul(x, x, trans_a=True),
                            k.matmul(x, w, trans_b=True)),
@@ -40,7 +40,7 @@ def _job_calls(name, dtype):
         "binary_cross_entropy": lambda: k.binary_cross_entropy(x, x),
         "hinge": lambda: k.hinge(x, np.sign(x) + (x == 0)),
         "bias_grad": lambda: k.bias_grad(x),
-        "dropout": lambda: k.dropout(x, 0.5, 0),
+        "dropout": lambda: (k.dropout(x, 0.5, 0), k.dropout(p, 0.5, 0)),
         "bias_act_backward": lambda: [k.bias_act_backward(x, x, act) for act in ("relu", "leaky_relu", "sigmoid",
                                                                                   "tanh")],
         "segment_norms": lambda: k.segment_norms(p, np.array([0, 32, 64])),

@@ -15,7 +15,7 @@ TOL = {np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6), np.dtype(np.float64): d
 # Sizes that catch edge handling: empty, one, odd, powers of two and their neighbours, a few thousand.
 SIZES_1D = st.sampled_from([0, 1, 2, 3, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 4099])
 SIZES_2D = st.sampled_from([0, 1, 2, 3, 5, 8, 16, 17, 31, 33, 64, 65])
-LAYOUTS = st.sampled_from(["C", "F", "strided"])
+LAYOUTS = st.sampled_from(["C", "F", "strided", "negative", "zero"])
 
 
 def assert_close(actual, expected, dtype=None, **tol):
@@ -26,7 +26,14 @@ def assert_close(actual, expected, dtype=None, **tol):
 
 
 def with_layout(x, layout):
-    """The same values as ``x`` in the given memory layout: C order, Fortran order, or a strided view."""
+    """``x`` in the given memory layout: C order, Fortran order, a strided view, a view with negative
+    strides, or (``zero``) a read-only view with stride 0 on the first axis, repeating ``x[0]``: the
+    same values as ``x`` except for that one."""
+    if layout == "negative":
+        flip = tuple(slice(None, None, -1) for _ in x.shape)
+        return np.ascontiguousarray(x[flip])[flip]
+    if layout == "zero":
+        return np.broadcast_to(x[:1], x.shape) if x.ndim and x.shape[0] > 1 else x
     if layout == "F":
         return np.asfortranarray(x)
     if layout == "strided":

@@ -51,40 +51,40 @@ def _call(backend, fn, *arrays_, **kwargs):
 
 @pytest.mark.parametrize("name", FORWARD)
 @given(data=st.data(), shape=SHAPES, alpha=ALPHA)
-def test_forward_matches_reference(backend, name, data, shape, alpha):
+def test_forward_matches_reference(fast_backend, name, data, shape, alpha):
     x = data.draw(arrays(shape))
     kwargs = {"alpha": alpha} if name == "leaky_relu" else {}
-    y = _call(backend, FORWARD[name], x, **kwargs)
+    y = _call(fast_backend, FORWARD[name], x, **kwargs)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert_close(y, reference(FORWARD[name], x, **kwargs))
 
 
 @pytest.mark.parametrize("name", ["relu", "leaky_relu", "sigmoid", "tanh"])
 @given(data=st.data(), shape=SHAPES, alpha=ALPHA)
-def test_backward_matches_reference(backend, name, data, shape, alpha):
+def test_backward_matches_reference(fast_backend, name, data, shape, alpha):
     forward, backward, from_input = GRADIENTS[name]
     dtype = data.draw(DTYPES)
     x, dy = data.draw(arrays(shape, dtype)), data.draw(arrays(shape, dtype))
     kwargs = {"alpha": alpha} if name == "leaky_relu" else {}
     a = x if from_input else reference(forward, x)
-    assert_close(_call(backend, backward, a, dy, **kwargs), reference(backward, a, dy, **kwargs))
+    assert_close(_call(fast_backend, backward, a, dy, **kwargs), reference(backward, a, dy, **kwargs))
 
 
 @given(data=st.data(), shape=ROWS)
-def test_softmax_matches_reference_and_rows_sum_to_one(backend, data, shape):
+def test_softmax_matches_reference_and_rows_sum_to_one(fast_backend, data, shape):
     x = data.draw(arrays(shape, scale=10.0))
-    y = _call(backend, kernels.softmax, x)
+    y = _call(fast_backend, kernels.softmax, x)
     assert_close(y, reference(kernels.softmax, x))
     if shape[1]:
         assert_close(y.sum(axis=1), np.ones(shape[0]), dtype=x.dtype)
 
 
 @given(data=st.data(), shape=ROWS)
-def test_softmax_backward_matches_reference(backend, data, shape):
+def test_softmax_backward_matches_reference(fast_backend, data, shape):
     dtype = data.draw(DTYPES)
     y = reference(kernels.softmax, data.draw(arrays(shape, dtype)))
     dy = data.draw(arrays(shape, dtype))
-    got = _call(backend, kernels.softmax_backward, y, dy)
+    got = _call(fast_backend, kernels.softmax_backward, y, dy)
     # a row's dot product sum(dy * y) is summed in another order: allow its rounding, scaled by |dy|
     atol = 8 * np.finfo(dtype).eps * np.abs(dy).max(initial=0)
     assert_close(got, reference(kernels.softmax_backward, y, dy), atol=atol)
@@ -151,10 +151,10 @@ def test_tanh_and_sigmoid_are_accurate_near_zero(backend, dtype):
 
 @pytest.mark.parametrize("name", list(FORWARD) + ["softmax"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_nan_propagates_like_the_reference(backend, name, dtype):
+def test_nan_propagates_like_the_reference(fast_backend, name, dtype):
     x = np.array([[np.nan, 1.0, -2.0, np.nan], [0.5, -0.5, 3.0, 1.0]], dtype)
     fn = GRADIENTS[name][0]
-    y = _call(backend, fn, x)
+    y = _call(fast_backend, fn, x)
     expected = reference(fn, x)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
     assert np.isnan(y[0]).all() if name == "softmax" else np.isnan(y[0, [0, 3]]).all()

@@ -165,6 +165,131 @@ def test_hyperparameters_are_validated(kwargs, exc, msg):
         kernels.sgd_step(p, g, **kwargs)
 
 
-def test_warmup_runs_every_kernel_on_both_dtypes():
-    assert kernels.warmup("numpy") == "numpy"
-    assert kernels.warmup("numba", dtypes=("float32",)) == "numba"
+def test_warmup_compiles_what_real_calls_need():
+    """After warmup, calls at parallel sizes (every kernel's large-array path) compile nothing new."""
+    code = """
+import importlib, numba, numpy as np, kernels
+modules = [importlib.import_module("kernels.cpu." + m) for m in ("activations", "dropout", "losses", "matmul", "optim")]
+
+def compiled():
+    return {(m.__name__, k): len(v.signatures) for m in modules
+            for k, v in vars(m).items() if isinstance(v, numba.core.registry.CPUDispatcher)}
+
+kernels.warmup("numba", dtypes=("float32",))
+before = compiled()
+n = 1 << 18
+x = np.linspace(-3, 3, n, dtype=np.float32)
+p, g, s1, s2 = (np.linspace(0, 1, n, dtype=np.float32) for _ in range(4))
+big = x.reshape(512, 512)
+kernels.matmul(big, big, bias=x[:512], activation="relu")
+for f in (kernels.relu, kernels.leaky_relu, kernels.sigmoid, kernels.tanh):
+    f(x)
+for f in (kernels.relu_backward, kernels.leaky_relu_backward, kernels.sigmoid_backward, kernels.tanh_backward):
+    f(x, x)
+kernels.softmax_backward(kernels.softmax(big), big)
+kernels.softmax_cross_entropy(big, np.arange(512))
+kernels.mse(x, x), kernels.binary_cross_entropy(x, x), kernels.hinge(x, np.sign(x) + (x == 0)), kernels.bias_grad(big)
+kernels.dropout(x, 0.5, 1)
+kernels.sgd_step(p, g, lr=0.1, momentum=0.9, velocity=s1, step=1)
+kernels.adam_step(p, g, s1, s2, step=1)
+kernels.rmsprop_step(p, g, s1, momentum=0.9, momentum_buffer=s2)
+kernels.adagrad_step(p, g, s1)
+kernels.adadelta_step(p, g, s1, s2)
+after = compiled()
+print([k for k in after if after[k] != before[k]])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"compiled on first real call after warmup: {proc.stdout}"
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_out_overlapping_an_input_is_refused(backend_name):
+    """The aliasing calls that gave silent wrong answers now raise, on every host backend."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    y = np.arange(4) % 6
+    flat = x.reshape(-1)
+    cases = [
+        (lambda: kernels.softmax_cross_entropy(x, y, out=x), "out must not share memory with logits"),
+        (lambda: kernels.bias_grad(x, out=x[0]), "out must not share memory with dy"),
+        (lambda: kernels.softmax(x[:3], out=x[1:]), "out must not share memory with x, got memory overlapping"),
+        (lambda: kernels.softmax(x, out=x), "out must not share memory with x, got exactly the same"),
+        (lambda: kernels.softmax_backward(x, x.copy(), out=x), "out must not share memory with y"),
+        (lambda: kernels.matmul(x, np.eye(6, dtype=np.float32), out=x), "out must not share memory with a"),
+        (lambda: kernels.matmul(x[:2, :2].copy(), x[:2, :2].copy(), bias=flat[2:4], out=flat[:4].reshape(2, 2)),
+         "out must not share memory with bias"),
+        (lambda: kernels.relu(x[:, ::-1], out=x), "out must be exactly x .in place. or share no memory"),
+        (lambda: kernels.relu(x[:, 1:].copy(), out=x[:, :5].copy()) is None, None),
+        (lambda: kernels.mse(x[1:], x[:3].copy(), out=x[:3]), "out must be exactly pred"),
+        (lambda: kernels.tanh_backward(x[1:], x[1:].copy(), out=x[:3]), "out must be exactly y"),
+    ]
+    with kernels.use_backend(backend_name):
+        for call, msg in cases:
+            if msg is None:
+                call()
+                continue
+            before = x.copy()
+            with pytest.raises(ValueError, match=msg):
+                call()
+            np.testing.assert_array_equal(x, before)  # refused before anything was written
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_optimizer_buffers_must_not_alias(backend_name):
+    p, g, m, v = (np.zeros(8, np.float32) for _ in range(4))
+    with kernels.use_backend(backend_name):
+        with pytest.raises(ValueError, match="m must not share memory with v"):
+            kernels.adam_step(p, g, m, m, step=1)
+        with pytest.raises(ValueError, match="param must not share memory with m"):
+            kernels.adam_step(p, g, p, v, step=1)
+        with pytest.raises(ValueError, match="param must not share memory with grad"):
+            kernels.sgd_step(p, p[::-1], lr=0.1)
+        with pytest.raises(ValueError, match="square_avg must not share memory with acc_delta"):
+            kernels.adadelta_step(p, g, m, m)
+        with pytest.raises(ValueError, match="grad must not share memory with sum_sq"):
+            kernels.adagrad_step(p, g, g)
+        with pytest.raises(ValueError, match="square_avg must not share memory with momentum_buffer"):
+            kernels.rmsprop_step(p, g, m, momentum=0.9, momentum_buffer=m)
+        both = np.zeros(16, np.float32)
+        kernels.sgd_step(both[:8], both[8:][::-1], lr=0.1)  # adjacent but disjoint views are fine
+        kernels.adagrad_step(both[:8], g, both[8:])
+
+
+def test_overlap_check_reads_cuda_array_interfaces():
+    """Device arrays are compared by data pointer and extent, without copying them to the host."""
+    from kernels import _checks
+
+    class Device:
+        def __init__(self, ptr, shape, strides=None, dtype=np.float32):
+            self.shape, self.dtype = shape, np.dtype(dtype)
+            self.__cuda_array_interface__ = {"data": (ptr, False), "shape": shape, "strides": strides,
+                                             "typestr": self.dtype.str, "version": 3}
+
+    base = 1 << 20
+    whole = Device(base, (4, 6))
+    assert _checks._shared(whole, Device(base, (4, 6))) == "same"
+    assert _checks._shared(whole, Device(base + 4 * 6, (6,))) == "partial"  # row 1
+    assert _checks._shared(whole, Device(base + 4 * 24, (6,))) is None  # just past the end
+    assert _checks._shared(whole, Device(base + 4 * 23, (4,), (-4,))) == "partial"  # reversed, ends inside
+    assert _checks._shared(whole, Device(base, (0, 6))) is None  # empty
+    assert _checks._shared(whole, np.zeros((4, 6), np.float32)) is None  # host memory is elsewhere
+    with pytest.raises(ValueError, match="m must not share memory with v"):
+        _checks.disjoint(param=whole, grad=Device(base + 4096, (4, 6)), m=Device(base + 8192, (24,)),
+                         v=Device(base + 8192 + 92, (6,)))
+
+
+@pytest.mark.parametrize("bad", ["no", 1, 0, None, np.int64(1), 1.0])
+def test_flags_accept_only_booleans(bad):
+    x = np.ones((3, 3), np.float32)
+    with pytest.raises(TypeError, match="trans_a must be a bool"):
+        kernels.matmul(x, x, trans_a=bad)
+    with pytest.raises(TypeError, match="trans_b must be a bool"):
+        kernels.matmul(x, x, trans_b=bad)
+    p, g, m, v = (np.zeros(4, np.float32) for _ in range(4))
+    with pytest.raises(TypeError, match="decoupled must be a bool"):
+        kernels.adam_step(p, g, m, v, step=1, decoupled=bad)
+    with pytest.raises(TypeError, match="nesterov must be a bool"):
+        kernels.sgd_step(p, g, lr=0.1, momentum=0.9, velocity=m, nesterov=bad)
+    np.testing.assert_allclose(kernels.matmul(x, x, trans_a=np.True_, trans_b=np.bool_(False)), x @ x)

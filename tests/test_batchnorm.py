@@ -62,8 +62,11 @@ def test_float32_matches_reference(fast_backend, data, n, c):
     ry, rxhat, rinv = reference(kernels.batchnorm_forward, x, gamma, beta, *ref_state)
     expected = [ry, *ref_state, *reference(kernels.batchnorm_backward, dy, rxhat, gamma, rinv)]
     scale = np.abs(dy).sum(axis=0).max() * (1 + np.abs(gamma).max())
+    # xhat's own float32 rounding, amplified by inv_std: large where a column is (nearly) constant, e.g.
+    # a zero-stride x, where the compiled backends' float64 statistics give xhat = 0 exactly
+    xhat_error = 8 * np.finfo(np.float32).eps * (1 + np.abs(x).max()) * float(np.max(rinv, initial=0))
     for g, e in zip(got, expected):
-        assert_close(fast_backend.get(g), e, rtol=1e-4, atol=1e-5 * scale)
+        assert_close(fast_backend.get(g), e, rtol=1e-4, atol=(1e-5 + xhat_error) * scale)
 
 
 def test_bad_arguments_raise_naming_them():

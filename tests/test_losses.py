@@ -44,11 +44,11 @@ def _assert_loss(loss, expected, dtype):
 # ---- every backend against the reference ------------------------------------------------------------
 
 @given(data=st.data(), shape=st.tuples(POSITIVE_2D, POSITIVE_2D), label_dtype=LABEL_DTYPES)
-def test_softmax_cross_entropy_matches_reference(backend, data, shape, label_dtype):
+def test_softmax_cross_entropy_matches_reference(fast_backend, data, shape, label_dtype):
     logits = data.draw(arrays(shape, scale=5.0))
     labels = np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, shape[1], shape[0])
     labels = labels.astype(label_dtype)
-    loss, dlogits = _loss(backend, kernels.softmax_cross_entropy, logits, labels)
+    loss, dlogits = _loss(fast_backend, kernels.softmax_cross_entropy, logits, labels)
     expected_loss, expected = reference(kernels.softmax_cross_entropy, logits, labels)
     _assert_loss(loss, expected_loss, logits.dtype)
     assert_close(dlogits, expected)
@@ -58,20 +58,20 @@ def test_softmax_cross_entropy_matches_reference(backend, data, shape, label_dty
 
 @pytest.mark.parametrize("name", POINTWISE)
 @given(data=st.data(), shape=SHAPES)
-def test_pointwise_loss_matches_reference(backend, name, data, shape):
+def test_pointwise_loss_matches_reference(fast_backend, name, data, shape):
     pred = data.draw(arrays(shape))
     rng = np.random.default_rng(data.draw(st.integers(0, 99)))
     target = _targets(name, rng, shape, pred.dtype)
-    loss, grad = _loss(backend, POINTWISE[name], pred, target)
+    loss, grad = _loss(fast_backend, POINTWISE[name], pred, target)
     expected_loss, expected = reference(POINTWISE[name], pred, target)
     _assert_loss(loss, expected_loss, pred.dtype)
     assert_close(grad, expected)
 
 
 @given(data=st.data(), shape=st.tuples(SIZES_2D, SIZES_2D))
-def test_bias_grad_matches_reference(backend, data, shape):
+def test_bias_grad_matches_reference(fast_backend, data, shape):
     dy = data.draw(arrays(shape))
-    got = backend.get(kernels.bias_grad(backend.to(dy)))
+    got = fast_backend.get(kernels.bias_grad(fast_backend.to(dy)))
     # column sums are added in another order: allow rounding proportional to the sum of |dy|
     atol = 4 * np.finfo(dy.dtype).eps * np.abs(dy).sum(axis=0).max(initial=0)
     assert_close(got, reference(kernels.bias_grad, dy), atol=atol)
@@ -172,19 +172,19 @@ def test_binary_cross_entropy_of_huge_logits(backend, dtype):
 
 
 @pytest.mark.parametrize("name", POINTWISE)
-def test_nan_propagates_into_loss_and_gradient(backend, name):
+def test_nan_propagates_into_loss_and_gradient(fast_backend, name):
     pred = np.array([np.nan, 0.5, -1.0], np.float32)
     target = np.array([1.0, -1.0, 1.0], np.float32) if name == "hinge" else np.array([1.0, 0.0, 1.0], np.float32)
-    loss, grad = _loss(backend, POINTWISE[name], pred, target)
+    loss, grad = _loss(fast_backend, POINTWISE[name], pred, target)
     expected_loss, expected = reference(POINTWISE[name], pred, target)
     assert np.isnan(loss) and np.isnan(expected_loss)
     np.testing.assert_array_equal(np.isnan(grad), np.isnan(expected))
 
 
-def test_softmax_cross_entropy_labels_at_the_class_bounds(backend):
+def test_softmax_cross_entropy_labels_at_the_class_bounds(fast_backend):
     logits = np.arange(12, dtype=np.float32).reshape(3, 4)
     labels = np.array([0, 3, 3], np.uint8)
-    loss, dlogits = _loss(backend, kernels.softmax_cross_entropy, logits, labels)
+    loss, dlogits = _loss(fast_backend, kernels.softmax_cross_entropy, logits, labels)
     expected_loss, expected = reference(kernels.softmax_cross_entropy, logits, labels)
     _assert_loss(loss, expected_loss, np.float32)
     assert_close(dlogits, expected)

@@ -5,7 +5,11 @@ Same function names and arguments as ``kernels.reference``; compiled on first ca
 ``NUMBA_CACHE_DIR`` when set).
 """
 
-from ..reference import ascontiguous, empty  # host arrays, as for the reference
+from .._threading import setup as _setup_threading
+
+_setup_threading()  # before any kernel runs: Numba fixes its threading layer at the first parallel call
+
+from ..reference import ascontiguous, empty  # noqa: E402  (host arrays, as for the reference)
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
 from .batchnorm import batchnorm_backward, batchnorm_eval, batchnorm_forward
@@ -14,5 +18,12 @@ from .fused import bias_act_backward, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
+from ._parallel import scheduled
+
+# the kernels whose prange loops chunk or split rows themselves (run() schedules dropout and the optimizers)
+(relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
+ softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad) = map(scheduled, (
+    relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
+    softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad))
 
 name = "numba"

@@ -19,10 +19,19 @@ start; it also costs about 5 us per call to type the dispatcher. Why not one fun
 (parallel and serial): the cache key ignores compile options, so the two would overwrite each other.
 Numba's cache does not see edits to this file from the modules that inline its helpers: clear the
 ``__pycache__`` of ``kernels/cpu`` after changing CHUNK.
+
+Scheduling: Numba splits a ``prange`` into one equal block per thread unless a chunk size is set, so a
+thread whose core is busy (another library's pool still spinning, a neighbour process) holds the whole
+call up. :func:`dynamic` runs a parallel kernel with Numba's chunk size 1: the threading layer hands out
+the loop's iterations (CHUNK-sized pieces, or rows) as threads become free, TBB by work stealing. Which
+elements a piece covers never depends on timing, and reductions add per-piece partials in index order
+(:func:`ordered_sum`), so results are bitwise the same on any thread count and under any load.
 """
 
+import numba
 import numpy as np
 
+from . import _math
 from ._jit import jit
 
 CHUNK = 1 << 14  # elements per parallel task: 64 KiB of a float32 buffer, a multiple of any vector width
@@ -44,9 +53,51 @@ def chunk(c, n):
     return np.uint64(lo), np.uint64(min(n, lo + CHUNK))
 
 
+@jit(inline="always")
+def ordered_sum(values):
+    """Sum of a 1-D array of per-chunk partials on the calling thread, always in the same order.
+
+    ``values.sum()`` inside a ``parallel=True`` function becomes a parallel reduction split by thread
+    count, so its rounding would change with the number of threads.
+    """
+    total = _math.typed(0, values)
+    for i in range(values.size):
+        total += values[i]
+    return total
+
+
+_set_chunksize = None  # Numba's setter of the calling thread's prange chunk size, once its threads run
+
+
+def dynamic(kernel, *args):
+    """``kernel(*args)`` with its ``prange`` iterations handed out one at a time (see the module doc)."""
+    global _set_chunksize
+    if _set_chunksize is None:
+        from numba.np.ufunc import parallel
+
+        numba.get_num_threads()  # starts the threading layer, which defines the setter
+        # the C setter directly: numba.set_parallel_chunksize takes a process-wide lock, ~20 us a call
+        _set_chunksize = getattr(parallel, "_set_parallel_chunksize", numba.set_parallel_chunksize)
+    previous = _set_chunksize(1)
+    try:
+        return kernel(*args)
+    finally:
+        _set_chunksize(previous)
+
+
+def scheduled(kernel):
+    """``kernel`` (its first argument an array) run through :func:`dynamic` from PARALLEL_MIN elements on."""
+
+    def call(x, *args):
+        return kernel(x, *args) if x.size < PARALLEL_MIN else dynamic(kernel, x, *args)
+
+    call.__name__, call.__doc__ = kernel.__name__, kernel.__doc__
+    return call
+
+
 def run(body, body_chunks, n, *args):
     """``body(lo, hi, *args)`` over ``0 <= i < n``: one serial call when small, else ``body_chunks``."""
     if n < PARALLEL_MIN:
         body(np.uint64(0), np.uint64(n), *args)
     else:
-        body_chunks(n, *args)
+        dynamic(body_chunks, n, *args)

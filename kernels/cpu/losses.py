@@ -10,7 +10,7 @@ from numba import prange
 
 from . import _math
 from ._jit import jit
-from ._parallel import CHUNK, n_chunks
+from ._parallel import CHUNK, n_chunks, ordered_sum
 from .activations import PARALLEL_MIN, exp_shifted, row_max, scalar
 
 
@@ -37,17 +37,7 @@ def _cross_entropy(logits, labels, dlogits):
     else:
         for r in prange(n):
             losses[r] = _cross_entropy_row(logits[r], labels[r], inv_n, dlogits[r])
-    return _serial_sum(losses) * inv_n
-
-
-@scalar
-def _serial_sum(a):
-    """Left-to-right sum: ``a.sum()`` inside a parallel function becomes a parallel reduction whose
-    result depends on how the threads split it."""
-    total = _math.typed(0, a)
-    for i in range(a.size):
-        total += a[i]
-    return total
+    return ordered_sum(losses) * inv_n
 
 
 def softmax_cross_entropy(logits, labels, dlogits):
@@ -75,7 +65,7 @@ def pointwise_loss(op, name):
         for c in prange(partial.size):
             lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
             partial[c] = span(pred[lo:hi], target[lo:hi], scale, grad[lo:hi])
-        return _serial_sum(partial)
+        return ordered_sum(partial)
 
     kernel.__name__ = kernel.__qualname__ = name
     return jit(kernel, parallel=True)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from ._launch import ROW_THREADS, block_reduce, grid, kernel, row_grid
+from ._launch import block_reduce, geometry, grid, kernel
 from .activations import (leaky_relu_backward_scalar, relu_backward_scalar, sigmoid_backward_scalar,
                           tanh_backward_scalar)
 
@@ -40,19 +40,24 @@ def bias_act_backward(y, dy, activation, alpha, dz, db):
         _bias_act_backward_kernel(_DERIVATIVES[activation])[grid(db.shape[0])](y, dy, t(alpha), t(0), dz, db)
 
 
-@kernel
-def _segment_norms(x, offsets, out):
-    shared = cuda.shared.array(ROW_THREADS, np.float64)
-    for s in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
-        acc = 0.0
-        for j in range(offsets[s] + cuda.threadIdx.x, offsets[s + 1], cuda.blockDim.x):
-            v = np.float64(x[j])
-            acc += v * v
-        total = block_reduce(shared, acc, False)
-        if cuda.threadIdx.x == 0:
-            out[s] = math.sqrt(total)
+@functools.cache
+def _segment_norms_kernel(threads):
+    @kernel
+    def segment_norms(x, offsets, out):
+        shared = cuda.shared.array(threads, np.float64)
+        for s in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            acc = 0.0
+            for j in range(offsets[s] + cuda.threadIdx.x, offsets[s + 1], cuda.blockDim.x):
+                v = np.float64(x[j])
+                acc += v * v
+            total = block_reduce(shared, acc, False)
+            if cuda.threadIdx.x == 0:
+                out[s] = math.sqrt(total)
+
+    return segment_norms
 
 
 def segment_norms(x, offsets, out):
     if out.shape[0]:
-        _segment_norms[row_grid(out.shape[0])](x, offsets, out)
+        threads = geometry().row_threads
+        _segment_norms_kernel(threads)[min(out.shape[0], 1024), threads](x, offsets, out)
