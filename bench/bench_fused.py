@@ -36,6 +36,8 @@ def test_training_step(benchmark, widths, batch, optimizer, n):
         trainer.fit(X[:2 * batch], y[:2 * batch], epochs=1, batch_size=batch, verbose=0)  # compile, allocate
         benchmark.pedantic(trainer.fit, args=(X, y), kwargs=dict(epochs=1, batch_size=batch, verbose=0),
                            rounds=7, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info["samples/s"] = n / median
     benchmark.extra_info["us/step"] = 1e6 * median / math.ceil(n / batch)

@@ -317,6 +317,24 @@ def cases(dev, size, dtype):
         Case("adagrad_step", f"{p}", lambda: kernels.adagrad_step(param, grad, s1), 5 * p * item),
         Case("adadelta_step", f"{p}", lambda: kernels.adadelta_step(param, grad, s1, s2), 7 * p * item),
     ]
+    # the training step's fused kernels: bias + activation backward, per-layer norms, batch normalisation
+    cols_dy = dev.to(_rand((bg_rows, bg_cols), dtype, 17))
+    dz, db = dev.to(np.empty((bg_rows, bg_cols), dtype)), dev.to(np.empty(bg_cols, dtype))
+    offsets = dev.to(np.linspace(0, p, 5).astype(np.int64))
+    gamma, beta, mean, var = (dev.to(np.full(bg_cols, v, dtype)) for v in (1, 0, 0, 1))
+    _, xhat, inv_std = kernels.batchnorm_forward(cols, gamma, beta, mean, var)
+    table = f"{bg_rows}x{bg_cols}"
+    result += [
+        Case("bias_act_backward", table, lambda: kernels.bias_act_backward(cols, cols_dy, "relu", out=dz, bias_out=db),
+             (3 * bg_rows + 1) * bg_cols * item),
+        Case("segment_norms", f"{p} in 4", lambda: kernels.segment_norms(param, offsets), p * item),
+        Case("batchnorm_forward", table, lambda: kernels.batchnorm_forward(cols, gamma, beta, mean, var),
+             3 * bg_rows * bg_cols * item),
+        Case("batchnorm_eval", table, lambda: kernels.batchnorm_eval(cols, gamma, beta, mean, var),
+             2 * bg_rows * bg_cols * item),
+        Case("batchnorm_backward", table, lambda: kernels.batchnorm_backward(cols_dy, xhat, gamma, inv_std),
+             3 * bg_rows * bg_cols * item),
+    ]
     return result
 
 

@@ -216,10 +216,10 @@ def test_bias_shape_dtype_and_rank_are_checked():
 
 def test_out_overlapping_an_input_is_refused():
     a = np.zeros((4, 4), np.float32)
-    with pytest.raises(ValueError, match="out must not overlap a"):
+    with pytest.raises(ValueError, match="out must not share memory with a"):
         kernels.matmul(a, np.zeros((4, 4), np.float32), out=a)
     b = np.zeros((4, 4), np.float32)
-    with pytest.raises(ValueError, match="out must not overlap b"):
+    with pytest.raises(ValueError, match="out must not share memory with b"):
         kernels.matmul(np.zeros((4, 4), np.float32), b, out=b)
 
 

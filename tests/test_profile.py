@@ -10,7 +10,8 @@ import kernels
 from kernels import profile
 
 KERNELS = [name for name in kernels.__all__ if name not in
-           ("set_backend", "get_backend", "use_backend", "is_device_array", "warmup")]
+           ("set_backend", "get_backend", "use_backend", "is_device_array", "warmup", "cpu_info",
+                                       "threading_info")]
 
 
 def _profiled(rows):
