@@ -18,6 +18,9 @@ import tempfile
 from . import _report
 
 QUICK_SKIP = "not 2048 and not f64 and not 1024-1024 and not torch.compile"
+# The suites that time every implementation of a kernel or model in one group (the report's rows);
+# bench_fused, bench_interleave and bench_distributed measure other things and print their own tables.
+SUITES = ("activations", "dropout", "losses", "matmul", "optim", "training")
 
 
 def main(argv=None):
@@ -30,7 +33,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = args.json or os.path.join(tmp, "bench.json")
         select = " and ".join(f"({e})" for e in (args.k, QUICK_SKIP if args.quick else None) if e)
-        command = [sys.executable, "-m", "pytest", os.path.dirname(os.path.abspath(__file__)), "-q", "-p",
+        here = os.path.dirname(os.path.abspath(__file__))
+        command = [sys.executable, "-m", "pytest", *(os.path.join(here, f"bench_{s}.py") for s in SUITES), "-q", "-p",
                    "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={path}"] + (["-k", select] if select
                                                                                             else [])
         env = dict(os.environ, BENCH_QUICK="1" if args.quick else "0")

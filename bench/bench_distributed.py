@@ -28,24 +28,32 @@ LAYOUTS = [(1, 2, False), (1, 1, False), (2, 1, False), (2, 1, True)]  # ranks, 
 
 
 def overlap_model(model, comm):
-    """Make ``model.backward`` start a non-blocking allreduce of each layer's gradient slice as soon as it
-    is written, and ``comm.reduce_gradients`` wait for them (instead of one blocking allreduce)."""
+    """Make each layer's backward start a non-blocking allreduce of its gradient slice as soon as it has
+    written it, and ``comm.reduce_gradients`` wait for them (instead of one blocking allreduce). Wraps the
+    layers, not the model, so it holds whichever path of Sequential drives the backward pass."""
     from mpi4py import MPI
 
-    requests, slices = [], [model.slices.get(layer.name) for layer in model.layers]
+    requests = []
+    for layer in model.layers:
+        part = model.slices.get(layer.name)
+        if part is None or part.stop == part.start:
+            continue
 
-    def backward(dy):
-        for i in range(len(model.layers) - 1, -1, -1):
-            dy = model.layers[i].backward(dy, need_dx=i > 0)
-            if slices[i] is not None and slices[i].stop > slices[i].start:
-                requests.append(comm.comm.Iallreduce(MPI.IN_PLACE, model.grads[slices[i]]))
-                MPI.Request.Testall(requests)  # let MPI progress what it can
+        def backward(dy, need_dx=True, inner=layer.backward, part=part):
+            dx = inner(dy, need_dx)
+            requests.append(comm.comm.Iallreduce(MPI.IN_PLACE, model.grads[part]))
+            MPI.Request.Testall(requests)  # let MPI progress what it can
+            return dx
+
+        layer.backward = backward
 
     def reduce_gradients(grads):
+        if not requests:
+            raise RuntimeError("overlap: no gradient slice was reduced in this step")
         MPI.Request.Waitall(requests)
         requests.clear()
 
-    model.backward, comm.reduce_gradients = backward, reduce_gradients
+    comm.reduce_gradients = reduce_gradients
 
 
 def worker(widths, batch, steps, epochs, overlap):
