@@ -210,7 +210,9 @@ def _abort_on_uncaught_exception(comm, rank):
     previous = sys.excepthook
 
     def hook(kind, value, tb):
-        sys.stderr.write(f"rank {rank}: uncaught exception, aborting all ranks\n")
+        # the one-line summary first: the launcher may drop the tail of the output once Abort kills the job
+        sys.stderr.write(f"rank {rank}: uncaught {kind.__name__}: {value}; aborting all ranks\n")
+        sys.stderr.flush()
         previous(kind, value, tb)
         sys.stderr.flush()
         comm.Abort(1)
