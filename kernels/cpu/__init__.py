@@ -22,8 +22,10 @@ from ._parallel import scheduled
 
 # the kernels whose prange loops chunk or split rows themselves (run() schedules dropout and the optimizers)
 (relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
- softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad) = map(scheduled, (
+ softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad, bias_act_backward,
+ segment_norms) = map(scheduled, (
     relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
-    softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad))
+    softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad, bias_act_backward,
+    segment_norms))
 
 name = "numba"
