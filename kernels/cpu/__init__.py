@@ -21,11 +21,10 @@ from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_ste
 from ._parallel import scheduled
 
 # the kernels whose prange loops chunk or split rows themselves (run() schedules dropout and the optimizers)
-(relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
- softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad, bias_act_backward,
- segment_norms) = map(scheduled, (
-    relu, relu_backward, leaky_relu, leaky_relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward, softmax,
-    softmax_backward, softmax_cross_entropy, mse, binary_cross_entropy, hinge, bias_grad, bias_act_backward,
-    segment_norms))
+for _kernel in ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
+                "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy", "mse",
+                "binary_cross_entropy", "hinge", "bias_grad", "bias_act_backward", "segment_norms"):
+    globals()[_kernel] = scheduled(globals()[_kernel])
+del _kernel
 
 name = "numba"
