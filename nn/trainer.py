@@ -16,7 +16,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint
+from . import _compiled, checkpoint
 from . import distributed as distributed_
 from . import losses as losses_
 from . import optim
@@ -87,11 +87,12 @@ class Trainer:
     the global gradient norm to this; ``schedule``: a learning-rate schedule from :mod:`nn.schedules`;
     ``health``: a :class:`~nn.health.GradientHealth` (warning thresholds); ``distributed``: data-parallel
     training, see :func:`nn.distributed.get` (``"auto"``: over MPI when launched by mpiexec/srun on
-    several ranks; ``"off"``; or a communicator).
+    several ranks; ``"off"``; or a communicator); ``compiled``: run each epoch of a small model in one
+    compiled call, bitwise the same (None: where it wins; True; False), see :mod:`nn._compiled`.
     """
 
     def __init__(self, model, loss="softmax_cross_entropy", optimizer="adam", metrics=None, clip_norm=None,
-                 schedule=None, health=None, distributed="auto"):
+                 schedule=None, health=None, distributed="auto", compiled=None):
         if not isinstance(model, Sequential):
             raise TypeError(f"model must be a Sequential, got {type(model).__name__}")
         self.model = model
@@ -113,6 +114,7 @@ class Trainer:
         self.stop_training = False
         self._scratch = {}
         self.comm = distributed_.get(distributed)
+        self.compiled = _compiled.check_option(compiled)
 
     # ---- data ----------------------------------------------------------------------------------------
 
@@ -223,6 +225,9 @@ class Trainer:
         return np.take(A, idx, axis=0, out=self._buffer(key, (len(idx),) + A.shape[1:], A.dtype))
 
     def _train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose, guard):
+        result = _compiled.train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose, guard)
+        if result is not None:  # the whole epoch ran compiled
+            return result
         model, opt = self.model, self.optimizer
         model.bind_kernels()
         n = len(X)

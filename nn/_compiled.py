@@ -1,0 +1,243 @@
+"""The compiled epoch: a small model's training steps in one compiled call (:mod:`kernels.cpu.step`).
+
+``Trainer(..., compiled=None | True | False)`` chooses: ``False`` always runs the per-kernel step (a
+Python loop over kernel calls); ``True`` runs the compiled one wherever the model is supported and raises
+``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported AND wins:
+where every matrix product of the step is too small for the multithreaded GEMM, so the per-kernel path is
+also serial and pays only its per-call overhead (the 64-128-10 and batch-1 models of bench_training).
+
+Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
+Dropout layers; softmax cross-entropy; SGD (with or without momentum, Nesterov, weight decay), Adam,
+AdamW; learning-rate schedules per epoch or per step; no ``clip_norm``; every activation below
+``activations.PARALLEL_MIN`` elements per batch and the parameters below ``fused.NORMS_PARALLEL_MIN``
+(where the per-kernel kernels are serial, so both paths compute bit for bit the same).
+
+An epoch runs as calls of at most CALL_SAMPLES samples; the progress bar advances and a Ctrl-C is taken
+between calls (the weights then are those of the last completed call). A step whose loss or gradient is
+NaN/Inf is never applied: the epoch is rolled back to its start and handed to the per-kernel path, which
+replays it to the same step and raises its usual NonFiniteError.
+"""
+
+import importlib
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from . import losses as losses_
+from . import optim
+from .layers import Activation, Dense, Dropout
+
+CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the progress bar and Ctrl-C
+_ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
+
+
+def check_option(compiled):
+    """Validate ``Trainer(compiled=...)``."""
+    if compiled not in (None, True, False):
+        raise ValueError(f"compiled must be None (automatic), True or False, got {compiled!r}")
+    return compiled
+
+
+def unsupported(trainer, batch_size):
+    """Why the compiled step cannot run this trainer's model at ``batch_size`` (None when it can)."""
+    from kernels.cpu import activations, fused
+
+    model, opt = trainer.model, trainer.optimizer
+    if getattr(model.k, "name", None) != "numba":
+        return f"it runs only on the numba backend, not {getattr(model.k, 'name', model.k)!r}"
+    if trainer.comm.size > 1:
+        return "distributed training runs the per-kernel step"
+    bad = [layer.name for layer in model.layers if type(layer) not in (Dense, Activation, Dropout)]
+    if bad:
+        return f"it supports only Dense, Activation and Dropout layers, not {', '.join(bad)}"
+    if type(trainer.loss) is not losses_.SoftmaxCrossEntropy:
+        return f"it supports only the softmax_cross_entropy loss, not {trainer.loss.name}"
+    if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
+        return f"it supports only the SGD, Adam and AdamW optimizers, not {type(opt).__name__}"
+    if not model.parameter_layers():
+        return "the model has no parameters"
+    if trainer.clip_norm is not None:
+        return "it does not clip gradients (clip_norm)"
+    widest = max([model.input_dim] + [layer.output_dim for layer in model.layers])
+    if batch_size * widest >= activations.PARALLEL_MIN or model.params.size >= fused.NORMS_PARALLEL_MIN:
+        return (f"batch {batch_size} x width {widest} or {model.params.size} parameters reach the sizes where "
+                "the per-kernel step runs multithreaded kernels")
+    return None
+
+
+def wins(model, batch_size):
+    """True when every matrix product of a step is below the multithreaded GEMM's threshold."""
+    from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
+
+    return all(2 * batch_size * layer.input_dim * layer.units < PARALLEL_MIN_FLOPS
+               for layer in model.layers if isinstance(layer, Dense))
+
+
+def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
+    """``Trainer._train_epoch`` in compiled calls: the same ``(logs, norms)``, or None when the trainer
+    must run the per-kernel step (not chosen, not supported, or a non-finite step to report)."""
+    model, opt = trainer.model, trainer.optimizer
+    compiled = getattr(trainer, "compiled", None)
+    if compiled is False:
+        return None
+    model.bind_kernels()
+    why = unsupported(trainer, batch_size)
+    if why is not None and compiled:
+        raise ValueError(f"compiled=True, but {why}; use compiled=None to choose automatically")
+    if why is not None or (compiled is None and not wins(model, batch_size)):
+        return None
+    from kernels.cpu import step
+
+    tiling = np.array(importlib.import_module("kernels.cpu.matmul").TILING[:3], np.int64)  # tests may replace it
+
+    n, steps = len(X), math.ceil(len(X) / batch_size)
+    snapshot = _snapshot(model, opt)
+    if trainer.schedule is not None and trainer.schedule.per == "epoch":
+        opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
+    order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
+    layers, alphas, dropouts, size = _layer_table(model, batch_size)
+    scratch = _scratch(trainer, size, model.dtype)
+    targets = _scratch(trainer, batch_size, np.int64)
+    parameter_layers = model.parameter_layers()
+    segments = np.array([s.start for _, s in parameter_layers] + [parameter_layers[-1][1].stop], np.int64)
+    state1 = opt.state.get("m", opt.state.get("velocity", model.params[:0]))
+    state2 = opt.state.get("v", model.params[:0])
+    kind = _optimizer_kind(opt)
+    norms, norm_sums, sums = np.empty(len(parameter_layers)), np.zeros(len(parameter_layers)), np.zeros(3)
+    per_call = max(1, CALL_SAMPLES // batch_size)
+    with tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False,
+              disable=not verbose) as bar:
+        for s0 in range(0, steps, per_call):
+            s1 = min(steps, s0 + per_call)
+            hyper = _hyper_table(trainer, kind, s1 - s0)
+            if hyper is None:  # the schedule gave an invalid learning rate: the per-kernel step raises it
+                _restore(model, opt, snapshot)
+                return None
+            seeds = np.array([[(layer.seed_base + layer.calls) % 2**64 if layer else 0, threshold]
+                              for layer, threshold in dropouts], np.uint64)
+            guard.in_step = True
+            done = step.train_steps(X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads,
+                                    state1, state2, segments, kind, hyper, tiling, scratch, targets, norms, sums, norm_sums)
+            opt.t += done - s0
+            for layer, _ in dropouts:
+                if layer is not None:
+                    layer.calls += done - s0
+            if done < s1:  # a non-finite loss or gradient: replayed by the per-kernel step, which reports it
+                guard.in_step = False
+                _restore(model, opt, snapshot)
+                return None
+            guard.end_step()
+            if verbose:
+                bar.update(min(n, s1 * batch_size) - s0 * batch_size)
+                bar.set_postfix(loss=f"{sums[2]:.4f}", refresh=False)
+    logs = {"loss": float(sums[0]) / n}
+    if trainer.metrics:
+        logs["accuracy"] = float(sums[1]) / n
+    logs["lr"] = opt.lr
+    return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, norm_sums)}
+
+
+def _layer_table(model, batch):
+    """The driver's layer table, each layer's float argument, each layer's (dropout layer or None, keep
+    threshold), and the scratch size: input, outputs, dz and dx buffers for ``batch`` rows."""
+    from kernels.cpu import step
+    from kernels.reference.dropout import keep_threshold
+
+    size = 0
+
+    def take(width):
+        nonlocal size
+        size += batch * width
+        return size - batch * width
+
+    table = np.full((len(model.layers), 11), -1, np.int64)
+    alphas = np.zeros(len(model.layers))
+    dropouts = [(None, 0)] * len(model.layers)
+    at = take(model.input_dim)
+    for i, layer in enumerate(model.layers):
+        row = table[i]
+        row[step.IN_W], row[step.OUT_W], row[step.X_AT] = layer.input_dim, layer.output_dim, at
+        if isinstance(layer, Dense):
+            row[step.KIND], row[step.ACT], alphas[i] = step.DENSE, _ACT_CODES[layer.activation], layer.alpha
+            sl = model.slices[layer.name]
+            row[step.W_AT], row[step.B_AT] = sl.start, sl.start + layer.input_dim * layer.units
+            if layer.activation is not None:
+                row[step.DZ_AT] = take(layer.units)
+        elif isinstance(layer, Activation):
+            row[step.KIND], row[step.ACT], alphas[i] = step.ACTIVATION, _ACT_CODES[layer.kind], layer.alpha
+        else:
+            row[step.KIND] = step.DROPOUT
+            if layer.rate > 0:
+                alphas[i] = 1 / (1 - layer.rate)
+                dropouts[i] = (layer, keep_threshold(layer.rate))
+        identity = isinstance(layer, Dropout) and layer.rate == 0
+        at = row[step.Y_AT] = at if identity else take(layer.output_dim)
+    dy = take(model.output_dim)
+    for i in range(len(model.layers) - 1, -1, -1):
+        layer, row = model.layers[i], table[i]
+        row[step.DY_AT] = dy
+        if isinstance(layer, Dropout) and layer.rate == 0:
+            row[step.DX_AT] = dy
+        elif i > 0:
+            row[step.DX_AT] = take(layer.input_dim)
+        dy = row[step.DX_AT]
+    return table, alphas, dropouts, size
+
+
+def _scratch(trainer, size, dtype):
+    """A buffer of the compiled step kept on the trainer, reallocated when the size or dtype changes."""
+    buffers = trainer.__dict__.setdefault("_compiled_buffers", {})
+    key = (np.dtype(dtype), size)
+    if key not in buffers:
+        buffers.clear() if len(buffers) > 8 else None
+        buffers[key] = np.empty(size, dtype)
+    return buffers[key]
+
+
+def _optimizer_kind(opt):
+    from kernels.cpu import step
+
+    if isinstance(opt, optim.SGD):
+        return step.SGD_MOMENTUM if opt.hyper["momentum"] else step.SGD
+    return step.ADAMW if opt.decoupled else step.ADAM
+
+
+def _hyper_table(trainer, kind, count):
+    """Rows for the next ``count`` steps: what ``kernels.cpu.optim``'s wrappers compute in float64 before
+    casting to the parameters' dtype, with the learning rate each step gets from a per-step schedule
+    (left in ``opt.lr`` as the per-kernel step leaves it). None when the schedule gives an invalid rate."""
+    from kernels.cpu import step
+
+    opt, schedule = trainer.optimizer, trainer.schedule
+    h = opt.hyper
+    rows = []
+    for t in range(opt.t + 1, opt.t + count + 1):
+        if schedule is not None and schedule.per == "step":
+            try:
+                opt.lr = schedule(opt.base_lr, t - 1)
+            except ValueError:
+                return None
+        lr = h["lr"]
+        if kind in (step.SGD, step.SGD_MOMENTUM):
+            rows.append((lr, h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"], t == 1, 0, 0))
+        else:
+            rows.append((1 - lr * h["weight_decay"], h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"],
+                         lr / (1 - h["beta1"] ** t), math.sqrt(1 - h["beta2"] ** t), h["eps"]))
+    return np.array(rows, np.float64).reshape(count, 8)
+
+
+def _snapshot(model, opt):
+    """What an epoch changes: parameters, optimizer state, step count and rate, dropout counters."""
+    return (model.params.copy(), {k: v.copy() for k, v in opt.state.items()}, opt.t, opt.lr,
+            [getattr(layer, "calls", None) for layer in model.layers])
+
+
+def _restore(model, opt, snapshot):
+    params, state, opt.t, opt.lr, calls = snapshot
+    model.params[...] = params
+    for k, v in state.items():
+        opt.state[k][...] = v
+    for layer, c in zip(model.layers, calls):
+        if c is not None:
+            layer.calls = c
