@@ -24,11 +24,18 @@ import math
 import numpy as np
 from tqdm import tqdm
 
+from kernels.cpu._parallel import dynamic
+
 from . import losses as losses_
 from . import optim
 from .layers import Activation, Dense, Dropout
 
 CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the progress bar and Ctrl-C
+# Bytes between two buffers of the scratch: the kernels' vectorised loops check at run time that an output
+# does not start just after an input (within a few vectors) and else run a scalar loop, whose sums round
+# differently (softmax_cross_entropy's, seen with dlogits 16 bytes after the logits); separately
+# allocated buffers are normally farther apart than that.
+GAP = 512
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
 
 
@@ -48,7 +55,8 @@ def unsupported(trainer, batch_size):
         return f"it runs only on the numba backend, not {getattr(model.k, 'name', model.k)!r}"
     if trainer.comm.size > 1:
         return "distributed training runs the per-kernel step"
-    bad = [layer.name for layer in model.layers if type(layer) not in (Dense, Activation, Dropout)]
+    bad = [f"{type(layer).__name__} ({layer.name})" for layer in model.layers
+           if type(layer) not in (Dense, Activation, Dropout)]
     if bad:
         return f"it supports only Dense, Activation and Dropout layers, not {', '.join(bad)}"
     if type(trainer.loss) is not losses_.SoftmaxCrossEntropy:
@@ -89,7 +97,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
         return None
     from kernels.cpu import step
 
-    tiling = np.array(importlib.import_module("kernels.cpu.matmul").TILING[:3], np.int64)  # tests may replace it
+    table = step.kernel_table(model.dtype)
 
     n, steps = len(X), math.ceil(len(X) / batch_size)
     snapshot = _snapshot(model, opt)
@@ -117,8 +125,10 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             seeds = np.array([[(layer.seed_base + layer.calls) % 2**64 if layer else 0, threshold]
                               for layer, threshold in dropouts], np.uint64)
             guard.in_step = True
-            done = step.train_steps(X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads,
-                                    state1, state2, segments, kind, hyper, tiling, scratch, targets, norms, sums, norm_sums)
+            settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING)  # tests replace it
+            done = dynamic(step.train_steps, X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params,
+                           model.grads, state1, state2, segments, kind, hyper, table, settings, scratch, targets,
+                           norms, sums, norm_sums)
             opt.t += done - s0
             for layer, _ in dropouts:
                 if layer is not None:
@@ -140,16 +150,18 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
 
 def _layer_table(model, batch):
     """The driver's layer table, each layer's float argument, each layer's (dropout layer or None, keep
-    threshold), and the scratch size: input, outputs, dz and dx buffers for ``batch`` rows."""
+    threshold), and the scratch size: input, outputs, dz and dx buffers for ``batch`` rows, each on its
+    own cache lines and GAP bytes from the next, as separately allocated buffers would be."""
     from kernels.cpu import step
     from kernels.reference.dropout import keep_threshold
 
-    size = 0
+    size, line, gap = 0, 64 // model.dtype.itemsize, GAP // model.dtype.itemsize
 
     def take(width):
         nonlocal size
-        size += batch * width
-        return size - batch * width
+        start = -(-size // line) * line
+        size = start + batch * width + gap
+        return start
 
     table = np.full((len(model.layers), 11), -1, np.int64)
     alphas = np.zeros(len(model.layers))

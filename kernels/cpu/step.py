@@ -2,32 +2,33 @@
 
 For each mini-batch: gather the shuffled rows, forward through Dense / activation / dropout layers,
 fused softmax cross-entropy, backward into the flat gradient buffer, per-layer gradient norms, one
-SGD or Adam update. Every piece is the computation the per-kernel step runs when its kernels take
-their serial branch (no array above ``activations.PARALLEL_MIN`` elements, parameters below
-``fused.NORMS_PARALLEL_MIN``): the same compiled functions where they are plain ``jit`` ones (``gemm``,
-``_sum_squares``, the optimizer and dropout bodies, over the same chunks as ``_parallel.run``), and the
-serial branch of the ``parallel=True`` kernels rewritten here around the same scalar functions, since a
-cached jitted function must not call a cached parallel one (numba issue 8578). The GEMM is always the
-serial one, which gives bit for bit what the multithreaded one gives. So the results are bitwise those
-of the per-kernel step (tests/test_nn_compiled.py); the caller (``nn._compiled``) checks the sizes.
+SGD / Adam / AdamW update: the same kernel calls, with the same arguments, as the per-kernel step
+(``nn.layers``, ``nn.trainer``), made from compiled code instead of Python.
 
-The model arrives as tables (one row per layer) and offsets into one scratch buffer, so the driver
-compiles once per dtype and is cached on disk. It stops before the update of a step whose loss or
-gradient norms are not finite and returns that step's number; the caller decides what follows.
+The kernels are called through their addresses (:func:`kernel_table`): the very machine code the
+per-kernel step runs, so the results are bitwise the same at every size, multithreaded kernels and
+their chunked reductions included. Calling them as ordinary jitted functions would link and
+re-optimise them inside the driver, where the fast-math flags (reassociation, reciprocals) let LLVM
+round differently (seen: the cross-entropy's gradient 1 ulp off), and would link cached parallel
+functions into a cached one (numba issue 8578). The addresses are arguments, not constants, so the
+driver compiles once per dtype and is cached on disk.
+
+The model arrives as tables (one row per layer) and offsets into one scratch buffer. The driver stops
+before the update of a step whose loss or gradient norms are not finite and returns that step's number;
+the caller decides what follows.
 """
 
+import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from . import _math
-from ._gemm import gemm
+from . import activations, fused, losses, optim
+from ._gemm import DTYPES, PARALLEL_MIN_FLOPS, gemm, gemm_parallel
 from ._jit import jit
-from ._parallel import PARALLEL_MIN, chunk, n_chunks, ordered_sum
-from .activations import (_leaky_relu, _leaky_relu_backward, _relu, _relu_backward, _sigmoid, _sigmoid_backward,
-                          _softmax_backward_row, _softmax_row, _tanh, _tanh_backward, scalar)
-from .dropout import _dropout, _mix
-from .fused import _sum_squares
-from .losses import _column_sums, _cross_entropy_row
-from .optim import _adam, _sgd
+from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
+from ._parallel import PARALLEL_MIN
 
 # layer kinds, and the activation codes (those of _gemm.ACTIVATION_CODES, plus softmax)
 DENSE, ACTIVATION, DROPOUT = range(3)
@@ -36,144 +37,144 @@ NONE, RELU, LEAKY_RELU, SIGMOID, TANH, SOFTMAX = range(6)
 # flat parameters (and gradients), offsets in the scratch buffer of the input, the output, the incoming
 # gradient dy, dz (a Dense layer's dy * activation'), the outgoing gradient dx (-1: not computed)
 KIND, ACT, IN_W, OUT_W, W_AT, B_AT, X_AT, Y_AT, DY_AT, DZ_AT, DX_AT = range(11)
-# optimizers, and the columns of their per-step table (each value as the kernel's wrapper computes it in
-# float64, before the cast to the parameters' dtype)
+# optimizers; each row of the per-step table holds what the kernel's wrapper computes in float64 before
+# the cast to the parameters' dtype: SGD (lr, momentum, 1 - dampening, weight_decay, nesterov, step == 1),
+# Adam (1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**t),
+# sqrt(1 - beta2**t), eps)
 SGD, SGD_MOMENTUM, ADAM, ADAMW = range(4)
-SGD_COLUMNS = ("lr", "momentum", "keep", "weight_decay", "nesterov", "first")
-ADAM_COLUMNS = ("decay", "weight_decay", "c1", "beta2", "c2", "step_size", "sqrt_bc2", "eps")
+# the GEMM settings row: threads, register-tile variant, kc, nc_bytes, mc (matmul.TILING), flops threshold
+THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS = range(6)
+
+# slots of the kernel table: the elementwise activations (forward, backward) by code, then the rest
+_ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
+                "tanh_backward")
+_BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
+(SOFTMAX_K, SOFTMAX_BACKWARD_K, CROSS_ENTROPY_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K,
+ SGD_K, SGD_CHUNKS_K, SGD_MOMENTUM_K, SGD_MOMENTUM_CHUNKS_K, ADAM_K, ADAM_CHUNKS_K, DROPOUT_K,
+ DROPOUT_CHUNKS_K) = range(len(_ELEMENTWISE) + len(_BIAS_ACT), len(_ELEMENTWISE) + len(_BIAS_ACT) + 17)
+BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
 
 
-def _span(op):
-    """``out[i] = op(a[i], b[i], alpha)``: the serial branch of ``activations.elementwise``."""
+@intrinsic
+def _call(typingctx, address, args, like):
+    """Call the Numba-compiled function at ``address`` (its native entry, compiled for the types of the
+    tuple ``args``) with ``args``; it returns a value of ``like``'s type, or nothing when ``like`` is None.
+    An exception it raises propagates."""
+    restype = types.none if isinstance(like, (types.NoneType, types.Omitted)) else like
 
-    @scalar
-    def span(a, b, alpha, out):
-        for i in range(out.size):
-            out[i] = op(a[i], b[i], alpha)
+    def codegen(context, builder, signature, llargs):
+        argtypes = list(args.types)
+        values = [builder.extract_value(llargs[1], i) for i in range(len(argtypes))]
+        fnty = context.call_conv.get_function_type(restype, argtypes)
+        status, result = context.call_conv.call_function(builder, builder.inttoptr(llargs[0], fnty.as_pointer()),
+                                                         restype, argtypes, values)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value() if restype == types.none else result
 
-    return span
-
-
-def _bias_rows(op):
-    """dz = op(y, dy) and its column sums db: the serial branch of ``fused.bias_act_backward``."""
-
-    @scalar
-    def rows(y, dy, alpha, dz, db):
-        db[:] = 0
-        for r in range(y.shape[0]):
-            for j in range(db.size):
-                d = op(y[r, j], dy[r, j], alpha)
-                dz[r, j] = d
-                db[j] += d
-
-    return rows
+    return restype(address, args, like), codegen
 
 
-_relu_span, _relu_backward_span = _span(_relu), _span(_relu_backward)
-_leaky_span, _leaky_backward_span = _span(_leaky_relu), _span(_leaky_relu_backward)
-_sigmoid_span, _sigmoid_backward_span = _span(_sigmoid), _span(_sigmoid_backward)
-_tanh_span, _tanh_backward_span = _span(_tanh), _span(_tanh_backward)
-_relu_rows, _leaky_rows = _bias_rows(_relu_backward), _bias_rows(_leaky_relu_backward)
-_sigmoid_rows, _tanh_rows = _bias_rows(_sigmoid_backward), _bias_rows(_tanh_backward)
+_tables = {}
 
 
-@jit
-def _softmax(x, dy, out, backward):
-    """The serial branches of ``activations.softmax`` / ``softmax_backward`` (y = x when backward)."""
-    for r in range(x.shape[0]):
-        if backward:
-            _softmax_backward_row(x[r], dy[r], out[r])
-        else:
-            _softmax_row(x[r], out[r])
+def _star(argtypes):
+    """The type a ``*args`` parameter gets for these arguments (the chunked drivers of ``_parallel.run``)."""
+    return types.StarArgTuple.from_types(argtypes)
 
 
-@jit
-def _cross_entropy(logits, labels, dlogits):
-    """The serial branch of ``losses.softmax_cross_entropy``: the mean loss, dlogits written."""
-    n = logits.shape[0]
-    inv_n = _math.typed(1 / n, logits)
-    losses = np.empty(n, logits.dtype)
-    for r in range(n):
-        losses[r] = _cross_entropy_row(logits[r], labels[r], inv_n, dlogits[r])
-    return ordered_sum(losses) * inv_n
+def kernel_table(dtype):
+    """The addresses of the kernels the driver calls for arrays of ``dtype``, each compiled (or loaded
+    from the cache) for the argument types the per-kernel step passes it."""
+    dtype = np.dtype(dtype)
+    if dtype not in _tables:
+        f = numba.from_dtype(dtype)
+        v, m, t = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "F")
+        i64, u64, flag = types.int64, types.uint64, types.boolean
+        sgd = (v, v, types.none, f, f, f, flag, f, flag)
+        sgd_momentum = (v, v, v, f, f, f, flag, f, flag)
+        adam = (v, v, v, v) + (f,) * 8 + (flag,)
+        drop = (v, v, u64, u64, f, f)
+        gemm_args = (v, i64, types.float64, m, i64, i64, i64)
+        kernels = [(getattr(activations, f"_{name}_kernel"), (v, v, f, v)) for name in _ELEMENTWISE]
+        kernels += [(fused._BIAS_ACT_BACKWARD[name], (m, m, f, m, v)) for name in _BIAS_ACT]
+        kernels += [(activations.softmax, (m, m)), (activations.softmax_backward, (m, m, m)),
+                    (losses._cross_entropy, (m, types.Array(i64, 1, "C"), m)), (losses.bias_grad, (m, v)),
+                    (gemm, (m, m) + gemm_args), (gemm, (t, m) + gemm_args), (gemm, (m, t) + gemm_args),
+                    (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 5),
+                    (fused.segment_norms, (v, types.Array(i64, 1, "C"), types.Array(types.float64, 1, "C"))),
+                    (optim._sgd, (u64, u64) + sgd), (optim._sgd_chunks, (i64, _star(sgd))),
+                    (optim._sgd, (u64, u64) + sgd_momentum), (optim._sgd_chunks, (i64, _star(sgd_momentum))),
+                    (optim._adam, (u64, u64) + adam), (optim._adam_chunks, (i64, _star(adam))),
+                    (_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
+        addresses = []
+        for kernel, signature in kernels:
+            kernel.compile(signature)
+            result = kernel.overloads[tuple(signature)]
+            addresses.append(result.library.get_pointer_to_function(result.fndesc.llvm_func_name))
+        _tables[dtype] = np.array(addresses, np.int64)
+    return _tables[dtype]
+
+
+def gemm_settings(tiling):
+    """The GEMM settings row for the driver: this thread's Numba thread count, ``matmul.TILING``, the
+    threshold above which ``matmul`` goes multithreaded."""
+    return np.array((numba.get_num_threads(),) + tuple(tiling) + (PARALLEL_MIN_FLOPS,), np.int64)
 
 
 @jit(fastmath=False)
-def _activation(code, a, b, alpha, out):
-    """An elementwise activation over flat arrays (b = a; alpha its slope or 0)."""
-    if code == RELU:
-        _relu_span(a, b, alpha, out)
-    elif code == LEAKY_RELU:
-        _leaky_span(a, b, alpha, out)
-    elif code == SIGMOID:
-        _sigmoid_span(a, b, alpha, out)
+def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
+    """``kernels.cpu.matmul``'s choice and call: ``gemm`` (table slot ``serial``, for these layouts) or, for
+    products above the threshold with several threads, ``gemm_parallel`` on addresses and strides."""
+    (m, k), n = a.shape, b.shape[1]
+    item = out.itemsize
+    if settings[THREADS] > 1 and 2 * m * k * n >= settings[MIN_FLOPS]:
+        _call(kernels[GEMM_PARALLEL_K], (np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
+                                         np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item, k, bias,
+                                         act, alpha, out, settings[THREADS], settings[VARIANT], settings[KC],
+                                         settings[NC_BYTES], settings[MC]), None)
     else:
-        _tanh_span(a, b, alpha, out)
+        _call(kernels[serial], (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES]),
+              None)
 
 
 @jit(fastmath=False)
-def _activation_backward(code, a, dy, alpha, out):
-    """Its gradient from ``a`` (the input for relu and leaky relu, the output otherwise) and ``dy``."""
-    if code == RELU:
-        _relu_backward_span(a, dy, alpha, out)
-    elif code == LEAKY_RELU:
-        _leaky_backward_span(a, dy, alpha, out)
-    elif code == SIGMOID:
-        _sigmoid_backward_span(a, dy, alpha, out)
-    else:
-        _tanh_backward_span(a, dy, alpha, out)
-
-
-@jit(fastmath=False)
-def _bias_activation_backward(code, y, dy, alpha, dz, db):
-    if code == RELU:
-        _relu_rows(y, dy, alpha, dz, db)
-    elif code == LEAKY_RELU:
-        _leaky_rows(y, dy, alpha, dz, db)
-    elif code == SIGMOID:
-        _sigmoid_rows(y, dy, alpha, dz, db)
-    else:
-        _tanh_rows(y, dy, alpha, dz, db)
-
-
-@jit(fastmath=False)
-def _spans(n):
-    """The ``(lo, hi)`` pieces ``_parallel.run`` hands its body for ``n`` elements, as rows of a table."""
-    count = 1 if n < PARALLEL_MIN else n_chunks(n)
-    bounds = np.empty((count, 2), np.uint64)
-    for c in range(count):
-        if count == 1:
-            bounds[c, 0], bounds[c, 1] = np.uint64(0), np.uint64(n)
+def _update(kernels, optimizer, h, params, grads, state1, state2):
+    """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table."""
+    t = params.dtype.type
+    n = params.size
+    lo, hi = np.uint64(0), np.uint64(n)
+    if optimizer == SGD:
+        args = (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0)
+        if n < PARALLEL_MIN:
+            _call(kernels[SGD_K], (lo, hi) + args, None)
         else:
-            bounds[c, 0], bounds[c, 1] = chunk(c, n)
-    return bounds
-
-
-@jit(fastmath=False)
-def _update(optimizer, h, params, grads, state1, state2):
-    """One optimizer step over the flat buffers, ``h`` its row of the per-step table."""
-    t = params
-    for piece in _spans(params.size):
-        lo, hi = piece[0], piece[1]
-        if optimizer == SGD:
-            _sgd(lo, hi, params, grads, None, _math.typed(h[0], t), _math.typed(h[1], t), _math.typed(h[2], t),
-                 h[4] != 0, _math.typed(h[3], t), h[5] != 0)
-        elif optimizer == SGD_MOMENTUM:
-            _sgd(lo, hi, params, grads, state1, _math.typed(h[0], t), _math.typed(h[1], t), _math.typed(h[2], t),
-                 h[4] != 0, _math.typed(h[3], t), h[5] != 0)
+            _call(kernels[SGD_CHUNKS_K], (n,) + args, None)
+    elif optimizer == SGD_MOMENTUM:
+        args = (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0)
+        if n < PARALLEL_MIN:
+            _call(kernels[SGD_MOMENTUM_K], (lo, hi) + args, None)
         else:
-            _adam(lo, hi, params, grads, state1, state2, _math.typed(h[0], t), _math.typed(h[1], t),
-                  _math.typed(h[2], t), _math.typed(h[3], t), _math.typed(h[4], t), _math.typed(h[5], t),
-                  _math.typed(h[6], t), _math.typed(h[7], t), optimizer == ADAMW)
+            _call(kernels[SGD_MOMENTUM_CHUNKS_K], (n,) + args, None)
+    else:
+        args = (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]), t(h[6]),
+                t(h[7]), optimizer == ADAMW)
+        if n < PARALLEL_MIN:
+            _call(kernels[ADAM_K], (lo, hi) + args, None)
+        else:
+            _call(kernels[ADAM_CHUNKS_K], (n,) + args, None)
 
 
 @jit(fastmath=False)
-def _dropout_pass(x, out, seed, threshold, scale):
-    """``kernels.cpu.dropout`` at offset 0 (its stream starts at mix(seed)), over the same pieces."""
-    start = _mix(seed)
-    zero = _math.typed(0, x)
-    for piece in _spans(x.size):
-        _dropout(piece[0], piece[1], x, out, start, threshold, scale, zero)
+def _dropout(kernels, x, out, seed, threshold, scale):
+    """``kernels.cpu.dropout`` at offset 0 (its stream starts at mix(seed))."""
+    t = x.dtype.type
+    n = x.size
+    args = (x, out, _mix(seed), threshold, t(scale), t(0))
+    if n < PARALLEL_MIN:
+        _call(kernels[DROPOUT_K], (np.uint64(0), np.uint64(n)) + args, None)
+    else:
+        _call(kernels[DROPOUT_CHUNKS_K], (n,) + args, None)
 
 
 @jit(fastmath=False)
@@ -198,20 +199,20 @@ def _correct(out, labels):
 
 @jit(fastmath=False)
 def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, grads, state1, state2, segments,
-                optimizer, hyper, tiling, scratch, targets, norms, sums, norm_sums):
+                optimizer, hyper, kernels, settings, scratch, targets, norms, sums, norm_sums):
     """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` in batches of
     ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
     relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0, keep threshold); ``segments``
     bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is step s's optimizer row;
-    ``tiling`` the GEMM's (variant, kc, nc_bytes). Adds each step's loss times its rows to ``sums[0]``
-    (in float64, as Python adds), its correct predictions to ``sums[1]``, its norms to ``norm_sums`` and
-    leaves its loss in ``sums[2]``. Returns the first step not completed: s1, or the step whose loss or
-    gradient norms were not finite (its update not applied)."""
+    ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. Adds each step's loss
+    times its rows to ``sums[0]`` (in float64, as Python adds), its correct predictions to ``sums[1]``,
+    its norms to ``norm_sums``, and leaves its loss in ``sums[2]``. Returns the first step not completed:
+    s1, or the step whose loss or gradient norms were not finite (its update not applied)."""
     n, width = order.size, X.shape[1]
     count = layers.shape[0]
-    variant, kc, nc_bytes = tiling[0], tiling[1], tiling[2]
+    t = params.dtype.type
     no_bias = np.empty(0, params.dtype)
-    zero = _math.typed(0, params)
+    no_activation = np.int64(NONE)  # not the literal: one signature for every _matmul call
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -225,58 +226,59 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             if kind == DENSE:
                 w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                gemm(x, w, params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y, variant, kc,
-                     nc_bytes)
+                _matmul(kernels, GEMM_CC, settings, x, w, params[layers[i, B_AT]:layers[i, B_AT] + w_out], code,
+                        alphas[i], y)
             elif kind == ACTIVATION and code == SOFTMAX:
-                _softmax(x, x, y, False)
+                _call(kernels[SOFTMAX_K], (x, y), None)
             elif kind == ACTIVATION:
-                alpha = _math.typed(alphas[i], params) if code == LEAKY_RELU else zero
-                _activation(code, x.ravel(), x.ravel(), alpha, y.ravel())
+                x1 = x.reshape(-1)
+                _call(kernels[2 * (code - 1)], (x1, x1, t(alphas[i] if code == LEAKY_RELU else 0), y.reshape(-1)),
+                      None)
             elif layers[i, Y_AT] != layers[i, X_AT]:  # dropout at a rate > 0
-                _dropout_pass(x.ravel(), y.ravel(), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
-                              _math.typed(alphas[i], params))
+                _dropout(kernels, x.reshape(-1), y.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
+                         alphas[i])
         out = _view(scratch, layers[count - 1, Y_AT], rows, layers[count - 1, OUT_W])
         dout = _view(scratch, layers[count - 1, DY_AT], rows, layers[count - 1, OUT_W])
-        loss = _cross_entropy(out, yb, dout)
+        loss = _call(kernels[CROSS_ENTROPY_K], (out, yb, dout), t(0))
         if not np.isfinite(loss):
             return s
         correct = _correct(out, yb)
         for i in range(count - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
-            x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
                 continue
+            x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             dy = _view(scratch, layers[i, DY_AT], rows, w_out)
             dx = _view(scratch, max(layers[i, DX_AT], 0), rows if layers[i, DX_AT] >= 0 else 0, w_in)
             if kind == DENSE:
                 gw = grads[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                gb = grads[layers[i, B_AT]:layers[i, B_AT] + w_out]
                 if code == NONE:
-                    _column_sums(dy, gb)
+                    _call(kernels[BIAS_GRAD_K], (dy, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
                     dz = dy
                 else:
                     dz = _view(scratch, layers[i, DZ_AT], rows, w_out)
-                    _bias_activation_backward(code, y, dy, _math.typed(alphas[i], params), dz, gb)
-                gemm(x.T, dz, no_bias, NONE, alphas[i], gw, variant, kc, nc_bytes)
+                    _call(kernels[BIAS_ACT_K + code - 1], (y, dy, t(alphas[i]), dz,
+                                                           grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
+                _matmul(kernels, GEMM_TC, settings, x.T, dz, no_bias, no_activation, alphas[i], gw)
                 if layers[i, DX_AT] >= 0:
                     w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                    gemm(dz, w.T, no_bias, NONE, alphas[i], dx, variant, kc, nc_bytes)
+                    _matmul(kernels, GEMM_CT, settings, dz, w.T, no_bias, no_activation, alphas[i], dx)
             elif kind == ACTIVATION and code == SOFTMAX:
-                _softmax(y, dy, dx, True)
+                _call(kernels[SOFTMAX_BACKWARD_K], (y, dy, dx), None)
             elif kind == ACTIVATION:
-                alpha = _math.typed(alphas[i], params) if code == LEAKY_RELU else zero
                 saved = x if code == RELU or code == LEAKY_RELU else y  # what the kernel differentiates from
-                _activation_backward(code, saved.ravel(), dy.ravel(), alpha, dx.ravel())
+                _call(kernels[2 * code - 1], (saved.reshape(-1), dy.reshape(-1),
+                                              t(alphas[i] if code == LEAKY_RELU else 0), dx.reshape(-1)), None)
             elif layers[i, Y_AT] != layers[i, X_AT]:
-                _dropout_pass(dy.ravel(), dx.ravel(), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
-                              _math.typed(alphas[i], params))
+                _dropout(kernels, dy.reshape(-1), dx.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
+                         alphas[i])
+        _call(kernels[NORMS_K], (grads, segments, norms), None)
         finite = True
-        for j in range(segments.size - 1):
-            norms[j] = np.sqrt(_sum_squares(grads, segments[j], segments[j + 1]))
+        for j in range(norms.size):
             finite = finite and np.isfinite(norms[j])
         if not finite:
             return s
-        _update(optimizer, hyper[s - s0], params, grads, state1, state2)
+        _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2)
         sums[0] += np.float64(loss) * rows
         sums[1] += correct
         sums[2] = loss

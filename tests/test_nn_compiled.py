@@ -1,0 +1,234 @@
+"""The compiled epoch (nn._compiled, kernels.cpu.step) against the per-kernel step: bit for bit the same
+losses, accuracies, gradient norms, weights, optimizer state and dropout counters; the same NonFiniteError
+at the same step with the same weights; the fallbacks; Ctrl-C between calls."""
+
+import hashlib
+import json
+import signal
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+import nn
+from kernels.cpu import step
+from nn import _compiled
+
+from test_nn_trajectory import CONFIGS, DATA, _data
+
+
+def _fit(compiled, layers, optimizer, X, y, epochs=2, batch_size=7, dtype="float32", fits=1, **fit):
+    model = nn.Sequential(layers(), seed=5, dtype=dtype)
+    schedule = fit.pop("schedule", None)
+    trainer = nn.Trainer(model, optimizer=optimizer(), compiled=compiled, schedule=schedule)
+    fit.setdefault("verbose", 0)
+    histories = [trainer.fit(X, y, epochs=epochs, batch_size=batch_size, **fit) for _ in range(fits)]
+    return trainer, histories
+
+
+def _outcome(trainer, histories):
+    """Everything a run leaves behind, as exact values."""
+    opt = trainer.optimizer
+    return dict(history=[(h.history, h.grad_norms) for h in histories], params=trainer.model.params.tobytes(),
+                state={k: v.tobytes() for k, v in opt.state.items()}, t=opt.t, lr=opt.lr,
+                layer_state={k: v.tobytes() for k, v in trainer.model.state().items()})
+
+
+def _assert_same(a, b):
+    assert a["history"] == b["history"]
+    assert a["params"] == b["params"]
+    assert a["state"] == b["state"] and a["t"] == b["t"] and a["lr"] == b["lr"]
+    assert a["layer_state"] == b["layer_state"]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the compiled driver's calls (to tell which path ran)."""
+    count = [0]
+    driver = step.train_steps
+
+    def spy(*args):
+        count[0] += 1
+        return driver(*args)
+
+    monkeypatch.setattr(step, "train_steps", spy)
+    return count
+
+
+def test_compiled_reproduces_the_recorded_trajectory_bit_for_bit(calls):
+    spec = CONFIGS["sgd_momentum_activations"]
+    X, y = _data()
+    trainer, (history,) = _fit(True, spec["layers"], spec["optimizer"], X, y, epochs=3,
+                               batch_size=spec["batch_size"])
+    assert calls[0] == 3
+    expected = json.loads(DATA.read_text())["numba"]["sgd_momentum_activations"]
+    assert [v.hex() for v in history["loss"]] == expected["loss"]
+    assert history["accuracy"] == expected["accuracy"]
+    assert hashlib.sha256(trainer.model.params.tobytes()).hexdigest() == expected["weights_sha256"]
+    for name, norms in expected["grad_norms"].items():
+        np.testing.assert_allclose(history.grad_norms[name], norms, rtol=1e-5)
+    _assert_same(_outcome(trainer, [history]), _outcome(*_fit(False, spec["layers"], spec["optimizer"], X, y,
+                                                               epochs=3, batch_size=spec["batch_size"])))
+
+
+ACTIVATIONS = st.sampled_from([None, "relu", "leaky_relu", "sigmoid", "tanh"])
+
+
+@st.composite
+def models(draw):
+    """Layer factories: Dense layers (any activation, leaky slopes) with Activation and Dropout layers
+    between them, ending in a Dense of 2-4 outputs."""
+    specs = []
+    for _ in range(draw(st.integers(0, 2))):
+        specs.append(("dense", draw(st.integers(1, 12)), draw(ACTIVATIONS), draw(st.sampled_from([0.01, 0.2]))))
+        extra = draw(st.sampled_from([None, "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "dropout"]))
+        if extra == "dropout":
+            specs.append(("dropout", draw(st.sampled_from([0.0, 0.3, 0.7]))))
+        elif extra:
+            specs.append(("activation", extra, draw(st.sampled_from([0.01, 0.3]))))
+    specs.append(("dense", draw(st.integers(2, 4)), None, 0.01))
+
+    def layers():
+        out = []
+        for s in specs:
+            if s[0] == "dense":
+                out.append(nn.Dense(s[1], activation=s[2], alpha=s[3]))
+            elif s[0] == "dropout":
+                out.append(nn.Dropout(s[1]))
+            else:
+                out.append(nn.Activation(s[1], alpha=s[2]))
+        return out
+
+    return layers, specs
+
+
+OPTIMIZERS = st.sampled_from([
+    lambda: nn.SGD(lr=0.1),
+    lambda: nn.SGD(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+    lambda: nn.SGD(lr=0.05, momentum=0.8, nesterov=True),
+    lambda: nn.Adam(lr=0.01),
+    lambda: nn.Adam(lr=0.02, beta1=0.8, weight_decay=1e-2),
+    lambda: nn.AdamW(lr=0.01),
+])
+SCHEDULES = st.sampled_from([None, nn.StepDecay(2, 0.5), nn.CosineDecay(7, per="step")])
+
+
+@settings(max_examples=30)
+@given(model=models(), optimizer=OPTIMIZERS, n=st.integers(1, 40), batch_size=st.integers(1, 16),
+       dtype=st.sampled_from(["float32", "float64"]), shuffle=st.booleans(), schedule=SCHEDULES,
+       seed=st.integers(0, 2**16))
+def test_random_models_train_bit_for_bit_as_the_per_kernel_step(model, optimizer, n, batch_size, dtype, shuffle,
+                                                                schedule, seed):
+    layers, _ = model
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 3)) * 2
+    y = rng.integers(0, 2, n)
+    runs = [_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, dtype=dtype, fits=2,
+                           shuffle=shuffle, schedule=schedule)) for compiled in (True, False)]
+    _assert_same(*runs)
+
+
+def test_models_whose_per_kernel_step_is_multithreaded_match_too(calls):
+    """256-512-256-10 at batch 64: the per-kernel GEMMs run on every thread and the optimizer in chunks;
+    the compiled step is serial and still bit for bit the same (a last partial batch included)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((150, 256)).astype(np.float32), rng.integers(0, 10, 150)
+
+    def layers():
+        return [nn.Dense(512, activation="tanh"), nn.Dense(256, activation="tanh"), nn.Dense(10)]
+
+    for optimizer in (lambda: nn.SGD(lr=0.01, momentum=0.9), lambda: nn.Adam(lr=1e-3)):
+        runs = [_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=64)) for compiled in (True, False)]
+        _assert_same(*runs)
+    assert calls[0] == 4
+    assert not _compiled.wins(nn.Sequential(layers(), input_dim=256), 64)  # automatic: the per-kernel step
+
+
+@pytest.mark.parametrize("scale, lr, activation, message", [
+    (30, 1e4, "relu", "step 21: the gradient of layer 'dense_0' became nan"),
+    (1, 100, "tanh", "step 13: the loss became nan"),
+    (1000, 1e4, "relu", "step 4: the loss became nan .layer 'dense_1' has non-finite weights"),
+])
+def test_a_non_finite_step_raises_the_per_kernel_error_with_the_same_weights(calls, scale, lr, activation, message):
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((200, 6)).astype(np.float32) * scale, rng.integers(0, 3, 200)
+    results = []
+    for compiled in (True, False):
+        model = nn.Sequential([nn.Dense(16, activation=activation), nn.Dense(16, activation="relu"), nn.Dense(3)],
+                              seed=1)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=lr, momentum=0.9), compiled=compiled)
+        with pytest.raises(nn.NonFiniteError, match=message) as error:
+            trainer.fit(X, y, epochs=5, batch_size=8, verbose=0)
+        results.append((str(error.value), model.params.tobytes(), trainer.optimizer.state["velocity"].tobytes(),
+                        trainer.optimizer.t, trainer.epoch))
+    assert calls[0] == 1  # the compiled epoch stopped at the step, and the per-kernel step replayed it
+    assert results[0] == results[1]  # message, weights, optimizer state and step count
+
+
+def test_fallbacks_and_the_explicit_choice(calls):
+    X, y = _data()
+    small = [nn.Dense(8, activation="relu"), nn.Dense(3)]
+    cases = {  # why the compiled step cannot run: the per-kernel step runs instead
+        "BatchNorm": dict(layers=lambda: [nn.Dense(8), nn.BatchNorm(), nn.Dense(3)]),
+        "mse": dict(loss="mse", y=np.eye(3)[y]),
+        "RMSProp": dict(optimizer=nn.RMSProp()),
+        "clip": dict(clip_norm=1.0),
+        "numba backend": dict(backend="numpy"),
+    }
+    for reason, case in cases.items():
+        for compiled in (None, True):
+            with kernels.use_backend(case.get("backend", "numba")):
+                model = nn.Sequential(case.get("layers", lambda: list(small))(), seed=0)
+                trainer = nn.Trainer(model, loss=case.get("loss", "softmax_cross_entropy"),
+                                     optimizer=case.get("optimizer", "adam"), clip_norm=case.get("clip_norm"),
+                                     compiled=compiled)
+                if compiled:
+                    with pytest.raises(ValueError, match=f"compiled=True, but .*{reason}"):
+                        trainer.fit(X, case.get("y", y), epochs=1, verbose=0)
+                else:
+                    trainer.fit(X, case.get("y", y), epochs=1, verbose=0)
+    assert calls[0] == 0
+    nn.Trainer(nn.Sequential([nn.Dense(3)], seed=0), compiled=False).fit(X, y, verbose=0)
+    assert calls[0] == 0
+    nn.Trainer(nn.Sequential([nn.Dense(3)], seed=0)).fit(X, y, verbose=0)  # automatic: small, so compiled
+    assert calls[0] == 1
+    with pytest.raises(ValueError, match="compiled must be None"):
+        nn.Trainer(nn.Sequential([nn.Dense(3)]), compiled="yes")
+
+
+def test_progress_bar_and_calls_of_a_few_steps(monkeypatch, calls, capsys):
+    monkeypatch.setattr(_compiled, "CALL_SAMPLES", 20)
+    X, y = _data()
+    spec = CONFIGS["sgd_momentum_activations"]
+    runs = [_outcome(*_fit(compiled, spec["layers"], spec["optimizer"], X, y, batch_size=6, verbose=1))
+            for compiled in (True, False)]
+    _assert_same(*runs)
+    assert calls[0] == 2 * 4  # 11 steps per epoch, 3 per call
+    assert "epoch 2/2" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_after_the_current_call_and_fit_continues(monkeypatch, calls):
+    monkeypatch.setattr(_compiled, "CALL_SAMPLES", 20)
+    spy = step.train_steps
+
+    def interrupted(*args):
+        done = spy(*args)
+        if calls[0] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(step, "train_steps", interrupted)
+    X, y = _data()
+    spec = CONFIGS["sgd_momentum_activations"]
+    model = nn.Sequential(spec["layers"](), seed=5)
+    trainer = nn.Trainer(model, optimizer=spec["optimizer"]())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(X, y, epochs=1, batch_size=10, shuffle=False, verbose=0)
+    assert trainer.optimizer.t == 4 and trainer.epoch == 0  # two calls of two steps
+    reference, _ = _fit(False, spec["layers"], spec["optimizer"], X[:40], y[:40], epochs=1, batch_size=10,
+                        shuffle=False)
+    assert model.params.tobytes() == reference.model.params.tobytes()
+    trainer.fit(X, y, epochs=1, batch_size=10, verbose=0)
+    assert trainer.optimizer.t == 4 + 7 and trainer.epoch == 1
