@@ -2,7 +2,9 @@
 
 Implementations, each in its fastest form with the same thread count (bench/conftest.py):
 - ``numpy`` / ``numba``: ``nn.Trainer.fit`` for one epoch on the reference / compiled backend
-  (shuffling, input checks and gradient-norm bookkeeping included);
+  (shuffling, input checks and gradient-norm bookkeeping included), ``numba`` as a user gets it (the
+  compiled epoch where ``nn._compiled`` chooses it); ``numba-per-kernel``: the same with
+  ``compiled=False``, the step as a Python loop over kernel calls (not a peer in the report);
 - ``torch``: the equivalent torch.nn model and loop, eager, with the fused CPU optimizer
   (``Adam(fused=True)``, ``SGD(fused=True)``);
 - ``torch.compile``: the same loop with the whole step (forward, backward, optimizer) in one
@@ -32,7 +34,7 @@ CONFIGS = [
     ((256, 512, 256, 10), "tanh", 64, ("sgd", dict(lr=0.01, momentum=0.9)), 4096),
     ((784, 128, 10), "relu", 1, ("sgd", dict(lr=0.01, momentum=0.0)), 512),
 ]
-IMPLS = ["numpy", "numba", "torch", "torch.compile", "jax", "jax-scan"]
+IMPLS = ["numpy", "numba", "numba-per-kernel", "torch", "torch.compile", "jax", "jax-scan"]
 
 
 def _label(config):
@@ -46,13 +48,13 @@ def _data(widths, n):
     return rng.standard_normal((n, widths[0])).astype(np.float32), rng.integers(0, widths[-1], n)
 
 
-def _nn_epoch(config, X, y, backend):
+def _nn_epoch(config, X, y, backend, compiled=None):
     widths, act, batch, (opt, hyper), _ = config
     with kernels.use_backend(backend):
         model = nn.Sequential([nn.Dense(w, activation=act) for w in widths[1:-1]] + [nn.Dense(widths[-1])],
                               input_dim=widths[0], seed=0)
     optimizer = nn.Adam(**hyper) if opt == "adam" else nn.SGD(**hyper)
-    trainer = nn.Trainer(model, optimizer=optimizer)
+    trainer = nn.Trainer(model, optimizer=optimizer, compiled=compiled)
 
     def epoch():
         with kernels.use_backend(backend):
@@ -190,6 +192,8 @@ def test_training_epoch(measure, request, impl, config):
         fn = _torch_epoch(config, X, y, compiled=impl == "torch.compile")
     elif impl.startswith("jax"):
         fn = _jax_epoch(config, X, y, scan=impl == "jax-scan")
+    elif impl == "numba-per-kernel":
+        fn = _nn_epoch(config, X, y, "numba", compiled=False)
     else:
         fn = _nn_epoch(config, X, y, impl)
     macs = [a * b for a, b in zip(widths[:-1], widths[1:])]

@@ -1,21 +1,21 @@
-"""The compiled epoch: a small model's training steps in one compiled call (:mod:`kernels.cpu.step`).
+"""The compiled epoch: a model's training steps in one compiled call (:mod:`kernels.cpu.step`).
 
 ``Trainer(..., compiled=None | True | False)`` chooses: ``False`` always runs the per-kernel step (a
 Python loop over kernel calls); ``True`` runs the compiled one wherever the model is supported and raises
-``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported AND wins:
-where every matrix product of the step is too small for the multithreaded GEMM, so the per-kernel path is
-also serial and pays only its per-call overhead (the 64-128-10 and batch-1 models of bench_training).
+``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported and wins
+(:func:`wins`). Both make the same kernel calls with the same arguments, so they give bit for bit the
+same results; the compiled one saves the per-step Python overhead (~15 calls of a few us each).
 
 Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
 Dropout layers; softmax cross-entropy; SGD (with or without momentum, Nesterov, weight decay), Adam,
-AdamW; learning-rate schedules per epoch or per step; no ``clip_norm``; every activation below
-``activations.PARALLEL_MIN`` elements per batch and the parameters below ``fused.NORMS_PARALLEL_MIN``
-(where the per-kernel kernels are serial, so both paths compute bit for bit the same).
+AdamW; learning-rate schedules per epoch or per step; no ``clip_norm``. Anything else runs the per-kernel
+step (distributed training included).
 
 An epoch runs as calls of at most CALL_SAMPLES samples; the progress bar advances and a Ctrl-C is taken
 between calls (the weights then are those of the last completed call). A step whose loss or gradient is
-NaN/Inf is never applied: the epoch is rolled back to its start and handed to the per-kernel path, which
-replays it to the same step and raises its usual NonFiniteError.
+NaN/Inf is never applied: the epoch is rolled back to its start and handed to the per-kernel step, which
+replays it to the same step and raises its usual NonFiniteError (that rollback needs a copy of the
+parameters and optimizer state per epoch: the cost :func:`wins` weighs).
 """
 
 import importlib
@@ -24,12 +24,13 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from kernels.cpu._parallel import dynamic
-
 from . import losses as losses_
 from . import optim
 from .layers import Activation, Dense, Dropout
 
+# The per-kernel step's overhead that the compiled one saves is ~50-100 us per step, the time a copy of
+# about this many bytes takes
+SNAPSHOT_BYTES_PER_STEP = 1 << 19
 CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the progress bar and Ctrl-C
 # Bytes between two buffers of the scratch: the kernels' vectorised loops check at run time that an output
 # does not start just after an input (within a few vectors) and else run a scalar loop, whose sums round
@@ -46,10 +47,8 @@ def check_option(compiled):
     return compiled
 
 
-def unsupported(trainer, batch_size):
-    """Why the compiled step cannot run this trainer's model at ``batch_size`` (None when it can)."""
-    from kernels.cpu import activations, fused
-
+def unsupported(trainer):
+    """Why the compiled epoch cannot run this trainer's model (None when it can)."""
     model, opt = trainer.model, trainer.optimizer
     if getattr(model.k, "name", None) != "numba":
         return f"it runs only on the numba backend, not {getattr(model.k, 'name', model.k)!r}"
@@ -59,27 +58,22 @@ def unsupported(trainer, batch_size):
            if type(layer) not in (Dense, Activation, Dropout)]
     if bad:
         return f"it supports only Dense, Activation and Dropout layers, not {', '.join(bad)}"
+    if not model.parameter_layers():
+        return "the model has no parameters"
     if type(trainer.loss) is not losses_.SoftmaxCrossEntropy:
         return f"it supports only the softmax_cross_entropy loss, not {trainer.loss.name}"
     if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
         return f"it supports only the SGD, Adam and AdamW optimizers, not {type(opt).__name__}"
-    if not model.parameter_layers():
-        return "the model has no parameters"
     if trainer.clip_norm is not None:
         return "it does not clip gradients (clip_norm)"
-    widest = max([model.input_dim] + [layer.output_dim for layer in model.layers])
-    if batch_size * widest >= activations.PARALLEL_MIN or model.params.size >= fused.NORMS_PARALLEL_MIN:
-        return (f"batch {batch_size} x width {widest} or {model.params.size} parameters reach the sizes where "
-                "the per-kernel step runs multithreaded kernels")
     return None
 
 
-def wins(model, batch_size):
-    """True when every matrix product of a step is below the multithreaded GEMM's threshold."""
-    from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
-
-    return all(2 * batch_size * layer.input_dim * layer.units < PARALLEL_MIN_FLOPS
-               for layer in model.layers if isinstance(layer, Dense))
+def wins(model, opt, n, batch_size):
+    """True when the per-step overhead saved outweighs the epoch's copy of the parameters and optimizer
+    state: at most SNAPSHOT_BYTES_PER_STEP of them per step of the epoch."""
+    state = model.params.nbytes * (1 + len(opt.buffers))
+    return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP
 
 
 def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
@@ -90,15 +84,15 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     if compiled is False:
         return None
     model.bind_kernels()
-    why = unsupported(trainer, batch_size)
+    why = unsupported(trainer)
     if why is not None and compiled:
         raise ValueError(f"compiled=True, but {why}; use compiled=None to choose automatically")
-    if why is not None or (compiled is None and not wins(model, batch_size)):
+    if why is not None or (compiled is None and not wins(model, opt, len(X), batch_size)):
         return None
     from kernels.cpu import step
+    from kernels.cpu._parallel import dynamic
 
     table = step.kernel_table(model.dtype)
-
     n, steps = len(X), math.ceil(len(X) / batch_size)
     snapshot = _snapshot(model, opt)
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
@@ -198,12 +192,17 @@ def _layer_table(model, batch):
 
 
 def _scratch(trainer, size, dtype):
-    """A buffer of the compiled step kept on the trainer, reallocated when the size or dtype changes."""
+    """A buffer of the compiled step kept on the trainer (reallocated when the size or dtype changes),
+    starting on a cache line."""
     buffers = trainer.__dict__.setdefault("_compiled_buffers", {})
     key = (np.dtype(dtype), size)
     if key not in buffers:
-        buffers.clear() if len(buffers) > 8 else None
-        buffers[key] = np.empty(size, dtype)
+        if len(buffers) > 8:
+            buffers.clear()
+        line = 64 // key[0].itemsize
+        raw = np.empty(size + line, dtype)
+        start = (-raw.ctypes.data // key[0].itemsize) % line
+        buffers[key] = raw[start:start + size]
     return buffers[key]
 
 
@@ -217,26 +216,35 @@ def _optimizer_kind(opt):
 
 def _hyper_table(trainer, kind, count):
     """Rows for the next ``count`` steps: what ``kernels.cpu.optim``'s wrappers compute in float64 before
-    casting to the parameters' dtype, with the learning rate each step gets from a per-step schedule
-    (left in ``opt.lr`` as the per-kernel step leaves it). None when the schedule gives an invalid rate."""
+    casting to the parameters' dtype (elementwise NumPy float64 operations round as Python's do; the
+    powers are Python's), with the learning rate each step gets from a per-step schedule (left in
+    ``opt.lr`` as the per-kernel step leaves it). None when the schedule gives an invalid rate."""
     from kernels.cpu import step
 
     opt, schedule = trainer.optimizer, trainer.schedule
-    h = opt.hyper
-    rows = []
-    for t in range(opt.t + 1, opt.t + count + 1):
-        if schedule is not None and schedule.per == "step":
+    h, steps = opt.hyper, range(opt.t + 1, opt.t + count + 1)
+    if schedule is not None and schedule.per == "step":
+        lrs = []
+        for t in steps:
             try:
                 opt.lr = schedule(opt.base_lr, t - 1)
             except ValueError:
                 return None
-        lr = h["lr"]
-        if kind in (step.SGD, step.SGD_MOMENTUM):
-            rows.append((lr, h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"], t == 1, 0, 0))
-        else:
-            rows.append((1 - lr * h["weight_decay"], h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"],
-                         lr / (1 - h["beta1"] ** t), math.sqrt(1 - h["beta2"] ** t), h["eps"]))
-    return np.array(rows, np.float64).reshape(count, 8)
+            lrs.append(opt.lr)
+        lr = np.array(lrs)
+    else:
+        lr = np.full(count, opt.lr)
+    table = np.empty((count, 8))
+    if kind in (step.SGD, step.SGD_MOMENTUM):
+        table[:] = (0, h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"], 0, 0, 0)
+        table[:, 0] = lr
+        table[:, 5] = np.array(steps) == 1
+    else:
+        table[:] = (0, h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"], 0, 0, h["eps"])
+        table[:, 0] = 1 - lr * h["weight_decay"]
+        table[:, 5] = lr / (1 - np.array([h["beta1"] ** t for t in steps]))
+        table[:, 6] = np.sqrt(1 - np.array([h["beta2"] ** t for t in steps]))
+    return table
 
 
 def _snapshot(model, opt):
