@@ -49,9 +49,9 @@ THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS = range(6)
 _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
                 "tanh_backward")
 _BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
+# (an optimizer's or dropout's body, then its chunked driver)
 (SOFTMAX_K, SOFTMAX_BACKWARD_K, CROSS_ENTROPY_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K,
- SGD_K, SGD_CHUNKS_K, SGD_MOMENTUM_K, SGD_MOMENTUM_CHUNKS_K, ADAM_K, ADAM_CHUNKS_K, DROPOUT_K,
- DROPOUT_CHUNKS_K) = range(len(_ELEMENTWISE) + len(_BIAS_ACT), len(_ELEMENTWISE) + len(_BIAS_ACT) + 17)
+ SGD_K, _, SGD_MOMENTUM_K, _, ADAM_K, _, DROPOUT_K, _) = range(len(_ELEMENTWISE) + len(_BIAS_ACT), len(_ELEMENTWISE) + len(_BIAS_ACT) + 17)
 BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
 
 
@@ -139,42 +139,35 @@ def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
 
 
 @jit(fastmath=False)
+def _run(kernels, slot, n, args):
+    """``_parallel.run``: the body at table ``slot`` on all ``n`` elements below PARALLEL_MIN, else its
+    chunked driver (the next slot)."""
+    if n < PARALLEL_MIN:
+        _call(kernels[slot], (np.uint64(0), np.uint64(n)) + args, None)
+    else:
+        _call(kernels[slot + 1], (n,) + args, None)
+
+
+@jit(fastmath=False)
 def _update(kernels, optimizer, h, params, grads, state1, state2):
     """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table."""
     t = params.dtype.type
-    n = params.size
-    lo, hi = np.uint64(0), np.uint64(n)
     if optimizer == SGD:
-        args = (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0)
-        if n < PARALLEL_MIN:
-            _call(kernels[SGD_K], (lo, hi) + args, None)
-        else:
-            _call(kernels[SGD_CHUNKS_K], (n,) + args, None)
+        _run(kernels, SGD_K, params.size, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]),
+                                           h[5] != 0))
     elif optimizer == SGD_MOMENTUM:
-        args = (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0)
-        if n < PARALLEL_MIN:
-            _call(kernels[SGD_MOMENTUM_K], (lo, hi) + args, None)
-        else:
-            _call(kernels[SGD_MOMENTUM_CHUNKS_K], (n,) + args, None)
+        _run(kernels, SGD_MOMENTUM_K, params.size, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0,
+                                                    t(h[3]), h[5] != 0))
     else:
-        args = (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]), t(h[6]),
-                t(h[7]), optimizer == ADAMW)
-        if n < PARALLEL_MIN:
-            _call(kernels[ADAM_K], (lo, hi) + args, None)
-        else:
-            _call(kernels[ADAM_CHUNKS_K], (n,) + args, None)
+        _run(kernels, ADAM_K, params.size, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]),
+                                            t(h[4]), t(h[5]), t(h[6]), t(h[7]), optimizer == ADAMW))
 
 
 @jit(fastmath=False)
 def _dropout(kernels, x, out, seed, threshold, scale):
     """``kernels.cpu.dropout`` at offset 0 (its stream starts at mix(seed))."""
     t = x.dtype.type
-    n = x.size
-    args = (x, out, _mix(seed), threshold, t(scale), t(0))
-    if n < PARALLEL_MIN:
-        _call(kernels[DROPOUT_K], (np.uint64(0), np.uint64(n)) + args, None)
-    else:
-        _call(kernels[DROPOUT_CHUNKS_K], (n,) + args, None)
+    _run(kernels, DROPOUT_K, x.size, (x, out, _mix(seed), threshold, t(scale), t(0)))
 
 
 @jit(fastmath=False)
