@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
-from ._gemm import DTYPES, PARALLEL_MIN_FLOPS, gemm, gemm_parallel
+from ._gemm import PARALLEL_MIN_FLOPS, gemm, gemm_parallel
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from ._parallel import PARALLEL_MIN
@@ -49,10 +49,11 @@ THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS = range(6)
 _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
                 "tanh_backward")
 _BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
+BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
+_REST = BIAS_ACT_K + len(_BIAS_ACT)
 # (an optimizer's or dropout's body, then its chunked driver)
 (SOFTMAX_K, SOFTMAX_BACKWARD_K, CROSS_ENTROPY_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K,
- SGD_K, _, SGD_MOMENTUM_K, _, ADAM_K, _, DROPOUT_K, _) = range(len(_ELEMENTWISE) + len(_BIAS_ACT), len(_ELEMENTWISE) + len(_BIAS_ACT) + 17)
-BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
+ SGD_K, _, SGD_MOMENTUM_K, _, ADAM_K, _, DROPOUT_K, _) = range(_REST, _REST + 17)
 
 
 @intrinsic
@@ -60,7 +61,7 @@ def _call(typingctx, address, args, like):
     """Call the Numba-compiled function at ``address`` (its native entry, compiled for the types of the
     tuple ``args``) with ``args``; it returns a value of ``like``'s type, or nothing when ``like`` is None.
     An exception it raises propagates."""
-    restype = types.none if isinstance(like, (types.NoneType, types.Omitted)) else like
+    restype = types.none if isinstance(like, types.NoneType) else like
 
     def codegen(context, builder, signature, llargs):
         argtypes = list(args.types)
@@ -89,7 +90,7 @@ def kernel_table(dtype):
     dtype = np.dtype(dtype)
     if dtype not in _tables:
         f = numba.from_dtype(dtype)
-        v, m, t = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "F")
+        v, m, mt = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "F")  # mt: a transpose
         i64, u64, flag = types.int64, types.uint64, types.boolean
         sgd = (v, v, types.none, f, f, f, flag, f, flag)
         sgd_momentum = (v, v, v, f, f, f, flag, f, flag)
@@ -100,7 +101,7 @@ def kernel_table(dtype):
         kernels += [(fused._BIAS_ACT_BACKWARD[name], (m, m, f, m, v)) for name in _BIAS_ACT]
         kernels += [(activations.softmax, (m, m)), (activations.softmax_backward, (m, m, m)),
                     (losses._cross_entropy, (m, types.Array(i64, 1, "C"), m)), (losses.bias_grad, (m, v)),
-                    (gemm, (m, m) + gemm_args), (gemm, (t, m) + gemm_args), (gemm, (m, t) + gemm_args),
+                    (gemm, (m, m) + gemm_args), (gemm, (mt, m) + gemm_args), (gemm, (m, mt) + gemm_args),
                     (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 5),
                     (fused.segment_norms, (v, types.Array(i64, 1, "C"), types.Array(types.float64, 1, "C"))),
                     (optim._sgd, (u64, u64) + sgd), (optim._sgd_chunks, (i64, _star(sgd))),
