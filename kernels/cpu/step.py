@@ -123,7 +123,7 @@ def gemm_settings(tiling):
     return np.array((numba.get_num_threads(),) + tuple(tiling) + (PARALLEL_MIN_FLOPS,), np.int64)
 
 
-@jit(fastmath=False)
+@jit(fastmath=False, inline="always")
 def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
     """``kernels.cpu.matmul``'s choice and call: ``gemm`` (table slot ``serial``, for these layouts) or, for
     products above the threshold with several threads, ``gemm_parallel`` on addresses and strides."""
@@ -139,7 +139,7 @@ def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
               None)
 
 
-@jit(fastmath=False)
+@jit(fastmath=False, inline="always")
 def _run(kernels, slot, n, args):
     """``_parallel.run``: the body at table ``slot`` on all ``n`` elements below PARALLEL_MIN, else its
     chunked driver (the next slot)."""
@@ -149,7 +149,7 @@ def _run(kernels, slot, n, args):
         _call(kernels[slot + 1], (n,) + args, None)
 
 
-@jit(fastmath=False)
+@jit(fastmath=False, inline="always")
 def _update(kernels, optimizer, h, params, grads, state1, state2):
     """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table."""
     t = params.dtype.type
@@ -164,19 +164,19 @@ def _update(kernels, optimizer, h, params, grads, state1, state2):
                                             t(h[4]), t(h[5]), t(h[6]), t(h[7]), optimizer == ADAMW))
 
 
-@jit(fastmath=False)
+@jit(fastmath=False, inline="always")
 def _dropout(kernels, x, out, seed, threshold, scale):
     """``kernels.cpu.dropout`` at offset 0 (its stream starts at mix(seed))."""
     t = x.dtype.type
     _run(kernels, DROPOUT_K, x.size, (x, out, _mix(seed), threshold, t(scale), t(0)))
 
 
-@jit(fastmath=False)
+@jit(fastmath=False, inline="always")
 def _view(scratch, at, rows, width):
     return scratch[at:at + rows * width].reshape((rows, width))
 
 
-@jit(fastmath=False)
+@jit(fastmath=False, inline="always")
 def _correct(out, labels):
     """Rows whose first largest output (NumPy's argmax: the first NaN if any) is the label."""
     count = 0
@@ -213,8 +213,10 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         xb = _view(scratch, layers[0, X_AT], rows, width)
         yb = targets[:rows]
         for r in range(rows):
-            xb[r] = X[order[lo + r]]
-            yb[r] = labels[order[lo + r]]
+            row = order[lo + r]
+            for j in range(width):  # an element loop: a row assignment compiles for seconds
+                xb[r, j] = X[row, j]
+            yb[r] = labels[row]
         for i in range(count):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
