@@ -94,7 +94,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
 
     table = step.kernel_table(model.dtype)
     n, steps = len(X), math.ceil(len(X) / batch_size)
-    snapshot = _snapshot(model, opt)
+    snapshot = _snapshot(trainer, model, opt)
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
         opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
@@ -247,17 +247,22 @@ def _hyper_table(trainer, kind, count):
     return table
 
 
-def _snapshot(model, opt):
-    """What an epoch changes: parameters, optimizer state, step count and rate, dropout counters."""
-    return (model.params.copy(), {k: v.copy() for k, v in opt.state.items()}, opt.t, opt.lr,
-            [getattr(layer, "calls", None) for layer in model.layers])
+def _snapshot(trainer, model, opt):
+    """What an epoch changes: parameters and optimizer state (copied into buffers kept on the trainer),
+    step count and rate, dropout counters."""
+    arrays = [model.params] + [opt.state[k] for k in sorted(opt.state)]
+    copies = trainer.__dict__.get("_compiled_snapshot")
+    if copies is None or [(c.shape, c.dtype) for c in copies] != [(a.shape, a.dtype) for a in arrays]:
+        copies = trainer.__dict__["_compiled_snapshot"] = [np.empty_like(a) for a in arrays]
+    for copy, a in zip(copies, arrays):
+        np.copyto(copy, a)
+    return copies, opt.t, opt.lr, [getattr(layer, "calls", None) for layer in model.layers]
 
 
 def _restore(model, opt, snapshot):
-    params, state, opt.t, opt.lr, calls = snapshot
-    model.params[...] = params
-    for k, v in state.items():
-        opt.state[k][...] = v
+    copies, opt.t, opt.lr, calls = snapshot
+    for a, copy in zip([model.params] + [opt.state[k] for k in sorted(opt.state)], copies):
+        np.copyto(a, copy)
     for layer, c in zip(model.layers, calls):
         if c is not None:
             layer.calls = c
