@@ -194,6 +194,9 @@ def test_fallbacks_and_the_explicit_choice(calls):
     assert calls[0] == 0
     nn.Trainer(nn.Sequential([nn.Dense(3)], seed=0)).fit(X, y, verbose=0)  # automatic: small, so compiled
     assert calls[0] == 1
+    wide = np.random.default_rng(0).standard_normal((8, 300))  # 1 step, 1.8 MB to copy for the rollback
+    nn.Trainer(nn.Sequential([nn.Dense(512), nn.Dense(3)], seed=0)).fit(wide, y[:8], batch_size=8, verbose=0)
+    assert calls[0] == 1
     with pytest.raises(ValueError, match="compiled must be None"):
         nn.Trainer(nn.Sequential([nn.Dense(3)]), compiled="yes")
 
