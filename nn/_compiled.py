@@ -8,8 +8,8 @@ same results; the compiled one saves the per-step Python overhead (~15 calls of 
 
 Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
 Dropout layers; softmax cross-entropy; SGD (with or without momentum, Nesterov, weight decay), Adam,
-AdamW; learning-rate schedules per epoch or per step; no ``clip_norm``. Anything else runs the per-kernel
-step (distributed training included).
+AdamW; learning-rate schedules per epoch or per step; ``clip_norm`` with fewer than 8 parameter layers.
+Anything else runs the per-kernel step (distributed training included).
 
 An epoch runs as calls of at most CALL_SAMPLES samples; the progress bar advances and a Ctrl-C is taken
 between calls (the weights then are those of the last completed call). A step whose loss or gradient is
@@ -64,8 +64,8 @@ def unsupported(trainer):
         return f"it supports only the softmax_cross_entropy loss, not {trainer.loss.name}"
     if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
         return f"it supports only the SGD, Adam and AdamW optimizers, not {type(opt).__name__}"
-    if trainer.clip_norm is not None:
-        return "it does not clip gradients (clip_norm)"
+    if trainer.clip_norm is not None and len(model.parameter_layers()) >= 8:
+        return "it clips gradients (clip_norm) only for models of fewer than 8 parameter layers"
     return None
 
 
@@ -108,6 +108,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     kind = _optimizer_kind(opt)
     norms, norm_sums, sums = np.empty(len(parameter_layers)), np.zeros(len(parameter_layers)), np.zeros(3)
     per_call = max(1, CALL_SAMPLES // batch_size)
+    clip = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     with tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False,
               disable=not verbose) as bar:
         for s0 in range(0, steps, per_call):
@@ -121,7 +122,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             guard.in_step = True
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING)  # tests replace it
             done = dynamic(step.train_steps, X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params,
-                           model.grads, state1, state2, segments, kind, hyper, table, settings, scratch, targets,
+                           model.grads, state1, state2, segments, kind, hyper, clip, table, settings, scratch, targets,
                            norms, sums, norm_sums)
             opt.t += done - s0
             for layer, _ in dropouts:

@@ -21,8 +21,8 @@ from test_nn_trajectory import CONFIGS, DATA, _data
 
 def _fit(compiled, layers, optimizer, X, y, epochs=2, batch_size=7, dtype="float32", fits=1, **fit):
     model = nn.Sequential(layers(), seed=5, dtype=dtype)
-    schedule = fit.pop("schedule", None)
-    trainer = nn.Trainer(model, optimizer=optimizer(), compiled=compiled, schedule=schedule)
+    schedule, clip_norm = fit.pop("schedule", None), fit.pop("clip_norm", None)
+    trainer = nn.Trainer(model, optimizer=optimizer(), compiled=compiled, schedule=schedule, clip_norm=clip_norm)
     fit.setdefault("verbose", 0)
     histories = [trainer.fit(X, y, epochs=epochs, batch_size=batch_size, **fit) for _ in range(fits)]
     return trainer, histories
@@ -118,15 +118,15 @@ SCHEDULES = st.sampled_from([None, nn.StepDecay(2, 0.5), nn.CosineDecay(7, per="
 @settings(max_examples=30)
 @given(model=models(), optimizer=OPTIMIZERS, n=st.integers(1, 40), batch_size=st.integers(1, 16),
        dtype=st.sampled_from(["float32", "float64"]), shuffle=st.booleans(), schedule=SCHEDULES,
-       seed=st.integers(0, 2**16))
+       clip_norm=st.sampled_from([None, 0.3]), seed=st.integers(0, 2**16))
 def test_random_models_train_bit_for_bit_as_the_per_kernel_step(model, optimizer, n, batch_size, dtype, shuffle,
-                                                                schedule, seed):
+                                                                schedule, clip_norm, seed):
     layers, _ = model
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, 3)) * 2
     y = rng.integers(0, 2, n)
     runs = [_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, dtype=dtype, fits=2,
-                           shuffle=shuffle, schedule=schedule)) for compiled in (True, False)]
+                           shuffle=shuffle, schedule=schedule, clip_norm=clip_norm)) for compiled in (True, False)]
     _assert_same(*runs)
 
 
@@ -174,7 +174,7 @@ def test_fallbacks_and_the_explicit_choice(calls):
         "BatchNorm": dict(layers=lambda: [nn.Dense(8), nn.BatchNorm(), nn.Dense(3)]),
         "mse": dict(loss="mse", y=np.eye(3)[y]),
         "RMSProp": dict(optimizer=nn.RMSProp()),
-        "clip": dict(clip_norm=1.0),
+        "clip": dict(clip_norm=1.0, layers=lambda: [nn.Dense(4) for _ in range(8)]),
         "numba backend": dict(backend="numpy"),
     }
     for reason, case in cases.items():

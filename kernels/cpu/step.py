@@ -193,11 +193,13 @@ def _correct(out, labels):
 
 @jit(fastmath=False)
 def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, grads, state1, state2, segments,
-                optimizer, hyper, kernels, settings, scratch, targets, norms, sums, norm_sums):
+                optimizer, hyper, clip_norm, kernels, settings, scratch, targets, norms, sums, norm_sums):
     """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` in batches of
     ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
     relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0, keep threshold); ``segments``
     bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is step s's optimizer row;
+    ``clip_norm`` the global gradient norm to clip to (inf: none; fewer than 8 segments, whose norms NumPy
+    sums in order);
     ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. Adds each step's loss
     times its rows to ``sums[0]`` (in float64, as Python adds), its correct predictions to ``sums[1]``,
     its norms to ``norm_sums``, and leaves its loss in ``sums[2]``. Returns the first step not completed:
@@ -274,6 +276,14 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             finite = finite and np.isfinite(norms[j])
         if not finite:
             return s
+        total = 0.0
+        for j in range(norms.size):  # nn.optim.clip_grad_norm from the norms, as the trainer calls it
+            total += norms[j] * norms[j]
+        total = np.sqrt(total)
+        if total > clip_norm:
+            scale = t(clip_norm / (total + 1e-6))
+            for i in range(grads.size):
+                grads[i] *= scale
         _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2)
         sums[0] += np.float64(loss) * rows
         sums[1] += correct
