@@ -6,8 +6,9 @@ gradient norms (one kernel pass over that buffer), the step's bookkeeping (``che
 norms summed into a device metrics buffer, NaN/Inf detected, the clipping scale computed), then ONE fused
 optimizer call that clips, or skips a non-finite step, on the device. Nothing is read back to the host
 inside a step: the metrics are read at the epoch's end and at the progress bar's pace. The step calls
-the backend module's kernels (resolved once per ``fit``) on buffers reused from step to step. A KeyboardInterrupt that arrives during a step is held until the step has finished, so an
-interrupted ``fit`` leaves the weights of the last completed step and can simply be called again.
+the backend module's kernels (resolved once per ``fit``) on buffers reused from step to step. A
+KeyboardInterrupt that arrives during a step is held until the step has finished, so an interrupted
+``fit`` leaves the weights of the last completed step and can simply be called again.
 """
 
 import math
