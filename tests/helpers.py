@@ -86,9 +86,3 @@ def compiled_copy(body, dtype):
 needs_avx2 = pytest.mark.skipif("+avx2" not in llvmlite.binding.get_host_cpu_features().flatten(),
                                 reason="looks for x86 AVX2/AVX-512 vector instructions")
 
-
-def on_backend(name, run):
-    """``run()`` with the kernels backend ``name`` (nn tests: the reference twin of a run that the CUDA
-    simulator can afford only a few steps of, to compare the two)."""
-    with kernels.use_backend(name):
-        return run()

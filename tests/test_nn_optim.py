@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import make_moons
 
 import nn
-from helpers import on_backend
+from helpers import reference
 from nn import optim
 
 XOR_X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], float)
@@ -35,7 +35,7 @@ def test_every_optimizer_solves_two_moons(nn_backend, name):
             trainer = nn.Trainer(_moons_model(), optimizer=optim.get(name, **hyper))
             return trainer.fit(X[:40], y[:40], epochs=2, batch_size=20, verbose=0)["loss"]
 
-        np.testing.assert_allclose(run(), on_backend("numpy", run), rtol=1e-5)
+        np.testing.assert_allclose(run(), reference(run), rtol=1e-5)
         return
     trainer = nn.Trainer(_moons_model(), optimizer=optim.get(name, **hyper))
     history = trainer.fit(X, y, epochs=epochs, batch_size=20, verbose=0)

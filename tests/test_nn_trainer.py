@@ -6,7 +6,7 @@ import pytest
 from sklearn.datasets import make_moons
 
 import nn
-from helpers import on_backend
+from helpers import reference
 from nn import Layer
 
 
@@ -30,7 +30,7 @@ def test_sgd_full_batch_mini_batch_and_stochastic_all_learn(nn_backend, batch_si
             trainer = nn.Trainer(_model(), optimizer=nn.SGD(lr=lr, momentum=0.9))
             return trainer.fit(X, y, epochs=epochs, batch_size=batch_size, verbose=0).history, trainer.optimizer.t
 
-        (got, t), (expected, _) = run(), on_backend("numpy", run)
+        (got, t), (expected, _) = run(), reference(run)
         np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
         np.testing.assert_allclose(got["accuracy"], expected["accuracy"], atol=1 / len(X) + 1e-9)
         assert t == epochs * (1 if batch_size is None else -(-len(X) // batch_size))

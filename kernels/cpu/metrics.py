@@ -56,6 +56,7 @@ def sum_of_squares(x):
 def step_check(loss, rows, norms, squares, max_norm, metrics, scale):
     """The step's bookkeeping (see the reference's ``check_step``) in float64, given ``squares``, the
     norms' :func:`sum_of_squares`."""
+    loss = float(loss)  # float64 arithmetic from a float32 loss (the CUDA simulator would keep float32)
     metrics[STEPS] += 1
     layers = norms.shape[0]
     good = metrics[BAD_STEP] == 0 and math.isfinite(loss)
