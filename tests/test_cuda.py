@@ -222,9 +222,9 @@ for dtype in (np.float32, np.float64):
                 (launch._copy2d, (any2, m2)),
                 (los._bias_grad_kernel(d), (any2, types.int64, m2, u32, v)),
                 (dr._dropout, (v, types.uint64, types.uint64, f, v)),
-                (opt._sgd, (v, v, v, f, f, f, f, b, b, b)), (opt._adam, (v, v, v, v) + (f,) * 8 + (b,)),
-                (opt._rmsprop, (v, v, v, v) + (f,) * 6 + (b,)), (opt._adagrad, (v, v, v, f, f, f)),
-                (opt._adadelta, (v, v, v, v) + (f,) * 5)]
+                (opt._sgd, (v, v, v, b, v, f, f, f, f, b, b, b)), (opt._adam, (v, v, v, b, v, v) + (f,) * 8 + (b,)),
+                (opt._rmsprop, (v, v, v, b, v, v) + (f,) * 6 + (b,)), (opt._adagrad, (v, v, v, b, v, f, f, f)),
+                (opt._adadelta, (v, v, v, b, v, v) + (f,) * 5)]
     kernels += [(los._pointwise_kernel(t, d, G.threads), (v, v, f, f, v, v, u32, v))
                 for t in (los._mse_terms, los._bce_terms, los._hinge_terms)]
     kernels += [(mm._gemm_kernel(d, tiles, ta, tb, bias, activation), (any2, any2, types.Array(f, 1, "A"), f, m2))
@@ -238,6 +238,13 @@ for dtype in (np.float32, np.float64):
         doubles = [line for line in ir.splitlines() if " double" in line and "declare" not in line]
         assert not (dtype is np.float32 and doubles), (kernel.py_func.__name__, doubles[:3])
         print(kernel.py_func.__name__, dtype.__name__, len(doubles))
+    # the step's bookkeeping: float64 metrics by design, so only compiled (the loss and scale in the dtype)
+    met, d64 = importlib.import_module("kernels.cuda.metrics"), types.Array(types.float64, 1, "C")
+    for kernel, signature in [(met._count_labels, (m2, types.Array(types.int64, 1, "C"), d64)),
+                              (met._count_thresholds, (m2, m2, f, d64)),
+                              (met._check_step, (v, types.float64, d64, types.float64, d64, v))]:
+        compile_cuda(kernel.py_func, types.void, signature, cc=(9, 0))
+        print("bookkeeping:" + kernel.py_func.__name__, "compiled")
 """
 
 

@@ -1,6 +1,8 @@
 """nn trainer: gradient-descent variants, history, early stopping, gradient health, NaN/Inf stops,
 bad input caught before training, reproducibility."""
 
+import time
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_moons
@@ -310,10 +312,12 @@ def test_sync_every_must_be_a_positive_integer():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("sync_every, reads", [(None, 1), (3, 3), (1, 8)])
-def test_an_epoch_copies_device_data_to_the_host_only_when_it_reads_the_metrics(monkeypatch, sync_every, reads):
+@pytest.mark.parametrize("sync_every, verbose, reads", [(None, 0, 1), (3, 0, 3), (1, 0, 8), (None, 1, None)])
+def test_an_epoch_copies_device_data_to_the_host_only_when_it_reads_the_metrics(monkeypatch, capsys, sync_every,
+                                                                               verbose, reads):
     """On the cuda backend (Numba device arrays; the simulator in CI) one epoch of 8 steps copies to the
-    host only to read the metrics: at the epoch's end, and every ``sync_every`` steps before it."""
+    host only to read the metrics: at the epoch's end, and every ``sync_every`` steps before it, or with
+    a progress bar at most once per refresh interval of the bar (0.1 s)."""
     pytest.importorskip("numba.cuda")
     X, y = _moons(32)
     with kernels.use_backend("cuda"):
@@ -326,7 +330,13 @@ def test_an_epoch_copies_device_data_to_the_host_only_when_it_reads_the_metrics(
         monkeypatch.setattr(backend, "to_host", lambda a: reads_made.append(a.shape) or to_host(a))
         monkeypatch.setattr(array_type, "copy_to_host",
                             lambda self, *a, **k: copies.append(self.shape) or copy_to_host(self, *a, **k))
-        history = trainer.fit(X, y, epochs=1, batch_size=4, verbose=0, sync_every=sync_every)
-    assert len(reads_made) == len(copies) == reads  # every copy is a read of the metrics buffer
+        start = time.perf_counter()
+        history = trainer.fit(X, y, epochs=1, batch_size=4, verbose=verbose, sync_every=sync_every)
+        elapsed = time.perf_counter() - start
+    if reads is None:  # with the bar: at most one read per refresh interval, plus the epoch's end
+        assert 1 <= len(copies) <= elapsed / 0.1 + 1
+    else:
+        assert len(copies) == reads
+    assert len(reads_made) == len(copies)  # every copy is a read of the metrics buffer
     assert set(copies) == {(kernels.metrics_size(2),)}
     assert np.isfinite(history["loss"][0]) and 0 <= history["accuracy"][0] <= 1

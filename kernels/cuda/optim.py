@@ -13,7 +13,7 @@ import math
 
 from numba import cuda
 
-from ._launch import grid, kernel, sqrt
+from ._launch import ZERO, grid, kernel, sqrt
 
 
 def _launch(kernel, param, grad, scale, *args):
@@ -26,7 +26,7 @@ def _launch(kernel, param, grad, scale, *args):
 @cuda.jit(device=True)
 def _skip(scale, has_scale):
     """Whether the step's gradient scale says to skip it."""
-    return has_scale and scale[0] == 0
+    return has_scale and scale[0] == ZERO  # float32 zero: no float64 compare in a float32 kernel
 
 
 @cuda.jit(device=True)
