@@ -224,7 +224,7 @@ def dropout(x, p, seed, *, offset=0, out=None):
 
 def _optimizer_buffers(param, grad, scale=None, **state):
     """Validate param, grad, the gradient ``scale`` and the state buffers; returns (backend, flat views of
-    param, grad and the state buffers in that order, scale flat)."""
+    param, grad and the state buffers in that order, scale as given)."""
     check.float_array("param", param)
     check.inplace("param", param)
     check.float_array("grad", grad)
@@ -384,13 +384,11 @@ def unpack_metrics(values, layers):
     """The fields of a host copy of a ``metrics`` buffer, as a dict: ``loss_sum`` (loss * rows over the
     applied steps), ``correct``, ``steps`` (checked), ``bad_step`` (the first step, from 1, with a
     non-finite loss or norm; 0: none), ``bad_loss``, ``norm_sums`` and ``bad_norms`` (per layer)."""
-    m = _metrics
-    values = np.asarray(values)
+    m, values = _metrics, np.asarray(values)
     check.shape("values", values, (metrics_size(layers),), f"the metrics of {layers} layers")
-    norms = m.NORMS
     return {"loss_sum": float(values[m.LOSS]), "correct": int(values[m.CORRECT]), "steps": int(values[m.STEPS]),
             "bad_step": int(values[m.BAD_STEP]), "bad_loss": float(values[m.BAD_LOSS]),
-            "norm_sums": values[norms:norms + layers].copy(), "bad_norms": values[norms + layers:].copy()}
+            "norm_sums": values[m.NORMS:m.NORMS + layers].copy(), "bad_norms": values[m.NORMS + layers:].copy()}
 
 
 def count_correct(output, target, metrics, *, threshold=0.0):
@@ -399,7 +397,7 @@ def count_correct(output, target, metrics, *, threshold=0.0):
     labels (N,) are matched by the row's argmax (first maximum, NaN as the maximum, like ``np.argmax``);
     float targets (N, C) need every output on the same side of 0 as its target is of ``threshold``."""
     check.float_array("output", output, ndim=2)
-    n, classes = output.shape
+    n = output.shape[0]
     if not hasattr(target, "dtype") or not hasattr(target, "shape"):
         raise TypeError(f"target must be an array, got {type(target).__name__}")
     if np.dtype(target.dtype).kind in "iu":
