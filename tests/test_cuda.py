@@ -187,6 +187,40 @@ def test_cupy_arrays_get_cupy_outputs(monkeypatch):
     assert _is_numba_device(kernels.cuda.empty((2,), np.float64, cuda.to_device(np.ones(1))))
 
 
+def test_host_device_copies_keep_the_array_kind(monkeypatch):
+    """to_device/zeros give CuPy arrays for a CuPy ``like`` (a stand-in module here), Numba device arrays
+    otherwise; to_host copies either kind back (CuPy's .get(), Numba's copy_to_host)."""
+    calls = []
+    cupy = types.SimpleNamespace(asarray=lambda x: calls.append(("asarray", x.shape)) or "cupy-array")
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    like = type("ndarray", (), {"__module__": "cupy._core.core", "get": lambda self: "host copy"})()
+    assert kernels.cuda.to_device(np.ones(3), like) == "cupy-array"
+    assert kernels.cuda.zeros((2, 2), np.float32, like) == "cupy-array"
+    assert calls == [("asarray", (3,)), ("asarray", (2, 2))]
+    assert kernels.cuda.to_host(like) == "host copy"
+    on_device = kernels.cuda.to_device(np.arange(4.0)[::2], None)  # non-contiguous host data is fine
+    assert _is_numba_device(on_device)
+    np.testing.assert_array_equal(kernels.cuda.to_host(on_device), [0.0, 2.0])
+    np.testing.assert_array_equal(kernels.cuda.to_host(kernels.cuda.zeros((2,), np.float64, None)), [0.0, 0.0])
+
+
+def test_nn_keeps_numba_device_arrays_where_cupy_cannot_run():
+    """Under the simulator (or without CuPy) nn's cuda arrays are Numba device arrays."""
+    from nn import _device
+
+    if _device._cupy() is not None:
+        pytest.skip("CuPy runs here, so nn keeps CuPy arrays")
+    xp = _device.namespace("cuda")
+    assert xp is _device.NUMBA_ARRAYS
+    a = xp.asarray(np.arange(3, dtype=np.float32))
+    assert _is_numba_device(a) and _device.namespace_of(a) is xp and _device.namespace_of(np.ones(1)) is np
+    b = xp.array(a)  # a copy on the device
+    a[...] = xp.zeros((3,), np.float32)
+    np.testing.assert_array_equal(_device.to_host(b), [0, 1, 2])
+    np.testing.assert_array_equal(_device.to_host(a), [0, 0, 0])
+    assert _device.to_host(xp.ones((2,), np.float64)).tolist() == [1.0, 1.0]
+
+
 # Compiles every kernel for a real GPU (compute capability 9.0) down to LLVM IR, in a process without the
 # simulator: the simulator runs kernels as Python and checks no types. Needs no GPU and no driver (the
 # current device is only asked for its compute capability); NVVM, which makes PTX, is not needed either.
