@@ -8,8 +8,8 @@ same results; the compiled one saves the per-step Python overhead (~15 calls of 
 
 Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
 Dropout layers; softmax cross-entropy; SGD (with or without momentum, Nesterov, weight decay), Adam,
-AdamW; learning-rate schedules per epoch or per step; ``clip_norm`` with fewer than 8 parameter layers.
-Anything else runs the per-kernel step (distributed training included).
+AdamW; learning-rate schedules per epoch or per step; ``clip_norm``. Anything else runs the per-kernel
+step (distributed training included).
 
 An epoch runs as calls of at most CALL_SAMPLES samples; the progress bar advances and a Ctrl-C is taken
 between calls (the weights then are those of the last completed call). A step whose loss or gradient is
@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 from tqdm import tqdm
+
+import kernels
 
 from . import losses as losses_
 from . import optim
@@ -64,8 +66,6 @@ def unsupported(trainer):
         return f"it supports only the softmax_cross_entropy loss, not {trainer.loss.name}"
     if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
         return f"it supports only the SGD, Adam and AdamW optimizers, not {type(opt).__name__}"
-    if trainer.clip_norm is not None and len(model.parameter_layers()) >= 8:
-        return "it clips gradients (clip_norm) only for models of fewer than 8 parameter layers"
     return None
 
 
@@ -106,9 +106,10 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     state1 = opt.state.get("m", opt.state.get("velocity", model.params[:0]))
     state2 = opt.state.get("v", model.params[:0])
     kind = _optimizer_kind(opt)
-    norms, norm_sums, sums = np.empty(len(parameter_layers)), np.zeros(len(parameter_layers)), np.zeros(3)
+    norms, scale = np.empty(len(parameter_layers)), np.empty(1, model.dtype)
+    metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
+    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     per_call = max(1, CALL_SAMPLES // batch_size)
-    clip = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     with tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False,
               disable=not verbose) as bar:
         for s0 in range(0, steps, per_call):
@@ -122,8 +123,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             guard.in_step = True
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING)  # tests replace it
             done = dynamic(step.train_steps, X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params,
-                           model.grads, state1, state2, segments, kind, hyper, clip, table, settings, scratch, targets,
-                           norms, sums, norm_sums)
+                           model.grads, state1, state2, segments, kind, hyper, max_norm, bool(trainer.metrics), table,
+                           settings, scratch, targets, norms, metrics, scale)
             opt.t += done - s0
             for layer, _ in dropouts:
                 if layer is not None:
@@ -135,12 +136,15 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             guard.end_step()
             if verbose:
                 bar.update(min(n, s1 * batch_size) - s0 * batch_size)
-                bar.set_postfix(loss=f"{sums[2]:.4f}", refresh=False)
-    logs = {"loss": float(sums[0]) / n}
+                seen = min(n, s1 * batch_size)
+                bar.set_postfix(loss=f"{kernels.unpack_metrics(metrics, len(segments) - 1)['loss_sum'] / seen:.4f}",
+                                refresh=False)
+    values = kernels.unpack_metrics(metrics, len(parameter_layers))
+    logs = {"loss": values["loss_sum"] / n}
     if trainer.metrics:
-        logs["accuracy"] = float(sums[1]) / n
+        logs["accuracy"] = float(values["correct"]) / n
     logs["lr"] = opt.lr
-    return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, norm_sums)}
+    return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, values["norm_sums"])}
 
 
 def _layer_table(model, batch):

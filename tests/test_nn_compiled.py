@@ -174,7 +174,6 @@ def test_fallbacks_and_the_explicit_choice(calls):
         "BatchNorm": dict(layers=lambda: [nn.Dense(8), nn.BatchNorm(), nn.Dense(3)]),
         "mse": dict(loss="mse", y=np.eye(3)[y]),
         "RMSProp": dict(optimizer=nn.RMSProp()),
-        "clip": dict(clip_norm=1.0, layers=lambda: [nn.Dense(4) for _ in range(8)]),
         "numba backend": dict(backend="numpy"),
     }
     for reason, case in cases.items():
@@ -182,8 +181,7 @@ def test_fallbacks_and_the_explicit_choice(calls):
             with kernels.use_backend(case.get("backend", "numba")):
                 model = nn.Sequential(case.get("layers", lambda: list(small))(), seed=0)
                 trainer = nn.Trainer(model, loss=case.get("loss", "softmax_cross_entropy"),
-                                     optimizer=case.get("optimizer", "adam"), clip_norm=case.get("clip_norm"),
-                                     compiled=compiled)
+                                     optimizer=case.get("optimizer", "adam"), compiled=compiled)
                 if compiled:
                     with pytest.raises(ValueError, match=f"compiled=True, but .*{reason}"):
                         trainer.fit(X, case.get("y", y), epochs=1, verbose=0)

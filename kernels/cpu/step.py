@@ -28,7 +28,9 @@ from . import activations, fused, losses, optim
 from ._gemm import PARALLEL_MIN_FLOPS, gemm, gemm_parallel
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
+from .metrics import _check_step, _count_labels
 from ._parallel import PARALLEL_MIN
+from ..reference.metrics import BAD_STEP
 
 # layer kinds, and the activation codes (those of _gemm.ACTIVATION_CODES, plus softmax)
 DENSE, ACTIVATION, DROPOUT = range(3)
@@ -51,9 +53,10 @@ _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "s
 _BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
 BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
 _REST = BIAS_ACT_K + len(_BIAS_ACT)
-# (an optimizer's or dropout's body, then its chunked driver)
+# an optimizer's four: its body and chunked driver unscaled, then with a gradient scale; dropout's two
 (SOFTMAX_K, SOFTMAX_BACKWARD_K, CROSS_ENTROPY_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K,
- SGD_K, _, SGD_MOMENTUM_K, _, ADAM_K, _, DROPOUT_K, _) = range(_REST, _REST + 17)
+ COUNT_K, CHECK_K) = range(_REST, _REST + 11)
+SGD_K, SGD_MOMENTUM_K, ADAM_K, DROPOUT_K = range(_REST + 11, _REST + 27, 4)
 
 
 @intrinsic
@@ -92,9 +95,15 @@ def kernel_table(dtype):
         f = numba.from_dtype(dtype)
         v, m, mt = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "F")  # mt: a transpose
         i64, u64, flag = types.int64, types.uint64, types.boolean
-        sgd = (v, v, types.none, f, f, f, flag, f, flag)
-        sgd_momentum = (v, v, v, f, f, f, flag, f, flag)
-        adam = (v, v, v, v) + (f,) * 8 + (flag,)
+        f1 = types.Array(types.float64, 1, "C")
+        optimizers = []
+        sgd_hyper, adam_hyper = (f, f, f, flag, f, flag), (f,) * 8 + (flag,)
+        for body, chunks, state, hyper in ((optim._sgd, optim._sgd_chunks, (types.none,), sgd_hyper),
+                                           (optim._sgd, optim._sgd_chunks, (v,), sgd_hyper),
+                                           (optim._adam, optim._adam_chunks, (v, v), adam_hyper)):
+            for gscale in (types.none, f):  # unscaled, scaled
+                args = (v, v) + state + hyper + (gscale,)
+                optimizers += [(body, (u64, u64) + args), (chunks, (i64, _star(args)))]
         drop = (v, v, u64, u64, f, f)
         gemm_args = (v, i64, types.float64, m, i64, i64, i64)
         kernels = [(getattr(activations, f"_{name}_kernel"), (v, v, f, v)) for name in _ELEMENTWISE]
@@ -103,11 +112,10 @@ def kernel_table(dtype):
                     (losses._cross_entropy, (m, types.Array(i64, 1, "C"), m)), (losses.bias_grad, (m, v)),
                     (gemm, (m, m) + gemm_args), (gemm, (mt, m) + gemm_args), (gemm, (m, mt) + gemm_args),
                     (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 5),
-                    (fused.segment_norms, (v, types.Array(i64, 1, "C"), types.Array(types.float64, 1, "C"))),
-                    (optim._sgd, (u64, u64) + sgd), (optim._sgd_chunks, (i64, _star(sgd))),
-                    (optim._sgd, (u64, u64) + sgd_momentum), (optim._sgd_chunks, (i64, _star(sgd_momentum))),
-                    (optim._adam, (u64, u64) + adam), (optim._adam_chunks, (i64, _star(adam))),
-                    (_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
+                    (fused.segment_norms, (v, types.Array(i64, 1, "C"), f1)),
+                    (_count_labels, (m, types.Array(i64, 1, "C"), f1)),
+                    (_check_step, (types.float64, types.float64, f1, types.float64, f1, v))]
+        kernels += optimizers + [(_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
         addresses = []
         for kernel, signature in kernels:
             kernel.compile(signature)
@@ -150,18 +158,21 @@ def _run(kernels, slot, n, args):
 
 
 @jit(fastmath=False, inline="always")
-def _update(kernels, optimizer, h, params, grads, state1, state2):
-    """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table."""
+def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled):
+    """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table, ``gscale``
+    the gradient scale (None: 1; ``scaled`` says which, selecting the kernels compiled for it)."""
     t = params.dtype.type
+    slot = 2 if scaled else 0
     if optimizer == SGD:
-        _run(kernels, SGD_K, params.size, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]),
-                                           h[5] != 0))
+        _run(kernels, SGD_K + slot, params.size, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0,
+                                                  t(h[3]), h[5] != 0, gscale))
     elif optimizer == SGD_MOMENTUM:
-        _run(kernels, SGD_MOMENTUM_K, params.size, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0,
-                                                    t(h[3]), h[5] != 0))
+        _run(kernels, SGD_MOMENTUM_K + slot, params.size, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]),
+                                                           h[4] != 0, t(h[3]), h[5] != 0, gscale))
     else:
-        _run(kernels, ADAM_K, params.size, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]),
-                                            t(h[4]), t(h[5]), t(h[6]), t(h[7]), optimizer == ADAMW))
+        _run(kernels, ADAM_K + slot, params.size, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]),
+                                                   t(h[3]), t(h[4]), t(h[5]), t(h[6]), t(h[7]), optimizer == ADAMW,
+                                                   gscale))
 
 
 @jit(fastmath=False, inline="always")
@@ -176,34 +187,18 @@ def _view(scratch, at, rows, width):
     return scratch[at:at + rows * width].reshape((rows, width))
 
 
-@jit(fastmath=False, inline="always")
-def _correct(out, labels):
-    """Rows whose first largest output (NumPy's argmax: the first NaN if any) is the label."""
-    count = 0
-    for r in range(out.shape[0]):
-        best = 0
-        for j in range(1, out.shape[1]):
-            if np.isnan(out[r, best]):
-                break
-            if out[r, j] > out[r, best] or np.isnan(out[r, j]):
-                best = j
-        count += best == labels[r]
-    return count
-
-
 @jit(fastmath=False)
 def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, grads, state1, state2, segments,
-                optimizer, hyper, clip_norm, kernels, settings, scratch, targets, norms, sums, norm_sums):
+                optimizer, hyper, max_norm, count, kernels, settings, scratch, targets, norms, metrics, scale):
     """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` in batches of
     ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
     relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0, keep threshold); ``segments``
     bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is step s's optimizer row;
-    ``clip_norm`` the global gradient norm to clip to (inf: none; fewer than 8 segments, whose norms NumPy
-    sums in order);
-    ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. Adds each step's loss
-    times its rows to ``sums[0]`` (in float64, as Python adds), its correct predictions to ``sums[1]``,
-    its norms to ``norm_sums``, and leaves its loss in ``sums[2]``. Returns the first step not completed:
-    s1, or the step whose loss or gradient norms were not finite (its update not applied)."""
+    ``max_norm`` the global gradient norm to clip to (inf: none); ``count``: count the correct predictions;
+    ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. The step's bookkeeping
+    goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
+    the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
+    ``metrics``, its update not applied)."""
     n, width = order.size, X.shape[1]
     count = layers.shape[0]
     t = params.dtype.type
@@ -238,9 +233,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         out = _view(scratch, layers[count - 1, Y_AT], rows, layers[count - 1, OUT_W])
         dout = _view(scratch, layers[count - 1, DY_AT], rows, layers[count - 1, OUT_W])
         loss = _call(kernels[CROSS_ENTROPY_K], (out, yb, dout), t(0))
-        if not np.isfinite(loss):
-            return s
-        correct = _correct(out, yb)
+        if count:
+            _call(kernels[COUNT_K], (out, yb, metrics), None)
         for i in range(count - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
@@ -271,23 +265,11 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                 _dropout(kernels, dy.reshape(-1), dx.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
         _call(kernels[NORMS_K], (grads, segments, norms), None)
-        finite = True
-        for j in range(norms.size):
-            finite = finite and np.isfinite(norms[j])
-        if not finite:
+        _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
+        if metrics[BAD_STEP] != 0:
             return s
-        total = 0.0
-        for j in range(norms.size):  # nn.optim.clip_grad_norm from the norms, as the trainer calls it
-            total += norms[j] * norms[j]
-        total = np.sqrt(total)
-        if total > clip_norm:
-            scale = t(clip_norm / (total + 1e-6))
-            for i in range(grads.size):
-                grads[i] *= scale
-        _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2)
-        sums[0] += np.float64(loss) * rows
-        sums[1] += correct
-        sums[2] = loss
-        for j in range(norms.size):
-            norm_sums[j] += norms[j]
+        if scale[0] == 1:
+            _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, None, False)
+        elif scale[0] != 0:  # 0: a clipping scale that underflowed, the step skipped as the kernels skip it
+            _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, scale[0], True)
     return s1
