@@ -1,17 +1,17 @@
 """A run of training steps of a small Sequential model in ONE compiled call (the numba backend).
 
 For each mini-batch: gather the shuffled rows, forward through Dense / activation / dropout layers,
-fused softmax cross-entropy, backward into the flat gradient buffer, per-layer gradient norms, one
-SGD / Adam / AdamW update: the same kernel calls, with the same arguments, as the per-kernel step
-(``nn.layers``, ``nn.trainer``), made from compiled code instead of Python.
+fused softmax cross-entropy, the correct count, backward into the flat gradient buffer, per-layer
+gradient norms, the step's bookkeeping (``check_step``: metrics buffer, clipping scale), one SGD / Adam /
+AdamW update: the same kernel calls, with the same arguments, as the per-kernel step (``nn.layers``,
+``nn.trainer``), made from compiled code instead of Python.
 
 The kernels are called through their addresses (:func:`kernel_table`): the very machine code the
 per-kernel step runs, so the results are bitwise the same at every size, multithreaded kernels and
-their chunked reductions included. Calling them as ordinary jitted functions would link and
-re-optimise them inside the driver, where the fast-math flags (reassociation, reciprocals) let LLVM
-round differently (seen: the cross-entropy's gradient 1 ulp off), and would link cached parallel
-functions into a cached one (numba issue 8578). The addresses are arguments, not constants, so the
-driver compiles once per dtype and is cached on disk.
+their chunked reductions included. Calling them as ordinary jitted functions would link cached
+parallel functions into a cached one (numba issue 8578) and re-optimise every kernel inside the
+driver, where their fast-math flags leave LLVM free to round differently. The addresses are arguments,
+not constants, so the driver compiles once per dtype and is cached on disk.
 
 The model arrives as tables (one row per layer) and offsets into one scratch buffer. The driver stops
 before the update of a step whose loss or gradient norms are not finite and returns that step's number;
