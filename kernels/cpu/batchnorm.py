@@ -8,7 +8,10 @@ reads.
 
 import numpy as np
 
+from ..reference.batchnorm import merge_column
 from ._jit import jit
+
+_merge_column = jit(inline="always")(merge_column)
 
 
 @jit(inline="always")
@@ -40,15 +43,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, stats, momentum
     n, c = x.shape
     mean_t = np.empty(c, x.dtype)
     for j in range(c):
-        count, mean, m2 = stats[0, 0, j], stats[0, 1, j], stats[0, 2, j]
-        for p in range(1, stats.shape[0]):  # Chan et al.'s pairwise merge, in part order
-            total = count + stats[p, 0, j]
-            if total > 0:
-                delta = stats[p, 1, j] - mean
-                share = stats[p, 0, j] / total
-                mean += delta * share
-                m2 += stats[p, 2, j] + delta * delta * count * share
-            count = total
+        count, mean, m2 = _merge_column(stats, j)
         var = m2 / max(count, 1.0)
         unbias = count / max(count - 1, 1.0)
         running_mean[j] = (1 - momentum) * running_mean[j] + momentum * mean

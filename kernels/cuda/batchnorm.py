@@ -9,7 +9,10 @@ import math
 
 from numba import cuda
 
+from ..reference.batchnorm import merge_column
 from ._launch import grid, kernel
+
+_merge_column = cuda.jit(device=True)(merge_column)
 
 
 @kernel
@@ -32,15 +35,7 @@ def _stats(x, stats):
 @kernel
 def _forward(x, gamma, beta, running_mean, running_var, stats, momentum, eps, y, xhat, inv_std):
     for j in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
-        count, mean, m2 = stats[0, 0, j], stats[0, 1, j], stats[0, 2, j]
-        for p in range(1, stats.shape[0]):  # Chan et al.'s pairwise merge, in part order
-            total = count + stats[p, 0, j]
-            if total > 0:
-                delta = stats[p, 1, j] - mean
-                share = stats[p, 0, j] / total
-                mean += delta * share
-                m2 += stats[p, 2, j] + delta * delta * count * share
-            count = total
+        count, mean, m2 = _merge_column(stats, j)
         var = m2 / max(count, 1.0)
         running_mean[j] = (1 - momentum) * running_mean[j] + momentum * mean
         running_var[j] = (1 - momentum) * running_var[j] + momentum * count / max(count - 1, 1.0) * var

@@ -15,16 +15,18 @@ estimates. Several ranks exchange the stats arrays between the two kernels; one 
 import numpy as np
 
 
-def merge_stats(stats):
-    """``(count, mean, m2)`` of the whole batch from the parts' ``(P, 3, C)`` statistics, merged in part
-    order (one part: its own values, exactly)."""
-    count, mean, m2 = (np.array(v) for v in stats[0])
-    for part_count, part_mean, part_m2 in stats[1:]:
-        total = count + part_count
-        delta = part_mean - mean
-        share = np.divide(part_count, total, out=np.zeros_like(total), where=total > 0)
-        mean += delta * share
-        m2 += part_m2 + delta * delta * count * share
+def merge_column(stats, j):
+    """``(count, mean, m2)`` of column ``j`` of the whole batch from the parts' ``(P, 3, C)`` statistics:
+    Chan et al.'s pairwise update, in part order (one part: its own values, exactly). Plain scalar code,
+    compiled as it is by the numba and cuda backends."""
+    count, mean, m2 = stats[0, 0, j], stats[0, 1, j], stats[0, 2, j]
+    for p in range(1, stats.shape[0]):
+        total = count + stats[p, 0, j]
+        if total > 0:
+            delta = stats[p, 1, j] - mean
+            share = stats[p, 0, j] / total
+            mean += delta * share
+            m2 += stats[p, 2, j] + delta * delta * count * share
         count = total
     return count, mean, m2
 
@@ -37,7 +39,7 @@ def batchnorm_stats(x, stats):
 
 
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, stats, momentum, eps, y, xhat, inv_std):
-    count, mean, m2 = merge_stats(stats)
+    count, mean, m2 = np.array([merge_column(stats, j) for j in range(x.shape[1])]).reshape(-1, 3).T
     n = int(count[0]) if count.size else 0
     mean, var = mean.astype(x.dtype), (m2 / max(n, 1)).astype(x.dtype)
     running_mean *= 1 - momentum
