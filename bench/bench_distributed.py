@@ -11,8 +11,10 @@ buffer), the measured single-rank step time, and the same run with the allreduce
 it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; a run's
 figure is the median of its timed epochs ("best epoch": the fastest one, the least disturbed on a shared
 machine), and the table gives the median over ``--repeats`` rounds of all layouts, with each round's
-2-rank/1-rank ratio. "CPU % of wall" is rank 0's process CPU time over its wall time: below ~100% the
-rank was descheduled (other processes on the cores), which is what makes the 2-rank figures swing.
+2-rank/1-rank ratio. "optimizer ms" is the optimizer step per training step, work every rank repeats in
+full (the paper model below keeps it out of the part divided by N). "CPU % of wall" is rank 0's process
+CPU time over its wall time: below ~100% the rank was descheduled (other processes on the cores), which
+is what makes the 2-rank figures swing.
 All layouts run the same global batches (the same samples, steps and epochs). ``pytest
 bench/bench_distributed.py`` runs a short smoke version.
 """
@@ -76,23 +78,27 @@ def worker(widths, batch, steps, epochs, overlap):
     comm = trainer.comm
     if overlap:
         overlap_model(model, comm)
-    reduce, reduce_time = comm.reduce_gradients, [0.0]
+    spent = {"reduce": 0.0, "optimizer": 0.0}
 
-    def timed_reduce(grads):
-        t0 = time.perf_counter()
-        reduce(grads)
-        reduce_time[0] += time.perf_counter() - t0
+    def timed(fn, key):
+        def call(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            spent[key] += time.perf_counter() - t0
+        return call
 
-    comm.reduce_gradients = timed_reduce
-    epoch_times, reduce_times, cpu_times = [], [], []
+    comm.reduce_gradients = timed(comm.reduce_gradients, "reduce")
+    trainer.optimizer.step = timed(trainer.optimizer.step, "optimizer")
+    epoch_times, reduce_times, optimizer_times, cpu_times = [], [], [], []
     for _ in range(epochs + 1):
-        reduce_time[0] = 0.0
+        spent.update(reduce=0.0, optimizer=0.0)
         comm.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
         epoch_times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-        reduce_times.append(reduce_time[0])
+        reduce_times.append(spent["reduce"])
+        optimizer_times.append(spent["optimizer"])
     alone = []
     if comm.size > 1:
         buffer = np.zeros_like(model.grads)
@@ -108,6 +114,7 @@ def worker(widths, batch, steps, epochs, overlap):
         print(json.dumps({"samples_per_s": n / epoch, "best_samples_per_s": n / min(epoch_times[1:]),
                           "step_ms": 1e3 * epoch / steps,
                           "reduce_share": float(np.median(reduce_times[1:])) / epoch,
+                          "optimizer_ms": 1e3 * float(np.median(optimizer_times[1:])) / steps,
                           "cpu_share": float(np.sum(cpu_times[1:]) / np.sum(epoch_times[1:])),
                           "allreduce_ms": 1e3 * float(np.median(alone)) if alone else 0.0,
                           "buffer_bytes": int(model.grads.nbytes), "threads": numba.get_num_threads()}))
@@ -136,21 +143,26 @@ def run_layout(ranks, threads, overlap, config, smoke):
     return report
 
 
-def step_model(step_s, nbytes, ranks, gbit):
+def step_model(step_s, nbytes, ranks, gbit, replicated_s=0.0):
     """Predicted step time at ``ranks`` ranks (one per machine) for a global batch that takes ``step_s`` on
-    one: compute / N plus a ring allreduce's 2 (N - 1) / N x buffer bytes over a ``gbit`` Gbit/s link."""
-    return step_s / ranks + 2 * (ranks - 1) / ranks * nbytes / (gbit * 1e9 / 8)
+    one, of which ``replicated_s`` (the optimizer step) every rank repeats in full: the rest / N, plus the
+    replicated part, plus a ring allreduce's 2 (N - 1) / N x buffer bytes over a ``gbit`` Gbit/s link."""
+    ring = 2 * (ranks - 1) / ranks * nbytes / (gbit * 1e9 / 8)
+    return (step_s - replicated_s) / ranks + replicated_s + ring
 
 
 def model_table(measured, ranks=(2, 4, 8, 16), links=(10, 100)):
-    """Markdown: predicted step ms and speed-up over one rank, from each model's measured 1x2 step."""
-    header = ["model", "buffer MB", "1 rank ms"] + [f"{n} ranks, {g} Gbit/s" for g in links for n in ranks]
+    """Markdown: predicted step ms and speed-up over one rank, from each model's measured 1x2 step and
+    optimizer time."""
+    header = ["model", "buffer MB", "1 rank ms", "optimizer ms"] + [f"{n} ranks, {g} Gbit/s" for g in links
+                                                                    for n in ranks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config, r in measured.items():
-        step, nbytes = r["step_ms"] / 1e3, r["buffer_bytes"]
-        cells = [f"{1e3 * step_model(step, nbytes, n, g):.2f} ms ({step / step_model(step, nbytes, n, g):.1f}x)"
-                 for g in links for n in ranks]
-        lines.append("| " + " | ".join([config, f"{nbytes / 1e6:.2f}", f"{1e3 * step:.2f}"] + cells) + " |")
+        step, opt, nbytes = r["step_ms"] / 1e3, r["optimizer_ms"] / 1e3, r["buffer_bytes"]
+        cells = [f"{1e3 * t:.2f} ms ({step / t:.1f}x)"
+                 for t in (step_model(step, nbytes, n, g, opt) for g in links for n in ranks)]
+        lines.append("| " + " | ".join([config, f"{nbytes / 1e6:.2f}", f"{1e3 * step:.2f}", f"{1e3 * opt:.2f}"]
+                                       + cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,14 +187,14 @@ def table(configs=CONFIGS, smoke=False, repeats=1):
                 single[config] = med
             rows.append((config, CONFIGS[config][0], name, med["samples_per_s"], med["best_samples_per_s"], ratio,
                          " ".join(f"{r['samples_per_s'] / r0[0]['samples_per_s']:.2f}" for r, r0 in zip(runs, rounds)),
-                         med["step_ms"], 100 * med["reduce_share"], med["allreduce_ms"], 100 * med["cpu_share"],
-                         int(med["buffer_bytes"])))
+                         med["step_ms"], med["optimizer_ms"], 100 * med["reduce_share"], med["allreduce_ms"],
+                         100 * med["cpu_share"], int(med["buffer_bytes"])))
     header = ("model", "batch", "ranks x threads", "samples/s", "best epoch", "vs 1x2", "vs 1x2 by round", "step ms",
-              "allreduce % of step", "allreduce alone ms", "CPU % of wall (rank 0)", "buffer bytes")
+              "optimizer ms", "allreduce % of step", "allreduce alone ms", "CPU % of wall (rank 0)", "buffer bytes")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| {} | {} | {} | {:.0f} | {:.0f} | {:.2f} | {} | {:.3f} | {:.1f} | {:.3f} | {:.0f} | {} |"
-                     .format(*row))
+        lines.append("| " + " | ".join(["{}"] * 3 + ["{:.0f}"] * 2 + ["{:.2f}", "{}", "{:.3f}", "{:.3f}", "{:.1f}",
+                                                                    "{:.3f}", "{:.0f}", "{}"]).format(*row) + " |")
     return "\n".join(lines), single
 
 
@@ -193,6 +205,7 @@ def test_distributed_bench_smoke():
     assert text.count("\n") == 1 + len(LAYOUTS)
     assert model_table(single).count("\n") == 2
     assert step_model(1.0, 0, 4, 10) == 0.25 and step_model(0.0, 1.25e9, 2, 10) == 1.0  # 1.25 GB/s = 10 Gbit/s
+    assert step_model(1.0, 0, 4, 10, replicated_s=0.2) == 0.4
 
 
 def main(argv=None):
@@ -207,7 +220,8 @@ def main(argv=None):
         worker([int(w) for w in model.split("-")], int(batch), int(steps), int(epochs), args.overlap)
     else:
         text, single = table(args.models, repeats=args.repeats)
-        print(text + "\n\nPredicted step time at N ranks, one per machine (compute / N + ring allreduce):\n")
+        print(text + "\n\nPredicted step time at N ranks, one per machine ((step - optimizer) / N + optimizer + ring "
+                     "allreduce):\n")
         print(model_table(single))
 
 
