@@ -3,7 +3,9 @@
 ``test_training_step``: one epoch of ``Trainer.fit`` per round (shuffling and bookkeeping included) for
 the three configurations where the per-step overhead matters most; ``extra_info`` holds samples/s and
 microseconds per step. ``test_bias_act_backward``: the fused activation-derivative + bias-gradient
-pass against the two separate kernel calls it replaces.
+pass against the two separate kernel calls it replaces. ``test_step_bookkeeping``: the device metrics
+kernels against the host glue they replaced; ``test_clipped_adam_step``: clipping read from the device
+scale by the optimizer kernel against a separate scaling pass.
 
 Run: ``flock /tmp/kernels-bench.lock python -m pytest bench/bench_fused.py --benchmark-enable``.
 """
@@ -64,4 +66,57 @@ def test_bias_act_backward(benchmark, impl, shape):
     fn = fused if impl == "fused" else separate
     fn()
     benchmark.group = f"bias_act_backward relu {shape[0]}x{shape[1]} f32"
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("impl", ["device", "host"])
+def test_step_bookkeeping(benchmark, impl):
+    """A step's bookkeeping for 64-128-10 at batch 32 (backend functions, no API checks): ``device`` is
+    count_correct + check_step into the metrics buffer (nothing read back), ``host`` the glue they
+    replaced (the loss and norms read back, checked and summed, the argmax count in NumPy)."""
+    from kernels import cpu
+
+    rng = np.random.default_rng(0)
+    out, labels = rng.standard_normal((32, 10)).astype(np.float32), rng.integers(0, 10, 32)
+    norms, loss = rng.random(2) + 0.5, np.float32(2.3)
+    metrics, scale, norm_sums = np.zeros(kernels.metrics_size(2)), np.ones(1, np.float32), np.zeros(2)
+
+    def device():
+        cpu.count_correct(out, labels, 0.0, metrics)
+        cpu.check_step(loss, 32, norms, math.inf, metrics, scale)
+
+    def host():
+        value = float(loss)
+        if not math.isfinite(value) or not np.isfinite(norms).all():
+            raise FloatingPointError
+        norm_sums.__iadd__(norms)
+        return value * 32, (out.argmax(axis=1) == labels).sum()
+
+    fn = device if impl == "device" else host
+    fn()
+    benchmark.group = "step bookkeeping 64-128-10 b32"
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("impl", ["scale", "separate"])
+def test_clipped_adam_step(benchmark, impl):
+    """Adam on the 784-256-256-10 parameter buffer with the gradient clipped by 0.5: the scale read by the
+    optimizer kernel against a separate pass over the gradient before it (backend functions)."""
+    from kernels import cpu
+
+    n = 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    rng = np.random.default_rng(0)
+    param, grad = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    m, v, half, clipped = np.zeros_like(param), np.zeros_like(param), np.array([0.5], np.float32), np.empty_like(grad)
+
+    def scale():
+        cpu.adam_step(param, grad, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, half)
+
+    def separate():  # (into a scratch buffer, so that repeating it does not shrink grad towards zero)
+        np.multiply(grad, half[0], out=clipped)
+        cpu.adam_step(param, clipped, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
+
+    fn = scale if impl == "scale" else separate
+    fn()
+    benchmark.group = f"adam step, clipped, {n} f32"
     benchmark(fn)

@@ -165,11 +165,11 @@ def gemm_speed(table):
     out = cupy.empty((g, g), np.float32)
     flops = 2 * g**3
     cublas_ms = _events_ms(lambda: cupy.matmul(a, b, out=out), 5)
-    table.add(f"cuBLAS (CuPy) {g}^3 f32", f"{flops / cublas_ms / 1e9:.0f} GFLOP/s", f"{cublas_ms:.2f} ms, TF32 off")
+    table.add(f"cuBLAS (CuPy) {g}^3 f32", f"{flops / cublas_ms / 1e9:.1f} TFLOP/s", f"{cublas_ms:.2f} ms, TF32 off")
     for label, ta, tb in (("NN", False, False), ("TN", True, False), ("NT", False, True)):
         kernels.matmul(a, b, trans_a=ta, trans_b=tb, out=out)  # compile
         ms = _events_ms(lambda ta=ta, tb=tb: kernels.matmul(a, b, trans_a=ta, trans_b=tb, out=out), 5)
-        table.add(f"kernels.matmul {g}^3 f32 {label}", f"{flops / ms / 1e9:.0f} GFLOP/s",
+        table.add(f"kernels.matmul {g}^3 f32 {label}", f"{flops / ms / 1e9:.1f} TFLOP/s",
                   f"{ms:.2f} ms, {cublas_ms / ms:.0%} of cuBLAS")
     expected = cupy.matmul(a[:256], b[:, :256])
     got = kernels.matmul(a[:256], b[:, :256])

@@ -11,6 +11,7 @@ from ._api import (adadelta_step, adagrad_step, adam_step, bias_grad, binary_cro
                    tanh, tanh_backward)
 from ._api import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
                    batchnorm_stats, bias_act_backward, segment_norms)
+from ._api import check_step, count_correct, metrics_size, unpack_metrics
 from ._dispatch import get_backend, is_device_array, set_backend, use_backend
 from ._threading import threading_info
 from ._warmup import warmup
@@ -21,7 +22,8 @@ __all__ = [
     "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step", "adam_step", "rmsprop_step",
     "adagrad_step", "adadelta_step", "set_backend", "get_backend", "use_backend", "is_device_array",
     "warmup", "cpu_info", "threading_info", "bias_act_backward", "segment_norms", "batchnorm_forward",
-    "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums",
+    "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums", "check_step",
+    "count_correct", "metrics_size", "unpack_metrics",
 ]
 
 

@@ -6,12 +6,14 @@ buffers written in place must already be C-contiguous), and an output buffer tha
 ``out=`` or freshly allocated on the input's device.
 """
 
+import math
 import numbers
 
 import numpy as np
 
 from . import _checks as check
-from ._dispatch import select
+from ._dispatch import is_device_array, select
+from .reference import metrics as _metrics
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh")
 
@@ -220,8 +222,9 @@ def dropout(x, p, seed, *, offset=0, out=None):
 
 # ---- optimizers ------------------------------------------------------------------------------------
 
-def _optimizer_buffers(param, grad, **state):
-    """Validate param, grad and the state buffers; returns (backend, flat views in the same order)."""
+def _optimizer_buffers(param, grad, scale=None, **state):
+    """Validate param, grad, the gradient ``scale`` and the state buffers; returns (backend, flat views of
+    param, grad and the state buffers in that order, scale as given)."""
     check.float_array("param", param)
     check.inplace("param", param)
     check.float_array("grad", grad)
@@ -231,11 +234,14 @@ def _optimizer_buffers(param, grad, **state):
             check.float_array(name, buf)
             check.shape(name, buf, param.shape, "the shape of param")
             check.inplace(name, buf)
-    check.same_dtype(param=param, grad=grad, **state)
-    check.disjoint(param=param, grad=grad, **state)
-    backend = select(param=param, grad=grad, **state)
+    if scale is not None:
+        check.float_array("scale", scale)
+        check.shape("scale", scale, (1,), "one gradient scale")
+    check.same_dtype(param=param, grad=grad, scale=scale, **state)
+    check.disjoint(param=param, grad=grad, scale=scale, **state)
+    backend = select(param=param, grad=grad, scale=scale, **state)
     flat = [None if a is None else _flat(backend, a) for a in (param, grad, *state.values())]
-    return backend, flat
+    return backend, flat, scale
 
 
 def _lr(lr):
@@ -247,11 +253,16 @@ def _decay(weight_decay):
 
 
 def sgd_step(param, grad, *, lr, momentum=0.0, velocity=None, dampening=0.0, nesterov=False,
-             weight_decay=0.0, step=None):
+             weight_decay=0.0, step=None, scale=None):
     """SGD with momentum, dampening, Nesterov and L2 weight decay, in place (torch.optim.SGD).
 
     With momentum, ``velocity`` is required; pass ``step=1`` on the first step so the buffer starts at
     the gradient as torch does (other values, or None, accumulate into the existing buffer).
+
+    ``scale`` (every optimizer step takes it): None, or a 1-element array of param's dtype on its device,
+    read by the kernel: the update uses ``grad * scale[0]`` (gradient clipping without a pass of its
+    own), and ``scale[0] == 0`` skips the update, param and state untouched (a non-finite step).
+    :func:`check_step` writes it on the device, so a training step clips or skips without a host read.
     """
     lr, weight_decay = _lr(lr), _decay(weight_decay)
     momentum = check.scalar("momentum", momentum, low=0.0)
@@ -262,51 +273,56 @@ def sgd_step(param, grad, *, lr, momentum=0.0, velocity=None, dampening=0.0, nes
     if momentum != 0 and velocity is None:
         raise ValueError("velocity must be given (a buffer shaped like param) when momentum != 0")
     step = 0 if step is None else check.step(step)
-    backend, (p, g, vel) = _optimizer_buffers(param, grad, velocity=velocity if momentum else None)
-    backend.sgd_step(p, g, lr, momentum, vel, dampening, nesterov, weight_decay, step)
+    backend, (p, g, vel), scale = _optimizer_buffers(param, grad, scale, velocity=velocity if momentum else None)
+    backend.sgd_step(p, g, lr, momentum, vel, dampening, nesterov, weight_decay, step, scale)
 
 
 def adam_step(param, grad, m, v, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-              decoupled=False):
-    """Adam (``decoupled=True``: AdamW), in place on param, m and v (torch.optim.Adam / AdamW)."""
+              decoupled=False, scale=None):
+    """Adam (``decoupled=True``: AdamW), in place on param, m and v (torch.optim.Adam / AdamW); ``scale``:
+    as for :func:`sgd_step`."""
     step, lr, weight_decay = check.step(step), _lr(lr), _decay(weight_decay)
     beta1 = check.scalar("beta1", beta1, low=0.0, high=1.0, high_open=True)
     beta2 = check.scalar("beta2", beta2, low=0.0, high=1.0, high_open=True)
     eps = check.scalar("eps", eps, low=0.0)
     decoupled = check.flag("decoupled", decoupled)
-    backend, (p, g, m_, v_) = _optimizer_buffers(param, grad, m=m, v=v)
-    backend.adam_step(p, g, m_, v_, step, lr, beta1, beta2, eps, weight_decay, decoupled)
+    backend, (p, g, m_, v_), scale = _optimizer_buffers(param, grad, scale, m=m, v=v)
+    backend.adam_step(p, g, m_, v_, step, lr, beta1, beta2, eps, weight_decay, decoupled, scale)
 
 
 def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 momentum_buffer=None):
-    """RMSProp with optional momentum, in place (torch.optim.RMSprop, centered=False)."""
+                 momentum_buffer=None, scale=None):
+    """RMSProp with optional momentum, in place (torch.optim.RMSprop, centered=False); ``scale``: as for
+    :func:`sgd_step`."""
     lr, weight_decay = _lr(lr), _decay(weight_decay)
     alpha = check.scalar("alpha", alpha, low=0.0, high=1.0)
     eps = check.scalar("eps", eps, low=0.0)
     momentum = check.scalar("momentum", momentum, low=0.0)
     if momentum > 0 and momentum_buffer is None:
         raise ValueError("momentum_buffer must be given (a buffer shaped like param) when momentum > 0")
-    backend, (p, g, sq, buf) = _optimizer_buffers(
-        param, grad, square_avg=square_avg, momentum_buffer=momentum_buffer if momentum > 0 else None)
-    backend.rmsprop_step(p, g, sq, lr, alpha, eps, weight_decay, momentum, buf)
+    backend, (p, g, sq, buf), scale = _optimizer_buffers(
+        param, grad, scale, square_avg=square_avg, momentum_buffer=momentum_buffer if momentum > 0 else None)
+    backend.rmsprop_step(p, g, sq, lr, alpha, eps, weight_decay, momentum, buf, scale)
 
 
-def adagrad_step(param, grad, sum_sq, *, lr=1e-2, eps=1e-10, weight_decay=0.0):
-    """Adagrad, in place on param and sum_sq (torch.optim.Adagrad, lr_decay=0)."""
+def adagrad_step(param, grad, sum_sq, *, lr=1e-2, eps=1e-10, weight_decay=0.0, scale=None):
+    """Adagrad, in place on param and sum_sq (torch.optim.Adagrad, lr_decay=0); ``scale``: as for
+    :func:`sgd_step`."""
     lr, weight_decay = _lr(lr), _decay(weight_decay)
     eps = check.scalar("eps", eps, low=0.0)
-    backend, (p, g, s) = _optimizer_buffers(param, grad, sum_sq=sum_sq)
-    backend.adagrad_step(p, g, s, lr, eps, weight_decay)
+    backend, (p, g, s), scale = _optimizer_buffers(param, grad, scale, sum_sq=sum_sq)
+    backend.adagrad_step(p, g, s, lr, eps, weight_decay, scale)
 
 
-def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
-    """Adadelta, in place on param, square_avg and acc_delta (torch.optim.Adadelta)."""
+def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, scale=None):
+    """Adadelta, in place on param, square_avg and acc_delta (torch.optim.Adadelta); ``scale``: as for
+    :func:`sgd_step`."""
     lr, weight_decay = _lr(lr), _decay(weight_decay)
     rho = check.scalar("rho", rho, low=0.0, high=1.0)
     eps = check.scalar("eps", eps, low=0.0)
-    backend, (p, g, sq, acc) = _optimizer_buffers(param, grad, square_avg=square_avg, acc_delta=acc_delta)
-    backend.adadelta_step(p, g, sq, acc, lr, rho, eps, weight_decay)
+    backend, (p, g, sq, acc), scale = _optimizer_buffers(param, grad, scale, square_avg=square_avg,
+                                                         acc_delta=acc_delta)
+    backend.adadelta_step(p, g, sq, acc, lr, rho, eps, weight_decay, scale)
 
 
 # ---- fused training-step kernels -------------------------------------------------------------------
@@ -352,6 +368,97 @@ def segment_norms(x, offsets, *, out=None):
     out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x, reads=dict(x=x, offsets=offsets))
     backend.segment_norms(backend.ascontiguous(x), offsets, out)
     return out
+
+
+# ---- training-step bookkeeping on the device ---------------------------------------------------------
+
+def metrics_size(layers):
+    """The length of the float64 ``metrics`` buffer that :func:`check_step` and :func:`count_correct`
+    write for a model with ``layers`` parameter layers (allocate it zeroed where the model lives)."""
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 0:
+        raise ValueError(f"layers must be a non-negative integer, got {layers!r}")
+    return _metrics.size(int(layers))
+
+
+def unpack_metrics(values, layers):
+    """The fields of a host copy of a ``metrics`` buffer, as a dict: ``loss_sum`` (loss * rows over the
+    applied steps), ``correct``, ``steps`` (checked), ``bad_step`` (the first step, from 1, with a
+    non-finite loss or norm; 0: none), ``bad_loss``, ``norm_sums`` and ``bad_norms`` (per layer)."""
+    m, values = _metrics, np.asarray(values)
+    check.shape("values", values, (metrics_size(layers),), f"the metrics of {layers} layers")
+    return {"loss_sum": float(values[m.LOSS]), "correct": int(values[m.CORRECT]), "steps": int(values[m.STEPS]),
+            "bad_step": int(values[m.BAD_STEP]), "bad_loss": float(values[m.BAD_LOSS]),
+            "norm_sums": values[m.NORMS:m.NORMS + layers].copy(), "bad_norms": values[m.NORMS + layers:].copy()}
+
+
+def count_correct(output, target, metrics, *, threshold=0.0):
+    """Add the number of rows of ``output`` (N, C) that predict ``target`` to the correct count of a
+    ``metrics`` buffer (see :func:`check_step`), in place on the device (no host read): integer class
+    labels (N,) are matched by the row's argmax (first maximum, NaN as the maximum, like ``np.argmax``);
+    float targets (N, C) need every output on the same side of 0 as its target is of ``threshold``."""
+    check.float_array("output", output, ndim=2)
+    n = output.shape[0]
+    if not hasattr(target, "dtype") or not hasattr(target, "shape"):
+        raise TypeError(f"target must be an array, got {type(target).__name__}")
+    if np.dtype(target.dtype).kind in "iu":
+        check.shape("target", target, (n,), "one class id per row of output")
+    else:
+        check.float_array("target", target, ndim=2)
+        check.shape("target", target, output.shape, "the shape of output")
+    threshold = check.scalar("threshold", threshold)
+    _accumulator("metrics", metrics)
+    backend = select(output=output, target=target, metrics=metrics)
+    backend.count_correct(backend.ascontiguous(output), backend.ascontiguous(target), threshold, metrics)
+
+
+def _accumulator(name, a, layers=None):
+    """A float64 metrics buffer the bookkeeping kernels update in place: of ``metrics_size(layers)``
+    elements, or of any such size when ``layers`` is None."""
+    if not hasattr(a, "dtype") or np.dtype(a.dtype) != np.float64:
+        raise TypeError(f"{name} must be a float64 array, got {getattr(a, 'dtype', type(a).__name__)}")
+    if layers is not None:
+        check.shape(name, a, (metrics_size(layers),), f"the metrics of {layers} layers")
+    elif len(a.shape) != 1 or a.shape[0] < metrics_size(0) or (a.shape[0] - metrics_size(0)) % 2:
+        raise ValueError(f"{name} must be a metrics buffer (1-D, metrics_size(layers) elements), got shape "
+                         f"{tuple(a.shape)}")
+    check.inplace(name, a)
+
+
+def check_step(loss, norms, metrics, scale, *, rows, max_norm=None):
+    """One training step's bookkeeping, on the device: records the step in ``metrics`` (see
+    ``kernels/reference/metrics.py`` for the layout; :func:`unpack_metrics` reads a host copy) and
+    writes the optimizer's gradient ``scale`` (the ``scale=`` of every optimizer step).
+
+    A step with a finite ``loss`` (the mean over ``rows`` rows) and finite per-layer gradient ``norms``
+    (1-D float64, e.g. from :func:`segment_norms`), and no non-finite step before it since ``metrics`` was
+    zeroed, adds ``loss * rows`` and its norms to the sums and gets the scale that clips the global norm
+    to ``max_norm`` (``max_norm / (norm + 1e-6)`` above it, else 1; None: no clipping). Any other step
+    gets scale 0 (the optimizer skips it) and the first one is recorded with its loss and norms, so a
+    host read at any later time can say which step failed and why. ``loss``: the loss kernels' result
+    (a host scalar, or the 0-d device array the cuda backend returns)."""
+    check.float_array("norms", norms, ndim=1)
+    if np.dtype(norms.dtype) != np.float64:
+        raise TypeError(f"norms must have dtype float64, got {norms.dtype}")
+    _accumulator("metrics", metrics, norms.shape[0])
+    check.float_array("scale", scale)
+    check.shape("scale", scale, (1,), "one gradient scale")
+    check.inplace("scale", scale)
+    if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
+        raise ValueError(f"rows must be a positive integer, got {rows!r}")
+    max_norm = math.inf if max_norm is None else check.scalar("max_norm", max_norm, low=0.0, low_open=True)
+    on_device = is_device_array(loss)
+    if hasattr(loss, "shape"):
+        check.float_array("loss", loss)
+        if math.prod(loss.shape) != 1:
+            raise ValueError(f"loss must be a scalar or a 1-element array, got shape {tuple(loss.shape)}")
+        loss = loss if on_device else np.asarray(loss).reshape(())[()]
+    elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"loss must be a real number or a 1-element array, got {type(loss).__name__}")
+    backend = select(loss=loss if on_device else None, norms=norms, metrics=metrics, scale=scale)
+    if backend.name == "cuda" and not on_device:
+        raise TypeError("loss must be a device array (as the cuda loss kernels return it) when norms, metrics "
+                        f"and scale are, got {type(loss).__name__}")
+    backend.check_step(loss, int(rows), norms, max_norm, metrics, scale)
 
 
 # ---- batch normalisation ---------------------------------------------------------------------------

@@ -52,6 +52,17 @@ def _job_calls(name, dtype):
         "rmsprop_step": lambda: k.rmsprop_step(p, g, s1, momentum=0.9, momentum_buffer=s2),
         "adagrad_step": lambda: k.adagrad_step(p, g, s1),
         "adadelta_step": lambda: k.adadelta_step(p, g, s1, s2),
+        "count_correct": lambda: (k.count_correct(x, np.arange(8) % 12, np.zeros(k.metrics_size(0))),
+                                  k.count_correct(x, x, np.zeros(k.metrics_size(0)), threshold=0.5)),
+        "check_step": lambda: k.check_step(x[0, 0], np.ones(2), np.zeros(k.metrics_size(2)), np.ones(1, dtype),
+                                           rows=8),
+        "optimizer scale": lambda: [step(np.full(1, 0.5, dtype)) for step in (
+            lambda s: k.sgd_step(p, g, lr=0.1, momentum=0.9, velocity=s1, nesterov=True, weight_decay=0.1, step=1,
+                                 scale=s),
+            lambda s: k.adam_step(p, g, s1, s2, step=1, weight_decay=0.1, scale=s),
+            lambda s: k.adam_step(p, g, s1, s2, step=1, weight_decay=0.1, decoupled=True, scale=s),
+            lambda s: k.rmsprop_step(p, g, s1, momentum=0.9, momentum_buffer=s2, scale=s),
+            lambda s: k.adagrad_step(p, g, s1, scale=s), lambda s: k.adadelta_step(p, g, s1, s2, scale=s))],
     }
     for act in ("relu", "leaky_relu"):  # backward from the input (or the saved output, as nn does)
         calls[act] = lambda act=act: getattr(k, act)(x)
@@ -74,7 +85,7 @@ KERNELS = ("matmul", "matmul parallel", "relu", "relu_backward", "leaky_relu", "
            "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy",
            "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "bias_act_backward", "segment_norms",
            "batchnorm", "sgd_step", "adam_step", "rmsprop_step",
-           "adagrad_step", "adadelta_step")
+           "adagrad_step", "adadelta_step", "count_correct", "check_step", "optimizer scale")
 
 
 def _watch(first=None):

@@ -344,7 +344,8 @@ class Sequential:
 
     Built from ``input_dim`` when given, else lazily on the first batch (or by ``fit``). ``dtype`` is
     float32 by default (float64 for gradient checks); ``seed`` fixes the initial weights and the
-    dropout masks. Arrays live on the kernels' current backend (NumPy on the CPU, CuPy for cuda).
+    dropout masks. Arrays live on the kernels' current backend (NumPy on the CPU; for cuda, CuPy arrays
+    where CuPy runs, else Numba device arrays: see ``nn/_device.py``).
     """
 
     def __init__(self, layers, input_dim=None, dtype="float32", seed=None):
@@ -419,7 +420,7 @@ class Sequential:
             self.build(x.shape[1])
         self.check_batch(x)
         self.bind_kernels()
-        return self.run_forward(self.k.ascontiguous(x), training).copy()
+        return self.xp.array(self.run_forward(self.k.ascontiguous(x), training))
 
     __call__ = forward
 

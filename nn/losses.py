@@ -43,9 +43,11 @@ class Loss:
     def check_values(self, y, what):
         """Raise when a target value is outside what the loss accepts."""
 
-    def correct(self, output, target):
-        """Number of rows whose every output is on the right side of 0 (an array scalar on the device)."""
-        return ((output > 0) == (target > self.threshold)).all(axis=1).sum()
+    def count_correct(self, k, output, target, metrics):
+        """Add the rows predicted right to the correct count of the device ``metrics`` buffer (see
+        ``kernels.check_step``), by backend module ``k``'s kernel: every output on the side of 0 that its
+        target is of ``threshold`` (class labels: the argmax)."""
+        k.count_correct(output, target, self.threshold or 0.0, metrics)
 
 
 def check_finite(a, what):
@@ -81,9 +83,6 @@ class SoftmaxCrossEntropy(Loss):
             raise ValueError(f"{what} has label {y[i]} at index {i}, outside [0, {n_outputs}) for a model with "
                              f"{n_outputs} outputs ({int(bad.sum())} labels out of range)")
         return y.astype(np.int64)
-
-    def correct(self, output, target):
-        return (output.argmax(axis=1) == target).sum()
 
     def compute(self, k, output, target, doutput):
         return k.softmax_cross_entropy(output, target, doutput)

@@ -2,7 +2,8 @@
 like the model's flat parameter buffer; :meth:`Optimizer.step` is ONE fused kernel call over the
 whole model (torch.optim semantics: the step counter starts at 1). Hyperparameters are validated when
 set (constructor, ``lr`` setter, ``load_state_dict``), so the step calls the backend's kernel without
-checks. Also gradient clipping by global norm.
+checks. A step can take a device ``scale`` (written by ``kernels.check_step``) that clips the gradient
+and skips non-finite steps inside the same kernel call. Also gradient clipping by global norm on the host.
 """
 
 import math
@@ -64,18 +65,20 @@ class Optimizer:
         self.t = 0
         return self
 
-    def step(self, k=None):
+    def step(self, k=None, scale=None):
         """One update of every parameter from the gradient buffer, in one kernel call of the backend
-        module ``k`` (default: the one the bound buffers dispatch to)."""
+        module ``k`` (default: the one the bound buffers dispatch to). ``scale``: the optimizer kernels'
+        1-element gradient scale on the device (0 skips the update there; the step counter ``t`` still
+        advances: whoever skips it on the device rolls ``t`` back when it learns so, see the trainer)."""
         if self.params is None:
             raise RuntimeError(f"{type(self).__name__} is not bound to parameters; call bind(params, grads)")
         if k is None:
             k = _dispatch.select(param=self.params)
-        self._update(k, self.t + 1, self.params, self.grads, **self.state)
+        self._update(k, self.t + 1, self.params, self.grads, scale, **self.state)
         self.t += 1
 
-    def _update(self, k, t, param, grad, **state):
-        """Call ``k``'s kernel for step number ``t`` (flat, C-contiguous buffers)."""
+    def _update(self, k, t, param, grad, scale, **state):
+        """Call ``k``'s kernel for step number ``t`` (flat, C-contiguous buffers; ``scale`` or None)."""
         raise NotImplementedError
 
     def state_dict(self):
@@ -120,10 +123,10 @@ class SGD(Optimizer):
         if self.hyper["momentum"] == 0:
             self.buffers = ()
 
-    def _update(self, k, t, param, grad, velocity=None):
+    def _update(self, k, t, param, grad, scale, velocity=None):
         h = self.hyper
         k.sgd_step(param, grad, h["lr"], h["momentum"], velocity, h["dampening"], h["nesterov"], h["weight_decay"],
-                   t)
+                   t, scale)
 
 
 class Adam(Optimizer):
@@ -134,10 +137,10 @@ class Adam(Optimizer):
     limits = {"beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True)}
     decoupled = False
 
-    def _update(self, k, t, param, grad, m, v):
+    def _update(self, k, t, param, grad, scale, m, v):
         h = self.hyper
         k.adam_step(param, grad, m, v, t, h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-                    self.decoupled)
+                    self.decoupled, scale)
 
 
 class AdamW(Adam):
@@ -159,10 +162,10 @@ class RMSProp(Optimizer):
         if self.hyper["momentum"] == 0:
             self.buffers = ("square_avg",)
 
-    def _update(self, k, t, param, grad, square_avg, momentum_buffer=None):
+    def _update(self, k, t, param, grad, scale, square_avg, momentum_buffer=None):
         h = self.hyper
         k.rmsprop_step(param, grad, square_avg, h["lr"], h["alpha"], h["eps"], h["weight_decay"], h["momentum"],
-                       momentum_buffer)
+                       momentum_buffer, scale)
 
 
 class Adagrad(Optimizer):
@@ -171,9 +174,9 @@ class Adagrad(Optimizer):
     buffers = ("sum_sq",)
     defaults = {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0}
 
-    def _update(self, k, t, param, grad, sum_sq):
+    def _update(self, k, t, param, grad, scale, sum_sq):
         h = self.hyper
-        k.adagrad_step(param, grad, sum_sq, h["lr"], h["eps"], h["weight_decay"])
+        k.adagrad_step(param, grad, sum_sq, h["lr"], h["eps"], h["weight_decay"], scale)
 
 
 class Adadelta(Optimizer):
@@ -183,9 +186,9 @@ class Adadelta(Optimizer):
     defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
     limits = {"rho": (0.0, 1.0)}
 
-    def _update(self, k, t, param, grad, square_avg, acc_delta):
+    def _update(self, k, t, param, grad, scale, square_avg, acc_delta):
         h = self.hyper
-        k.adadelta_step(param, grad, square_avg, acc_delta, h["lr"], h["rho"], h["eps"], h["weight_decay"])
+        k.adadelta_step(param, grad, square_avg, acc_delta, h["lr"], h["rho"], h["eps"], h["weight_decay"], scale)
 
 
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (SGD, Adam, AdamW, RMSProp, Adagrad, Adadelta)}

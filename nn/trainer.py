@@ -1,11 +1,14 @@
 """The trainer: ``fit`` (full-batch, mini-batch or stochastic gradient descent), ``evaluate``, ``predict``.
 
 Every input is validated before any training; batches are moved to the model's device once; each step
-is forward, fused loss, backward into the flat gradient buffer, per-layer gradient norms (one kernel
-pass over that buffer: recorded, checked for NaN/Inf, used for clipping), then ONE fused optimizer call.
-The step calls the backend module's kernels (resolved once per ``fit``) on buffers reused from step to
-step. A KeyboardInterrupt that arrives during a step is held until the step has finished, so an
-interrupted ``fit`` leaves the weights of the last completed step and can simply be called again.
+is forward, fused loss (and the correct count), backward into the flat gradient buffer, per-layer
+gradient norms (one kernel pass over that buffer), the step's bookkeeping (``check_step``: the loss and
+norms summed into a device metrics buffer, NaN/Inf detected, the clipping scale computed), then ONE fused
+optimizer call that clips, or skips a non-finite step, on the device. Nothing is read back to the host
+inside a step: the metrics are read at the epoch's end and at the progress bar's pace. The step calls
+the backend module's kernels (resolved once per ``fit``) on buffers reused from step to step. A
+KeyboardInterrupt that arrives during a step is held until the step has finished, so an interrupted
+``fit`` leaves the weights of the last completed step and can simply be called again.
 """
 
 import math
@@ -15,6 +18,8 @@ import time
 
 import numpy as np
 from tqdm import tqdm
+
+import kernels
 
 from . import checkpoint
 from . import distributed as distributed_
@@ -77,6 +82,24 @@ class _StepGuard:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
+
+
+class _SyncClock:
+    """When the training loop reads the device metrics (besides the epoch's end): every ``every`` steps
+    when given, else at the progress bar's refresh interval when there is a bar, else never."""
+
+    def __init__(self, every, bar):
+        self.every = every
+        self.interval = bar.mininterval if every is None and not bar.disable else None
+        self.last = time.perf_counter()
+
+    def due(self, step):
+        if self.every is not None:
+            return (step + 1) % self.every == 0
+        if self.interval is None or time.perf_counter() - self.last < self.interval:
+            return False
+        self.last = time.perf_counter()
+        return True
 
 
 class Trainer:
@@ -161,13 +184,21 @@ class Trainer:
     # ---- training ------------------------------------------------------------------------------------
 
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0, shuffle=True,
-            seed=None, callbacks=(), verbose=1):
+            seed=None, callbacks=(), verbose=1, sync_every=None):
         """Train for ``epochs`` more epochs; returns a :class:`History`.
 
         ``batch_size``: rows per step (None: the whole dataset, i.e. full-batch gradient descent; 1:
         stochastic). ``validation_split`` holds out the last fraction of the rows (before shuffling).
         ``seed`` (default: the model's) fixes the shuffling: epoch ``e`` uses the permutation drawn from
         (seed, e), so resuming from a checkpoint continues the same sequence. ``verbose=0`` is silent.
+
+        Losses, accuracy counts and gradient norms accumulate where the model lives; the host reads them
+        (one device-to-host copy) at the epoch's end and, with ``verbose``, when the progress bar refreshes
+        (``sync_every=N``: every N steps instead). A step whose loss or gradient is NaN/Inf is skipped on
+        the device, and so is every later step of the epoch; the next read raises :class:`NonFiniteError`
+        naming the step and the layer, with the weights (and the optimizer's state and step count) of the
+        last applied step. Non-trainable layer state (BatchNorm's running averages, Dropout's counter)
+        keeps the forward passes of the skipped steps.
         """
         X, y = self._prepare(X, y)
         X, y, val = self._validation(X, y, validation_data, validation_split)
@@ -176,6 +207,9 @@ class Trainer:
         batch_size = len(X) if batch_size is None else batch_size
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, (int, np.integer))
+                                       or sync_every < 1):
+            raise ValueError(f"sync_every must be a positive integer or None, got {sync_every!r}")
         self.comm.setup(self.model, len(X), min(batch_size, len(X)))  # distributed: rank 0's state to all
         verbose = verbose if self.comm.is_root else 0  # distributed: rank 0 prints
         seed = self.model.seed if seed is None else int(seed)
@@ -188,7 +222,8 @@ class Trainer:
         with _StepGuard() as guard:
             for _ in range(epochs):
                 start = time.perf_counter()
-                logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose, guard)
+                logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose, guard,
+                                                sync_every)
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
                 self.epoch += 1
@@ -222,56 +257,71 @@ class Trainer:
             return A[idx]
         return np.take(A, idx, axis=0, out=self._buffer(key, (len(idx),) + A.shape[1:], A.dtype))
 
-    def _train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose, guard):
+    def _train_epoch(self, X, y, batch_size, shuffle, seed, last, verbose, guard, sync_every=None):
         model, opt = self.model, self.optimizer
         model.bind_kernels()
-        n = len(X)
+        k, n = model.k, len(X)
         order = np.random.default_rng([seed, self.epoch]).permutation(n) if shuffle else None
         layers = model.parameter_layers()
-        norm_sums = np.zeros(len(layers))
         offsets = self._segment_offsets(layers)
-        total_loss, correct, steps = 0.0, 0, math.ceil(n / batch_size)
+        norms = self._buffer("norms", (len(layers),), np.float64)
+        scale = self._buffer("scale", (1,), model.dtype)
+        metrics = model.xp.zeros(kernels.metrics_size(len(layers)), np.float64)
+        max_norm = math.inf if self.clip_norm is None else self.clip_norm
+        steps, t0 = math.ceil(n / batch_size), opt.t
         if self.schedule is not None and self.schedule.per == "epoch":
             opt.lr = self.schedule(opt.base_lr, self.epoch)
-        # NaN/Inf are caught by the explicit loss and gradient checks below, which stop training with an
-        # error naming the layer; NumPy's floating-point warnings on the way there would only be noise.
+        seen = 0
+
+        def rows_of(step):
+            rows = slice(step * batch_size, (step + 1) * batch_size)
+            rows = self.comm.share(rows, n)  # distributed: this rank's rows of the global batch
+            return rows if order is None else order[rows]
+
+        def read():
+            """The one device-to-host copy: the metrics so far; raises if a step was not applied."""
+            values = kernels.unpack_metrics(to_host(metrics), len(layers))
+            if values["bad_step"]:
+                opt.t = t0 + values["bad_step"] - 1  # the skipped steps did not count
+                if self.schedule is not None and self.schedule.per == "step":
+                    opt.lr = self.schedule(opt.base_lr, opt.t)
+                raise self._non_finite(values, layers, lambda: self._batch("x", X, rows_of(values["bad_step"] - 1)))
+            return values
+
+        # NaN/Inf are caught on the device (check_step) and reported at the next read with an error naming
+        # the layer; NumPy's floating-point warnings on the way there would only be noise.
         with tqdm(total=n, desc=f"epoch {self.epoch + 1}/{last}", unit="sample", leave=False,
                   disable=not verbose) as bar, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            sync = _SyncClock(sync_every, bar)
             for step in range(steps):
-                rows = slice(step * batch_size, (step + 1) * batch_size)
-                rows = self.comm.share(rows, n)  # distributed: this rank's rows of the global batch
-                idx = rows if order is None else order[rows]
+                idx = rows_of(step)
                 xb, yb = self._batch("x", X, idx), self._batch("y", y, idx)
                 if self.schedule is not None and self.schedule.per == "step":
                     opt.lr = self.schedule(opt.base_lr, opt.t)
                 guard.in_step = True
                 out = model.run_forward(xb, training=True)
                 dout = self._buffer("dout", out.shape, out.dtype)
-                loss = float(self.loss.compute(model.k, out, yb, dout))
-                if not math.isfinite(loss):
-                    raise NonFiniteError(self._where(step) + f"the loss became {loss}{self._culprit(xb)}. "
-                                         "The weights were not updated; lower the learning rate, clip "
-                                         "gradients (clip_norm=...) or check the data")
+                loss = self.loss.compute(k, out, yb, dout)
+                if self.metrics:
+                    self.loss.count_correct(k, out, yb, metrics)
                 model.run_backward(self.comm.weigh(dout))  # distributed: weighted for the global batch
                 self.comm.reduce_gradients(model.grads)  # distributed: sum over ranks
-                norms = self._grad_norms(layers, offsets, step)
-                norm_sums += norms
-                if self.clip_norm is not None:
-                    optim.clip_grad_norm(model.grads, self.clip_norm, float(np.sqrt(np.sum(norms**2))))
-                opt.step(model.k)
+                k.segment_norms(model.grads, offsets, norms)
+                k.check_step(loss, len(xb), norms, max_norm, metrics, scale)  # scale 0: skip, on the device
+                opt.step(k, scale)
                 guard.end_step()
-                total_loss += loss * len(xb)
-                if self.metrics:
-                    correct += self.loss.correct(out, yb)
+                seen += len(xb)
                 if verbose:
                     bar.update(len(xb))
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        total_loss, correct = self.comm.sum(total_loss, correct)  # distributed: over ranks
+                if step + 1 < steps and sync.due(step):
+                    bar.set_postfix(loss=f"{read()['loss_sum'] / seen:.4f}", refresh=False)
+            values = read()
+        total_loss, correct = self.comm.sum(values["loss_sum"], values["correct"])  # distributed: over ranks
         logs = {"loss": total_loss / n}
         if self.metrics:
             logs["accuracy"] = float(correct) / n
         logs["lr"] = opt.lr
-        return logs, {name: float(s / steps) for (name, _), s in zip(layers, norm_sums)}
+        return logs, {name: float(s / steps) for (name, _), s in zip(layers, values["norm_sums"])}
 
     def _where(self, step):
         return f"training stopped at epoch {self.epoch + 1}, step {step + 1}: "
@@ -282,44 +332,36 @@ class Trainer:
         bounds = [sl.start for _, sl in layers] + [layers[-1][1].stop if layers else 0]
         return self.model.xp.asarray(np.array(bounds, np.int64))
 
-    def _grad_norms(self, layers, offsets, step):
-        """The L2 norm of each parameter layer's gradient, all in one kernel pass over the flat buffer
-        (in float64: non-finite only when an element is NaN/Inf, or a float64 square overflows); raises
-        naming the layers when one is NaN/Inf."""
-        xp, grads = self.model.xp, self.model.grads
-        out = self._buffer("norms", (len(layers),), np.float64)
-        self.model.k.segment_norms(grads, offsets, out)
-        norms = to_host(out)
-        if np.isfinite(norms).all():
-            return norms
-        norms = norms.copy()
-        for i, (_, sl) in enumerate(layers):
-            if not math.isfinite(norms[i]) and bool(xp.isfinite(grads[sl]).all()):  # float64 overflow
-                g = grads[sl] / xp.abs(grads[sl]).max()
-                norms[i] = float(xp.abs(grads[sl]).max()) * math.sqrt(float(xp.sum(g * g)))
-        bad = [(name, norms[i]) for i, (name, _) in enumerate(layers) if not math.isfinite(norms[i])]
-        if bad:
-            kinds = {name: "nan" if bool(xp.isnan(grads[sl]).any()) else "inf" for name, sl in layers
-                     if name in dict(bad)}
-            raise NonFiniteError(self._where(step) + f"the gradient of layer {bad[-1][0]!r} became "
-                                 f"{kinds[bad[-1][0]]} (non-finite gradients in: {', '.join(kinds)}). The weights "
-                                 "were not updated; lower the learning rate or clip gradients (clip_norm=...)")
-        return norms
+    def _non_finite(self, values, layers, batch):
+        """The error for the first step that was not applied (``values``: the metrics read from the
+        device): its loss, else its gradient norms, say what went wrong; ``batch()`` gives that step's
+        inputs for the diagnosis of a non-finite loss."""
+        where = self._where(values["bad_step"] - 1)
+        loss = values["bad_loss"]
+        if not math.isfinite(loss):
+            return NonFiniteError(where + f"the loss became {loss}{self._culprit(batch())}. The weights were not "
+                                  "updated; lower the learning rate, clip gradients (clip_norm=...) or check the data")
+        kinds = {name: "nan" if math.isnan(norm) else "inf" for (name, _), norm in zip(layers, values["bad_norms"])
+                 if not math.isfinite(norm)}
+        top = list(kinds)[-1]
+        return NonFiniteError(where + f"the gradient of layer {top!r} became {kinds[top]} (non-finite gradients in: "
+                              f"{', '.join(kinds)}). The weights were not updated; lower the learning rate or clip "
+                              "gradients (clip_norm=...)")
 
     def _culprit(self, xb):
         """Where a non-finite loss comes from: a layer with non-finite weights, else the first layer
-        whose (evaluation-mode) output is non-finite. Runs only on the failure path."""
-        model, xp = self.model, self.model.xp
+        whose (evaluation-mode) output is non-finite. Runs only on the failure path (host copies)."""
+        model = self.model
         for layer in model.layers:
             for name, p in layer.params.items():
-                if not bool(xp.isfinite(p).all()):
+                if not np.isfinite(to_host(p)).all():
                     return f" (layer {layer.name!r} has non-finite weights {name})"
         x = xb
         for layer in model.layers:
             x = layer.forward(x, training=False)
-            if not bool(xp.isfinite(x).all()):
+            if not np.isfinite(to_host(x)).all():
                 return f" (the output of layer {layer.name!r} is the first that is non-finite)"
-        return (f" (the last layer {model.layers[-1].name!r} outputs values up to {float(xp.abs(x).max()):.3g}: "
+        return (f" (the last layer {model.layers[-1].name!r} outputs values up to {np.abs(to_host(x)).max():.3g}: "
                 f"the loss overflowed {model.dtype})")
 
     # ---- evaluation ----------------------------------------------------------------------------------
@@ -333,15 +375,19 @@ class Trainer:
         model.bind_kernels()
         part = self.comm.shard(n)  # distributed: this rank's rows, the sums reduced below
         X, y = X[part], y[part]
-        total, correct = 0.0, 0
+        metrics = model.xp.zeros(kernels.metrics_size(0), np.float64)  # no norms: the loss and correct count
+        no_norms, scale = self._buffer("no norms", (0,), np.float64), self._buffer("scale", (1,), model.dtype)
         for start in range(0, len(X), batch_size):
             rows = slice(start, start + batch_size)
             xb, yb = self._batch("x", X, rows), self._batch("y", y, rows)
             out = model.run_forward(xb, training=False)
-            total += float(self.loss.compute(model.k, out, yb, self._buffer("dout", out.shape, out.dtype))) * len(xb)
+            loss = self.loss.compute(model.k, out, yb, self._buffer("dout", out.shape, out.dtype))
+            model.k.check_step(loss, len(xb), no_norms, math.inf, metrics, scale)
             if self.metrics:
-                correct += self.loss.correct(out, yb)
-        total, correct = self.comm.sum(total, correct)  # distributed: over ranks
+                self.loss.count_correct(model.k, out, yb, metrics)
+        values = kernels.unpack_metrics(to_host(metrics), 0)
+        total = values["bad_loss"] * n if values["bad_step"] else values["loss_sum"]  # non-finite: reported as is
+        total, correct = self.comm.sum(total, values["correct"])  # distributed: over ranks
         logs = {"loss": total / n}
         if self.metrics:
             logs["accuracy"] = float(correct) / n

@@ -85,3 +85,4 @@ def compiled_copy(body, dtype):
 
 needs_avx2 = pytest.mark.skipif("+avx2" not in llvmlite.binding.get_host_cpu_features().flatten(),
                                 reason="looks for x86 AVX2/AVX-512 vector instructions")
+

@@ -187,6 +187,40 @@ def test_cupy_arrays_get_cupy_outputs(monkeypatch):
     assert _is_numba_device(kernels.cuda.empty((2,), np.float64, cuda.to_device(np.ones(1))))
 
 
+def test_host_device_copies_keep_the_array_kind(monkeypatch):
+    """to_device/zeros give CuPy arrays for a CuPy ``like`` (a stand-in module here), Numba device arrays
+    otherwise; to_host copies either kind back (CuPy's .get(), Numba's copy_to_host)."""
+    calls = []
+    cupy = types.SimpleNamespace(asarray=lambda x: calls.append(("asarray", x.shape)) or "cupy-array")
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    like = type("ndarray", (), {"__module__": "cupy._core.core", "get": lambda self: "host copy"})()
+    assert kernels.cuda.to_device(np.ones(3), like) == "cupy-array"
+    assert kernels.cuda.zeros((2, 2), np.float32, like) == "cupy-array"
+    assert calls == [("asarray", (3,)), ("asarray", (2, 2))]
+    assert kernels.cuda.to_host(like) == "host copy"
+    on_device = kernels.cuda.to_device(np.arange(4.0)[::2], None)  # non-contiguous host data is fine
+    assert _is_numba_device(on_device)
+    np.testing.assert_array_equal(kernels.cuda.to_host(on_device), [0.0, 2.0])
+    np.testing.assert_array_equal(kernels.cuda.to_host(kernels.cuda.zeros((2,), np.float64, None)), [0.0, 0.0])
+
+
+def test_nn_keeps_numba_device_arrays_where_cupy_cannot_run():
+    """Under the simulator (or without CuPy) nn's cuda arrays are Numba device arrays."""
+    from nn import _device
+
+    if _device._cupy() is not None:
+        pytest.skip("CuPy runs here, so nn keeps CuPy arrays")
+    xp = _device.namespace("cuda")
+    assert xp is _device.NUMBA_ARRAYS
+    a = xp.asarray(np.arange(3, dtype=np.float32))
+    assert _is_numba_device(a) and _device.namespace_of(a) is xp and _device.namespace_of(np.ones(1)) is np
+    b = xp.array(a)  # a copy on the device
+    a[...] = xp.zeros((3,), np.float32)
+    np.testing.assert_array_equal(_device.to_host(b), [0, 1, 2])
+    np.testing.assert_array_equal(_device.to_host(a), [0, 0, 0])
+    assert _device.to_host(xp.ones((2,), np.float64)).tolist() == [1.0, 1.0]
+
+
 # Compiles every kernel for a real GPU (compute capability 9.0) down to LLVM IR, in a process without the
 # simulator: the simulator runs kernels as Python and checks no types. Needs no GPU and no driver (the
 # current device is only asked for its compute capability); NVVM, which makes PTX, is not needed either.
@@ -222,9 +256,9 @@ for dtype in (np.float32, np.float64):
                 (launch._copy2d, (any2, m2)),
                 (los._bias_grad_kernel(d), (any2, types.int64, m2, u32, v)),
                 (dr._dropout, (v, types.uint64, types.uint64, f, v)),
-                (opt._sgd, (v, v, v, f, f, f, f, b, b, b)), (opt._adam, (v, v, v, v) + (f,) * 8 + (b,)),
-                (opt._rmsprop, (v, v, v, v) + (f,) * 6 + (b,)), (opt._adagrad, (v, v, v, f, f, f)),
-                (opt._adadelta, (v, v, v, v) + (f,) * 5)]
+                (opt._sgd, (v, v, v, b, v, f, f, f, f, b, b, b)), (opt._adam, (v, v, v, b, v, v) + (f,) * 8 + (b,)),
+                (opt._rmsprop, (v, v, v, b, v, v) + (f,) * 6 + (b,)), (opt._adagrad, (v, v, v, b, v, f, f, f)),
+                (opt._adadelta, (v, v, v, b, v, v) + (f,) * 5)]
     kernels += [(los._pointwise_kernel(t, d, G.threads), (v, v, f, f, v, v, u32, v))
                 for t in (los._mse_terms, los._bce_terms, los._hinge_terms)]
     kernels += [(mm._gemm_kernel(d, tiles, ta, tb, bias, activation), (any2, any2, types.Array(f, 1, "A"), f, m2))
@@ -238,6 +272,13 @@ for dtype in (np.float32, np.float64):
         doubles = [line for line in ir.splitlines() if " double" in line and "declare" not in line]
         assert not (dtype is np.float32 and doubles), (kernel.py_func.__name__, doubles[:3])
         print(kernel.py_func.__name__, dtype.__name__, len(doubles))
+    # the step's bookkeeping: float64 metrics by design, so only compiled (the loss and scale in the dtype)
+    met, d64 = importlib.import_module("kernels.cuda.metrics"), types.Array(types.float64, 1, "C")
+    for kernel, signature in [(met._count_labels, (m2, types.Array(types.int64, 1, "C"), d64)),
+                              (met._count_thresholds, (m2, m2, f, d64)),
+                              (met._check_step, (v, types.float64, d64, types.float64, d64, v))]:
+        compile_cuda(kernel.py_func, types.void, signature, cc=(9, 0))
+        print("bookkeeping:" + kernel.py_func.__name__, "compiled")
 """
 
 

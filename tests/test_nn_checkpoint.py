@@ -20,12 +20,12 @@ def _trainer(model):
     return nn.Trainer(model, optimizer=nn.AdamW(lr=0.01), schedule=nn.StepDecay(2, gamma=0.5))
 
 
-def _data():
-    return make_moons(100, noise=0.1, random_state=0)
+def _data(n=100):
+    return make_moons(n, noise=0.1, random_state=0)
 
 
 def test_save_load_round_trip_gives_identical_predictions(nn_backend, tmp_path):
-    X, y = _data()
+    X, y = _data(32 if nn_backend.simulated else 100)
     trainer = _trainer(_model())
     trainer.fit(X, y, epochs=2, batch_size=16, verbose=0)
     path = tmp_path / "model.npz"
@@ -44,7 +44,7 @@ def test_save_load_round_trip_gives_identical_predictions(nn_backend, tmp_path):
 
 def test_resuming_from_a_checkpoint_equals_never_stopping(nn_backend, tmp_path):
     """Shuffling, dropout masks, BatchNorm statistics, optimizer state and the schedule all continue."""
-    X, y = _data()
+    X, y = _data(40 if nn_backend.simulated else 100)
     straight = _trainer(_model())
     expected = straight.fit(X, y, epochs=4, batch_size=16, validation_split=0.2, verbose=0)
 

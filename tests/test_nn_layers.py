@@ -4,7 +4,7 @@ the flat parameter buffer."""
 import numpy as np
 import pytest
 import torch
-from helpers import numeric_grad
+from helpers import numeric_grad, reference
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,7 +49,16 @@ def test_whole_model_gradient_matches_finite_differences(nn_backend, arch, loss)
         return float(trainer.loss(model.forward(Xd, training=True), yd)[0])
 
     start = nn_backend.get(model.params).copy()
-    expected = numeric_grad(loss_at, start)
+    if nn_backend.simulated:  # too many forward passes for the simulator: the reference's gradient (checked here)
+        def reference_grads():
+            twin = nn.Sequential(MODELS[arch](), input_dim=4, dtype="float64", seed=5)
+            targets = trainer.loss.prepare_targets(y, 3, np.float64)
+            twin.backward(trainer.loss(twin.forward(X, training=True), targets)[1])
+            return twin.grads
+
+        expected = reference(reference_grads)
+    else:
+        expected = numeric_grad(loss_at, start)
     model.params[...] = xp.asarray(start)
     model.backward(trainer.loss(model.forward(Xd, training=True), yd)[1])
     np.testing.assert_allclose(nn_backend.get(model.grads), expected, rtol=1e-6, atol=1e-8)

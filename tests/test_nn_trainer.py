@@ -1,11 +1,15 @@
 """nn trainer: gradient-descent variants, history, early stopping, gradient health, NaN/Inf stops,
 bad input caught before training, reproducibility."""
 
+import time
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_moons
 
+import kernels
 import nn
+from helpers import reference
 from nn import Layer
 
 
@@ -22,6 +26,18 @@ def _model(seed=0, **kw):
                          ids=["full-batch", "mini-batch", "stochastic"])
 def test_sgd_full_batch_mini_batch_and_stochastic_all_learn(nn_backend, batch_size, epochs, lr):
     X, y = _moons()
+    if nn_backend.simulated:  # a few steps in the simulator, step for step with the reference backend
+        X, y, epochs = X[:6], y[:6], 2
+
+        def run():
+            trainer = nn.Trainer(_model(), optimizer=nn.SGD(lr=lr, momentum=0.9))
+            return trainer.fit(X, y, epochs=epochs, batch_size=batch_size, verbose=0).history, trainer.optimizer.t
+
+        (got, t), (expected, _) = run(), reference(run)
+        np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["accuracy"], expected["accuracy"], atol=1 / len(X) + 1e-9)
+        assert t == epochs * (1 if batch_size is None else -(-len(X) // batch_size))
+        return
     trainer = nn.Trainer(_model(), optimizer=nn.SGD(lr=lr, momentum=0.9))
     history = trainer.fit(X, y, epochs=epochs, batch_size=batch_size, verbose=0)
     steps_per_epoch = 1 if batch_size is None else -(-len(X) // batch_size)
@@ -226,7 +242,7 @@ def test_other_losses_train_a_one_output_model(loss, targets):
 
 
 def test_same_seed_gives_bitwise_identical_training(nn_backend):
-    X, y = _moons()
+    X, y = _moons(40 if nn_backend.simulated else 120)
     runs = []
     for seed in (3, 3, 4):
         model = nn.Sequential([nn.Dense(16, activation="relu"), nn.BatchNorm(), nn.Dropout(0.3), nn.Dense(2)],
@@ -237,3 +253,90 @@ def test_same_seed_gives_bitwise_identical_training(nn_backend):
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     assert not np.array_equal(runs[0][0], runs[2][0])
+
+
+class NaNAfter(Layer):
+    """A test layer whose parameter gradient turns NaN from its ``bad``-th backward pass on (counting from 1)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def build(self, input_dim, xp, dtype):
+        super().build(input_dim, xp, dtype)
+        self.param_shapes = {"s": (input_dim,)}
+
+    def init_params(self, rng):
+        return {"s": np.ones(self.input_dim)}
+
+    def forward(self, x, training):
+        self.x = x
+        return x * self.params["s"]
+
+    def backward(self, dy, need_dx=True):
+        self.calls += 1
+        self.grads["s"][...] = (dy * self.x).sum(axis=0) * (np.nan if self.calls >= self.bad else 1)
+        return dy * self.params["s"]
+
+
+def _nan_after_trainer(bad):
+    model = nn.Sequential([nn.Dense(8, activation="relu"), NaNAfter(bad), nn.Dense(2)], input_dim=2, seed=0)
+    return nn.Trainer(model, optimizer=nn.Adam(lr=0.01))
+
+
+@pytest.mark.parametrize("sync_every", [None, 1, 3])
+def test_a_non_finite_step_is_skipped_on_the_device_and_training_can_go_on(sync_every):
+    """Step 3 (epoch 2, step 1) has a NaN gradient: it and every later step of the epoch are skipped on
+    the device, the read raises naming it, and the weights, optimizer state and step count are those after
+    step 2, so a caller that catches the error and fixes the cause continues exactly as if step 3 never ran."""
+    X, y = _moons(32)
+    good, bad = _nan_after_trainer(np.inf), _nan_after_trainer(3)
+    good.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    with pytest.raises(nn.NonFiniteError, match=r"epoch 2, step 1: the gradient of layer 'nanafter_0' became nan"):
+        bad.fit(X, y, epochs=2, batch_size=16, verbose=0, sync_every=sync_every)
+    assert bad.optimizer.t == good.optimizer.t == 2 and bad.epoch == 1
+    np.testing.assert_array_equal(bad.model.params, good.model.params)
+    for name, buf in good.optimizer.state.items():
+        np.testing.assert_array_equal(bad.optimizer.state[name], buf)
+    bad.model.layers[1].bad = np.inf
+    np.testing.assert_array_equal(bad.fit(X, y, epochs=1, batch_size=16, verbose=0)["loss"],
+                                  good.fit(X, y, epochs=1, batch_size=16, verbose=0)["loss"])
+    np.testing.assert_array_equal(bad.model.params, good.model.params)
+
+
+def test_sync_every_must_be_a_positive_integer():
+    X, y = _moons()
+    for value in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="sync_every must be a positive integer or None"):
+            nn.Trainer(_model()).fit(X, y, verbose=0, sync_every=value)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sync_every, verbose, reads", [(None, 0, 1), (3, 0, 3), (1, 0, 8), (None, 1, None)])
+def test_an_epoch_copies_device_data_to_the_host_only_when_it_reads_the_metrics(monkeypatch, capsys, sync_every,
+                                                                               verbose, reads):
+    """On the cuda backend (Numba device arrays; the simulator in CI) one epoch of 8 steps copies to the
+    host only to read the metrics: at the epoch's end, and every ``sync_every`` steps before it, or with
+    a progress bar at most once per refresh interval of the bar (0.1 s)."""
+    pytest.importorskip("numba.cuda")
+    X, y = _moons(32)
+    with kernels.use_backend("cuda"):
+        trainer = nn.Trainer(nn.Sequential([nn.Dense(4, activation="tanh"), nn.Dense(2)], seed=0),
+                             optimizer=nn.SGD(lr=0.1, momentum=0.9), clip_norm=1.0)
+        trainer.fit(X, y, epochs=1, batch_size=4, verbose=0)  # compiles; builds the model on the device
+        backend, array_type = kernels._dispatch.module("cuda"), type(trainer.model.params)
+        reads_made, copies = [], []
+        to_host, copy_to_host = backend.to_host, array_type.copy_to_host
+        monkeypatch.setattr(backend, "to_host", lambda a: reads_made.append(a.shape) or to_host(a))
+        monkeypatch.setattr(array_type, "copy_to_host",
+                            lambda self, *a, **k: copies.append(self.shape) or copy_to_host(self, *a, **k))
+        start = time.perf_counter()
+        history = trainer.fit(X, y, epochs=1, batch_size=4, verbose=verbose, sync_every=sync_every)
+        elapsed = time.perf_counter() - start
+    if reads is None:  # with the bar: at most one read per refresh interval, plus the epoch's end
+        assert 1 <= len(copies) <= elapsed / 0.1 + 1
+    else:
+        assert len(copies) == reads
+    assert len(reads_made) == len(copies)  # every copy is a read of the metrics buffer
+    assert set(copies) == {(kernels.metrics_size(2),)}
+    assert np.isfinite(history["loss"][0]) and 0 <= history["accuracy"][0] <= 1

@@ -252,13 +252,42 @@ ADAM_ERRORS = {  # id -> (arguments changed from valid ones, error, the argument
     "v-read-only": (dict(v=_read_only(np.zeros(8, np.float32))), ValueError, "v"),
     "param-strided": (dict(param=_strided(np.zeros(8, np.float32))), ValueError, "param"),
     "m-strided": (dict(m=_strided(np.zeros(8, np.float32))), ValueError, "m"),
+    "scale-shape": (dict(scale=np.ones(2, np.float32)), ValueError, "scale"),
+    "scale-dtype": (dict(scale=np.ones(1, np.float64)), TypeError, "scale"),
+    "scale-list": (dict(scale=[1.0]), TypeError, "scale"),
 }
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@given(shape=SHAPES, dtype=DTYPES, seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.0, 1.0, 0.25, 3.0]))
+def test_scaled_step_matches_reference(backend, name, shape, dtype, seed, scale):
+    """``scale=[s]``: the step with ``grad * s``; s == 0 skips it, param and state untouched; the scale
+    is read on the device (a device array there), so clipping and skipping need no host read."""
+    fn, _ = OPTIMIZERS[name]
+    hyper, states = FULL_CASES[name]
+    param, grad, state = _buffers(np.random.default_rng(seed), shape, dtype, states)
+    scaled = {**hyper, "scale": backend.to(np.array([scale], dtype))}
+    p_out, s_out = _step(fn, param, grad, state, scaled, backend)
+    if scale == 0:
+        np.testing.assert_array_equal(p_out, param)
+        for key in state:
+            np.testing.assert_array_equal(s_out[key], state[key])
+        return
+    p_ref, s_ref = _reference_step(fn, param, grad * dtype(scale), state, hyper)  # what clipping used to do
+    p_exact, s_exact = _reference_step(fn, param.astype(np.float64), grad.astype(np.float64) * scale,
+                                       {k: a.astype(np.float64) for k, a in state.items()}, hyper)
+    _assert_step_close(p_out, p_ref, param, dtype, p_exact)
+    for key in state:
+        _assert_step_close(s_out[key], s_ref[key], state[key], dtype, s_exact[key])
+    if not backend.is_cuda and (scale == 1 or backend.name == "numpy"):  # bitwise: no scale / a separate pass
+        np.testing.assert_array_equal(p_out, _step(fn, param, grad * dtype(scale), state, hyper, backend)[0])
 
 
 @pytest.mark.parametrize("change, error, name", ADAM_ERRORS.values(), ids=ADAM_ERRORS)
 def test_adam_rejects_bad_arguments(change, error, name):
     args = {**_adam_args(), **change}
-    hyper = {k: args.pop(k) for k in list(args) if k not in ("param", "grad", "m", "v")}
+    hyper = {k: args.pop(k) for k in list(args) if k not in ("param", "grad", "m", "v", "scale")}
+    hyper["scale"] = args.pop("scale", None)
     before = {k: np.array(a) for k, a in args.items()}
     with pytest.raises(error, match=rf"^{name}\b"):
         kernels.adam_step(args["param"], args["grad"], args["m"], args["v"], **{"step": 1, **hyper})

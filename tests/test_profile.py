@@ -4,6 +4,7 @@ import io
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import kernels
@@ -11,7 +12,7 @@ from kernels import profile
 
 KERNELS = [name for name in kernels.__all__ if name not in
            ("set_backend", "get_backend", "use_backend", "is_device_array", "warmup", "cpu_info",
-                                       "threading_info")]
+                                       "threading_info", "metrics_size", "unpack_metrics")]
 
 
 def _profiled(rows):
@@ -45,6 +46,21 @@ def test_profile_cuda_runs_every_kernel_and_flags_the_simulator():
     assert ("timings are meaningless" in text) == SIMULATOR
     for r in rows:
         assert r["kernel"] in text
+
+
+@pytest.mark.cuda
+def test_cuda_timing_queues_device_work_ahead_of_the_timed_call():
+    """The events bracket the kernel only when device work is queued before them (else the host's launch
+    cost is timed): the queued kernel runs its steps, in the stream ahead of the call."""
+    from numba import cuda
+
+    if not cuda.is_available():
+        pytest.skip("no CUDA device and the simulator is off")
+    dev = profile._Device()
+    dev.queue_ahead(steps=3)
+    assert dev.busy_out.copy_to_host()[0] == np.float32(1.75)  # 0 -> 1 -> 1.5 -> 1.75
+    dev.queue_ahead(steps=1)
+    assert dev.busy_out.copy_to_host()[0] == np.float32(1.875)
 
 
 def test_command_line_on_numba_filters_kernels():

@@ -9,7 +9,7 @@ from .._threading import setup as _setup_threading
 
 _setup_threading()  # before any kernel runs: Numba fixes its threading layer at the first parallel call
 
-from ..reference import ascontiguous, empty  # noqa: E402  (host arrays, as for the reference)
+from ..reference import ascontiguous, empty, to_device, to_host, zeros  # noqa: E402  (host arrays)
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
 from .batchnorm import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
@@ -18,6 +18,7 @@ from .dropout import dropout
 from .fused import bias_act_backward, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
+from .metrics import check_step, count_correct
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
 from ._parallel import scheduled
 

@@ -6,6 +6,11 @@ wrappers cast every hyperparameter, and the bias corrections computed once per s
 dtype before the loop, so float32 buffers get float32 math. Divisions are ``np.true_divide``: NumPy's
 semantics (x / 0 is inf or NaN, as in the reference) without the zero check of Python's ``/``, which
 would keep the loop scalar. NaN in a gradient reaches the parameter, as in the reference.
+
+A ``scale`` array (see the reference) is host memory here, read by the wrapper: 0 returns before the
+loop, 1 runs the loop compiled without a scale (bit for bit the code from before scales existed), any
+other value multiplies each gradient element as it is read (``_grad``), so clipping costs no pass of
+its own.
 """
 
 import math
@@ -17,10 +22,24 @@ from ._jit import jit
 from ._parallel import chunk, n_chunks, run
 
 
+@jit(inline="always")
+def _grad(grad, i, gscale):
+    """``grad[i]``, times the step's gradient scale unless that is None (a compile-time choice: the
+    unscaled loop compiles to exactly the code it had before scales existed)."""
+    return grad[i] if gscale is None else grad[i] * gscale
+
+
+def _scale(param, scale):
+    """The step's gradient scale in param's dtype: None for none (or 1), 0 to skip the step."""
+    if scale is None or scale[0] == 1:
+        return None
+    return param.dtype.type(scale[0])
+
+
 @jit
-def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_decay, first):
+def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_decay, first, gscale):
     for i in range(lo, hi):
-        g = grad[i] + weight_decay * param[i]
+        g = _grad(grad, i, gscale) + weight_decay * param[i]
         if velocity is not None:
             buf = g if first else momentum * velocity[i] + keep * g
             velocity[i] = buf
@@ -35,23 +54,24 @@ def _sgd_chunks(n, *args):
         _sgd(lo, hi, *args)
 
 
-def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step):
+def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
     """torch.optim.SGD's update; ``step == 1`` starts the velocity at the gradient, as torch does."""
-    t = param.dtype.type
-    run(_sgd, _sgd_chunks, param.size, param, grad, velocity, t(lr), t(momentum), t(1 - dampening), nesterov,
-        t(weight_decay), step == 1)
+    t, s = param.dtype.type, _scale(param, scale)
+    if s != 0:
+        run(_sgd, _sgd_chunks, param.size, param, grad, velocity, t(lr), t(momentum), t(1 - dampening), nesterov,
+            t(weight_decay), step == 1, s)
 
 
 @jit
 def _adam(lo, hi, param, grad, m, v, decay, weight_decay, c1, beta2, c2, step_size, sqrt_bc2, eps,
-          decoupled):
+          decoupled, gscale):
     for i in range(lo, hi):
         p = param[i]
         if decoupled:
             p *= decay
-            g = grad[i]
+            g = _grad(grad, i, gscale)
         else:
-            g = grad[i] + weight_decay * p
+            g = _grad(grad, i, gscale) + weight_decay * p
         m_i = m[i] + c1 * (g - m[i])
         v_i = beta2 * v[i] + c2 * g * g
         m[i] = m_i
@@ -66,18 +86,20 @@ def _adam_chunks(n, *args):
         _adam(lo, hi, *args)
 
 
-def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, scale=None):
     """Adam (AdamW when ``decoupled``), with bias corrections computed once per step."""
-    t = param.dtype.type
-    run(_adam, _adam_chunks, param.size, param, grad, m, v, t(1 - lr * weight_decay), t(weight_decay),
-        t(1 - beta1), t(beta2), t(1 - beta2), t(lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)), t(eps),
-        decoupled)
+    t, s = param.dtype.type, _scale(param, scale)
+    if s != 0:
+        run(_adam, _adam_chunks, param.size, param, grad, m, v, t(1 - lr * weight_decay), t(weight_decay),
+            t(1 - beta1), t(beta2), t(1 - beta2), t(lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)),
+            t(eps), decoupled, s)
 
 
 @jit
-def _rmsprop(lo, hi, param, grad, square_avg, momentum_buffer, lr, alpha, c, eps, weight_decay, momentum):
+def _rmsprop(lo, hi, param, grad, square_avg, momentum_buffer, lr, alpha, c, eps, weight_decay, momentum,
+             gscale):
     for i in range(lo, hi):
-        g = grad[i] + weight_decay * param[i]
+        g = _grad(grad, i, gscale) + weight_decay * param[i]
         s = alpha * square_avg[i] + c * g * g
         square_avg[i] = s
         update = np.true_divide(g, np.sqrt(s) + eps)
@@ -94,17 +116,18 @@ def _rmsprop_chunks(n, *args):
         _rmsprop(lo, hi, *args)
 
 
-def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer):
+def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer, scale=None):
     """RMSprop (not centered), with momentum when a ``momentum_buffer`` is given."""
-    t = param.dtype.type
-    run(_rmsprop, _rmsprop_chunks, param.size, param, grad, square_avg, momentum_buffer, t(lr), t(alpha),
-        t(1 - alpha), t(eps), t(weight_decay), t(momentum))
+    t, s = param.dtype.type, _scale(param, scale)
+    if s != 0:
+        run(_rmsprop, _rmsprop_chunks, param.size, param, grad, square_avg, momentum_buffer, t(lr), t(alpha),
+            t(1 - alpha), t(eps), t(weight_decay), t(momentum), s)
 
 
 @jit
-def _adagrad(lo, hi, param, grad, sum_sq, lr, eps, weight_decay):
+def _adagrad(lo, hi, param, grad, sum_sq, lr, eps, weight_decay, gscale):
     for i in range(lo, hi):
-        g = grad[i] + weight_decay * param[i]
+        g = _grad(grad, i, gscale) + weight_decay * param[i]
         s = sum_sq[i] + g * g
         sum_sq[i] = s
         param[i] -= np.true_divide(lr * g, np.sqrt(s) + eps)
@@ -117,16 +140,17 @@ def _adagrad_chunks(n, *args):
         _adagrad(lo, hi, *args)
 
 
-def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay):
+def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
     """Adagrad without learning-rate decay."""
-    t = param.dtype.type
-    run(_adagrad, _adagrad_chunks, param.size, param, grad, sum_sq, t(lr), t(eps), t(weight_decay))
+    t, s = param.dtype.type, _scale(param, scale)
+    if s != 0:
+        run(_adagrad, _adagrad_chunks, param.size, param, grad, sum_sq, t(lr), t(eps), t(weight_decay), s)
 
 
 @jit
-def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weight_decay):
+def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weight_decay, gscale):
     for i in range(lo, hi):
-        g = grad[i] + weight_decay * param[i]
+        g = _grad(grad, i, gscale) + weight_decay * param[i]
         s = rho * square_avg[i] + c * g * g
         square_avg[i] = s
         delta = np.true_divide(np.sqrt(acc_delta[i] + eps), np.sqrt(s + eps)) * g
@@ -141,8 +165,9 @@ def _adadelta_chunks(n, *args):
         _adadelta(lo, hi, *args)
 
 
-def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay):
+def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, scale=None):
     """Adadelta, updating both running averages in the same pass."""
-    t = param.dtype.type
-    run(_adadelta, _adadelta_chunks, param.size, param, grad, square_avg, acc_delta, t(lr), t(rho), t(1 - rho),
-        t(eps), t(weight_decay))
+    t, s = param.dtype.type, _scale(param, scale)
+    if s != 0:
+        run(_adadelta, _adadelta_chunks, param.size, param, grad, square_avg, acc_delta, t(lr), t(rho),
+            t(1 - rho), t(eps), t(weight_decay), s)

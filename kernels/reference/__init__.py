@@ -15,6 +15,7 @@ from .dropout import dropout
 from .fused import bias_act_backward, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
+from .metrics import check_step, count_correct
 from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_step
 
 name = "numpy"
@@ -23,6 +24,21 @@ name = "numpy"
 def empty(shape, dtype, like):
     """An uninitialised host array."""
     return np.empty(shape, dtype)
+
+
+def zeros(shape, dtype, like):
+    """A zeroed host array."""
+    return np.zeros(shape, dtype)
+
+
+def to_device(x, like):
+    """Host data where the kernels run: here the host, so ``x`` as an array (no copy when it is one)."""
+    return np.asarray(x)
+
+
+def to_host(x):
+    """``x`` as a NumPy array (host arrays are already there: no copy)."""
+    return np.asarray(x)
 
 
 def ascontiguous(x):

@@ -1,12 +1,27 @@
 """Optimizer steps, in place on ``param`` and the state buffers, following the algorithms torch.optim
-documents for the same names and defaults (``step`` counts from 1)."""
+documents for the same names and defaults (``step`` counts from 1).
+
+``scale``: None, or a 1-element array of the buffers' dtype read by the kernel (a trainer's
+``check_step`` writes it on the device): the step uses ``grad * scale[0]`` (gradient clipping), and
+``scale[0] == 0`` skips the update, leaving param and state untouched (a non-finite step).
+"""
 
 import math
 
 import numpy as np
 
 
-def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step):
+def _scaled(grad, scale):
+    """The gradient the step uses, or None to skip the step."""
+    if scale is None or scale[0] == 1:
+        return grad
+    return None if scale[0] == 0 else grad * scale[0]
+
+
+def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
+    grad = _scaled(grad, scale)
+    if grad is None:
+        return
     g = grad + weight_decay * param
     if momentum != 0:
         if step == 1:  # torch.optim.SGD starts the buffer at the first gradient, undamped
@@ -18,7 +33,10 @@ def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_de
     param -= lr * g
 
 
-def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, scale=None):
+    grad = _scaled(grad, scale)
+    if grad is None:
+        return
     if decoupled:  # AdamW: decay the weights, not the gradient
         param *= 1 - lr * weight_decay
         g = grad
@@ -31,7 +49,10 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, deco
     param -= (lr / (1 - beta1**step)) * m / denom
 
 
-def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer):
+def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer, scale=None):
+    grad = _scaled(grad, scale)
+    if grad is None:
+        return
     g = grad + weight_decay * param
     square_avg *= alpha
     square_avg += (1 - alpha) * g * g
@@ -43,13 +64,19 @@ def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum
     param -= lr * update
 
 
-def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay):
+def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
+    grad = _scaled(grad, scale)
+    if grad is None:
+        return
     g = grad + weight_decay * param
     sum_sq += g * g
     param -= lr * g / (np.sqrt(sum_sq) + eps)
 
 
-def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay):
+def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, scale=None):
+    grad = _scaled(grad, scale)
+    if grad is None:
+        return
     g = grad + weight_decay * param
     square_avg *= rho
     square_avg += (1 - rho) * g * g
