@@ -1,15 +1,22 @@
 """Data-parallel training throughput: 1 rank x 2 threads against 2 ranks x 1 thread (and 1 x 1).
 
-    flock /tmp/kernels-bench.lock python bench/bench_distributed.py     # the table (a few minutes)
+    flock /tmp/kernels-bench.lock python bench/bench_distributed.py     # the table (~10 minutes)
+    flock /tmp/kernels-bench.lock python bench/bench_distributed.py --models 784-256-256-10 --repeats 5
 
 For the three benchmark MLPs (Adam, synthetic data, numba backend) it prints samples/s per layout, the
 2-rank/1-rank ratio, the time spent in the gradient allreduce during training (waiting for the slower
 rank included) as a share of the step, the allreduce alone (median of back-to-back calls on the same
 buffer), the measured single-rank step time, and the same run with the allreduce overlapped with backward
 (``--overlap``: each layer's gradient slice is reduced with ``Iallreduce`` as soon as backward has written
-it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; each figure
-is the median of the timed epochs ("best epoch": the fastest one, the least disturbed on a shared
-machine). ``pytest bench/bench_distributed.py`` runs a short smoke version.
+it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; a run's
+figure is the median of its timed epochs ("best epoch": the fastest one, the least disturbed on a shared
+machine), and the table gives the median over ``--repeats`` rounds of all layouts, with each round's
+2-rank/1-rank ratio. "optimizer ms" is the optimizer step per training step, work every rank repeats in
+full (the paper model below keeps it out of the part divided by N). "CPU % of wall" is rank 0's process
+CPU time over its wall time: below ~100% the rank was descheduled (other processes on the cores), which
+is what makes the 2-rank figures swing.
+All layouts run the same global batches (the same samples, steps and epochs). ``pytest
+bench/bench_distributed.py`` runs a short smoke version.
 """
 
 import argparse
@@ -71,22 +78,27 @@ def worker(widths, batch, steps, epochs, overlap):
     comm = trainer.comm
     if overlap:
         overlap_model(model, comm)
-    reduce, reduce_time = comm.reduce_gradients, [0.0]
+    spent = {"reduce": 0.0, "optimizer": 0.0}
 
-    def timed_reduce(grads):
-        t0 = time.perf_counter()
-        reduce(grads)
-        reduce_time[0] += time.perf_counter() - t0
+    def timed(fn, key):
+        def call(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            spent[key] += time.perf_counter() - t0
+        return call
 
-    comm.reduce_gradients = timed_reduce
-    epoch_times, reduce_times = [], []
+    comm.reduce_gradients = timed(comm.reduce_gradients, "reduce")
+    trainer.optimizer.step = timed(trainer.optimizer.step, "optimizer")
+    epoch_times, reduce_times, optimizer_times, cpu_times = [], [], [], []
     for _ in range(epochs + 1):
-        reduce_time[0] = 0.0
+        spent.update(reduce=0.0, optimizer=0.0)
         comm.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
         epoch_times.append(time.perf_counter() - t0)
-        reduce_times.append(reduce_time[0])
+        cpu_times.append(time.process_time() - c0)
+        reduce_times.append(spent["reduce"])
+        optimizer_times.append(spent["optimizer"])
     alone = []
     if comm.size > 1:
         buffer = np.zeros_like(model.grads)
@@ -102,6 +114,8 @@ def worker(widths, batch, steps, epochs, overlap):
         print(json.dumps({"samples_per_s": n / epoch, "best_samples_per_s": n / min(epoch_times[1:]),
                           "step_ms": 1e3 * epoch / steps,
                           "reduce_share": float(np.median(reduce_times[1:])) / epoch,
+                          "optimizer_ms": 1e3 * float(np.median(optimizer_times[1:])) / steps,
+                          "cpu_share": float(np.sum(cpu_times[1:]) / np.sum(epoch_times[1:])),
                           "allreduce_ms": 1e3 * float(np.median(alone)) if alone else 0.0,
                           "buffer_bytes": int(model.grads.nbytes), "threads": numba.get_num_threads()}))
 
@@ -129,64 +143,85 @@ def run_layout(ranks, threads, overlap, config, smoke):
     return report
 
 
-def step_model(step_s, nbytes, ranks, gbit):
+def step_model(step_s, nbytes, ranks, gbit, replicated_s=0.0):
     """Predicted step time at ``ranks`` ranks (one per machine) for a global batch that takes ``step_s`` on
-    one: compute / N plus a ring allreduce's 2 (N - 1) / N x buffer bytes over a ``gbit`` Gbit/s link."""
-    return step_s / ranks + 2 * (ranks - 1) / ranks * nbytes / (gbit * 1e9 / 8)
+    one, of which ``replicated_s`` (the optimizer step) every rank repeats in full: the rest / N, plus the
+    replicated part, plus a ring allreduce's 2 (N - 1) / N x buffer bytes over a ``gbit`` Gbit/s link."""
+    ring = 2 * (ranks - 1) / ranks * nbytes / (gbit * 1e9 / 8)
+    return (step_s - replicated_s) / ranks + replicated_s + ring
 
 
 def model_table(measured, ranks=(2, 4, 8, 16), links=(10, 100)):
-    """Markdown: predicted step ms and speed-up over one rank, from each model's measured 1x2 step."""
-    header = ["model", "buffer MB", "1 rank ms"] + [f"{n} ranks, {g} Gbit/s" for g in links for n in ranks]
+    """Markdown: predicted step ms and speed-up over one rank, from each model's measured 1x2 step and
+    optimizer time."""
+    header = ["model", "buffer MB", "1 rank ms", "optimizer ms"] + [f"{n} ranks, {g} Gbit/s" for g in links
+                                                                    for n in ranks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config, r in measured.items():
-        step, nbytes = r["step_ms"] / 1e3, r["buffer_bytes"]
-        cells = [f"{1e3 * step_model(step, nbytes, n, g):.2f} ms ({step / step_model(step, nbytes, n, g):.1f}x)"
-                 for g in links for n in ranks]
-        lines.append("| " + " | ".join([config, f"{nbytes / 1e6:.2f}", f"{1e3 * step:.2f}"] + cells) + " |")
+        step, opt, nbytes = r["step_ms"] / 1e3, r["optimizer_ms"] / 1e3, r["buffer_bytes"]
+        cells = [f"{1e3 * t:.2f} ms ({step / t:.1f}x)"
+                 for t in (step_model(step, nbytes, n, g, opt) for g in links for n in ranks)]
+        lines.append("| " + " | ".join([config, f"{nbytes / 1e6:.2f}", f"{1e3 * step:.2f}", f"{1e3 * opt:.2f}"]
+                                       + cells) + " |")
     return "\n".join(lines)
 
 
-def table(configs=CONFIGS, smoke=False):
-    """Markdown: every layout of every configuration; and the 1x2 results by configuration."""
+def _median(values):
+    return float(np.median(values))
+
+
+def table(configs=CONFIGS, smoke=False, repeats=1):
+    """Markdown: every layout of every configuration, each figure the median over ``repeats`` rounds of
+    all layouts (run in turn, so each round's layouts see similar load; "vs 1x2" is the median of the
+    rounds' ratios); and the 1x2 medians by configuration."""
     rows, single = [], {}
+    names = [f"{ranks}x{threads}" + (" overlap" if overlap else "") for ranks, threads, overlap in LAYOUTS]
     for config in configs:
-        results = {f"{ranks}x{threads}" + (" overlap" if overlap else ""):
-                   run_layout(ranks, threads, overlap, config, smoke) for ranks, threads, overlap in LAYOUTS}
-        single[config] = results["1x2"]
-        base = results["1x2"]["samples_per_s"]
-        for name, r in results.items():
-            rows.append((config, CONFIGS[config][0], name, r["samples_per_s"], r["best_samples_per_s"],
-                         r["samples_per_s"] / base, r["step_ms"],
-                         100 * r["reduce_share"], r["allreduce_ms"], r["buffer_bytes"]))
-    header = ("model", "batch", "ranks x threads", "samples/s", "best epoch", "vs 1x2", "step ms",
-              "allreduce % of step", "allreduce alone ms", "buffer bytes")
+        rounds = [[run_layout(ranks, threads, overlap, config, smoke) for ranks, threads, overlap in LAYOUTS]
+                  for _ in range(repeats)]
+        for i, name in enumerate(names):
+            runs = [r[i] for r in rounds]
+            med = {key: _median([r[key] for r in runs]) for key in runs[0] if key != "threads"}
+            ratio = _median([r[i]["samples_per_s"] / r[0]["samples_per_s"] for r in rounds])
+            if i == 0:
+                single[config] = med
+            rows.append((config, CONFIGS[config][0], name, med["samples_per_s"], med["best_samples_per_s"], ratio,
+                         " ".join(f"{r['samples_per_s'] / r0[0]['samples_per_s']:.2f}" for r, r0 in zip(runs, rounds)),
+                         med["step_ms"], med["optimizer_ms"], 100 * med["reduce_share"], med["allreduce_ms"],
+                         100 * med["cpu_share"], int(med["buffer_bytes"])))
+    header = ("model", "batch", "ranks x threads", "samples/s", "best epoch", "vs 1x2", "vs 1x2 by round", "step ms",
+              "optimizer ms", "allreduce % of step", "allreduce alone ms", "CPU % of wall (rank 0)", "buffer bytes")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| {} | {} | {} | {:.0f} | {:.0f} | {:.2f} | {:.3f} | {:.1f} | {:.3f} | {} |".format(*row))
+        lines.append("| " + " | ".join(["{}"] * 3 + ["{:.0f}"] * 2 + ["{:.2f}", "{}", "{:.3f}", "{:.3f}", "{:.1f}",
+                                                                    "{:.3f}", "{:.0f}", "{}"]).format(*row) + " |")
     return "\n".join(lines), single
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install kernels-nn[mpi])")
 def test_distributed_bench_smoke():
     """Every layout runs on the smallest configuration (a couple of steps); nothing is timed."""
-    text, single = table(["64-128-10"], smoke=True)
+    text, single = table(["64-128-10"], smoke=True, repeats=2)
     assert text.count("\n") == 1 + len(LAYOUTS)
     assert model_table(single).count("\n") == 2
     assert step_model(1.0, 0, 4, 10) == 0.25 and step_model(0.0, 1.25e9, 2, 10) == 1.0  # 1.25 GB/s = 10 Gbit/s
+    assert step_model(1.0, 0, 4, 10, replicated_s=0.2) == 0.4
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python bench/bench_distributed.py", description=__doc__.split("\n")[0])
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "EPOCHS"), help=argparse.SUPPRESS)
     p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of all layouts; figures are medians (default 3)")
+    p.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="default: all three")
     args = p.parse_args(argv)
     if args.worker:
         model, batch, steps, epochs = args.worker
         worker([int(w) for w in model.split("-")], int(batch), int(steps), int(epochs), args.overlap)
     else:
-        text, single = table()
-        print(text + "\n\nPredicted step time at N ranks, one per machine (compute / N + ring allreduce):\n")
+        text, single = table(args.models, repeats=args.repeats)
+        print(text + "\n\nPredicted step time at N ranks, one per machine ((step - optimizer) / N + optimizer + ring "
+                     "allreduce):\n")
         print(model_table(single))
 
 

@@ -9,8 +9,8 @@ from ._api import (adadelta_step, adagrad_step, adam_step, bias_grad, binary_cro
                    leaky_relu, leaky_relu_backward, matmul, mse, relu, relu_backward, rmsprop_step,
                    sgd_step, sigmoid, sigmoid_backward, softmax, softmax_backward, softmax_cross_entropy,
                    tanh, tanh_backward)
-from ._api import (batchnorm_backward, batchnorm_eval, batchnorm_forward, bias_act_backward,
-                   segment_norms)
+from ._api import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
+                   batchnorm_stats, bias_act_backward, segment_norms)
 from ._api import check_step, count_correct, metrics_size, unpack_metrics
 from ._dispatch import get_backend, is_device_array, set_backend, use_backend
 from ._threading import threading_info
@@ -22,7 +22,8 @@ __all__ = [
     "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step", "adam_step", "rmsprop_step",
     "adagrad_step", "adadelta_step", "set_backend", "get_backend", "use_backend", "is_device_array",
     "warmup", "cpu_info", "threading_info", "bias_act_backward", "segment_norms", "batchnorm_forward",
-    "batchnorm_eval", "batchnorm_backward", "check_step", "count_correct", "metrics_size", "unpack_metrics",
+    "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums", "check_step",
+    "count_correct", "metrics_size", "unpack_metrics",
 ]
 
 

@@ -473,19 +473,48 @@ def _batchnorm_columns(x, x_name="x", **columns):
     return select(**{x_name: x}, **columns)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1, eps=1e-5):
+def _batchnorm_parts(backend, name, parts, x, x_name):
+    """``parts`` (a (3, C) or (P, 3, C) float64 statistics array for ``x``'s C columns) as (P, 3, C)."""
+    check.float_array(name, parts)
+    if parts.dtype != np.float64:
+        raise TypeError(f"{name} must have dtype float64 (from batchnorm_stats / batchnorm_backward_sums), "
+                        f"got {parts.dtype}")
+    shape = tuple(parts.shape)
+    if len(shape) not in (2, 3) or shape[-2:] != (3, x.shape[1]) or (len(shape) == 3 and shape[0] < 1):
+        raise ValueError(f"{name} must have shape (3, {x.shape[1]}) or (parts, 3, {x.shape[1]}) (three rows per "
+                         f"column of {x_name}, for each part of the batch), got {shape}")
+    select(**{x_name: x}, **{name: parts})
+    return backend.ascontiguous(parts).reshape((-1, 3, x.shape[1]))
+
+
+def batchnorm_stats(x):
+    """Batch normalisation's statistics of ``x``'s rows: a float64 ``(3, C)`` array, rows ``count``,
+    ``mean`` and ``m2`` (the sum of squared deviations from the mean) per column. Several parts' arrays,
+    stacked ``(P, 3, C)`` (e.g. every rank's rows of one batch), give ``batchnorm_forward`` the statistics
+    of the whole batch, merged without cancellation."""
+    backend = _batchnorm_columns(x)
+    stats = backend.empty((3, x.shape[1]), np.float64, x)
+    backend.batchnorm_stats(backend.ascontiguous(x), stats)
+    return stats
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1, eps=1e-5, stats=None):
     """Batch normalisation in training (torch.nn.BatchNorm1d): returns ``(y, xhat, inv_std)`` with
     ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv_std`` from the batch's mean and biased
-    variance, and updates ``running_mean``/``running_var`` in place (unbiased variance, ``momentum``)."""
+    variance, and updates ``running_mean``/``running_var`` in place (unbiased variance, ``momentum``).
+    ``stats``: the batch's statistics (:func:`batchnorm_stats` of each part, stacked), when ``x`` is
+    only a part of it; default: ``x``'s own."""
     momentum = check.scalar("momentum", momentum, low=0.0, high=1.0)
     eps = check.scalar("eps", eps, low=0.0, low_open=True)
     backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     check.inplace("running_mean", running_mean)
     check.inplace("running_var", running_var)
+    stats = batchnorm_stats(x) if stats is None else stats
+    parts = _batchnorm_parts(backend, "stats", stats, x, "x")
     y, xhat = backend.empty(x.shape, x.dtype, x), backend.empty(x.shape, x.dtype, x)
     inv_std = backend.empty((x.shape[1],), x.dtype, x)
     backend.batchnorm_forward(backend.ascontiguous(x), backend.ascontiguous(gamma), backend.ascontiguous(beta),
-                              running_mean, running_var, momentum, eps, y, xhat, inv_std)
+                              running_mean, running_var, parts, momentum, eps, y, xhat, inv_std)
     return y, xhat, inv_std
 
 
@@ -498,16 +527,39 @@ def batchnorm_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-5):
     return y
 
 
-def batchnorm_backward(dy, xhat, gamma, inv_std):
-    """Gradients of batch normalisation in training from the forward pass's ``xhat`` and ``inv_std``:
-    returns ``(dx, dgamma, dbeta)``."""
-    check.float_array("dy", dy, ndim=2)
+def _backward_inputs(dy, xhat, **columns):
+    """Validate the backward pass's ``dy``, ``xhat`` and per-column vectors; returns the backend."""
+    _batchnorm_columns(dy, "dy", **columns)
     check.float_array("xhat", xhat, ndim=2)
     check.shape("xhat", xhat, dy.shape, "the shape of dy")
     check.same_dtype(dy=dy, xhat=xhat)
-    backend = _batchnorm_columns(dy, "dy", gamma=gamma, inv_std=inv_std)
-    dx = backend.empty(dy.shape, dy.dtype, dy)
+    return select(dy=dy, xhat=xhat, **columns)
+
+
+def _local_sums(backend, dy, xhat):
+    """The backward sums of ``dy``'s rows (float64, (3, C)), and the same in dy's dtype as dgamma, dbeta."""
+    sums = backend.empty((3, dy.shape[1]), np.float64, dy)
     dgamma, dbeta = (backend.empty((dy.shape[1],), dy.dtype, dy) for _ in range(2))
+    backend.batchnorm_backward_sums(backend.ascontiguous(dy), backend.ascontiguous(xhat), sums, dgamma, dbeta)
+    return sums, dgamma, dbeta
+
+
+def batchnorm_backward_sums(dy, xhat):
+    """The column sums batch normalisation's backward pass needs from ``dy``'s rows: a float64 ``(3, C)``
+    array, rows ``count``, ``sum(dy)`` (beta's gradient) and ``sum(dy * xhat)`` (gamma's). Stacked for
+    every part of a batch, they are ``batchnorm_backward``'s ``sums``."""
+    return _local_sums(_backward_inputs(dy, xhat), dy, xhat)[0]
+
+
+def batchnorm_backward(dy, xhat, gamma, inv_std, *, sums=None):
+    """Gradients of batch normalisation in training from the forward pass's ``xhat`` and ``inv_std``:
+    returns ``(dx, dgamma, dbeta)``, the gradients from ``dy``'s rows. ``sums``: the whole batch's
+    (:func:`batchnorm_backward_sums` of each part, stacked), when ``dy`` is only a part of it; default:
+    ``dy``'s own."""
+    backend = _backward_inputs(dy, xhat, gamma=gamma, inv_std=inv_std)
+    local, dgamma, dbeta = _local_sums(backend, dy, xhat)
+    parts = _batchnorm_parts(backend, "sums", local if sums is None else sums, dy, "dy")
+    dx = backend.empty(dy.shape, dy.dtype, dy)
     backend.batchnorm_backward(backend.ascontiguous(dy), backend.ascontiguous(xhat), backend.ascontiguous(gamma),
-                               backend.ascontiguous(inv_std), dx, dgamma, dbeta)
+                               backend.ascontiguous(inv_std), parts, dx)
     return dx, dgamma, dbeta

@@ -358,12 +358,15 @@ def cases(dev, size, dtype):
         Case("count_correct", rw, lambda: kernels.count_correct(logits, labels, metrics), rows * classes * item + rows * 8),
         Case("check_step", "4 norms", lambda: kernels.check_step(loss, norms, metrics, scale, rows=rows, max_norm=1.0),
              (4 + metrics.size) * 8),
+        Case("batchnorm_stats", table, lambda: kernels.batchnorm_stats(cols), 2 * bg_rows * bg_cols * item),
         Case("batchnorm_forward", table, lambda: kernels.batchnorm_forward(cols, gamma, beta, mean, var),
-             3 * bg_rows * bg_cols * item),
+             5 * bg_rows * bg_cols * item),  # the statistics (two passes), then normalise: read x, write xhat and y
         Case("batchnorm_eval", table, lambda: kernels.batchnorm_eval(cols, gamma, beta, mean, var),
              2 * bg_rows * bg_cols * item),
+        Case("batchnorm_backward_sums", table, lambda: kernels.batchnorm_backward_sums(cols_dy, xhat),
+             2 * bg_rows * bg_cols * item),
         Case("batchnorm_backward", table, lambda: kernels.batchnorm_backward(cols_dy, xhat, gamma, inv_std),
-             3 * bg_rows * bg_cols * item),
+             5 * bg_rows * bg_cols * item),  # the sums, then dx: read dy and xhat twice, write dx
     ]
     return result
 

@@ -12,8 +12,8 @@ depend on the number of ranks beyond float rounding:
   backward every rank holds its part of the gradient of the global batch's mean loss;
 - ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (one allreduce);
 - ``sum(*values)``: sums host numbers over ranks (loss totals, accuracy counts);
-- ``moments(x)`` and ``sum_arrays(*arrays)``: BatchNorm's mean and variance over the global batch, and
-  the global sums its backward pass needs;
+- ``gather(array)``: every rank's copy of a small array, stacked in rank order (BatchNorm's statistics
+  and backward sums, which its kernels merge: the same bits on every rank);
 - ``shard(n)``, ``is_root``, ``barrier()``: evaluation shares, printing and checkpoint writes on rank 0.
 
 :class:`Communicator` is one process (every reduction is the identity); :class:`MPICommunicator` runs
@@ -97,14 +97,10 @@ class Communicator:
         """Each of ``values`` (host numbers) summed over ranks, as floats."""
         return tuple(float(v) for v in values)
 
-    def sum_arrays(self, *arrays):
-        """The arrays summed over ranks (new arrays; a single process returns its own)."""
-        return arrays
-
-    def moments(self, x):
-        """Mean and biased variance of each column of ``x`` (this rank's rows of the current global batch)
-        over the global batch, and the global batch's row count."""
-        return x.mean(axis=0), x.var(axis=0), x.shape[0]
+    def gather(self, array):
+        """``array`` of every rank, stacked in rank order: shape ``(size,) + array.shape``. The result
+        may be reused by the next call for the same shape."""
+        return array.reshape((1,) + tuple(array.shape))
 
     def barrier(self):
         """Wait until every rank is here."""
@@ -127,6 +123,7 @@ class MPICommunicator(Communicator):
                               "(pip install kernels-nn[mpi]); or run without mpiexec") from exc
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        self._gathered = {}
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
@@ -156,21 +153,14 @@ class MPICommunicator(Communicator):
         self.comm.Allreduce(self.MPI.IN_PLACE, total)
         return tuple(total.tolist())
 
-    def sum_arrays(self, *arrays):
-        """One allreduce for all the arrays together."""
-        xp = namespace_of(arrays[0])
-        packed = xp.concatenate([a.reshape(-1) for a in arrays])
-        self._allreduce(packed)
-        sizes = np.cumsum([a.size for a in arrays])[:-1]
-        return tuple(p.reshape(a.shape) for p, a in zip(xp.split(packed, sizes), arrays))
-
-    def moments(self, x):
-        """Two passes (sum, then squared deviations from the global mean), one allreduce each."""
-        n = x.dtype.type(self.rows)
-        (sums,) = self.sum_arrays(x.sum(axis=0))
-        mean = sums / n
-        (squares,) = self.sum_arrays(((x - mean) ** 2).sum(axis=0))
-        return mean, squares / n, self.rows
+    def gather(self, array):
+        """One allgather into a buffer kept per (shape, dtype, array kind)."""
+        key = (tuple(array.shape), array.dtype, kernels.is_device_array(array))
+        out = self._gathered.get(key)
+        if out is None:
+            out = self._gathered[key] = namespace_of(array).empty((self.size,) + key[0], array.dtype)
+        self._allgather(array, out)
+        return out
 
     def barrier(self):
         self.comm.Barrier()
@@ -178,6 +168,10 @@ class MPICommunicator(Communicator):
     def _allreduce(self, buffer):
         """Sum a contiguous host buffer over ranks, in place."""
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer)
+
+    def _allgather(self, array, out):
+        """Every rank's contiguous host ``array``, in rank order, into ``out``."""
+        self.comm.Allgather(array, out)
 
 
 class NCCLCommunicator(MPICommunicator):
@@ -199,10 +193,20 @@ class NCCLCommunicator(MPICommunicator):
     def _allreduce(self, buffer):
         if not kernels.is_device_array(buffer):
             return super()._allreduce(buffer)
-        types = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
         ptr = buffer.data.ptr
-        self.nccl_comm.allReduce(ptr, ptr, buffer.size, types[buffer.dtype], self.nccl.NCCL_SUM,
-                                 namespace("cuda").cuda.get_current_stream().ptr)
+        self.nccl_comm.allReduce(ptr, ptr, buffer.size, self._type(buffer), self.nccl.NCCL_SUM, self._stream())
+
+    def _allgather(self, array, out):
+        if not kernels.is_device_array(array):
+            return super()._allgather(array, out)
+        self.nccl_comm.allGather(array.data.ptr, out.data.ptr, array.size, self._type(array), self._stream())
+
+    def _type(self, array):
+        return {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}[array.dtype]
+
+    @staticmethod
+    def _stream():
+        return namespace("cuda").cuda.get_current_stream().ptr
 
 
 def _abort_on_uncaught_exception(comm, rank):

@@ -271,7 +271,9 @@ class BatchNorm(Layer):
 
     Training normalises with the batch's mean and (biased) variance and updates running estimates
     (``running = (1 - momentum) * running + momentum * batch``, unbiased variance, as torch does);
-    evaluation normalises with the running estimates. ``gamma`` and ``beta`` are learnt.
+    evaluation normalises with the running estimates. ``gamma`` and ``beta`` are learnt. On several
+    ranks the batch is the global one: each pass reduces this rank's rows to a few numbers per column
+    (a kernel), the ranks exchange them (one small collective) and the next kernel uses every rank's.
     """
 
     def __init__(self, momentum=0.1, eps=1e-5):
@@ -288,6 +290,7 @@ class BatchNorm(Layer):
         self.param_shapes = {"gamma": (input_dim,), "beta": (input_dim,)}
         self.running_mean = xp.zeros(input_dim, dtype)
         self.running_var = xp.ones(input_dim, dtype)
+        self.sums = xp.empty((3, input_dim), np.float64)  # this rank's batch statistics, then backward sums
 
     def init_params(self, rng):
         return {"gamma": np.ones(self.input_dim), "beta": np.zeros(self.input_dim)}
@@ -296,52 +299,28 @@ class BatchNorm(Layer):
         y = self.buffer("y", x.shape)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if training:
-            if self.comm.size > 1:
-                return self._forward_global(x)
             xhat, inv_std = self.buffer("xhat", x.shape), self.buffer("inv_std", (x.shape[1],))
-            self.k.batchnorm_forward(x, gamma, beta, self.running_mean, self.running_var, self.momentum, self.eps,
-                                     y, xhat, inv_std)
-            self._cache = (xhat, inv_std, None)
+            self.k.batchnorm_stats(x, self.sums)
+            parts = self.comm.gather(self.sums)  # distributed: every rank's statistics of the global batch
+            self.k.batchnorm_forward(x, gamma, beta, self.running_mean, self.running_var, parts, self.momentum,
+                                     self.eps, y, xhat, inv_std)
+            self._cache = (xhat, inv_std)
         else:
             self.k.batchnorm_eval(x, gamma, beta, self.running_mean, self.running_var, self.eps, y)
             self._cache = None
         return y
 
-    def _forward_global(self, x):
-        """Training forward on several ranks: statistics over the global batch (one small allreduce), in
-        array operations rather than the single-process kernels, which see only this rank's rows."""
-        mean, var, n = self.comm.moments(x)  # distributed: over the global batch
-        m = self.momentum
-        self.running_mean *= 1 - m
-        self.running_mean += m * mean
-        self.running_var *= 1 - m
-        self.running_var += (m * n / max(n - 1, 1)) * var
-        inv_std = 1 / self.xp.sqrt(var + self.eps)
-        xhat = (x - mean) * inv_std
-        self._cache = (xhat, inv_std, n)
-        return xhat * self.params["gamma"] + self.params["beta"]
-
     def backward(self, dy, need_dx=True):
         if self._cache is None:
             raise RuntimeError(f"{self.name}: backward needs a forward pass in training mode first")
-        xhat, inv_std, n = self._cache
-        if n is not None:
-            return self._backward_global(dy, xhat, inv_std, n, need_dx)
-        dx = self.buffer("dx", dy.shape)
-        self.k.batchnorm_backward(dy, xhat, self.params["gamma"], inv_std, dx, self.grads["gamma"],
-                                  self.grads["beta"])
-        return dx if need_dx else None
-
-    def _backward_global(self, dy, xhat, inv_std, n, need_dx):
-        """Backward of :meth:`_forward_global`: the local dgamma/dbeta go into grads (the gradient
-        allreduce sums them), dx needs their global sums."""
-        dgamma = self.grads["gamma"]
-        dgamma[...] = (dy * xhat).sum(axis=0)
-        dbeta = kernels.bias_grad(dy, out=self.grads["beta"])
+        xhat, inv_std = self._cache
+        self.k.batchnorm_backward_sums(dy, xhat, self.sums, self.grads["gamma"], self.grads["beta"])
         if not need_dx:
             return None
-        dbeta, dgamma = self.comm.sum_arrays(dbeta, dgamma)  # distributed: over the global batch
-        return (self.params["gamma"] * inv_std / n) * (n * dy - dbeta - xhat * dgamma)
+        parts = self.comm.gather(self.sums)  # distributed: every rank's sums over the global batch
+        dx = self.buffer("dx", dy.shape)
+        self.k.batchnorm_backward(dy, xhat, self.params["gamma"], inv_std, parts, dx)
+        return dx
 
     def state(self):
         return {"running_mean": to_host(self.running_mean), "running_var": to_host(self.running_var)}

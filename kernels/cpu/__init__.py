@@ -12,7 +12,8 @@ _setup_threading()  # before any kernel runs: Numba fixes its threading layer at
 from ..reference import ascontiguous, empty, to_device, to_host, zeros  # noqa: E402  (host arrays)
 from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
-from .batchnorm import batchnorm_backward, batchnorm_eval, batchnorm_forward
+from .batchnorm import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
+                        batchnorm_stats)
 from .dropout import dropout
 from .fused import bias_act_backward, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy

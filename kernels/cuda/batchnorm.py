@@ -1,37 +1,47 @@
 """Batch normalisation (numba-cuda); the reference's ``batchnorm`` says what is computed.
 
 One thread per column walks down the rows (neighbouring threads read neighbouring columns), with
-float64 accumulators in the same order as the numba backend: mean, then squared deviations, then the
-normalised outputs. Deterministic, no atomics.
+float64 accumulators in the same order as the numba backend: mean, then squared deviations (the
+statistics), then the parts' statistics merged and the normalised outputs. Deterministic, no atomics.
 """
 
 import math
 
 from numba import cuda
 
+from ..reference.batchnorm import merge_column
 from ._launch import grid, kernel
+
+_merge_column = cuda.jit(device=True)(merge_column)
 
 
 @kernel
-def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, y, xhat, inv_std):
+def _stats(x, stats):
     n = x.shape[0]
-    rows = max(n, 1)
-    unbias = n / max(n - 1, 1)
     for j in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
         mean = 0.0
         for r in range(n):
             mean += x[r, j]
-        mean /= rows
-        var = 0.0
+        mean /= max(n, 1)
+        m2 = 0.0
         for r in range(n):
             d = x[r, j] - mean
-            var += d * d
-        var /= rows
+            m2 += d * d
+        stats[0, j] = n
+        stats[1, j] = mean
+        stats[2, j] = m2
+
+
+@kernel
+def _forward(x, gamma, beta, running_mean, running_var, stats, momentum, eps, y, xhat, inv_std):
+    for j in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
+        count, mean, m2 = _merge_column(stats, j)
+        var = m2 / max(count, 1.0)
         running_mean[j] = (1 - momentum) * running_mean[j] + momentum * mean
-        running_var[j] = (1 - momentum) * running_var[j] + momentum * unbias * var
+        running_var[j] = (1 - momentum) * running_var[j] + momentum * count / max(count - 1, 1.0) * var
         s = 1 / math.sqrt(var + eps)
         inv_std[j] = s
-        for r in range(n):
+        for r in range(x.shape[0]):
             h = (x[r, j] - mean) * s
             xhat[r, j] = h
             y[r, j] = h * gamma[j] + beta[j]
@@ -46,32 +56,55 @@ def _eval(x, gamma, beta, running_mean, running_var, eps, y):
 
 
 @kernel
-def _backward(dy, xhat, gamma, inv_std, dx, dgamma, dbeta):
-    n = dy.shape[0]
+def _backward_sums(dy, xhat, sums, dgamma, dbeta):
     for j in range(cuda.grid(1), dy.shape[1], cuda.gridsize(1)):
         sum_dy = 0.0
         sum_dy_xhat = 0.0
-        for r in range(n):
+        for r in range(dy.shape[0]):
             sum_dy += dy[r, j]
             sum_dy_xhat += dy[r, j] * xhat[r, j]
+        sums[0, j] = dy.shape[0]
+        sums[1, j] = sum_dy
+        sums[2, j] = sum_dy_xhat
         dbeta[j] = sum_dy
         dgamma[j] = sum_dy_xhat
-        scale = gamma[j] * inv_std[j] / n
-        for r in range(n):
-            dx[r, j] = scale * (n * dy[r, j] - sum_dy - xhat[r, j] * sum_dy_xhat)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, y, xhat, inv_std):
+@kernel
+def _backward(dy, xhat, gamma, inv_std, sums, dx):
+    for j in range(cuda.grid(1), dy.shape[1], cuda.gridsize(1)):
+        count, sum_dy, sum_dy_xhat = sums[0, 0, j], sums[0, 1, j], sums[0, 2, j]
+        for p in range(1, sums.shape[0]):  # in part order
+            count += sums[p, 0, j]
+            sum_dy += sums[p, 1, j]
+            sum_dy_xhat += sums[p, 2, j]
+        scale = gamma[j] * inv_std[j] / count
+        for r in range(dy.shape[0]):
+            dx[r, j] = scale * (count * dy[r, j] - sum_dy - xhat[r, j] * sum_dy_xhat)
+
+
+def _columns(fn, x, *args):
+    """Launch ``fn`` with one thread per column of ``x`` (none for no columns)."""
     if x.shape[1]:
-        _forward[grid(x.shape[1])](x, gamma, beta, running_mean, running_var, float(momentum), float(eps), y, xhat,
-                                   inv_std)
+        fn[grid(x.shape[1])](x, *args)
+
+
+def batchnorm_stats(x, stats):
+    _columns(_stats, x, stats)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, stats, momentum, eps, y, xhat, inv_std):
+    _columns(_forward, x, gamma, beta, running_mean, running_var, stats, float(momentum), float(eps), y, xhat,
+             inv_std)
 
 
 def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps, y):
-    if x.shape[1]:
-        _eval[grid(x.shape[1])](x, gamma, beta, running_mean, running_var, float(eps), y)
+    _columns(_eval, x, gamma, beta, running_mean, running_var, float(eps), y)
 
 
-def batchnorm_backward(dy, xhat, gamma, inv_std, dx, dgamma, dbeta):
-    if dy.shape[1]:
-        _backward[grid(dy.shape[1])](dy, xhat, gamma, inv_std, dx, dgamma, dbeta)
+def batchnorm_backward_sums(dy, xhat, sums, dgamma, dbeta):
+    _columns(_backward_sums, dy, xhat, sums, dgamma, dbeta)
+
+
+def batchnorm_backward(dy, xhat, gamma, inv_std, sums, dx):
+    _columns(_backward, dy, xhat, gamma, inv_std, sums, dx)
