@@ -379,7 +379,7 @@ def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at,
     return types.void(*[types.intp] * 8, tile, types.intp, types.intp), codegen
 
 
-@jit(inline="always")
+@jit
 def _cdiv(a, b):
     return (a + b - 1) // b
 
@@ -496,7 +496,7 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                         xp[dst + r * width + j] = _load(at + r * s_r * item, xp)
 
 
-@jit(inline="always")
+@jit
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
     """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
     still in L1/L2): one branch per call, then one vectorisable loop per row and kind."""
