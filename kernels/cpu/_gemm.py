@@ -26,9 +26,11 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
   instead of stalling the others. Every element is computed by one thread over the same K blocks in
   the same order, so the result is bitwise the same whatever the split or the thread count;
-- the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin serial
-  wrapper that takes arrays; ``gemm_parallel`` gets them from Python), so it compiles once per dtype
-  whatever the layouts.
+- the operands reach the compiled kernel as addresses and element strides, and the serial loops
+  (``_block``) are compiled once per dtype as a C function (``body``) that both entry points call
+  through its address: ``gemm``, the thin serial wrapper specialised per operand layout, and
+  ``gemm_parallel`` each compile in a fraction of a second instead of linking and optimising the whole
+  GEMM again (Numba re-optimises and re-generates every callee linked into a caller).
 
 Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, and its loop vectoriser
 either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
@@ -143,6 +145,15 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       20 / 24 ms, after OpenBLAS 35 / 70 -> 27 / 33 ms; 1024^3 isolated 65 / 106 -> 41 / 71 ms, after
       OpenBLAS 92 / 137 -> 62 / 99 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
       2-thread call is steadier: 2048^3 32 -> 47, 1024^3 32 -> 52, (256, 784, 1024) 27 -> 51.
+  v19 compile time, not speed: ``_block`` as one C function per dtype called through its address (before,
+      each layout's ``gemm`` and ``gemm_parallel`` linked it and LLVM optimised and generated it again),
+      no slice assignments (their shape-mismatch message compiled int-to-str code), one ``_pack``
+      specialisation. Cold compile of nn's four GEMM calls (a @ b with the fused epilogue, a.T @ b,
+      a @ b.T, the multithreaded driver), float32, CPU seconds, load 3-4.5, two rounds:
+      51.2 / 54.9 -> 20.9 / 21.5 (a @ b 27 -> 16, the other layouts 3.4-4.7 -> 0.5-1.0, the
+      multithreaded driver 16-19 -> 3.3). Tried: non-inlined ``_cdiv`` / ``_epilogue``, one variant
+      instead of three behind the switch, no sigmoid/tanh in the epilogue: each within the noise (the
+      time is mostly Numba's typing and lowering, spread over the functions).
 """
 
 import numpy as np
@@ -379,7 +390,7 @@ def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at,
     return types.void(*[types.intp] * 8, tile, types.intp, types.intp), codegen
 
 
-@jit
+@jit(inline="always")
 def _cdiv(a, b):
     return (a + b - 1) // b
 
@@ -496,7 +507,7 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                         xp[dst + r * width + j] = _load(at + r * s_r * item, xp)
 
 
-@jit
+@jit(inline="always")
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
     """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
     still in L1/L2): one branch per call, then one vectorisable loop per row and kind."""
