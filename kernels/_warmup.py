@@ -18,9 +18,10 @@ from ._api import ACTIVATIONS
 from ._dispatch import use_backend
 
 # Relative compile cost of each job (CPU seconds measured on a Zen 3 with a cold cache, rounded): only used
-# to balance the shares between processes. matmul is the GEMM's body (compiled once per dtype), its thin
-# wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver.
-COST = {"matmul": 11.0}
+# to balance the shares between processes. matmul is the GEMM's register-tile body (compiled once per
+# dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
+# "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
+COST = {"matmul": 8.0, "matmul narrow": 4.0}
 DEFAULT_COST = 2.0
 
 
@@ -33,9 +34,12 @@ def _job_calls(name, dtype, activations=ACTIVATIONS):
     w = np.linspace(-1, 1, 144, dtype=dtype).reshape(12, 12)
     big = np.ones((128, 128), dtype)  # 2^22 flops: the GEMM's multithreaded driver (when threads > 1)
     p, g, s1, s2 = (np.zeros(1 << 16, dtype) for _ in range(4))  # large: the parallel drivers too
-    calls = {
-        "matmul": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"), k.matmul(x, x, trans_a=True),
-                           k.matmul(x, w, trans_b=True), k.matmul(big, big)),
+    wide = np.linspace(-1, 1, 12 * 24, dtype=dtype).reshape(12, 24)
+    calls = {  # the GEMM's two routes compile apart: register tiles (N > 16 or A strided), dot products
+        "matmul": lambda: (k.matmul(x, wide, bias=np.zeros(24, dtype), activation="relu"),
+                           k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big)),
+        "matmul narrow": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"),
+                                  k.matmul(x, w, trans_b=True)),
         "softmax_cross_entropy": lambda: k.softmax_cross_entropy(x, np.arange(8) % 12),
         "mse": lambda: k.mse(x, x),
         "binary_cross_entropy": lambda: k.binary_cross_entropy(x, x),
@@ -70,7 +74,7 @@ def _batchnorm(k, x):
     k.batchnorm_eval(x, gamma, beta, mean, var)
 
 
-KERNELS = ("matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid",
+KERNELS = ("matmul", "matmul narrow", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid",
            "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy",
            "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "bias_act_backward", "segment_norms",
            "batchnorm", "sgd_step", "adam_step", "rmsprop_step",
@@ -136,7 +140,7 @@ def _selected(only):
     unknown = [n for n in names if n not in KERNELS]
     if unknown:
         raise ValueError(f"only must name kernels among {list(KERNELS)}, got {unknown}")
-    return [n for n in KERNELS if n in names]
+    return [n for n in KERNELS if n in names or (n == "matmul narrow" and "matmul" in names)]
 
 
 def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1, processes=None,

@@ -581,13 +581,15 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
             _epilogue(out, row, rows, c0, nc, bias, has_bias, act, alpha)
 
 
-@jit
-def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant):
-    """``out[r0:r1]`` for a narrow N and A's rows contiguous: B^T packed once (N x K, at most DOT_MAX_N
-    rows), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows stream
-    once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of 5 x 5
-    cost more than the tile)."""
-    n = out.shape[1]
+def _dots(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, out_p, m, n, r0, r1, c0, c1, variant,
+          kc_max, nc_max, pack_b, bp_p, edge_p, tile_p, b_size, edge_size, tile_size):
+    """``out[r0:r1]`` for a narrow N (at most DOT_MAX_N) and A's rows contiguous (``sa_k`` 1): B^T packed
+    once (N x K), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows
+    stream once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of
+    5 x 5 cost more than the tile). The arguments are ``_block``'s (c0:c1 is 0:N, no buffers used), so
+    the entry points call either the same way; a C function of its own, so that it compiles apart."""
+    bias, out = carray(bias_p, n_bias), carray(out_p, (m, n))
+    has_bias = n_bias > 0
     item = out.itemsize
     mr, nr = _DOT_MR[variant], _DOT_NR[variant]
     bt = np.empty(n * k, out.dtype)
@@ -609,18 +611,15 @@ def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, 
 def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, out_p, m, n, r0, r1, c0, c1, variant,
            kc_max, nc_max, pack_b, bp_p, edge_p, tile_p, b_size, edge_size, tile_size):
     """The serial BLIS loops for ``out[r0:r1, c0:c1]`` (``out`` is ``m x n`` at ``out_p``): K blocks, N
-    blocks, then tiles; B is packed per (K, N) block into the buffer at ``bp_p`` when ``pack_b``. A narrow
-    ``out`` whose A rows are contiguous goes to ``_dots`` instead. Every element gets the same K blocks in
-    the same order whatever the block, so a result does not depend on how ``out`` was split.
+    blocks, then tiles; B is packed per (K, N) block into the buffer at ``bp_p`` when ``pack_b``. Every
+    element gets the same K blocks in the same order whatever the block, so a result does not depend on
+    how ``out`` was split.
 
     Compiled once per dtype as a C function (``body``), arrays passed as pointers and sizes: the entry
     points call it through its address instead of each linking (and optimising again) its code."""
     bias, out = carray(bias_p, n_bias), carray(out_p, (m, n))
     bp, edge, tile = carray(bp_p, b_size), carray(edge_p, edge_size), carray(tile_p, tile_size)
     has_bias = n_bias > 0
-    if sa_k == 1 and n <= DOT_MAX_N and k > 0:  # then the blocks are by rows: c0:c1 is 0:N
-        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant)
-        return
     mr, nr = _tile(variant, out)
     n_pc = max(1, _cdiv(k, kc_max))
     kc_step = _cdiv(k, n_pc)  # balanced K blocks: 784 -> 2 x 392
@@ -637,7 +636,7 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, ou
 
 
 def _signature(dtype):
-    """The C signature of ``_block`` for a numba float type."""
+    """The C signature of ``_block`` and ``_dots`` for a numba float type."""
     i, p = types.intp, types.CPointer(dtype)
     return types.void(*[i] * 7, p, i, i, dtype, p, *[i] * 10, p, p, p, i, i, i)
 
@@ -645,13 +644,19 @@ def _signature(dtype):
 _BODIES = {}
 
 
-def body(dtype):
-    """The address of ``_block`` compiled for ``dtype`` (compiled, or loaded from Numba's cache, on the
-    first call for that dtype): the entry points take it as their ``body`` argument."""
-    if dtype not in _BODIES:
-        compiled = cfunc(_signature(from_dtype(dtype)), cache=True, fastmath=set(FASTMATH))(_block)
-        _BODIES[dtype] = compiled, compiled.address
-    return _BODIES[dtype][1]
+def narrow(n, k, sa_k):
+    """Whether a product with ``n`` output columns, reduction ``k`` and A's K stride ``sa_k`` (elements)
+    takes the dot-product route (``_dots``) rather than the register tiles (``_block``)."""
+    return n <= DOT_MAX_N and k > 0 and sa_k == 1
+
+
+def body(dtype, dots=False):
+    """The address of ``_dots`` (``dots``, see ``narrow``) or ``_block`` compiled for ``dtype`` (compiled, or
+    loaded from Numba's cache, on its first use): the entry points take it as their ``body`` argument."""
+    if (dtype, dots) not in _BODIES:
+        compiled = cfunc(_signature(from_dtype(dtype)), cache=True, fastmath=set(FASTMATH))(_dots if dots else _block)
+        _BODIES[dtype, dots] = compiled, compiled.address
+    return _BODIES[dtype, dots][1]
 
 
 @intrinsic
@@ -709,7 +714,7 @@ def gemm(a, b, bias, act, alpha, out, variant, kc_max, nc_bytes, body):
     """``out = act(a @ b + bias)`` on the calling thread; a (M, K), b (K, N) with any strides that are whole
     elements; ``bias`` is (N,), or empty for none; ``act`` an ACTIVATION_CODES value; ``alpha`` the leaky
     slope; ``variant`` the register tile (index in VARIANTS), ``kc_max`` and ``nc_bytes`` the blocking;
-    ``body`` the address of the compiled ``_block`` for ``out``'s dtype (``body(dtype)``). Only this thin
+    ``body`` the address of the compiled ``_block`` or ``_dots`` for ``out``'s dtype (``body``). Only this thin
     wrapper is specialised per layout. Plain arguments: at 64^3 the dispatch is a tenth of the call."""
     m, n = out.shape
     if m == 0 or n == 0:
@@ -726,7 +731,7 @@ def gemm(a, b, bias, act, alpha, out, variant, kc_max, nc_bytes, body):
 @jit(inline="always")
 def _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, r0, r1, c0, c1, variant, kc_max,
                nc_max, pack_b, bp, edge, tile):
-    """``_block`` at ``body`` for ``out[r0:r1, c0:c1]``, the arrays passed as pointers and sizes."""
+    """``_block`` (or ``_dots``) at ``body`` for ``out[r0:r1, c0:c1]``, arrays passed as pointers and sizes."""
     m, n = out.shape
     _call_block(body, (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, _pointer(bias), bias.size, act, alpha, _pointer(out), m,
                        n, r0, r1, c0, c1, variant, kc_max, nc_max, pack_b, _pointer(bp), _pointer(edge),
@@ -745,7 +750,7 @@ def _take(typingctx, counter):
 
 @jit(parallel=True)
 def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
-                  mc, body):
+                  mc, body, dots):
     """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
     into chunks of at least ``mc`` rows by one N block, about CHUNKS_PER_THREAD per thread; each thread takes the next
     chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
@@ -760,7 +765,7 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
         return
     mr, nr, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
                                                                           nc_bytes)
-    dots = sa_k == 1 and n <= DOT_MAX_N and k > 0  # the dot tiles: chunks of rows only
+    # ``dots``: ``body`` is ``_dots`` (see ``narrow``), chunks of rows only
     row_tile = _DOT_MR[variant] if dots else mr
     cols = _cdiv(_cdiv(n, nr), 1 if dots else _cdiv(n, nc_max)) * nr  # balanced N blocks: 784 -> 4 x 208
     col_blocks = _cdiv(n, cols)
