@@ -148,9 +148,10 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
     """Call each kernel once on small arrays so that the first real call does not pay the compile.
 
     ``only``: kernel names (as in ``kernels.__all__``) to prepare, default all; ``dtypes``: the dtypes
-    the run uses; ``activations``: those the run's fused kernels (``bias_act_backward``) use. On the numba backend a cold cache is filled by ``processes`` processes (default: the
-    CPUs this process may run on) and reported on stderr unless ``verbose=0``; a warm one loads in well
-    under a second, silently. Returns the backend name.
+    the run uses; ``activations``: those the run's fused kernels (``bias_act_backward``) use. On the numba
+    backend a cold cache is filled by ``processes`` processes (default: the CPUs this process may run on)
+    and reported on stderr unless ``verbose=0``; a warm one loads in well under a second, silently.
+    Returns the backend name.
     """
     if not isinstance(verbose, int):
         raise TypeError(f"verbose must be an int, got {type(verbose).__name__}")

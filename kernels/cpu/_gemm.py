@@ -27,7 +27,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   instead of stalling the others. Every element is computed by one thread over the same K blocks in
   the same order, so the result is bitwise the same whatever the split or the thread count;
 - the operands reach the compiled kernel as addresses and element strides, and the serial loops
-  (``_block``) are compiled once per dtype as a C function (``body``) that both entry points call
+  (``_block``, and ``_dots`` for narrow outputs) are each compiled once per dtype as a C function
+  (``body``) that both entry points call
   through its address: ``gemm``, the thin serial wrapper specialised per operand layout, and
   ``gemm_parallel`` each compile in a fraction of a second instead of linking and optimising the whole
   GEMM again (Numba re-optimises and re-generates every callee linked into a caller).
@@ -151,7 +152,8 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       specialisation. Cold compile of nn's four GEMM calls (a @ b with the fused epilogue, a.T @ b,
       a @ b.T, the multithreaded driver), float32, CPU seconds, load 3-4.5, two rounds:
       51.2 / 54.9 -> 20.9 / 21.5 (a @ b 27 -> 16, the other layouts 3.4-4.7 -> 0.5-1.0, the
-      multithreaded driver 16-19 -> 3.3). Tried: non-inlined ``_cdiv`` / ``_epilogue``, one variant
+      multithreaded driver 16-19 -> 3.3). Then ``_dots`` as a C function of its own (the two routes compile
+      in parallel processes in warmup). Tried: non-inlined ``_cdiv`` / ``_epilogue``, one variant
       instead of three behind the switch, no sigmoid/tanh in the epilogue: each within the noise (the
       time is mostly Numba's typing and lowering, spread over the functions).
 """
@@ -641,7 +643,7 @@ def _signature(dtype):
     return types.void(*[i] * 7, p, i, i, dtype, p, *[i] * 10, p, p, p, i, i, i)
 
 
-_BODIES = {}
+_BODIES, _COMPILED = {}, []  # (dtype, dots) -> address; the compiled functions
 
 
 def narrow(n, k, sa_k):
@@ -653,10 +655,13 @@ def narrow(n, k, sa_k):
 def body(dtype, dots=False):
     """The address of ``_dots`` (``dots``, see ``narrow``) or ``_block`` compiled for ``dtype`` (compiled, or
     loaded from Numba's cache, on its first use): the entry points take it as their ``body`` argument."""
-    if (dtype, dots) not in _BODIES:
+    try:
+        return _BODIES[dtype, dots]
+    except KeyError:
         compiled = cfunc(_signature(from_dtype(dtype)), cache=True, fastmath=set(FASTMATH))(_dots if dots else _block)
-        _BODIES[dtype, dots] = compiled, compiled.address
-    return _BODIES[dtype, dots][1]
+        _COMPILED.append(compiled)  # keeps the code alive
+        _BODIES[dtype, dots] = compiled.address
+        return compiled.address
 
 
 @intrinsic
