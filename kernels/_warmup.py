@@ -21,7 +21,7 @@ from ._dispatch import use_backend
 # to balance the shares between processes. matmul is the GEMM's register-tile body (compiled once per
 # dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
 # "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
-COST = {"matmul": 8.0, "matmul narrow": 4.0}
+COST = {"matmul": 10.0, "matmul narrow": 4.0}
 DEFAULT_COST = 2.0
 
 
