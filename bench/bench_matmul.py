@@ -2,8 +2,9 @@
 
 Groups, one shape each (M, K, N: out is M x N, K the reduction):
 - square GEMM at 1024^3 and 2048^3 in float32 and float64;
-- the backward forms on transposed views, never copied: ``x^T dy`` (dW: x is (B, in), dy (B, out)) and
-  ``dy W^T`` (dx: W is (in, out)) for a 784-512 layer at batch 256, and a 512-512 layer at batch 128;
+- a layer's three products: ``x @ W`` and the backward forms on transposed views, never copied:
+  ``x^T dy`` (dW: x is (B, in), dy (B, out)) and ``dy W^T`` (dx: W is (in, out)), for a 784-1024 layer
+  at batch 256 (issue 10's shapes), a 784-512 one at batch 256 and a 512-512 one at batch 128;
 - the fused dense forward ``act(x @ W + b)``: numpy is its three steps (matmul into out, add the bias,
   the activation in place: what the reference backend does), torch is ``addmm`` + the in-place
   activation, numba applies bias and activation to each output tile as it is finished;
@@ -120,14 +121,18 @@ def test_square(measure, dtype, size, impl):
            rounds=5 if size == 2048 else 10, gemm_peak=True)
 
 
-# (label, M, K, N, trans_a, trans_b): dW = x^T dy with x (B, in), dy (B, out); dx = dy W^T with W (in, out)
-BACKWARD = [("x^T dy", 784, 256, 512, True, False), ("dy W^T", 256, 512, 784, False, True),
-            ("x^T dy", 512, 128, 512, True, False), ("dy W^T", 128, 512, 512, False, True)][:2 if QUICK else 4]
+# (label, M, K, N, trans_a, trans_b): a 784-1024 layer at batch 256 (issue 10's training shapes), forward
+# x @ W, then dW = x^T dy with x (B, in), dy (B, out) and dx = dy W^T with W (in, out); then a 784-512 layer
+# at batch 256 and a 512-512 layer at batch 128
+TRAINING = [("x@W", 256, 784, 1024, False, False), ("x^T dy", 784, 256, 1024, True, False),
+            ("dy W^T", 256, 1024, 784, False, True), ("x^T dy", 784, 256, 512, True, False),
+            ("dy W^T", 256, 512, 784, False, True), ("x^T dy", 512, 128, 512, True, False),
+            ("dy W^T", 128, 512, 512, False, True)][:3 if QUICK else 7]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", BACKWARD, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in BACKWARD])
-def test_backward(measure, case, impl):
+@pytest.mark.parametrize("case", TRAINING, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in TRAINING])
+def test_training_shapes(measure, case, impl):
     label, m, k, n, trans_a, trans_b = case
     _bench(measure, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
 

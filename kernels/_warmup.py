@@ -14,35 +14,39 @@ import time
 
 import numpy as np
 
+from ._api import ACTIVATIONS
 from ._dispatch import use_backend
 
-# Relative compile cost of each job (seconds measured on a Zen 3 with a cold cache, rounded): only used to
-# balance the shares between processes. matmul is the serial GEMM in its three layouts (a @ b, a.T @ b,
-# a @ b.T); "matmul parallel" the multithreaded GEMM, a separate compiled function.
-COST = {"matmul": 20.0, "matmul parallel": 10.0}
+# Relative compile cost of each job (CPU seconds measured on a Zen 3 with a cold cache, rounded): only used
+# to balance the shares between processes. matmul is the GEMM's register-tile body (compiled once per
+# dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
+# "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
+COST = {"matmul": 10.0, "matmul narrow": 4.0}
 DEFAULT_COST = 2.0
 
 
-def _job_calls(name, dtype):
-    """The calls that compile kernel ``name`` for ``dtype``: small arrays in every layout nn uses."""
+def _job_calls(name, dtype, activations=ACTIVATIONS):
+    """The calls that compile kernel ``name`` for ``dtype``: small arrays in every layout nn uses, and the
+    ``activations`` the run uses where a kernel has one compiled function per activation."""
     import kernels as k
 
     x = np.linspace(-2, 2, 96, dtype=dtype).reshape(8, 12)
     w = np.linspace(-1, 1, 144, dtype=dtype).reshape(12, 12)
+    big = np.ones((128, 128), dtype)  # 2^22 flops: the GEMM's multithreaded driver (when threads > 1)
     p, g, s1, s2 = (np.zeros(1 << 16, dtype) for _ in range(4))  # large: the parallel drivers too
-    calls = {
-        "matmul": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"), k.matmul(x, x, trans_a=True),
-                           k.matmul(x, w, trans_b=True)),
-        # 2^22 flops: above the GEMM's threshold for its multithreaded path (taken only when threads > 1)
-        "matmul parallel": lambda: k.matmul(np.ones((128, 128), dtype), np.ones((128, 128), dtype)),
+    wide = np.linspace(-1, 1, 12 * 24, dtype=dtype).reshape(12, 24)
+    calls = {  # the GEMM's two routes compile apart: register tiles (N > 16 or A strided), dot products
+        "matmul": lambda: (k.matmul(x, wide, bias=np.zeros(24, dtype), activation="relu"),
+                           k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big)),
+        "matmul narrow": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"),
+                                  k.matmul(x, w, trans_b=True)),
         "softmax_cross_entropy": lambda: k.softmax_cross_entropy(x, np.arange(8) % 12),
         "mse": lambda: k.mse(x, x),
         "binary_cross_entropy": lambda: k.binary_cross_entropy(x, x),
         "hinge": lambda: k.hinge(x, np.sign(x) + (x == 0)),
         "bias_grad": lambda: k.bias_grad(x),
         "dropout": lambda: (k.dropout(x, 0.5, 0), k.dropout(p, 0.5, 0)),
-        "bias_act_backward": lambda: [k.bias_act_backward(x, x, act) for act in ("relu", "leaky_relu", "sigmoid",
-                                                                                  "tanh")],
+        "bias_act_backward": lambda: [k.bias_act_backward(x, x, act) for act in activations],
         "segment_norms": lambda: k.segment_norms(p, np.array([0, 32, 64])),
         "batchnorm": lambda: _batchnorm(k, x),
         "sgd_step": lambda: k.sgd_step(p, g, lr=0.1, momentum=0.9, velocity=s1, nesterov=True, weight_decay=0.1,
@@ -81,7 +85,7 @@ def _batchnorm(k, x):
     k.batchnorm_eval(x, gamma, beta, mean, var)
 
 
-KERNELS = ("matmul", "matmul parallel", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid",
+KERNELS = ("matmul", "matmul narrow", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid",
            "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy",
            "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "bias_act_backward", "segment_norms",
            "batchnorm", "sgd_step", "adam_step", "rmsprop_step",
@@ -115,12 +119,12 @@ def _watching(listener):
     return event.install_listener("numba:compile", listener)
 
 
-def _run(job, backend):
+def _run(job, backend, activations):
     """Run one ``(name, dtype)`` job; returns (seconds, whether anything was compiled)."""
     watch = _watch()
     t0 = time.perf_counter()
     with _watching(watch), use_backend(backend):
-        _job_calls(job[0], np.dtype(job[1]))()
+        _job_calls(job[0], np.dtype(job[1]), activations)()
     return time.perf_counter() - t0, watch.compiles > 0
 
 
@@ -144,26 +148,31 @@ def _selected(only):
     if only is None:
         return list(KERNELS)
     names = [only] if isinstance(only, str) else list(only)
-    unknown = [n for n in names if n not in KERNELS and n != "matmul"]
+    unknown = [n for n in names if n not in KERNELS]
     if unknown:
         raise ValueError(f"only must name kernels among {list(KERNELS)}, got {unknown}")
-    return [n for n in KERNELS if n in names or (n == "matmul parallel" and "matmul" in names)]
+    return [n for n in KERNELS if n in names or (n == "matmul narrow" and "matmul" in names)]
 
 
-def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1, processes=None):
+def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1, processes=None,
+           activations=ACTIVATIONS):
     """Call each kernel once on small arrays so that the first real call does not pay the compile.
 
     ``only``: kernel names (as in ``kernels.__all__``) to prepare, default all; ``dtypes``: the dtypes
-    the run uses. On the numba backend a cold cache is filled by ``processes`` processes (default: the
-    CPUs this process may run on) and reported on stderr unless ``verbose=0``; a warm one loads in well
-    under a second, silently. Returns the backend name.
+    the run uses; ``activations``: those the run's fused kernels (``bias_act_backward``) use. On the numba
+    backend a cold cache is filled by ``processes`` processes (default: the CPUs this process may run on)
+    and reported on stderr unless ``verbose=0``; a warm one loads in well under a second, silently.
+    Returns the backend name.
     """
     if not isinstance(verbose, int):
         raise TypeError(f"verbose must be an int, got {type(verbose).__name__}")
+    activations = [activations] if isinstance(activations, str) else list(activations)
+    if not set(activations) <= set(ACTIVATIONS):
+        raise ValueError(f"activations must be among {ACTIVATIONS}, got {activations}")
     jobs = [(name, np.dtype(dt).name) for dt in dtypes for name in _selected(only)]
     if backend != "numba":  # nothing compiles ahead on the reference; cuda compiles per launch shape
         for job in jobs:
-            _run(job, backend)
+            _run(job, backend, activations)
         return backend
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -179,13 +188,13 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
             return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this kernels package, not another
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps(share)],
+        helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps([share, activations])],
                                         stdout=subprocess.PIPE, text=True, env=env) for share in theirs if share)
 
     timings = []
     with _watching(_watch(cold)):
         for job in mine:
-            timings.append((job, *_run(job, backend)))
+            timings.append((job, *_run(job, backend, activations)))
             _report(timings[-1], verbose)
         mine_done.append(True)
         for helper in helpers:
@@ -195,7 +204,7 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
                 _report((tuple(job), seconds, compiled), verbose)
         for share in theirs:  # load what the helpers compiled (or compile here what they could not)
             for job in share:
-                timings.append((job, *_run(job, backend)))
+                timings.append((job, *_run(job, backend, activations)))
                 if not helpers:
                     _report(timings[-1], verbose)
     if verbose and (helpers or any(compiled for _, _, compiled in timings)):
@@ -209,10 +218,12 @@ def _report(timing, verbose):
         print(f"kernels:   {name} {dtype}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
-def _helper(share):
-    """A helper process: compile one share (a JSON list of jobs), print one JSON line per job."""
-    for job in json.loads(share):
-        print(json.dumps([job, *_run(tuple(job), "numba")]), flush=True)
+def _helper(argument):
+    """A helper process: compile one share (JSON: the list of jobs, the activations), print one JSON line
+    per job."""
+    share, activations = json.loads(argument)
+    for job in share:
+        print(json.dumps([job, *_run(tuple(job), "numba", activations)]), flush=True)
 
 
 _HELPER = "import sys; from kernels._warmup import _helper; _helper(sys.argv[1])"

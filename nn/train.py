@@ -84,7 +84,8 @@ def main(argv=None):
     if args.backend != "cuda":  # compile (or load from Numba's cache) before the clock starts
         kernels.warmup(args.backend, dtypes=("float32",), verbose=args.verbose if comm.is_root else 0,
                        only=("matmul", "bias_act_backward", "bias_grad", "segment_norms", "softmax_cross_entropy",
-                             args.optimizer.replace("adamw", "adam") + "_step"))
+                             args.optimizer.replace("adamw", "adam") + "_step"),
+                       activations=("relu",) if hidden else ())
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, validation_data=val,
                           seed=args.seed, callbacks=[EarlyStopping(patience=args.patience)], verbose=args.verbose)

@@ -41,3 +41,18 @@ def test_only_names_kernels():
     with pytest.raises(ValueError, match=r"only must name kernels among .*got \['matmull'\]"):
         kernels.warmup(only=("matmull",))
     assert kernels.warmup("numpy", only="relu") == "numpy"
+
+
+def test_only_the_activations_asked_for_compile(tmp_path):
+    """bias_act_backward has one compiled function per activation: a run using relu compiles relu's."""
+    code = ("import kernels; from kernels.cpu import fused; "
+            "kernels.warmup(dtypes=('float32',), only=('bias_act_backward',), activations=('relu',), verbose=0); "
+            "print(sorted(name for name, f in fused._BIAS_ACT_BACKWARD.items() if f.signatures))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.strip() == "['relu']"
+
+
+def test_activations_are_checked():
+    with pytest.raises(ValueError, match=r"activations must be among .*got \['gelu'\]"):
+        kernels.warmup(activations=("gelu",))

@@ -26,9 +26,12 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
   instead of stalling the others. Every element is computed by one thread over the same K blocks in
   the same order, so the result is bitwise the same whatever the split or the thread count;
-- the operands reach the compiled kernel as addresses and element strides (``gemm`` is the thin serial
-  wrapper that takes arrays; ``gemm_parallel`` gets them from Python), so it compiles once per dtype
-  whatever the layouts.
+- the operands reach the compiled kernel as addresses and element strides, and the serial loops
+  (``_block``, and ``_dots`` for narrow outputs) are each compiled once per dtype as a C function
+  (``body``) that both entry points call
+  through its address: ``gemm``, the thin serial wrapper specialised per operand layout, and
+  ``gemm_parallel`` each compile in a fraction of a second instead of linking and optimising the whole
+  GEMM again (Numba re-optimises and re-generates every callee linked into a caller).
 
 Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, and its loop vectoriser
 either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
@@ -143,15 +146,26 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       20 / 24 ms, after OpenBLAS 35 / 70 -> 27 / 33 ms; 1024^3 isolated 65 / 106 -> 41 / 71 ms, after
       OpenBLAS 92 / 137 -> 62 / 99 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
       2-thread call is steadier: 2048^3 32 -> 47, 1024^3 32 -> 52, (256, 784, 1024) 27 -> 51.
+  v19 compile time, not speed: ``_block`` as one C function per dtype called through its address (before,
+      each layout's ``gemm`` and ``gemm_parallel`` linked it and LLVM optimised and generated it again),
+      no slice assignments (their shape-mismatch message compiled int-to-str code), one ``_pack``
+      specialisation. Cold compile of nn's four GEMM calls (a @ b with the fused epilogue, a.T @ b,
+      a @ b.T, the multithreaded driver), float32, CPU seconds, load 3-4.5, two rounds:
+      51.2 / 54.9 -> 20.9 / 21.5 (a @ b 27 -> 16, the other layouts 3.4-4.7 -> 0.5-1.0, the
+      multithreaded driver 16-19 -> 3.3). Then ``_dots`` as a C function of its own (the two routes compile
+      in parallel processes in warmup). Tried: non-inlined ``_cdiv`` / ``_epilogue``, one variant
+      instead of three behind the switch, no sigmoid/tanh in the epilogue: each within the noise (the
+      time is mostly Numba's typing and lowering, spread over the functions).
 """
 
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import carray, cfunc, from_dtype, prange, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._jit import jit
+from ._jit import FASTMATH, jit
 from ._math import sigmoid, tanh
 
 # Register tiles of the micro-kernel, per variant: (MR, NR, vector lanes) for float32 and float64. A
@@ -562,50 +576,52 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
                 _micro_kernel(variant, pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
             else:
                 _micro_kernel(variant, pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
-                for i in range(rows):
-                    o = out[row + i, col:col + cols]
-                    t = tile[i * nr:i * nr + cols]
-                    if first:
-                        o[:] = t
-                    else:
-                        o += t
+                for i in range(rows):  # element by element: a slice assignment drags in its error message
+                    for j in range(cols):
+                        out[row + i, col + j] = tile[i * nr + j] + (out[row + i, col + j] if not first else 0)
         if epilogue:
             _epilogue(out, row, rows, c0, nc, bias, has_bias, act, alpha)
 
 
-@jit
-def _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant):
-    """``out[r0:r1]`` for a narrow N and A's rows contiguous: B^T packed once (N x K, at most DOT_MAX_N
-    rows), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows stream
-    once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of 5 x 5
-    cost more than the tile)."""
-    n = out.shape[1]
+def _dots(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, out_p, m, n, r0, r1, c0, c1, variant,
+          kc_max, nc_max, pack_b, bp_p, edge_p, tile_p, b_size, edge_size, tile_size):
+    """``out[r0:r1]`` for a narrow N (at most DOT_MAX_N) and A's rows contiguous (``sa_k`` 1): B^T packed
+    once (N x K), then MR x NR tiles of dot products along K (no K blocks: B^T stays in L1, A's rows
+    stream once) into an MR x N block, stored and given its epilogue as a whole (per-tile write-backs of
+    5 x 5 cost more than the tile). The arguments are ``_block``'s (c0:c1 is 0:N, no buffers used), so
+    the entry points call either the same way; a C function of its own, so that it compiles apart."""
+    bias, out = carray(bias_p, n_bias), carray(out_p, (m, n))
+    has_bias = n_bias > 0
     item = out.itemsize
     mr, nr = _DOT_MR[variant], _DOT_NR[variant]
     bt = np.empty(n * k, out.dtype)
-    _pack(b_at, sb_j, sb_k, bt, 0, 0, n, k, k)
+    origin = np.intp(0)  # not the literal 0: one compiled _pack serves every caller
+    _pack(b_at, sb_j, sb_k, bt, origin, origin, n, k, k)
     bt_at = np.intp(bt.ctypes.data)
     block = np.empty(mr * n, out.dtype)
+    block_at, out_at = np.intp(block.ctypes.data), np.intp(out.ctypes.data)
     for row in range(r0, r1, mr):
         rows = min(mr, r1 - row)
         pa = a_at + row * sa_i * item
         for col in range(0, n, nr):
             _dot_kernel(variant, pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
         for i in range(rows):
-            out[row + i] = block[i * n:(i + 1) * n]
+            _copy(block_at + i * n * item, out_at + (row + i) * n * item, n, out)
         _epilogue(out, row, rows, 0, n, bias, has_bias, act, alpha)
 
 
-@jit
-def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, c0, c1, variant, kc_max,
-           nc_max, pack_b, bp, edge, tile):
-    """The serial BLIS loops for ``out[r0:r1, c0:c1]``: K blocks, N blocks, then tiles; B is packed per
-    (K, N) block into ``bp`` when ``pack_b``. A narrow ``out`` whose A rows are contiguous goes to
-    ``_dots`` instead. Every element gets the same K blocks in the same order whatever the block, so a
-    result does not depend on how ``out`` was split."""
-    if sa_k == 1 and out.shape[1] <= DOT_MAX_N and k > 0:  # then the blocks are by rows: c0:c1 is 0:N
-        _dots(a_at, sa_i, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, out, r0, r1, variant)
-        return
+def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, out_p, m, n, r0, r1, c0, c1, variant,
+           kc_max, nc_max, pack_b, bp_p, edge_p, tile_p, b_size, edge_size, tile_size):
+    """The serial BLIS loops for ``out[r0:r1, c0:c1]`` (``out`` is ``m x n`` at ``out_p``): K blocks, N
+    blocks, then tiles; B is packed per (K, N) block into the buffer at ``bp_p`` when ``pack_b``. Every
+    element gets the same K blocks in the same order whatever the block, so a result does not depend on
+    how ``out`` was split.
+
+    Compiled once per dtype as a C function (``body``), arrays passed as pointers and sizes: the entry
+    points call it through its address instead of each linking (and optimising again) its code."""
+    bias, out = carray(bias_p, n_bias), carray(out_p, (m, n))
+    bp, edge, tile = carray(bp_p, b_size), carray(edge_p, edge_size), carray(tile_p, tile_size)
+    has_bias = n_bias > 0
     mr, nr = _tile(variant, out)
     n_pc = max(1, _cdiv(k, kc_max))
     kc_step = _cdiv(k, n_pc)  # balanced K blocks: 784 -> 2 x 392
@@ -621,6 +637,60 @@ def _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha, ou
                    jc, nc, pc, kc, p == 0, p == n_pc - 1, variant, mr, nr)
 
 
+def _signature(dtype):
+    """The C signature of ``_block`` and ``_dots`` for a numba float type."""
+    i, p = types.intp, types.CPointer(dtype)
+    return types.void(*[i] * 7, p, i, i, dtype, p, *[i] * 10, p, p, p, i, i, i)
+
+
+_BODIES, _COMPILED = {}, []  # (dtype, dots) -> address; the compiled functions
+
+
+def narrow(n, k, sa_k):
+    """Whether a product with ``n`` output columns, reduction ``k`` and A's K stride ``sa_k`` (elements)
+    takes the dot-product route (``_dots``) rather than the register tiles (``_block``)."""
+    return n <= DOT_MAX_N and k > 0 and sa_k == 1
+
+
+def body(dtype, dots=False):
+    """The address of ``_dots`` (``dots``, see ``narrow``) or ``_block`` compiled for ``dtype`` (compiled, or
+    loaded from Numba's cache, on its first use): the entry points take it as their ``body`` argument."""
+    try:
+        return _BODIES[dtype, dots]
+    except KeyError:
+        compiled = cfunc(_signature(from_dtype(dtype)), cache=True, fastmath=set(FASTMATH))(_dots if dots else _block)
+        _COMPILED.append(compiled)  # keeps the code alive
+        _BODIES[dtype, dots] = compiled.address
+        return compiled.address
+
+
+@intrinsic
+def _pointer(typingctx, array):
+    """The data pointer of ``array``, typed: what ``_block`` takes for an array."""
+    def codegen(context, builder, sig, args):
+        return context.make_array(sig.args[0])(context, builder, args[0]).data
+
+    return types.CPointer(array.dtype)(array), codegen
+
+
+@intrinsic
+def _call_block(typingctx, address, args, like):
+    """Calls the compiled ``_block`` for ``like``'s dtype at ``address`` with the tuple ``args``, each cast
+    to the type the C signature has there."""
+    target = _signature(like.dtype).args
+    if len(args) != len(target) or not all(typingctx.can_convert(a, t) for a, t in zip(args, target)):
+        raise TypingError(f"_call_block: arguments {args} do not fit {target}")
+
+    def codegen(context, builder, sig, llargs):
+        values = [context.cast(builder, v, a, t) for v, a, t in zip(cgutils.unpack_tuple(builder, llargs[1]), args,
+                                                                    target)]
+        fnty = ir.FunctionType(ir.VoidType(), [context.get_argument_type(t) for t in target])
+        builder.call(builder.inttoptr(llargs[0], fnty.as_pointer()), values)
+        return context.get_dummy_value()
+
+    return types.void(address, args, like), codegen
+
+
 @jit(inline="always")
 def _tile(variant, out):
     """(MR, NR) of ``variant``'s register tile for ``out``'s dtype."""
@@ -629,10 +699,10 @@ def _tile(variant, out):
 
 
 @jit(inline="always")
-def _setup(k, sb_k, sb_j, bias, alpha, out, variant, kc_max, nc_bytes):
+def _setup(k, sb_k, sb_j, alpha, out, variant, kc_max, nc_bytes):
     """What both entry points derive: the N block for the variant's tile and ``out``'s dtype (``nc_bytes``
-    of packed B at K block ``kc_max``), whether B gets packed (unless it is small and row-major), whether
-    there is a bias, alpha in ``out``'s dtype, and the sizes of one thread's buffers (packed B, A/B edge
+    of packed B at K block ``kc_max``), whether B gets packed (unless it is small and row-major), alpha in
+    ``out``'s dtype, and the sizes of one thread's buffers (packed B, A/B edge
     panels, an edge tile) for blocks of at most ``nc_max`` columns."""
     item = out.itemsize
     mr, nr = _tile(variant, out)
@@ -641,28 +711,36 @@ def _setup(k, sb_k, sb_j, bias, alpha, out, variant, kc_max, nc_bytes):
     kc_step = _cdiv(k, max(1, _cdiv(k, kc_max)))
     nc_step = min(_cdiv(out.shape[1], nr) * nr, nc_max)
     b_size = nc_step * kc_step if pack_b else 0
-    return mr, nr, nc_max, pack_b, bias.size > 0, out.dtype.type(alpha), b_size, (mr + nr) * kc_step, mr * nr
+    return mr, nr, nc_max, pack_b, out.dtype.type(alpha), b_size, (mr + nr) * kc_step, mr * nr
 
 
 @jit
-def gemm(a, b, bias, act, alpha, out, variant, kc_max, nc_bytes):
+def gemm(a, b, bias, act, alpha, out, variant, kc_max, nc_bytes, body):
     """``out = act(a @ b + bias)`` on the calling thread; a (M, K), b (K, N) with any strides that are whole
     elements; ``bias`` is (N,), or empty for none; ``act`` an ACTIVATION_CODES value; ``alpha`` the leaky
-    slope; ``variant`` the register tile (index in VARIANTS), ``kc_max`` and ``nc_bytes`` the blocking.
-    Hands the operands on as addresses and element strides, so the kernel proper compiles once per
-    dtype whatever the layouts (this wrapper is all that is specialised per layout). Plain arguments:
-    at 64^3 the dispatch is a tenth of the call."""
+    slope; ``variant`` the register tile (index in VARIANTS), ``kc_max`` and ``nc_bytes`` the blocking;
+    ``body`` the address of the compiled ``_block`` or ``_dots`` for ``out``'s dtype (``body``). Only this thin
+    wrapper is specialised per layout. Plain arguments: at 64^3 the dispatch is a tenth of the call."""
     m, n = out.shape
     if m == 0 or n == 0:
         return
     item = out.itemsize
     k, sb_k, sb_j = a.shape[1], b.strides[0] // item, b.strides[1] // item
-    _, _, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
-                                                                                   variant, kc_max, nc_bytes)
-    origin = np.intp(0)  # not the literal 0: _block then has the signature gemm_parallel compiles it for
-    _block(np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data), sb_k, sb_j,
-           k, bias, has_bias, act, alpha_, out, origin, m, origin, n, variant, kc_max, nc_max, pack_b,
-           np.empty(b_size, out.dtype), np.empty(edge_size, out.dtype), np.empty(tile_size, out.dtype))
+    _, _, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
+                                                                          nc_bytes)
+    _run_block(body, np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item, np.intp(b.ctypes.data),
+               sb_k, sb_j, k, bias, act, alpha_, out, 0, m, 0, n, variant, kc_max, nc_max, pack_b,
+               np.empty(b_size, out.dtype), np.empty(edge_size, out.dtype), np.empty(tile_size, out.dtype))
+
+
+@jit(inline="always")
+def _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, r0, r1, c0, c1, variant, kc_max,
+               nc_max, pack_b, bp, edge, tile):
+    """``_block`` (or ``_dots``) at ``body`` for ``out[r0:r1, c0:c1]``, arrays passed as pointers and sizes."""
+    m, n = out.shape
+    _call_block(body, (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, _pointer(bias), bias.size, act, alpha, _pointer(out), m,
+                       n, r0, r1, c0, c1, variant, kc_max, nc_max, pack_b, _pointer(bp), _pointer(edge),
+                       _pointer(tile), bp.size, edge.size, tile.size), out)
 
 
 @intrinsic
@@ -677,7 +755,7 @@ def _take(typingctx, counter):
 
 @jit(parallel=True)
 def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
-                  mc):
+                  mc, body, dots):
     """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
     into chunks of at least ``mc`` rows by one N block, about CHUNKS_PER_THREAD per thread; each thread takes the next
     chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
@@ -690,9 +768,9 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    mr, nr, nc_max, pack_b, has_bias, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, bias, alpha, out,
-                                                                                     variant, kc_max, nc_bytes)
-    dots = sa_k == 1 and n <= DOT_MAX_N and k > 0  # the dot tiles: chunks of rows only
+    mr, nr, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
+                                                                          nc_bytes)
+    # ``dots``: ``body`` is ``_dots`` (see ``narrow``), chunks of rows only
     row_tile = _DOT_MR[variant] if dots else mr
     cols = _cdiv(_cdiv(n, nr), 1 if dots else _cdiv(n, nc_max)) * nr  # balanced N blocks: 784 -> 4 x 208
     col_blocks = _cdiv(n, cols)
@@ -710,6 +788,6 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
         c = _take(counter_at)
         while c < chunks:
             r0, c0 = c // col_blocks * rows, c % col_blocks * cols
-            _block(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, has_bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
-                   min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
+            _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
+                       min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
             c = _take(counter_at)

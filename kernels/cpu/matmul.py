@@ -4,7 +4,7 @@ import numba
 import numpy as np
 
 from . import _cpuinfo
-from ._gemm import ACTIVATION_CODES, DTYPES, PARALLEL_MIN_FLOPS, gemm, gemm_parallel
+from ._gemm import ACTIVATION_CODES, DTYPES, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel, narrow
 
 _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}  # stands in for bias=None
 # (variant index, kc, nc_bytes, mc): the register tile and blocking chosen for this CPU (_cpuinfo);
@@ -29,10 +29,11 @@ def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
     (m, k), n = a.shape, b.shape[1]
     variant, kc, nc_bytes, mc = TILING
     threads = numba.get_num_threads() if 2 * m * k * n >= PARALLEL_MIN_FLOPS else 1
+    item = dtype.itemsize
+    dots = narrow(n, k, a.strides[1] // item)
     if threads == 1:
-        gemm(a, b, bias, ACTIVATION_CODES[activation], alpha, out, variant, kc, nc_bytes)
+        gemm(a, b, bias, ACTIVATION_CODES[activation], alpha, out, variant, kc, nc_bytes, body(dtype, dots))
     else:
-        item = dtype.itemsize
         gemm_parallel(a.ctypes.data, a.strides[0] // item, a.strides[1] // item, b.ctypes.data,
                       b.strides[0] // item, b.strides[1] // item, k, bias, ACTIVATION_CODES[activation], alpha,
-                      out, threads, variant, kc, nc_bytes, mc)
+                      out, threads, variant, kc, nc_bytes, mc, body(dtype, dots), dots)
