@@ -121,7 +121,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             seeds = np.array([[(layer.seed_base + layer.calls) % 2**64 if layer else 0, threshold]
                               for layer, threshold in dropouts], np.uint64)
             guard.in_step = True
-            settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING)  # tests replace it
+            settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING,  # tests replace it
+                                               model.dtype)
             done = dynamic(step.train_steps, X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params,
                            model.grads, state1, state2, segments, kind, hyper, max_norm, bool(trainer.metrics), table,
                            settings, scratch, targets, norms, metrics, scale)

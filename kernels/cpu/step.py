@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
-from ._gemm import PARALLEL_MIN_FLOPS, gemm, gemm_parallel
+from ._gemm import DOT_MAX_N, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
@@ -44,8 +44,9 @@ KIND, ACT, IN_W, OUT_W, W_AT, B_AT, X_AT, Y_AT, DY_AT, DZ_AT, DX_AT = range(11)
 # Adam (1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**t),
 # sqrt(1 - beta2**t), eps)
 SGD, SGD_MOMENTUM, ADAM, ADAMW = range(4)
-# the GEMM settings row: threads, register-tile variant, kc, nc_bytes, mc (matmul.TILING), flops threshold
-THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS = range(6)
+# the GEMM settings row: threads, register-tile variant, kc, nc_bytes, mc (matmul.TILING), flops threshold,
+# the addresses of the compiled GEMM bodies (register tiles, dot products: _gemm.body)
+THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS, BODY, DOTS_BODY = range(8)
 
 # slots of the kernel table: the elementwise activations (forward, backward) by code, then the rest
 _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
@@ -105,13 +106,13 @@ def kernel_table(dtype):
                 args = (v, v) + state + hyper + (gscale,)
                 optimizers += [(body, (u64, u64) + args), (chunks, (i64, _star(args)))]
         drop = (v, v, u64, u64, f, f)
-        gemm_args = (v, i64, types.float64, m, i64, i64, i64)
+        gemm_args = (v, i64, types.float64, m, i64, i64, i64, i64)
         kernels = [(getattr(activations, f"_{name}_kernel"), (v, v, f, v)) for name in _ELEMENTWISE]
         kernels += [(fused._BIAS_ACT_BACKWARD[name], (m, m, f, m, v)) for name in _BIAS_ACT]
         kernels += [(activations.softmax, (m, m)), (activations.softmax_backward, (m, m, m)),
                     (losses._cross_entropy, (m, types.Array(i64, 1, "C"), m)), (losses.bias_grad, (m, v)),
                     (gemm, (m, m) + gemm_args), (gemm, (mt, m) + gemm_args), (gemm, (m, mt) + gemm_args),
-                    (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 5),
+                    (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 6 + (flag,)),
                     (fused.segment_norms, (v, types.Array(i64, 1, "C"), f1)),
                     (_count_labels, (m, types.Array(i64, 1, "C"), f1)),
                     (_check_step, (types.float64, types.float64, f1, types.float64, f1, v))]
@@ -125,10 +126,11 @@ def kernel_table(dtype):
     return _tables[dtype]
 
 
-def gemm_settings(tiling):
+def gemm_settings(tiling, dtype):
     """The GEMM settings row for the driver: this thread's Numba thread count, ``matmul.TILING``, the
-    threshold above which ``matmul`` goes multithreaded."""
-    return np.array((numba.get_num_threads(),) + tuple(tiling) + (PARALLEL_MIN_FLOPS,), np.int64)
+    threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
+    return np.array((numba.get_num_threads(),) + tuple(tiling) + (PARALLEL_MIN_FLOPS, body(dtype, False),
+                                                                  body(dtype, True)), np.int64)
 
 
 @jit(fastmath=False, inline="always")
@@ -137,14 +139,16 @@ def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
     products above the threshold with several threads, ``gemm_parallel`` on addresses and strides."""
     (m, k), n = a.shape, b.shape[1]
     item = out.itemsize
+    dots = n <= DOT_MAX_N and k > 0 and a.strides[1] // item == 1  # _gemm.narrow
+    address = settings[DOTS_BODY] if dots else settings[BODY]
     if settings[THREADS] > 1 and 2 * m * k * n >= settings[MIN_FLOPS]:
         _call(kernels[GEMM_PARALLEL_K], (np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
                                          np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item, k, bias,
                                          act, alpha, out, settings[THREADS], settings[VARIANT], settings[KC],
-                                         settings[NC_BYTES], settings[MC]), None)
+                                         settings[NC_BYTES], settings[MC], address, dots), None)
     else:
-        _call(kernels[serial], (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES]),
-              None)
+        _call(kernels[serial], (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES],
+                                address), None)
 
 
 @jit(fastmath=False, inline="always")
