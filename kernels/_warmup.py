@@ -21,7 +21,7 @@ from ._dispatch import use_backend
 # to balance the shares between processes. matmul is the GEMM's register-tile body (compiled once per
 # dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
 # "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
-COST = {"matmul": 10.0, "matmul narrow": 4.0}
+COST = {"matmul": 10.0, "matmul narrow": 4.0, "training step": 15.0}
 DEFAULT_COST = 2.0
 
 
@@ -46,6 +46,7 @@ def _job_calls(name, dtype, activations=ACTIVATIONS):
         "hinge": lambda: k.hinge(x, np.sign(x) + (x == 0)),
         "bias_grad": lambda: k.bias_grad(x),
         "dropout": lambda: (k.dropout(x, 0.5, 0), k.dropout(p, 0.5, 0)),
+        "training step": lambda: _training_step(dtype, activations),
         "bias_act_backward": lambda: [k.bias_act_backward(x, x, act) for act in activations],
         "segment_norms": lambda: k.segment_norms(p, np.array([0, 32, 64])),
         "batchnorm": lambda: _batchnorm(k, x),
@@ -77,6 +78,17 @@ def _job_calls(name, dtype, activations=ACTIVATIONS):
     return calls[name]
 
 
+def _training_step(dtype, activations):
+    """nn's compiled epoch (``Trainer(compiled=True)``: its driver and the kernels it calls) on a tiny model."""
+    import nn
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 4)).astype(dtype), np.arange(8) % 2
+    for act in activations:
+        model = nn.Sequential([nn.Dense(3, activation=act), nn.Dense(2)], input_dim=4, dtype=dtype, seed=0)
+        nn.Trainer(model, compiled=True).fit(X, y, batch_size=4, verbose=0)
+
+
 def _batchnorm(k, x):
     """Training forward and backward, then evaluation, on ``x``'s 12 columns."""
     gamma, beta, mean, var = (np.full(12, v, x.dtype) for v in (1, 0, 0, 1))
@@ -89,7 +101,8 @@ KERNELS = ("matmul", "matmul narrow", "relu", "relu_backward", "leaky_relu", "le
            "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy",
            "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "bias_act_backward", "segment_norms",
            "batchnorm", "sgd_step", "adam_step", "rmsprop_step",
-           "adagrad_step", "adadelta_step", "count_correct", "check_step", "optimizer scale")
+           "adagrad_step", "adadelta_step", "count_correct", "check_step", "optimizer scale",
+           "training step")
 
 
 def _watch(first=None):

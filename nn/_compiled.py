@@ -2,8 +2,10 @@
 
 ``Trainer(..., compiled=None | True | False)`` chooses: ``False`` always runs the per-kernel step (a
 Python loop over kernel calls); ``True`` runs the compiled one wherever the model is supported and raises
-``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported and wins
-(:func:`wins`). Both make the same kernel calls with the same arguments, so they give bit for bit the
+``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported, wins
+(:func:`wins`) and is compiled already (in this process or Numba's on-disk cache: a cold compile of the
+driver and its kernels takes ~30 s, more than a short run saves; ``True`` once, or
+``kernels.warmup(only="training step")``, compiles it). Both make the same kernel calls with the same arguments, so they give bit for bit the
 same results; the compiled one saves the per-step Python overhead (~15 calls of a few us each).
 
 Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
@@ -92,7 +94,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     from kernels.cpu import step
     from kernels.cpu._parallel import dynamic
 
-    table = step.kernel_table(model.dtype)
+    table = None  # the kernels' addresses: compiled (or loaded) only once the driver is known to run
     n, steps = len(X), math.ceil(len(X) / batch_size)
     snapshot = _snapshot(trainer, model, opt)
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
@@ -123,9 +125,17 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             guard.in_step = True
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING,  # tests replace it
                                                model.dtype)
-            done = dynamic(step.train_steps, X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params,
-                           model.grads, state1, state2, segments, kind, hyper, max_norm, bool(trainer.metrics), table,
-                           settings, scratch, targets, norms, metrics, scale)
+            args = [X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads, state1, state2,
+                    segments, kind, hyper, max_norm, bool(trainer.metrics), segments, settings, scratch, targets,
+                    norms, metrics, scale]  # args[18]: the kernel table's place (an int64 array, as segments)
+            if table is None:
+                if compiled is None and not step.ready(*args):  # automatic: never a cold compile of the driver
+                    guard.in_step = False
+                    _restore(model, opt, snapshot)
+                    return None
+                table = step.kernel_table(model.dtype)
+            args[18] = table
+            done = dynamic(step.train_steps, *args)
             opt.t += done - s0
             for layer, _ in dropouts:
                 if layer is not None:

@@ -4,7 +4,10 @@ at the same step with the same weights; the fallbacks; Ctrl-C between calls."""
 
 import hashlib
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from hypothesis import strategies as st
 
 import kernels
 import nn
-from kernels.cpu import step
+from kernels.cpu import _parallel, step
 from nn import _compiled
 
 from test_nn_trajectory import CONFIGS, DATA, _data
@@ -47,13 +50,13 @@ def _assert_same(a, b):
 def calls(monkeypatch):
     """Counts the compiled driver's calls (to tell which path ran)."""
     count = [0]
-    driver = step.train_steps
+    dynamic = _parallel.dynamic
 
-    def spy(*args):
-        count[0] += 1
-        return driver(*args)
+    def spy(kernel, *args):
+        count[0] += kernel is step.train_steps
+        return dynamic(kernel, *args)
 
-    monkeypatch.setattr(step, "train_steps", spy)
+    monkeypatch.setattr(_parallel, "dynamic", spy)
     return count
 
 
@@ -212,15 +215,15 @@ def test_progress_bar_and_calls_of_a_few_steps(monkeypatch, calls, capsys):
 
 def test_ctrl_c_stops_after_the_current_call_and_fit_continues(monkeypatch, calls):
     monkeypatch.setattr(_compiled, "CALL_SAMPLES", 20)
-    spy = step.train_steps
+    spy = _parallel.dynamic  # the calls fixture's
 
-    def interrupted(*args):
-        done = spy(*args)
+    def interrupted(kernel, *args):
+        done = spy(kernel, *args)
         if calls[0] == 2:
             signal.raise_signal(signal.SIGINT)
         return done
 
-    monkeypatch.setattr(step, "train_steps", interrupted)
+    monkeypatch.setattr(_parallel, "dynamic", interrupted)
     X, y = _data()
     spec = CONFIGS["sgd_momentum_activations"]
     model = nn.Sequential(spec["layers"](), seed=5)
@@ -233,3 +236,29 @@ def test_ctrl_c_stops_after_the_current_call_and_fit_continues(monkeypatch, call
     assert model.params.tobytes() == reference.model.params.tobytes()
     trainer.fit(X, y, epochs=1, batch_size=10, verbose=0)
     assert trainer.optimizer.t == 4 + 7 and trainer.epoch == 1
+
+
+def test_the_automatic_choice_never_compiles_the_driver_cold(tmp_path):
+    """With an empty cache, compiled=None trains per kernel (the driver's cold compile would cost more than
+    a short run saves); once compiled (compiled=True), a new process's automatic choice loads and runs it."""
+    code = """
+import numpy as np, nn
+from kernels.cpu import _parallel, step
+ran = [0]
+dynamic = _parallel.dynamic
+def spy(kernel, *args):
+    ran[0] += kernel is step.train_steps
+    return dynamic(kernel, *args)
+_parallel.dynamic = spy
+X, y = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32), np.arange(16) % 2
+for compiled in (None, {explicit}, None):
+    model = nn.Sequential([nn.Dense(3, activation="relu"), nn.Dense(2)], input_dim=4, seed=0)
+    nn.Trainer(model, compiled=compiled).fit(X, y, batch_size=4, verbose=0)
+    print(ran[0], end=" ")
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    run = [sys.executable, "-c"]
+    first = subprocess.run(run + [code.format(explicit=True)], env=env, capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["0", "1", "2"]  # cold: per kernel; True compiles; then in-process: compiled
+    second = subprocess.run(run + [code.format(explicit=False)], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout.split() == ["1", "1", "2"]  # the cached driver is loaded and chosen

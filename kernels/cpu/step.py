@@ -126,6 +126,21 @@ def kernel_table(dtype):
     return _tables[dtype]
 
 
+def ready(*args):
+    """Whether ``train_steps(*args)`` runs without compiling: its machine code for these argument types is
+    in this process, or in Numba's on-disk cache (then loaded, as a call would). A cold compile of the
+    driver costs tens of seconds; the automatic choice (``nn._compiled``) takes the driver only when ready."""
+    sig = tuple(train_steps.typeof_pyval(a) for a in args)
+    if sig in train_steps.overloads:
+        return True
+    cres = train_steps._cache.load_overload(sig, train_steps.targetctx)
+    if cres is None:
+        return False
+    train_steps.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])  # as compile() does
+    train_steps.add_overload(cres)
+    return True
+
+
 def gemm_settings(tiling, dtype):
     """The GEMM settings row for the driver: this thread's Numba thread count, ``matmul.TILING``, the
     threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
