@@ -3,7 +3,8 @@
 Implementations, each in its fastest form with the same thread count (bench/conftest.py):
 - ``numpy`` / ``numba``: ``nn.Trainer.fit`` for one epoch on the reference / compiled backend
   (shuffling, input checks and gradient-norm bookkeeping included), ``numba`` as a user gets it (the
-  compiled epoch where ``nn._compiled`` chooses it); ``numba-per-kernel``: the same with
+  compiled epoch where ``nn._compiled`` chooses it, its driver warmed up as a filled cache has it);
+  ``numba-per-kernel``: the same with
   ``compiled=False``, the step as a Python loop over kernel calls (not a peer in the report);
 - ``torch``: the equivalent torch.nn model and loop, eager, with the fused CPU optimizer
   (``Adam(fused=True)``, ``SGD(fused=True)``);
@@ -55,6 +56,8 @@ def _nn_epoch(config, X, y, backend, compiled=None):
                               input_dim=widths[0], seed=0)
     optimizer = nn.Adam(**hyper) if opt == "adam" else nn.SGD(**hyper)
     trainer = nn.Trainer(model, optimizer=optimizer, compiled=compiled)
+    if backend == "numba" and compiled is None:  # the compiled epoch's driver, as a warm cache has it
+        kernels.warmup("numba", dtypes=("float32",), only=["training step"], verbose=0)
 
     def epoch():
         with kernels.use_backend(backend):
