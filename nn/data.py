@@ -6,6 +6,7 @@ Every loader returns ``(X, y)`` or a train/test pair of them with ``X`` as float
 """
 
 import gzip
+import importlib.util
 import os
 
 import numpy as np
@@ -29,10 +30,18 @@ def _labels(y, what):
 
 
 def load_digits():
-    """The 8x8 handwritten digits bundled with scikit-learn: 1797 samples, 64 features, 10 classes."""
-    from sklearn.datasets import load_digits as sk_load_digits
+    """The 8x8 handwritten digits bundled with scikit-learn: 1797 samples, 64 features, 10 classes. Read
+    from scikit-learn's data file as its loader reads it, without importing scikit-learn (~2 s); through its
+    loader if the file is not where it has been."""
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.exists(path):
+        data = np.loadtxt(path, delimiter=",")
+        X, y = data[:, :-1], data[:, -1]
+    else:
+        from sklearn.datasets import load_digits as sk_load_digits
 
-    X, y = sk_load_digits(return_X_y=True)
+        X, y = sk_load_digits(return_X_y=True)
     return (X / 16).astype(np.float32), y.astype(np.int64)
 
 

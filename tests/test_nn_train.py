@@ -88,3 +88,18 @@ def test_dataset_errors_are_clear(tmp_path):
         f.write(raw[:-1])
     with pytest.raises(ValueError, match="promises shape \\(4, 2\\)"):
         data.read_idx(tmp_path / "short.gz")
+
+
+def test_digits_read_without_sklearn_match_its_loader(monkeypatch):
+    """The bundled file read directly gives exactly what scikit-learn's loader gives (the fallback route)."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    direct = data.load_digits()
+    X, y = sk_load_digits(return_X_y=True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the file not found: the loader
+    fallback = data.load_digits()
+    for got in (direct, fallback):
+        assert got[0].dtype == np.float32 and got[1].dtype == np.int64
+        assert np.array_equal(got[0], (X / 16).astype(np.float32)) and np.array_equal(got[1], y)
