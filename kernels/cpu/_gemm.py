@@ -163,7 +163,7 @@ from llvmlite import ir
 from numba import carray, cfunc, from_dtype, prange, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from ._jit import FASTMATH, jit
 from ._math import sigmoid, tanh
@@ -646,6 +646,7 @@ def _signature(dtype):
 _BODIES, _COMPILED = {}, []  # (dtype, dots) -> address; the compiled functions
 
 
+@register_jitable  # plain Python from matmul.py (no dispatch cost), inlined in kernels.cpu.step's driver
 def narrow(n, k, sa_k):
     """Whether a product with ``n`` output columns, reduction ``k`` and A's K stride ``sa_k`` (elements)
     takes the dot-product route (``_dots``) rather than the register tiles (``_block``)."""

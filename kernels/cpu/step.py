@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
-from ._gemm import DOT_MAX_N, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel, narrow
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
@@ -154,7 +154,7 @@ def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
     products above the threshold with several threads, ``gemm_parallel`` on addresses and strides."""
     (m, k), n = a.shape, b.shape[1]
     item = out.itemsize
-    dots = n <= DOT_MAX_N and k > 0 and a.strides[1] // item == 1  # _gemm.narrow
+    dots = narrow(n, k, a.strides[1] // item)
     address = settings[DOTS_BODY] if dots else settings[BODY]
     if settings[THREADS] > 1 and 2 * m * k * n >= settings[MIN_FLOPS]:
         _call(kernels[GEMM_PARALLEL_K], (np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
