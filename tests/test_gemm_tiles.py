@@ -158,6 +158,29 @@ def test_result_is_bitwise_the_same_whatever_the_split(variant, dtype, monkeypat
             np.testing.assert_array_equal(y, results[0])
 
 
+BLOCKINGS = sorted({config for config in _cpuinfo.CPUS.values()}
+                   | {(name, blocking) for name, blocking in _cpuinfo.DEFAULT_BLOCKING.items()})
+
+
+@pytest.mark.parametrize("config", BLOCKINGS, ids=[f"{v}-{kc}-{nc // 1024}K-{mc}" for v, (kc, nc, mc) in BLOCKINGS])
+def test_every_cpu_blocking(config, monkeypatch):
+    """Each (variant, blocking) that some CPU gets, forced on this one: K just under, at and past one and
+    two K blocks, N past one N block, transposed operands, both dtypes, on the serial and the parallel path."""
+    name, (kc, nc_bytes, mc) = config
+    monkeypatch.setattr(matmul_module, "TILING", (_gemm.VARIANTS.index(name), kc, nc_bytes, mc))
+    rng = np.random.default_rng(kc)
+    with kernels.use_backend("numba"):
+        for dtype in DTYPES:
+            nr = tile(name, dtype)[1]
+            n_block = max(nr, nc_bytes // (kc * np.dtype(dtype).itemsize) // nr * nr)
+            for m, k, n in [(13, kc - 1, 20), (31, kc, n_block + 1), (70, kc + 1, 33), (100, 2 * kc + 5, n_block + nr + 3)]:
+                for trans_a, trans_b in [(False, False), (True, False), (False, True)]:
+                    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+                    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+                    check(a, b, rng.standard_normal(n).astype(dtype), activation="relu", trans_a=trans_a,
+                          trans_b=trans_b)
+
+
 def test_cpu_choice():
     """The table and the feature fallbacks; an override wins; a bad override names the variable."""
     assert _cpuinfo.choose("znver5", set())[0] == "avx512"
@@ -169,6 +192,9 @@ def test_cpu_choice():
     assert _cpuinfo.choose("generic", set())[0] == "avx2"
     assert _cpuinfo.choose("znver5", set(), "avx2") == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
     assert _cpuinfo.choose("znver3", set(), "avx2") == _cpuinfo.CPUS["znver3"]
+    # Zen 3's own blocks (KC 384, 192 KiB of packed B); another AVX2 CPU keeps the smaller default
+    assert _cpuinfo.choose("znver3", {"avx2", "fma"})[1] == (384, 192 * 1024, 64)
+    assert _cpuinfo.choose("haswell", {"avx2", "fma"}) == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
     with pytest.raises(ValueError, match="KERNELS_GEMM_VARIANT.*avx512.*'zmm'"):
         _cpuinfo.choose("znver3", set(), "zmm")
 
