@@ -156,6 +156,22 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       in parallel processes in warmup). Tried: non-inlined ``_cdiv`` / ``_epilogue``, one variant
       instead of three behind the switch, no sigmoid/tanh in the epilogue: each within the noise (the
       time is mostly Numba's typing and lowering, spread over the functions).
+  v20 Zen 3 blocking re-measured, 2 threads (the issue's target), wall time, the blockings alternating
+      call by call in one process (medians of 15 calls each; load 1.8-2.1 from other sessions' work):
+      KC / NC bytes 128/128K (the avx2 default) -> 384/192K: 1024^3 107 -> 121 and 83 -> 94, x@W
+      (256, 784, 1024) 70 -> 86 and 77 -> 85, x^T dy (784, 256, 1024) 76 -> 84 and 95 -> 100, dy W^T
+      (256, 1024, 784) 75 -> 84 and 95 -> 97, 2048^3 85 -> 96 and 91 -> 96 (two runs). Also tried:
+      256/256K, 384/288K, 384/384K (2048^3 best, 105-109, the training shapes 2-6% below 384/192K) and
+      512/256K (as good as 384/192K in one run, not confirmed; a KC of 512 puts a transposed A's panel,
+      a line per k, over L1). Fewer K blocks means fewer passes over C and fewer tile set-ups; the
+      micro-kernel with C streaming over 4 MB, B from L2 and A in L1 runs 85 (KC 128) -> 89 (KC 384) on
+      one core, its L1-resident peak 96-99 (about 32 flops x 3.1 GHz). Tried and dropped: software
+      prefetch of the next A row panel spread over the current row of tiles (2 threads, alternating:
+      1024^3 113 -> 100, x^T dy 102 -> 88 with it), packing every A panel through ``_pack`` (its scalar
+      path for a 6-wide panel: 1024^3 77 -> 48, one thread), B panels 64-byte aligned (no change).
+      ``inspect_asm`` on znver3 re-checked: the avx2 K loop has 24 vfmadd231ps on ymm (unrolled twice),
+      16 loads, no stack access. Compile time unchanged (no code changed; the one-variant switch tried
+      again: _block float32 9.8-10.2 s CPU vs 9.6-10.4 s with all three).
 """
 
 import numpy as np
