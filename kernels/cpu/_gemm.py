@@ -160,7 +160,8 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       call by call in one process (medians of 15 calls each; load 1.8-2.1 from other sessions' work):
       KC / NC bytes 128/128K (the avx2 default) -> 384/192K: 1024^3 107 -> 121 and 83 -> 94, x@W
       (256, 784, 1024) 70 -> 86 and 77 -> 85, x^T dy (784, 256, 1024) 76 -> 84 and 95 -> 100, dy W^T
-      (256, 1024, 784) 75 -> 84 and 95 -> 97, 2048^3 85 -> 96 and 91 -> 96 (two runs). Also tried:
+      (256, 1024, 784) 75 -> 84 and 95 -> 97, 2048^3 85 -> 96 and 91 -> 96 (two runs); a third run: 105 -> 113,
+      98 -> 106, 105 -> 107, 98 -> 104, 106 -> 119, float64 1024^3 56 -> 59. Also tried:
       256/256K, 384/288K, 384/384K (2048^3 best, 105-109, the training shapes 2-6% below 384/192K) and
       512/256K (as good as 384/192K in one run, not confirmed; a KC of 512 puts a transposed A's panel,
       a line per k, over L1). Fewer K blocks means fewer passes over C and fewer tile set-ups; the
