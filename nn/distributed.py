@@ -112,10 +112,14 @@ class MPICommunicator(Communicator):
     ``comm``: an mpi4py communicator (default ``COMM_WORLD``). Creating one also makes an uncaught
     exception on any rank abort the whole job (so the other ranks never wait forever in a collective),
     and, unless ``NUMBA_NUM_THREADS`` is set, gives each rank cores / ranks-on-this-machine Numba threads.
+    ``shared_memory``: when every rank runs on this machine, sum the gradient buffer through shared
+    memory (:class:`_SharedSum`, ~4x faster than MPI's allreduce of 1 MB here) instead of ``Allreduce``.
     """
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, shared_memory=True):
         super().__init__()
+        if not isinstance(shared_memory, (bool, np.bool_)):
+            raise TypeError(f"shared_memory must be True or False, got {shared_memory!r}")
         try:
             from mpi4py import MPI
         except ImportError as exc:
@@ -123,11 +127,12 @@ class MPICommunicator(Communicator):
                               "(pip install kernels-nn[mpi]); or run without mpiexec") from exc
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        self._gathered = {}
+        self._gathered, self._shared = {}, {}
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
+        self.shared_memory = bool(shared_memory) and 1 < self.size == self.local_size
         if self.size > 1:
             _abort_on_uncaught_exception(self.comm, self.rank)
         if "NUMBA_NUM_THREADS" not in os.environ:
@@ -167,11 +172,49 @@ class MPICommunicator(Communicator):
 
     def _allreduce(self, buffer):
         """Sum a contiguous host buffer over ranks, in place."""
-        self.comm.Allreduce(self.MPI.IN_PLACE, buffer)
+        if not self.shared_memory:
+            return self.comm.Allreduce(self.MPI.IN_PLACE, buffer)
+        key = (buffer.size, buffer.dtype)
+        if key not in self._shared:
+            self._shared[key] = _SharedSum(self.comm, self.MPI, *key)
+        self._shared[key](buffer.reshape(-1))  # a view: the buffer is contiguous
 
     def _allgather(self, array, out):
         """Every rank's contiguous host ``array``, in rank order, into ``out``."""
         self.comm.Allgather(array, out)
+
+
+class _SharedSum:
+    """Sums a host buffer of ``n`` elements over the ranks of one machine through an MPI shared-memory
+    window: each rank copies its buffer into its slot, one barrier, and each rank adds all slots in rank
+    order into its buffer (the same operands in the same order: the same bits on every rank). Two sets of
+    slots, used in turn, let the next call write while a slower rank still reads this call's set, so one
+    barrier per call suffices: a rank writes a set again only after the next call's barrier, which every
+    rank passes only after it has read that set."""
+
+    def __init__(self, comm, MPI, n, dtype):
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        itemsize = np.dtype(dtype).itemsize
+        self.win = MPI.Win.Allocate_shared(2 * n * itemsize, itemsize, comm=comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's life: Sync orders memory
+        self.sets = [[], []]
+        for r in range(self.size):
+            memory, _ = self.win.Shared_query(r)
+            slots = np.ndarray(2 * n, dtype, buffer=memory)
+            self.sets[0].append(slots[:n])
+            self.sets[1].append(slots[n:])
+        self.turn = 0
+
+    def __call__(self, buffer):
+        slots = self.sets[self.turn]
+        self.turn ^= 1
+        np.copyto(slots[self.rank], buffer)
+        self.win.Sync()
+        self.comm.Barrier()
+        self.win.Sync()
+        np.add(slots[0], slots[1], out=buffer)
+        for slot in slots[2:]:
+            np.add(buffer, slot, out=buffer)
 
 
 class NCCLCommunicator(MPICommunicator):
