@@ -107,7 +107,7 @@ def worker(widths, batch, steps, epochs, variant):
         optimizer_times.append(spent["optimizer"])
     alone = []
     if comm.size > 1:
-        buffer = np.zeros_like(model.grads)
+        buffer = model.grads  # the trained model's buffer: in shared memory unless variant "mpi"/"overlap"
         for _ in range(30):
             comm.barrier()
             t0 = time.perf_counter()

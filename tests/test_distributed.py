@@ -91,8 +91,8 @@ class LateReader:
 
 
 def shared_sums(out):
-    """Sums of several buffers (two shapes and dtypes, calls in turn) through shared memory, one rank
-    late: each must equal the slots' sum in rank order, and MPI's Allreduce where that is exact."""
+    """Buffers (three sizes and dtypes) summed in shared memory, one rank late out of each barrier: each
+    sum must equal the buffers' sum in rank order, and MPI's Allreduce where that is exact."""
     comm = distributed.MPICommunicator()
     assert comm.shared_memory and comm.size > 1
     for n, dtype in [(1, np.float32), (1001, np.float32), (257, np.float64)]:
@@ -100,19 +100,18 @@ def shared_sums(out):
         summer.comm = LateReader(comm.comm)
         for call in range(40):
             parts = [np.random.default_rng([call, n, r]).standard_normal(n).astype(dtype) for r in range(comm.size)]
-            buffer = parts[comm.rank].copy()
-            summer(buffer)
+            summer.buffer[...] = parts[comm.rank]
+            summer()
             expected = parts[0].copy()
             for part in parts[1:]:
                 expected += part
-            assert buffer.tobytes() == expected.tobytes(), (n, dtype, call)
-            whole = np.arange(n, dtype=dtype) * (comm.rank + 1)  # integers: every order sums them exactly
-            mpi = whole.copy()
+            assert summer.buffer.tobytes() == expected.tobytes(), (n, dtype, call)
+            mpi = np.arange(n, dtype=dtype) * (comm.rank + 1)  # integers: every order sums them exactly
+            summer.buffer[...] = mpi
             comm.comm.Allreduce(comm.MPI.IN_PLACE, mpi)
-            summer(whole)
-            assert whole.tobytes() == mpi.tobytes()
-    comm.shared_memory = False  # the same communicator on MPI's Allreduce
-    buffer = np.full(5, comm.rank + 1.0, np.float32)
+            summer()
+            assert summer.buffer.tobytes() == mpi.tobytes()
+    buffer = np.full(5, comm.rank + 1.0, np.float32)  # not a shared buffer: MPI's Allreduce
     comm.reduce_gradients(buffer)
     np.testing.assert_array_equal(buffer, comm.size * (comm.size + 1) / 2)
     np.save(os.path.join(out, f"rank{comm.rank}.npy"), comm.size)
@@ -140,7 +139,8 @@ def job(name, out):
     np.savez(os.path.join(out, f"rank{rank}.npz"), params=to_host(trainer.model.params),
              **{f"state/{k}": v for k, v in trainer.model.state().items()},
              **{f"history/{k}": np.array(v) for k, v in history.history.items()}, size=trainer.comm.size,
-             threads=numba.get_num_threads())
+             threads=numba.get_num_threads(), optimizer_bound=trainer.optimizer.grads is trainer.model.grads,
+             shared=id(trainer.model.grads) in trainer.comm._shared)
 
 
 def mpirun(ranks, name, out, timeout=600):  # a fresh clone compiles the kernels first (cached after)
@@ -179,6 +179,7 @@ def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
         for key in results[0]:
             assert r[key].tobytes() == results[0][key].tobytes(), key
     assert int(results[0]["size"]) == ranks
+    assert results[0]["optimizer_bound"] and results[0]["shared"] == (not kind.endswith("_mpi"))
     cores = len(os.sched_getaffinity(0))  # the ranks share this machine's cores unless told otherwise
     threads = os.environ.get("NUMBA_NUM_THREADS") or max(1, min(numba.config.NUMBA_NUM_THREADS, cores // ranks))
     assert int(results[0]["threads"]) == int(threads)
