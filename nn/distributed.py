@@ -174,7 +174,7 @@ class MPICommunicator(Communicator):
         model.grads = new
         if optimizer is not None and optimizer.grads is old:
             optimizer.grads = new
-        self._shared = {id(new): summer}  # one model's buffer at a time: the last one set up
+        self._shared[id(new)] = summer  # kept for the process's life: the model's buffer is its memory
 
     def reduce_gradients(self, grads):
         summer = self._shared.get(id(grads))
