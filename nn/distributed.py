@@ -11,7 +11,8 @@ depend on the number of ranks beyond float rounding:
   sample index, and the rank's weight ``m_r / m``;
 - ``weigh(dloss)``: scales the loss gradient (a mean over the rank's rows) by that weight, so that after
   backward every rank holds its part of the gradient of the global batch's mean loss;
-- ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (one allreduce);
+- ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (in shared memory on
+  one machine, else one allreduce);
 - ``sum(*values)``: sums host numbers over ranks (loss totals, accuracy counts);
 - ``gather(array)``: every rank's copy of a small array, stacked in rank order (BatchNorm's statistics
   and backward sums, which its kernels merge: the same bits on every rank);
