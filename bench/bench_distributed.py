@@ -4,17 +4,18 @@
     flock /tmp/kernels-bench.lock python bench/bench_distributed.py --models 784-256-256-10 --repeats 5
 
 For the three benchmark MLPs (Adam, synthetic data, numba backend) it prints samples/s per layout, the
-2-rank/1-rank ratio, the time spent in the gradient allreduce during training (waiting for the slower
-rank included) as a share of the step, the allreduce alone (median of back-to-back calls on the same
-buffer), the measured single-rank step time, and the same run with the allreduce overlapped with backward
-(``--overlap``: each layer's gradient slice is reduced with ``Iallreduce`` as soon as backward has written
-it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not timed; a run's
-figure is the median of its timed epochs ("best epoch": the fastest one, the least disturbed on a shared
-machine), and the table gives the median over ``--repeats`` rounds of all layouts, with each round's
-2-rank/1-rank ratio. "optimizer ms" is the optimizer step per training step, work every rank repeats in
-full (the paper model below keeps it out of the part divided by N). "CPU % of wall" is rank 0's process
-CPU time over its wall time: below ~100% the rank was descheduled (other processes on the cores), which
-is what makes the 2-rank figures swing.
+2-rank/1-rank ratio, the time spent in the gradient reduction during training (waiting for the slower
+rank included) as a share of the step, the reduction alone (median of back-to-back calls on the same
+buffer) and the measured single-rank step time. 2 ranks sum the gradients through shared memory (the
+default on one machine); variant "mpi" through MPI's ``Allreduce`` instead, variant "overlap" with MPI's
+allreduce overlapped with backward (each layer's gradient slice is reduced with ``Iallreduce`` as soon as
+backward has written it, and waited for before the optimizer step). Epoch 1 (compilation, warm-up) is not
+timed; a run's figure is the median of its timed epochs ("best epoch": the fastest one, the least
+disturbed on a shared machine), and the table gives the median over ``--repeats`` rounds of all layouts,
+with each round's 2-rank/1-rank ratio. "optimizer ms" is the optimizer step per training step, work every
+rank repeats in full (the paper model below keeps it out of the part divided by N). "CPU % of wall" is
+rank 0's process CPU time over its wall time: below ~100% the rank was descheduled (other processes on
+the cores), which is what makes the 2-rank figures swing.
 All layouts run the same global batches (the same samples, steps and epochs). ``pytest
 bench/bench_distributed.py`` runs a short smoke version.
 """
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 
 CONFIGS = {"784-256-256-10": (128, 200), "784-1024-1024-10": (256, 40), "64-128-10": (32, 3000)}  # batch, steps
-LAYOUTS = [(1, 2, False), (1, 1, False), (2, 1, False), (2, 1, True)]  # ranks, threads per rank, overlap
+LAYOUTS = [(1, 2, ""), (1, 1, ""), (2, 1, ""), (2, 1, "mpi"), (2, 1, "overlap")]  # ranks, threads per rank, variant
 
 
 def overlap_model(model, comm):
@@ -63,7 +64,7 @@ def overlap_model(model, comm):
     comm.reduce_gradients = reduce_gradients
 
 
-def worker(widths, batch, steps, epochs, overlap):
+def worker(widths, batch, steps, epochs, variant):
     """Train and report (rank 0, as one JSON line) the timed epochs' median samples/s and allreduce time."""
     import kernels
     import nn
@@ -78,7 +79,10 @@ def worker(widths, batch, steps, epochs, overlap):
     # 1-rank run that took it would compare two different step implementations
     trainer = nn.Trainer(model, optimizer=nn.Adam(lr=1e-3), compiled=False)
     comm = trainer.comm
-    if overlap:
+    if variant:
+        comm.shared_memory = False
+    reduce = comm.reduce_gradients  # the buffer's reduction (unwrapped), timed alone below
+    if variant == "overlap":
         overlap_model(model, comm)
     spent = {"reduce": 0.0, "optimizer": 0.0}
 
@@ -103,11 +107,11 @@ def worker(widths, batch, steps, epochs, overlap):
         optimizer_times.append(spent["optimizer"])
     alone = []
     if comm.size > 1:
-        buffer = np.zeros_like(model.grads)
+        buffer = model.grads  # the trained model's buffer: in shared memory unless variant "mpi"/"overlap"
         for _ in range(30):
             comm.barrier()
             t0 = time.perf_counter()
-            comm.comm.Allreduce(comm.MPI.IN_PLACE, buffer)
+            reduce(buffer)
             alone.append(time.perf_counter() - t0)
     if comm.is_root:
         import numba
@@ -122,13 +126,13 @@ def worker(widths, batch, steps, epochs, overlap):
                           "buffer_bytes": int(model.grads.nbytes), "threads": numba.get_num_threads()}))
 
 
-def run_layout(ranks, threads, overlap, config, smoke):
+def run_layout(ranks, threads, variant, config, smoke):
     """One layout's JSON line; several ranks get cores / ranks Numba threads by default (checked)."""
     batch, steps = CONFIGS[config]
     epochs = 1 if smoke else 7
     steps = 2 * ranks if smoke else steps
     command = [sys.executable, os.path.abspath(__file__), "--worker", config, str(batch), str(steps), str(epochs)]
-    command += ["--overlap"] if overlap else []
+    command += ["--variant", variant] if variant else []
     if ranks > 1:
         command = [shutil.which("mpiexec"), "-n", str(ranks)] + command
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,9 +181,9 @@ def table(configs=CONFIGS, smoke=False, repeats=1):
     all layouts (run in turn, so each round's layouts see similar load; "vs 1x2" is the median of the
     rounds' ratios); and the 1x2 medians by configuration."""
     rows, single = [], {}
-    names = [f"{ranks}x{threads}" + (" overlap" if overlap else "") for ranks, threads, overlap in LAYOUTS]
+    names = [f"{ranks}x{threads} {variant}".strip() for ranks, threads, variant in LAYOUTS]
     for config in configs:
-        rounds = [[run_layout(ranks, threads, overlap, config, smoke) for ranks, threads, overlap in LAYOUTS]
+        rounds = [[run_layout(ranks, threads, variant, config, smoke) for ranks, threads, variant in LAYOUTS]
                   for _ in range(repeats)]
         for i, name in enumerate(names):
             runs = [r[i] for r in rounds]
@@ -213,13 +217,13 @@ def test_distributed_bench_smoke():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python bench/bench_distributed.py", description=__doc__.split("\n")[0])
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "EPOCHS"), help=argparse.SUPPRESS)
-    p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=["mpi", "overlap"], default="", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3, help="rounds of all layouts; figures are medians (default 3)")
     p.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="default: all three")
     args = p.parse_args(argv)
     if args.worker:
         model, batch, steps, epochs = args.worker
-        worker([int(w) for w in model.split("-")], int(batch), int(steps), int(epochs), args.overlap)
+        worker([int(w) for w in model.split("-")], int(batch), int(steps), int(epochs), args.variant)
     else:
         text, single = table(args.models, repeats=args.repeats)
         print(text + "\n\nPredicted step time at N ranks, one per machine ((step - optimizer) / N + optimizer + ring "

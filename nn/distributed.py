@@ -3,14 +3,16 @@
 The trainer and the layers talk to a communicator through a few calls, and a run's result does not
 depend on the number of ranks beyond float rounding:
 
-- ``setup(model, n, batch_size)`` at the start of ``fit``: rank 0's seed, weights and layer state go to
-  every rank, and the layers (Dropout, BatchNorm) get the communicator;
+- ``setup(model, n, batch_size, optimizer)`` at the start of ``fit``: rank 0's seed, weights and layer
+  state go to every rank, and the layers (Dropout, BatchNorm) get the communicator; on one machine the
+  gradient buffer moves into shared memory (the model's, its layers' and the optimizer's views of it);
 - ``share(rows, n)``: this rank's rows of a global batch (rank r of N takes rows ``r*m//N`` to
   ``(r+1)*m//N`` of its m); it remembers where they start, so Dropout draws the masks of the global
   sample index, and the rank's weight ``m_r / m``;
 - ``weigh(dloss)``: scales the loss gradient (a mean over the rank's rows) by that weight, so that after
   backward every rank holds its part of the gradient of the global batch's mean loss;
-- ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (one allreduce);
+- ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (in shared memory on
+  one machine, else one allreduce);
 - ``sum(*values)``: sums host numbers over ranks (loss totals, accuracy counts);
 - ``gather(array)``: every rank's copy of a small array, stacked in rank order (BatchNorm's statistics
   and backward sums, which its kernels merge: the same bits on every rank);
@@ -65,9 +67,10 @@ class Communicator:
         self.weight = (part.stop - part.start) / self.rows
         return slice(start + part.start, start + part.stop)
 
-    def setup(self, model, n, batch_size):
+    def setup(self, model, n, batch_size, optimizer=None):
         """Before training on ``n`` rows in global batches of ``batch_size``: check that every batch
-        gives each rank a row, give the model's layers this communicator, broadcast rank 0's state."""
+        gives each rank a row, give the model's layers this communicator, broadcast rank 0's state, and
+        place the gradient buffer where the reduction wants it (``optimizer``'s view included)."""
         last = n % batch_size
         if batch_size < self.size:
             raise ValueError(f"{self.size} ranks share each global batch, but batch_size={batch_size} is smaller: "
@@ -80,9 +83,13 @@ class Communicator:
         for layer in model.layers:
             layer.comm = self
         self.broadcast_model(model)
+        self.place_gradients(model, optimizer)
 
     def broadcast_model(self, model):
         """Give every rank rank 0's seed (which draws Dropout's masks), weights and layer state."""
+
+    def place_gradients(self, model, optimizer):
+        """Move the model's flat gradient buffer to where :meth:`reduce_gradients` sums it fastest."""
 
     def weigh(self, dloss):
         """The loss gradient of the rank's rows weighted for the global batch (in place)."""
@@ -112,10 +119,15 @@ class MPICommunicator(Communicator):
     ``comm``: an mpi4py communicator (default ``COMM_WORLD``). Creating one also makes an uncaught
     exception on any rank abort the whole job (so the other ranks never wait forever in a collective),
     and, unless ``NUMBA_NUM_THREADS`` is set, gives each rank cores / ranks-on-this-machine Numba threads.
+    ``shared_memory``: when every rank runs on this machine, the gradient buffer lives in shared memory
+    and is summed there (:class:`_SharedSum`) instead of by ``Allreduce``. A custom layer must then read
+    its gradient views from ``layer.grads`` at each backward, not keep them from ``build``.
     """
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, shared_memory=True):
         super().__init__()
+        if not isinstance(shared_memory, (bool, np.bool_)):
+            raise TypeError(f"shared_memory must be True or False, got {shared_memory!r}")
         try:
             from mpi4py import MPI
         except ImportError as exc:
@@ -123,11 +135,12 @@ class MPICommunicator(Communicator):
                               "(pip install kernels-nn[mpi]); or run without mpiexec") from exc
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        self._gathered = {}
+        self._gathered, self._shared = {}, {}
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
+        self.shared_memory = bool(shared_memory) and 1 < self.size == self.local_size
         if self.size > 1:
             _abort_on_uncaught_exception(self.comm, self.rank)
         if "NUMBA_NUM_THREADS" not in os.environ:
@@ -145,7 +158,29 @@ class MPICommunicator(Communicator):
         self.comm.Bcast(params)
         model.set_weights(params, self.comm.bcast(model.state()))
 
+    def place_gradients(self, model, optimizer):
+        if not self.shared_memory or kernels.is_device_array(model.grads):
+            return
+        old = model.grads
+        summer = self._shared.get(id(old))
+        if summer is not None and summer.buffer is old:
+            return
+        summer = _SharedSum(self.comm, self.MPI, old.size, old.dtype)
+        new = summer.buffer
+        new[...] = old
+        for layer in model.layers:
+            for name, view in layer.grads.items():
+                start = (view.__array_interface__["data"][0] - old.__array_interface__["data"][0]) // old.itemsize
+                layer.grads[name] = new[start:start + view.size].reshape(view.shape)
+        model.grads = new
+        if optimizer is not None and optimizer.grads is old:
+            optimizer.grads = new
+        self._shared[id(new)] = summer  # kept for the process's life: the model's buffer is its memory
+
     def reduce_gradients(self, grads):
+        summer = self._shared.get(id(grads))
+        if summer is not None and summer.buffer is grads:
+            return summer()
         self._allreduce(grads)
 
     def sum(self, *values):
@@ -172,6 +207,41 @@ class MPICommunicator(Communicator):
     def _allgather(self, array, out):
         """Every rank's contiguous host ``array``, in rank order, into ``out``."""
         self.comm.Allgather(array, out)
+
+
+class _SharedSum:
+    """A flat host ``buffer`` of ``n`` elements per rank in an MPI shared-memory window of the ranks of one
+    machine, summed over ranks in place by a call: one barrier (every rank's buffer written), rank r adds
+    every rank's part r in rank order and writes the sum into every rank's buffer (the same operands in
+    the same order: the same bits on every rank), a second barrier (every part written everywhere). Each
+    rank reads and writes 2 x n / ranks elements of the others' buffers; MPI's Allreduce copies more."""
+
+    def __init__(self, comm, MPI, n, dtype):
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        itemsize = np.dtype(dtype).itemsize
+        self.win = MPI.Win.Allocate_shared(n * itemsize, itemsize, comm=comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's life: Sync orders memory
+        self.buffers = [np.ndarray(n, dtype, buffer=self.win.Shared_query(r)[0]) for r in range(self.size)]
+        self.buffer = self.buffers[self.rank]
+        part = slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+        self.parts = [b[part] for b in self.buffers]  # part r of every rank's buffer
+        self.sum = self.parts[self.rank] if self.size == 2 else np.empty(part.stop - part.start, dtype)
+
+    def barrier(self):
+        self.win.Sync()
+        self.comm.Barrier()
+        self.win.Sync()
+
+    def __call__(self):
+        parts = self.parts
+        self.barrier()
+        np.add(parts[0], parts[1], out=self.sum)  # with 2 ranks, into this rank's own part
+        for part in parts[2:]:
+            np.add(self.sum, part, out=self.sum)
+        for part in parts:
+            if part is not self.sum:
+                np.copyto(part, self.sum)
+        self.barrier()
 
 
 class NCCLCommunicator(MPICommunicator):

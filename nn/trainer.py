@@ -212,7 +212,7 @@ class Trainer:
         if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, (int, np.integer))
                                        or sync_every < 1):
             raise ValueError(f"sync_every must be a positive integer or None, got {sync_every!r}")
-        self.comm.setup(self.model, len(X), min(batch_size, len(X)))  # distributed: rank 0's state to all
+        self.comm.setup(self.model, len(X), min(batch_size, len(X)), self.optimizer)  # distributed: rank 0's state
         verbose = verbose if self.comm.is_root else 0  # distributed: rank 0 prints
         seed = self.model.seed if seed is None else int(seed)
         history = History()

@@ -74,10 +74,57 @@ class Boom(nn.Layer):
         return dy
 
 
+class LateReader:
+    """A communicator whose Barrier returns late on rank 1 (0-2 ms at random): rank 0 runs ahead into
+    the next sums while rank 1 still has to read this one's slots."""
+
+    def __init__(self, comm):
+        self.comm, self.rng = comm, np.random.default_rng(comm.Get_rank())
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def Barrier(self):
+        self.comm.Barrier()
+        if self.comm.Get_rank() == 1:
+            time.sleep(self.rng.uniform(0, 2e-3))
+
+
+def shared_sums(out):
+    """Buffers (three sizes and dtypes) summed in shared memory, one rank late out of each barrier: each
+    sum must equal the buffers' sum in rank order, and MPI's Allreduce where that is exact."""
+    comm = distributed.MPICommunicator()
+    assert comm.shared_memory and comm.size > 1
+    for n, dtype in [(1, np.float32), (1001, np.float32), (257, np.float64)]:
+        summer = distributed._SharedSum(comm.comm, comm.MPI, n, dtype)
+        summer.comm = LateReader(comm.comm)
+        for call in range(40):
+            parts = [np.random.default_rng([call, n, r]).standard_normal(n).astype(dtype) for r in range(comm.size)]
+            summer.buffer[...] = parts[comm.rank]
+            summer()
+            expected = parts[0].copy()
+            for part in parts[1:]:
+                expected += part
+            assert summer.buffer.tobytes() == expected.tobytes(), (n, dtype, call)
+            mpi = np.arange(n, dtype=dtype) * (comm.rank + 1)  # integers: every order sums them exactly
+            summer.buffer[...] = mpi
+            comm.comm.Allreduce(comm.MPI.IN_PLACE, mpi)
+            summer()
+            assert summer.buffer.tobytes() == mpi.tobytes()
+    buffer = np.full(5, comm.rank + 1.0, np.float32)  # not a shared buffer: MPI's Allreduce
+    comm.reduce_gradients(buffer)
+    np.testing.assert_array_equal(buffer, comm.size * (comm.size + 1) / 2)
+    np.save(os.path.join(out, f"rank{comm.rank}.npy"), comm.size)
+
+
 def job(name, out):
     """What every rank runs; writes ``rank<r>.npz`` (weights, layer state, history) into ``out``."""
     kernels.set_backend("numba")
     trainer = None
+    if name == "shared_sums":
+        return shared_sums(out)
+    if name.endswith("_mpi"):  # the gradients through MPI's Allreduce instead of shared memory
+        name, distributed.get().shared_memory = name[:-4], False
     if name == "boom":
         model = nn.Sequential([nn.Dense(8, activation="relu"), Boom(os.path.join(out, "raised")), nn.Dense(3)],
                               seed=1)
@@ -92,7 +139,8 @@ def job(name, out):
     np.savez(os.path.join(out, f"rank{rank}.npz"), params=to_host(trainer.model.params),
              **{f"state/{k}": v for k, v in trainer.model.state().items()},
              **{f"history/{k}": np.array(v) for k, v in history.history.items()}, size=trainer.comm.size,
-             threads=numba.get_num_threads())
+             threads=numba.get_num_threads(), optimizer_bound=trainer.optimizer.grads is trainer.model.grads,
+             shared=id(trainer.model.grads) in trainer.comm._shared)
 
 
 def mpirun(ranks, name, out, timeout=600):  # a fresh clone compiles the kernels first (cached after)
@@ -123,22 +171,38 @@ def relative(a, b):
 @needs_mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, kind", [(2, "plain"), (3, "plain"), (2, "dropout_batchnorm"),
-                                         (3, "dropout_batchnorm")])
+                                         (3, "dropout_batchnorm"), (2, "plain_mpi"), (3, "dropout_batchnorm_mpi")])
 def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
+    """Gradients summed through shared memory (the default on one machine) or MPI's Allreduce (_mpi)."""
     results = run_ranks(ranks, kind, tmp_path)
     for r in results[1:]:  # every rank holds the same model, bit for bit
         for key in results[0]:
             assert r[key].tobytes() == results[0][key].tobytes(), key
     assert int(results[0]["size"]) == ranks
+    assert results[0]["optimizer_bound"] and results[0]["shared"] == (not kind.endswith("_mpi"))
     cores = len(os.sched_getaffinity(0))  # the ranks share this machine's cores unless told otherwise
     threads = os.environ.get("NUMBA_NUM_THREADS") or max(1, min(numba.config.NUMBA_NUM_THREADS, cores // ranks))
     assert int(results[0]["threads"]) == int(threads)
-    trainer, history = single(kind)
+    trainer, history = single(kind.removesuffix("_mpi"))
     assert relative(results[0]["params"], trainer.model.params) < 1e-5
     for key, value in trainer.model.state().items():  # BatchNorm running statistics, Dropout counters
         np.testing.assert_allclose(results[0][f"state/{key}"], value, rtol=1e-5, atol=1e-6)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):  # metrics reduced over ranks
         np.testing.assert_allclose(results[0][f"history/{key}"], history[key], rtol=1e-5)
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_shared_memory_sums_equal_the_rank_order_sum_with_a_late_rank(tmp_path, ranks):
+    result = mpirun(ranks, "shared_sums", tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(np.load(tmp_path / f"rank{r}.npy")) for r in range(ranks)] == [ranks] * ranks
+
+
+def test_shared_memory_flag_is_checked():
+    pytest.importorskip("mpi4py")
+    with pytest.raises(TypeError, match="shared_memory must be True or False, got 'yes'"):
+        distributed.MPICommunicator(shared_memory="yes")
 
 
 @needs_mpi
