@@ -3,8 +3,7 @@ where the blocked GEMM (``_gemm``) spends more on packing B and on its fixed cos
 
 - ``rows`` (one output row at a time as a sum of B's rows scaled by A's elements, B read in place): for
   M = 1, a GEMV streaming each of W's rows once (the blocked GEMM packs the whole of B on every call,
-  400 KB for a 784 x 128 layer at batch 1); for K <= ROWS_MAX_K, the outer product ``x^T dy`` of a batch
-  of one. Memory-bound either way; each element is summed over K in order.
+  400 KB for a 784 x 128 layer at batch 1). Memory-bound; each element is summed over K in order.
 - ``dots`` (A's rows and B^T's rows contiguous along K, as in ``dy @ W^T``): ``_gemm``'s dot-product tiles
   on B^T in place, instead of packing it first.
 - ``tiles`` (B's rows contiguous): ``_gemm``'s register-tile body on B in place, one N block, instead of
@@ -21,29 +20,31 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, register_jitable
 
-from ._gemm import LANES, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile, narrow
+from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
+                    narrow)
 from ._jit import jit
 
 GEMM, PARALLEL, ROWS, DOTS, TILES = range(5)  # route codes: the blocked GEMM serial / multithreaded, this module's
-ROWS_MAX_K = 4  # up to this K (and at M = 1 whatever K) ``rows``: B's rows are streamed once per row of out
-SMALL_MAX_M = 64  # up to this M, ``dots`` or ``tiles`` below the multithreading threshold
+# Where each route beat the GEMM (1 thread, float32, Zen 3, thread CPU time; see the commit message):
+ROWS_MAX_M = 2  # rows: B read once per row of out (1 x 784 x 128: 53 -> 11 us per call, 2 x 784 x 128: 60 -> 16)
+DOTS_MAX_M, DOTS_MIN_K = 8, 64  # dots: the horizontal sums per element cost too much below that K
+TILES_MAX_M = 32  # tiles: only where the GEMM would pack B (more than PACK_B_MIN elements)
 
 
 @register_jitable  # plain Python from matmul.py, inlined in kernels.cpu.step's driver
 def route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops):
     """Which code computes an ``m x k @ k x n`` product whose operands have element strides ``sa_k`` (A
     along K), ``sb_k``, ``sb_j`` (B along K and N), on ``threads`` threads; ``min_flops`` is the GEMM's
-    multithreading threshold."""
+    multithreading threshold (a small-M route is serial: ``tiles`` only below it)."""
     if m == 0 or n == 0:
         return GEMM
-    if sb_j == 1 and (m == 1 or k <= ROWS_MAX_K):
+    if m <= ROWS_MAX_M and sb_j == 1:
         return ROWS
+    if m <= DOTS_MAX_M and k >= DOTS_MIN_K and sa_k == 1 and sb_k == 1:
+        return DOTS
     parallel = threads > 1 and 2 * m * k * n >= min_flops
-    if m <= SMALL_MAX_M and not parallel and k > 0:
-        if sa_k == 1 and sb_k == 1:
-            return DOTS
-        if sb_j == 1 and not narrow(n, k, sa_k):
-            return TILES
+    if m <= TILES_MAX_M and not parallel and sb_j == 1 and k * n > PACK_B_MIN and not narrow(n, k, sa_k):
+        return TILES
     return PARALLEL if parallel else GEMM
 
 
@@ -120,8 +121,10 @@ def dots(a_at, sa_i, b_at, sb_j, k, bias, act, alpha, out, variant):
 @jit
 def tiles(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, variant, kc_max, body):
     """``out = act(a @ b + bias)`` by ``_gemm``'s register-tile body (its address ``body``) with B's rows
-    read in place (contiguous), one N block, K blocks of at most ``kc_max``."""
+    read in place (contiguous), one N block, K blocks of at most ``kc_max`` (``k`` > 0)."""
     m, n = out.shape
+    if m == 0 or n == 0:
+        return
     mr, nr = _tile(variant, out)
     kc = -(-k // -(-k // kc_max))  # balanced K blocks, as the body cuts them
     _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, 1, k, bias, act, out.dtype.type(alpha), out, 0, m, 0, n, variant,
