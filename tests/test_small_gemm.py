@@ -116,6 +116,7 @@ def test_route():
     assert route(1, 128, 784, 1, 1, 128, 2, flops) == _small.DOTS  # dy @ W^T: W's rows in place
     assert route(8, 128, 784, 1, 1, 128, 2, flops) == _small.DOTS
     assert route(8, 784, 128, 1, 128, 1, 2, flops) == _small.TILES  # B would be packed
+    assert route(784, 1, 128, 784, 128, 1, 2, flops) == _small.ROWS  # x^T dy at batch 1: an outer product
     assert route(784, 8, 128, 784, 128, 1, 2, flops) == _small.GEMM  # x^T dy: M is 784
     assert route(32, 784, 128, 1, 128, 1, 2, flops) == _small.PARALLEL  # above the threshold: two threads
     assert route(32, 784, 128, 1, 128, 1, 1, flops) == _small.TILES
@@ -126,7 +127,8 @@ def test_route():
 
 
 # (M, K, N) taking each route through kernels.matmul when A and B are row-major (1 thread or 2)
-ROUTED = [(1, 784, 128), (2, 300, 70), (1, 5, 3), (5, 200, 90), (8, 784, 128), (31, 300, 130), (1, 0, 9)]
+ROUTED = [(1, 784, 128), (2, 300, 70), (1, 5, 3), (70, 1, 30), (5, 200, 90), (8, 784, 128), (31, 300, 130),
+          (1, 0, 9)]
 
 
 @pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)],

@@ -3,7 +3,8 @@ where the blocked GEMM (``_gemm``) spends more on packing B and on its fixed cos
 
 - ``rows`` (one output row at a time as a sum of B's rows scaled by A's elements, B read in place): for
   M = 1, a GEMV streaming each of W's rows once (the blocked GEMM packs the whole of B on every call,
-  400 KB for a 784 x 128 layer at batch 1). Memory-bound; each element is summed over K in order.
+  400 KB for a 784 x 128 layer at batch 1); for K <= ROWS_MAX_K, the outer product ``x^T dy`` of a batch
+  of one. Memory-bound either way; each element is summed over K in order.
 - ``dots`` (A's rows and B^T's rows contiguous along K, as in ``dy @ W^T``): ``_gemm``'s dot-product tiles
   on B^T in place, instead of packing it first.
 - ``tiles`` (B's rows contiguous): ``_gemm``'s register-tile body on B in place, one N block, instead of
@@ -26,7 +27,9 @@ from ._jit import jit
 
 GEMM, PARALLEL, ROWS, DOTS, TILES = range(5)  # route codes: the blocked GEMM serial / multithreaded, this module's
 # Where each route beat the GEMM (1 thread, float32, Zen 3, thread CPU time; see the commit message):
-ROWS_MAX_M = 2  # rows: B read once per row of out (1 x 784 x 128: 53 -> 11 us per call, 2 x 784 x 128: 60 -> 16)
+# rows: B read once per row of out; in a compiled loop 1 x 784 x 128 71 -> 9 us (2 x 784 x 128: 60 -> 16 from
+# Python), the outer product 784 x 1 x 128 (x^T dy at batch 1) 25 -> 9, 784 x 2 x 128 23 -> 18, at K = 4 no gain
+ROWS_MAX_M, ROWS_MAX_K = 2, 2
 DOTS_MAX_M, DOTS_MIN_K = 8, 64  # dots: the horizontal sums per element cost too much below that K
 TILES_MAX_M = 32  # tiles: only where the GEMM would pack B (more than PACK_B_MIN elements)
 
@@ -38,7 +41,7 @@ def route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops):
     multithreading threshold (a small-M route is serial: ``tiles`` only below it)."""
     if m == 0 or n == 0:
         return GEMM
-    if m <= ROWS_MAX_M and sb_j == 1:
+    if (m <= ROWS_MAX_M or k <= ROWS_MAX_K) and sb_j == 1:
         return ROWS
     if m <= DOTS_MAX_M and k >= DOTS_MIN_K and sa_k == 1 and sb_k == 1:
         return DOTS
