@@ -22,6 +22,7 @@ from ._dispatch import use_backend
 # dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
 # "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
 COST = {"matmul": 10.0, "matmul narrow": 4.0, "training step": 15.0}
+COST["matmul small"] = 6.0  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
 DEFAULT_COST = 2.0
 
 
@@ -68,6 +69,10 @@ def _job_calls(name, dtype, activations=ACTIVATIONS):
             lambda s: k.adam_step(p, g, s1, s2, step=1, weight_decay=0.1, decoupled=True, scale=s),
             lambda s: k.rmsprop_step(p, g, s1, momentum=0.9, momentum_buffer=s2, scale=s),
             lambda s: k.adagrad_step(p, g, s1, scale=s), lambda s: k.adadelta_step(p, g, s1, s2, scale=s))],
+        # two of its routes: rows (M = 1), dots (dy @ W^T); not tiles (0.7 s), whose first call needs the GEMM's
+        # body, which the "matmul" job compiles in parallel
+        "matmul small": lambda: (k.matmul(x[:1], wide),
+                                 k.matmul(np.ones((2, 64), dtype), np.ones((24, 64), dtype), trans_b=True)),
     }
     for act in ("relu", "leaky_relu"):  # backward from the input (or the saved output, as nn does)
         calls[act] = lambda act=act: getattr(k, act)(x)
@@ -102,7 +107,7 @@ KERNELS = ("matmul", "matmul narrow", "relu", "relu_backward", "leaky_relu", "le
            "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "bias_act_backward", "segment_norms",
            "batchnorm", "sgd_step", "adam_step", "rmsprop_step",
            "adagrad_step", "adadelta_step", "count_correct", "check_step", "optimizer scale",
-           "training step")
+           "training step", "matmul small")
 
 
 def _watch(first=None):

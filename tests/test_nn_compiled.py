@@ -149,6 +149,24 @@ def test_models_whose_per_kernel_step_is_multithreaded_match_too(calls):
     assert calls[0] == 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_batches_take_the_same_gemm_routes(calls, dtype):
+    """Batches of 1 to 24 (a last partial batch too), where the products take the small-M routes (rows at
+    1 and 2, dot tiles on W^T in place for dx up to 8, register tiles on W in place up to 32): the
+    compiled step chooses them as kernels.matmul does and matches bit for bit."""
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((50, 300)), rng.integers(0, 10, 50)
+
+    def layers():
+        return [nn.Dense(96, activation="relu"), nn.Dense(80, activation="tanh"), nn.Dense(10)]
+
+    for batch_size in (1, 2, 8, 24):
+        runs = [_outcome(*_fit(compiled, layers, lambda: nn.SGD(lr=0.01, momentum=0.9), X, y, epochs=1,
+                               batch_size=batch_size, dtype=dtype)) for compiled in (True, False)]
+        _assert_same(*runs)
+    assert calls[0] == 4
+
+
 @pytest.mark.parametrize("scale, lr, activation, message", [
     (30, 1e4, "relu", "step 21: the gradient of layer 'dense_0' became nan"),
     (1, 100, "tanh", "step 13: the loss became nan"),

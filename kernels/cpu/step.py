@@ -26,6 +26,7 @@ from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
 from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel, narrow
+from ._small import DOTS, GEMM, ROWS, TILES, dots, route, rows, tiles
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
@@ -58,6 +59,7 @@ _REST = BIAS_ACT_K + len(_BIAS_ACT)
 (SOFTMAX_K, SOFTMAX_BACKWARD_K, CROSS_ENTROPY_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K,
  COUNT_K, CHECK_K) = range(_REST, _REST + 11)
 SGD_K, SGD_MOMENTUM_K, ADAM_K, DROPOUT_K = range(_REST + 11, _REST + 27, 4)
+ROWS_K, DOTS_K, TILES_K = range(_REST + 25, _REST + 28)  # the small-M routes of the GEMM (_small)
 
 
 @intrinsic
@@ -117,6 +119,8 @@ def kernel_table(dtype):
                     (_count_labels, (m, types.Array(i64, 1, "C"), f1)),
                     (_check_step, (types.float64, types.float64, f1, types.float64, f1, v))]
         kernels += optimizers + [(_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
+        kernels += [(rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
+                    (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64))]
         addresses = []
         for kernel, signature in kernels:
             kernel.compile(signature)
@@ -150,20 +154,30 @@ def gemm_settings(tiling, dtype):
 
 @jit(fastmath=False, inline="always")
 def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
-    """``kernels.cpu.matmul``'s choice and call: ``gemm`` (table slot ``serial``, for these layouts) or, for
-    products above the threshold with several threads, ``gemm_parallel`` on addresses and strides."""
+    """``kernels.cpu.matmul``'s choice and call: a small-M route (``_small``), ``gemm`` (table slot ``serial``,
+    for these layouts) or, for products above the threshold with several threads, ``gemm_parallel`` on
+    addresses and strides."""
     (m, k), n = a.shape, b.shape[1]
     item = out.itemsize
-    dots = narrow(n, k, a.strides[1] // item)
-    address = settings[DOTS_BODY] if dots else settings[BODY]
-    if settings[THREADS] > 1 and 2 * m * k * n >= settings[MIN_FLOPS]:
-        _call(kernels[GEMM_PARALLEL_K], (np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item,
-                                         np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item, k, bias,
-                                         act, alpha, out, settings[THREADS], settings[VARIANT], settings[KC],
-                                         settings[NC_BYTES], settings[MC], address, dots), None)
-    else:
+    a_at, sa_i, sa_k = np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item
+    b_at, sb_k, sb_j = np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item
+    way = route(m, k, n, sa_k, sb_k, sb_j, settings[THREADS], settings[MIN_FLOPS])
+    dots_ = narrow(n, k, sa_k)
+    address = settings[DOTS_BODY] if dots_ else settings[BODY]
+    if way == ROWS:
+        _call(kernels[ROWS_K], (a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out), None)
+    elif way == DOTS:
+        _call(kernels[DOTS_K], (a_at, sa_i, b_at, sb_j, k, bias, act, alpha, out, settings[VARIANT]), None)
+    elif way == TILES:
+        _call(kernels[TILES_K], (a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, settings[VARIANT],
+                                 settings[KC], settings[BODY]), None)
+    elif way == GEMM:
         _call(kernels[serial], (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES],
                                 address), None)
+    else:
+        _call(kernels[GEMM_PARALLEL_K], (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, settings[THREADS],
+                                         settings[VARIANT], settings[KC], settings[NC_BYTES], settings[MC], address,
+                                         dots_), None)
 
 
 @jit(fastmath=False, inline="always")
