@@ -3,7 +3,9 @@
 A cold cache costs tens of seconds of compilation; :func:`warmup` says so on stderr when it happens
 (silent when everything is cached), compiles only the kernels asked for, and spreads the work over the
 CPU's cores: the kernels are split into one share per process, helper processes compile theirs into the
-shared cache while this one compiles its own, then this process loads what they compiled.
+shared cache while this one compiles its own, then this process loads what they compiled. This process
+starts with the longest job; a helper runs its share shortest first, so that by the time it reaches its
+long jobs, what those share with this process's (the GEMM's packing routine) is in the cache.
 """
 
 import json
@@ -17,12 +19,12 @@ import numpy as np
 from ._api import ACTIVATIONS
 from ._dispatch import use_backend
 
-# Relative compile cost of each job (CPU seconds measured on a Zen 3 with a cold cache, rounded): only used
-# to balance the shares between processes. matmul is the GEMM's register-tile body (compiled once per
-# dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
-# "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
-COST = {"matmul": 10.0, "matmul narrow": 4.0, "training step": 15.0}
-DEFAULT_COST = 2.0
+# Compile cost of each job (CPU seconds on the idle 2-vCPU Zen 3 with a cold cache, float32, serial variants,
+# rounded): only used to balance the shares between processes. matmul is the GEMM's register-tile body
+# (compiled once per dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its
+# multithreaded driver; "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
+COST = {"matmul": 8.5, "matmul narrow": 3.7, "softmax_cross_entropy": 1.8, "check_step": 0.9, "training step": 15.0}
+DEFAULT_COST = 0.6
 
 
 def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
@@ -213,8 +215,9 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
             return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this kernels package, not another
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps([share, activations, large])],
-                                        stdout=subprocess.PIPE, text=True, env=env) for share in theirs if share)
+        helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps([share[::-1], activations, large])],
+                                        stdout=subprocess.PIPE, text=True, env=env)
+                       for share in theirs if share)  # shortest first: see the module's doc
 
     timings = []
     with _watching(_watch(cold)):
