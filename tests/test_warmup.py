@@ -115,3 +115,19 @@ def test_largest_is_checked():
     for bad in (-1, 2.5, True, "10"):
         with pytest.raises(ValueError, match=r"largest must be None or an int >= 0 \(elements\), got"):
             kernels.warmup("numpy", only="relu", largest=bad)
+
+
+def test_nn_train_compiles_nothing_after_its_warmup(tmp_path):
+    """The main job's warm-up covers every kernel and specialisation its training, partial last batch and
+    evaluation use: nothing compiles once it has returned (cold cache)."""
+    code = ("import kernels, nn.train; from numba.core import event; from kernels import _warmup\n"
+            "watch, warmup = _warmup._watch(), kernels.warmup\n"
+            "def then_watch(*args, **kwargs):\n"
+            "    warmup(*args, **kwargs)\n"
+            "    event.register('numba:compile', watch)\n"
+            "kernels.warmup = then_watch\n"
+            "nn.train.main(['--epochs', '2', '--verbose', '0'])\n"
+            "print('compiled after warmup:', watch.compiles)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.splitlines()[-1] == "compiled after warmup: 0"
