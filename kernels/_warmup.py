@@ -3,7 +3,9 @@
 A cold cache costs tens of seconds of compilation; :func:`warmup` says so on stderr when it happens
 (silent when everything is cached), compiles only the kernels asked for, and spreads the work over the
 CPU's cores: the kernels are split into one share per process, helper processes compile theirs into the
-shared cache while this one compiles its own, then this process loads what they compiled.
+shared cache while this one compiles its own, then this process loads what they compiled. This process
+starts with the longest job; a helper runs its share shortest first, so that by the time it reaches its
+long jobs, what those share with this process's (the GEMM's packing routine) is in the cache.
 """
 
 import json
@@ -17,39 +19,41 @@ import numpy as np
 from ._api import ACTIVATIONS
 from ._dispatch import use_backend
 
-# Relative compile cost of each job (CPU seconds measured on a Zen 3 with a cold cache, rounded): only used
-# to balance the shares between processes. matmul is the GEMM's register-tile body (compiled once per
-# dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its multithreaded driver;
-# "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
-COST = {"matmul": 10.0, "matmul narrow": 4.0, "training step": 15.0}
-COST["matmul small"] = 6.0  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
-DEFAULT_COST = 2.0
+# Compile cost of each job (CPU seconds on the idle 2-vCPU Zen 3 with a cold cache, float32, serial variants,
+# rounded): only used to balance the shares between processes. matmul is the GEMM's register-tile body
+# (compiled once per dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its
+# multithreaded driver; "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
+COST = {"matmul": 8.5, "matmul narrow": 3.7, "softmax_cross_entropy": 1.8, "check_step": 0.9, "training step": 15.0}
+COST["matmul small"] = 5.5  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
+DEFAULT_COST = 0.6
 
 
-def _job_calls(name, dtype, activations=ACTIVATIONS):
-    """The calls that compile kernel ``name`` for ``dtype``: small arrays in every layout nn uses, and the
-    ``activations`` the run uses where a kernel has one compiled function per activation."""
+def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
+    """The calls that compile kernel ``name`` for ``dtype``: small arrays in every layout nn uses, the
+    ``activations`` the run uses where a kernel has one compiled function per activation, and when
+    ``large`` arrays big enough for the multithreaded variants."""
     import kernels as k
 
     x = np.linspace(-2, 2, 96, dtype=dtype).reshape(8, 12)
     w = np.linspace(-1, 1, 144, dtype=dtype).reshape(12, 12)
     big = np.ones((128, 128), dtype)  # 2^22 flops: the GEMM's multithreaded driver (when threads > 1)
-    p, g, s1, s2 = (np.zeros(1 << 16, dtype) for _ in range(4))  # large: the parallel drivers too
+    rows = (x, np.ones((1 << 13, 16), dtype)) if large else (x,)  # 2^17 elements: the row kernels' threads
+    p, g, s1, s2 = (np.zeros(1 << 16 if large else 64, dtype) for _ in range(4))  # the chunked drivers
     wide = np.linspace(-1, 1, 12 * 24, dtype=dtype).reshape(12, 24)
     calls = {  # the GEMM's two routes compile apart: register tiles (N > 16 or A strided), dot products
         "matmul": lambda: (k.matmul(x, wide, bias=np.zeros(24, dtype), activation="relu"),
                            k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big)),
         "matmul narrow": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"),
                                   k.matmul(x, w, trans_b=True)),
-        "softmax_cross_entropy": lambda: k.softmax_cross_entropy(x, np.arange(8) % 12),
+        "softmax_cross_entropy": lambda: [k.softmax_cross_entropy(r, np.arange(len(r)) % 10) for r in rows],
         "mse": lambda: k.mse(x, x),
         "binary_cross_entropy": lambda: k.binary_cross_entropy(x, x),
         "hinge": lambda: k.hinge(x, np.sign(x) + (x == 0)),
-        "bias_grad": lambda: k.bias_grad(x),
+        "bias_grad": lambda: [k.bias_grad(r) for r in rows],
         "dropout": lambda: (k.dropout(x, 0.5, 0), k.dropout(p, 0.5, 0)),
         "training step": lambda: _training_step(dtype, activations),
-        "bias_act_backward": lambda: [k.bias_act_backward(x, x, act) for act in activations],
-        "segment_norms": lambda: k.segment_norms(p, np.array([0, 32, 64])),
+        "bias_act_backward": lambda: [k.bias_act_backward(r, r, act) for r in rows for act in activations],
+        "segment_norms": lambda: [k.segment_norms(v, np.array([0, 32, 64])) for v in (p[:64], p)],
         "batchnorm": lambda: _batchnorm(k, x),
         "sgd_step": lambda: k.sgd_step(p, g, lr=0.1, momentum=0.9, velocity=s1, nesterov=True, weight_decay=0.1,
                                        step=1),
@@ -137,12 +141,12 @@ def _watching(listener):
     return event.install_listener("numba:compile", listener)
 
 
-def _run(job, backend, activations):
+def _run(job, backend, activations, large):
     """Run one ``(name, dtype)`` job; returns (seconds, whether anything was compiled)."""
     watch = _watch()
     t0 = time.perf_counter()
     with _watching(watch), use_backend(backend):
-        _job_calls(job[0], np.dtype(job[1]), activations)()
+        _job_calls(job[0], np.dtype(job[1]), activations, large)()
     return time.perf_counter() - t0, watch.compiles > 0
 
 
@@ -154,6 +158,12 @@ def _shares(jobs, processes):
         shares[i].append(job)
         loads[i] += COST.get(job[0], DEFAULT_COST)
     return shares
+
+
+def _parallel_min():
+    from .cpu._parallel import PARALLEL_MIN
+
+    return PARALLEL_MIN
 
 
 def _cache_dir():
@@ -173,12 +183,13 @@ def _selected(only):
 
 
 def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1, processes=None,
-           activations=ACTIVATIONS):
+           activations=ACTIVATIONS, largest=None):
     """Call each kernel once on small arrays so that the first real call does not pay the compile.
 
     ``only``: kernel names (as in ``kernels.__all__``) to prepare, default all; ``dtypes``: the dtypes
-    the run uses; ``activations``: those the run's fused kernels (``bias_act_backward``) use. On the numba
-    backend a cold cache is filled by ``processes`` processes (default: the CPUs this process may run on)
+    the run uses; ``activations``: those the run's fused kernels (``bias_act_backward``) use; ``largest``:
+    the most elements one call of an elementwise or row kernel handles in the run (None: unknown); below
+    ``kernels.cpu._parallel.PARALLEL_MIN`` only their serial variants are prepared. On the numba backend a cold cache is filled by ``processes`` processes (default: the CPUs this process may run on)
     and reported on stderr unless ``verbose=0``; a warm one loads in well under a second, silently.
     Returns the backend name.
     """
@@ -187,10 +198,13 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
     activations = [activations] if isinstance(activations, str) else list(activations)
     if not set(activations) <= set(ACTIVATIONS):
         raise ValueError(f"activations must be among {ACTIVATIONS}, got {activations}")
+    if largest is not None and (isinstance(largest, bool) or not isinstance(largest, int) or largest < 0):
+        raise ValueError(f"largest must be None or an int >= 0 (elements), got {largest!r}")
     jobs = [(name, np.dtype(dt).name) for dt in dtypes for name in _selected(only)]
+    large = largest is None or largest >= _parallel_min()
     if backend != "numba":  # nothing compiles ahead on the reference; cuda compiles per launch shape
         for job in jobs:
-            _run(job, backend, activations)
+            _run(job, backend, activations, large)
         return backend
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -206,13 +220,14 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
             return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this kernels package, not another
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps([share, activations])],
-                                        stdout=subprocess.PIPE, text=True, env=env) for share in theirs if share)
+        helpers.extend(subprocess.Popen([sys.executable, "-c", _HELPER, json.dumps([share[::-1], activations, large])],
+                                        stdout=subprocess.PIPE, text=True, env=env)
+                       for share in theirs if share)  # shortest first: see the module's doc
 
     timings = []
     with _watching(_watch(cold)):
         for job in mine:
-            timings.append((job, *_run(job, backend, activations)))
+            timings.append((job, *_run(job, backend, activations, large)))
             _report(timings[-1], verbose)
         mine_done.append(True)
         for helper in helpers:
@@ -222,7 +237,7 @@ def warmup(backend="numba", dtypes=("float32", "float64"), only=None, verbose=1,
                 _report((tuple(job), seconds, compiled), verbose)
         for share in theirs:  # load what the helpers compiled (or compile here what they could not)
             for job in share:
-                timings.append((job, *_run(job, backend, activations)))
+                timings.append((job, *_run(job, backend, activations, large)))
                 if not helpers:
                     _report(timings[-1], verbose)
     if verbose and (helpers or any(compiled for _, _, compiled in timings)):
@@ -237,11 +252,11 @@ def _report(timing, verbose):
 
 
 def _helper(argument):
-    """A helper process: compile one share (JSON: the list of jobs, the activations), print one JSON line
-    per job."""
-    share, activations = json.loads(argument)
+    """A helper process: compile one share (JSON: the list of jobs, the activations, large), print one JSON
+    line per job."""
+    share, activations, large = json.loads(argument)
     for job in share:
-        print(json.dumps([job, *_run(tuple(job), "numba", activations)]), flush=True)
+        print(json.dumps([job, *_run(tuple(job), "numba", activations, large)]), flush=True)
 
 
 _HELPER = "import sys; from kernels._warmup import _helper; _helper(sys.argv[1])"

@@ -82,10 +82,13 @@ def main(argv=None):
         f"features, {n_classes} classes; {args.backend} backend; {optimizer}; {comm.size} rank"
         + ("s" if comm.size > 1 else ""))
     if args.backend != "cuda":  # compile (or load from Numba's cache) before the clock starts
+        widths = [X.shape[1]] + hidden + [n_classes]
+        parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+        largest = max(parameters, args.batch_size * max(widths[1:]), max(len(val[0]), len(test[0])) * n_classes)
         kernels.warmup(args.backend, dtypes=("float32",), verbose=args.verbose if comm.is_root else 0,
                        only=("matmul", "bias_act_backward", "bias_grad", "segment_norms", "softmax_cross_entropy",
-                             args.optimizer.replace("adamw", "adam") + "_step"),
-                       activations=("relu",) if hidden else ())
+                             args.optimizer.replace("adamw", "adam") + "_step", "count_correct", "check_step"),
+                       activations=("relu",) if hidden else (), largest=largest)
     start = time.perf_counter()
     history = trainer.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, validation_data=val,
                           seed=args.seed, callbacks=[EarlyStopping(patience=args.patience)], verbose=args.verbose)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import kernels
@@ -56,3 +57,77 @@ def test_only_the_activations_asked_for_compile(tmp_path):
 def test_activations_are_checked():
     with pytest.raises(ValueError, match=r"activations must be among .*got \['gelu'\]"):
         kernels.warmup(activations=("gelu",))
+
+
+def _kernel_pairs():
+    """(name, parallel kernel, serial twin, arguments maker) for each kernel with a serial twin."""
+    from kernels.cpu import fused, losses
+
+    def rows(n, cols, dtype):
+        x = np.random.default_rng(n).standard_normal((n, cols)).astype(dtype)
+        return x
+
+    return [
+        ("_cross_entropy", losses._cross_entropy, losses._cross_entropy_serial,
+         lambda n, c, dt: (rows(n, c, dt), np.arange(n) % c, np.empty((n, c), dt))),
+        ("bias_grad", losses.bias_grad, losses.bias_grad_serial, lambda n, c, dt: (rows(n, c, dt), np.empty(c, dt))),
+        ("segment_norms", fused.segment_norms, fused.segment_norms_serial,
+         lambda n, c, dt: (rows(n, c, dt).ravel(), np.array([0, 1, n * c // 3, n * c]), np.empty(3))),
+    ] + [(f"bias_{act}_backward", fused._BIAS_ACT_BACKWARD[act], fused._BIAS_ACT_BACKWARD_SERIAL[act],
+          lambda n, c, dt: (rows(n, c, dt), rows(n + 1, c, dt), dt(0.1), np.empty((n, c), dt), np.empty(c, dt)))
+         for act in ("relu", "tanh")]
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 10), (4099, 33)])  # the last above every threshold but norms'
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_serial_twins_match_their_parallel_kernels_bit_for_bit(shape, dtype):
+    for name, parallel, twin, make in _kernel_pairs():
+        a, b = make(*shape, dtype), make(*shape, dtype)
+        ra, rb = parallel(*a), twin(*b)
+        np.testing.assert_array_equal(np.asarray(ra), np.asarray(rb), err_msg=name)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y, err_msg=name)  # the outputs written
+
+
+def _compiled(cache, largest):
+    """Which variants a warm-up of nn's row kernels compiled in a fresh process: (parallel, serial) names."""
+    code = ("import kernels; from kernels.cpu import fused, losses, optim; "
+            f"kernels.warmup(dtypes=('float32',), only=('softmax_cross_entropy', 'bias_grad', 'segment_norms', "
+            f"'bias_act_backward', 'adam_step'), activations=('relu',), verbose=0, processes=1, largest={largest}); "
+            "print([n for n, f in (('ce', losses._cross_entropy), ('bias_grad', losses.bias_grad), "
+            "('norms', fused.segment_norms), ('relu', fused._BIAS_ACT_BACKWARD['relu']), ('adam', optim._adam_chunks)) "
+            "if f.signatures]); "
+            "print([n for n, f in (('ce', losses._cross_entropy_serial), ('bias_grad', losses.bias_grad_serial), "
+            "('norms', fused.segment_norms_serial), ('relu', fused._BIAS_ACT_BACKWARD_SERIAL['relu']), "
+            "('adam', optim._adam)) if f.signatures])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
+    return out.stdout.splitlines()
+
+
+def test_a_small_run_compiles_no_threaded_variants(tmp_path):
+    everything = "['ce', 'bias_grad', 'norms', 'relu', 'adam']"
+    assert _compiled(tmp_path / "small", 1000) == ["[]", everything]
+    assert _compiled(tmp_path / "large", 1 << 16) == [everything, everything]
+
+
+def test_largest_is_checked():
+    for bad in (-1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"largest must be None or an int >= 0 \(elements\), got"):
+            kernels.warmup("numpy", only="relu", largest=bad)
+
+
+def test_nn_train_compiles_nothing_after_its_warmup(tmp_path):
+    """The main job's warm-up covers every kernel and specialisation its training, partial last batch and
+    evaluation use: nothing compiles once it has returned (cold cache)."""
+    code = ("import kernels, nn.train; from numba.core import event; from kernels import _warmup\n"
+            "watch, warmup = _warmup._watch(), kernels.warmup\n"
+            "def then_watch(*args, **kwargs):\n"
+            "    warmup(*args, **kwargs)\n"
+            "    event.register('numba:compile', watch)\n"
+            "kernels.warmup = then_watch\n"
+            "nn.train.main(['--epochs', '2', '--verbose', '0'])\n"
+            "print('compiled after warmup:', watch.compiles)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.splitlines()[-1] == "compiled after warmup: 0"

@@ -85,11 +85,13 @@ def dynamic(kernel, *args):
         _set_chunksize(previous)
 
 
-def scheduled(kernel):
-    """``kernel`` (its first argument an array) run through :func:`dynamic` from PARALLEL_MIN elements on."""
+def scheduled(kernel, small=None):
+    """``kernel`` (its first argument an array) run through :func:`dynamic` from PARALLEL_MIN elements on;
+    below, ``small`` if given (its serial twin, ``_jit.serial``), else ``kernel`` itself."""
+    small = kernel if small is None else small
 
     def call(x, *args):
-        return kernel(x, *args) if x.size < PARALLEL_MIN else dynamic(kernel, x, *args)
+        return small(x, *args) if x.size < PARALLEL_MIN else dynamic(kernel, x, *args)
 
     call.__name__, call.__doc__ = kernel.__name__, kernel.__doc__
     return call

@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from . import activations as act
-from ._jit import jit
+from ._jit import jit, serial
 from ._parallel import CHUNK, PARALLEL_MIN, n_chunks
 
 
@@ -52,8 +52,12 @@ _BIAS_ACT_BACKWARD = {
 }
 
 
+_BIAS_ACT_BACKWARD_SERIAL = {name: serial(kernel) for name, kernel in _BIAS_ACT_BACKWARD.items()}
+
+
 def bias_act_backward(y, dy, activation, alpha, dz, db):
-    _BIAS_ACT_BACKWARD[activation](y, dy, y.dtype.type(alpha), dz, db)
+    kernels = _BIAS_ACT_BACKWARD_SERIAL if y.size < act.PARALLEL_MIN else _BIAS_ACT_BACKWARD
+    kernels[activation](y, dy, y.dtype.type(alpha), dz, db)
 
 
 NORMS_PARALLEL_MIN = 1 << 19  # one read-only pass: threads paid off only from about this size
@@ -92,3 +96,6 @@ def segment_norms(x, offsets, out):
         for c in range(chunks):
             total += partial[c, s]
         out[s] = np.sqrt(total)
+
+
+segment_norms_serial = serial(segment_norms)

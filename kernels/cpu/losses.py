@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from . import _math
-from ._jit import jit
+from ._jit import jit, serial
 from ._parallel import CHUNK, n_chunks, ordered_sum
 from .activations import PARALLEL_MIN, exp_shifted, row_max, scalar
 
@@ -40,9 +40,13 @@ def _cross_entropy(logits, labels, dlogits):
     return ordered_sum(losses) * inv_n
 
 
+_cross_entropy_serial = serial(_cross_entropy)
+
+
 def softmax_cross_entropy(logits, labels, dlogits):
     """Mean loss as a NumPy scalar of the logits' dtype; dlogits written in the same pass."""
-    return logits.dtype.type(_cross_entropy(logits, labels, dlogits))
+    kernel = _cross_entropy_serial if logits.size < PARALLEL_MIN else _cross_entropy
+    return logits.dtype.type(kernel(logits, labels, dlogits))
 
 
 def pointwise_loss(op, name):
@@ -134,3 +138,6 @@ def bias_grad(dy, out):
     for b in prange(partial.shape[0]):
         _column_sums(dy[b * rows:(b + 1) * rows], partial[b])
     _column_sums(partial, out)
+
+
+bias_grad_serial = serial(bias_grad)
