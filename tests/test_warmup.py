@@ -10,11 +10,15 @@ import pytest
 import kernels
 
 
-def _warmup(cache, verbose=1, processes=2, only=("bias_grad", "adam_step")):
-    code = (f"import kernels; kernels.warmup(dtypes=('float32',), only={only!r}, "
-            f"verbose={verbose}, processes={processes})")
+def _fresh_process(code, cache):
+    """Run ``code`` in a new interpreter with its own Numba cache (its stdout and stderr)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
+
+
+def _warmup(cache, verbose=1, processes=2, only=("bias_grad", "adam_step")):
+    return _fresh_process(f"import kernels; kernels.warmup(dtypes=('float32',), only={only!r}, "
+                          f"verbose={verbose}, processes={processes})", cache)
 
 
 def test_cold_cache_is_reported_then_silent(tmp_path):
@@ -49,9 +53,7 @@ def test_only_the_activations_asked_for_compile(tmp_path):
     code = ("import kernels; from kernels.cpu import fused; "
             "kernels.warmup(dtypes=('float32',), only=('bias_act_backward',), activations=('relu',), verbose=0); "
             "print(sorted(name for name, f in fused._BIAS_ACT_BACKWARD.items() if f.signatures))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
-    assert out.stdout.strip() == "['relu']"
+    assert _fresh_process(code, tmp_path).stdout.strip() == "['relu']"
 
 
 def test_activations_are_checked():
@@ -100,9 +102,7 @@ def _compiled(cache, largest):
             "print([n for n, f in (('ce', losses._cross_entropy_serial), ('bias_grad', losses.bias_grad_serial), "
             "('norms', fused.segment_norms_serial), ('relu', fused._BIAS_ACT_BACKWARD_SERIAL['relu']), "
             "('adam', optim._adam)) if f.signatures])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
-    return out.stdout.splitlines()
+    return _fresh_process(code, cache).stdout.splitlines()
 
 
 def test_a_small_run_compiles_no_threaded_variants(tmp_path):
@@ -128,6 +128,4 @@ def test_nn_train_compiles_nothing_after_its_warmup(tmp_path):
             "kernels.warmup = then_watch\n"
             "nn.train.main(['--epochs', '2', '--verbose', '0'])\n"
             "print('compiled after warmup:', watch.compiles)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
-    assert out.stdout.splitlines()[-1] == "compiled after warmup: 0"
+    assert _fresh_process(code, tmp_path).stdout.splitlines()[-1] == "compiled after warmup: 0"
