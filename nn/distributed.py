@@ -172,8 +172,11 @@ class MPICommunicator(Communicator):
             return
         try:
             summer = _SharedSum(self.comm, self.MPI, old.size, old.dtype)
-        except _NoSharedMemory as exc:
-            return self._fall_back(exc, old.nbytes)
+        except _NoSharedMemory as exc:  # raised on every rank at once: all of them keep Allreduce
+            self.shared_memory = False
+            if self.is_root:
+                warnings.warn(_fallback_message(exc, self.size, old.nbytes), RuntimeWarning, stacklevel=2)
+            return
         new = summer.buffer
         new[...] = old
         for layer in model.layers:
@@ -197,34 +200,13 @@ class MPICommunicator(Communicator):
         return tuple(total.tolist())
 
     def gather(self, array):
-        """Through shared memory (:class:`_SharedGather`) for host arrays when the gradients are summed
-        there, else one allgather; into a buffer kept per (shape, dtype, array kind)."""
+        """One allgather into a buffer kept per (shape, dtype, array kind)."""
         key = (tuple(array.shape), array.dtype, kernels.is_device_array(array))
-        gather = self._gathered.get(key)
-        if gather is None:
-            gather = self._gathered[key] = self._gatherer(array)
-        return gather(array)
-
-    def _gatherer(self, array):
-        """A function gathering arrays of ``array``'s shape, dtype and kind into a buffer of its own."""
-        if self.shared_memory and not kernels.is_device_array(array):
-            try:
-                return _SharedGather(self.comm, self.MPI, array.shape, array.dtype)
-            except _NoSharedMemory as exc:
-                self._fall_back(exc, 2 * array.nbytes)
-        out = namespace_of(array).empty((self.size,) + tuple(array.shape), array.dtype)
-
-        def gather(part):
-            self._allgather(part, out)
-            return out
-
-        return gather
-
-    def _fall_back(self, exc, nbytes):
-        """Every rank at once (``exc`` is raised on all of them): MPI from now on; rank 0 warns."""
-        self.shared_memory = False
-        if self.is_root:
-            warnings.warn(_fallback_message(exc, self.size, nbytes), RuntimeWarning, stacklevel=3)
+        out = self._gathered.get(key)
+        if out is None:
+            out = self._gathered[key] = namespace_of(array).empty((self.size,) + key[0], array.dtype)
+        self._allgather(array, out)
+        return out
 
     def barrier(self):
         self.comm.Barrier()
@@ -281,76 +263,63 @@ def _attach(path, nbytes):
 
 
 def _fallback_message(exc, ranks, nbytes):
-    """The warning when the shared buffers do not fit in shared memory: why, and what to change."""
+    """The warning when the gradient buffers do not fit in shared memory: why, and what to change."""
     directory = SHM_DIRECTORY
     try:
         stat = os.statvfs(directory)
         free = f"{stat.f_bavail * stat.f_frsize / 2**20:.1f} MiB free there"
     except OSError as error:
         free = str(error)
-    return (f"the ranks exchange gradients and BatchNorm statistics through MPI instead of shared memory: "
-            f"{ranks} x {nbytes / 2**20:.1f} MiB could not be reserved in {directory} ({free}; {exc}). Enlarge "
-            f"{directory} (Docker: docker run --shm-size=1g), or pass MPICommunicator(shared_memory=False) to use "
-            f"MPI without this warning")
+    return (f"the gradients are summed with MPI Allreduce instead of in shared memory: {ranks} x "
+            f"{nbytes / 2**20:.1f} MiB could not be reserved in {directory} ({free}; {exc}). Enlarge {directory} "
+            f"(Docker: docker run --shm-size=1g), or pass MPICommunicator(shared_memory=False) to use Allreduce "
+            f"without this warning")
 
 
-def _shared_maps(comm, nbytes, one=False):
-    """Every rank's map of ``nbytes`` of shared memory, in rank order (with ``one``: rank 0's alone). Each
-    rank reserves its own file in :data:`SHM_DIRECTORY` (pages allocated up front), maps every rank's, and
-    unlinks its own once all are mapped. Each stage ends in an allgather, so if any rank fails (a full
-    ``/dev/shm``), every rank raises :class:`_NoSharedMemory` and nothing is left behind."""
-    rank, own, maps = comm.Get_rank(), {}, []
-    nbytes = max(nbytes, 1)  # mmap cannot map 0 bytes
+class _SharedSum:
+    """A flat host ``buffer`` of ``n`` elements per rank in shared memory of the ranks of one machine,
+    summed over ranks in place by a call: one barrier (every rank's buffer written), rank r adds every
+    rank's part r in rank order and writes the sum into every rank's buffer (the same operands in the same
+    order: the same bits on every rank), a second barrier (every part written everywhere). Each rank reads
+    and writes 2 x n / ranks elements of the others' buffers; MPI's Allreduce copies more.
 
-    def reserve():
-        if one and rank:
-            return None
-        own["path"], own["map"] = _reserve(SHM_DIRECTORY, nbytes)
-        return own["path"]
+    Each rank reserves its buffer as a file in :data:`SHM_DIRECTORY` (pages allocated up front), then
+    maps every rank's; the files are unlinked once all are mapped. Each stage ends in an allgather, so if
+    any rank fails (a full ``/dev/shm``), every rank raises :class:`_NoSharedMemory` and nothing is left
+    behind. A zero-byte MPI shared window gives ``MPI_Win_sync``, the memory barrier around each barrier."""
 
-    def attach():
-        maps[:] = [own["map"] if r == rank else _attach(path, nbytes)
-                   for r, path in enumerate(paths) if path is not None]
-
-    try:
-        paths = _on_every_rank(comm, reserve)
-        _on_every_rank(comm, attach)
-    finally:  # every rank has mapped it, or given up
-        if "path" in own:
-            os.unlink(own["path"])
-    return maps
-
-
-class _Shared:
-    """Shared memory of the ranks of one machine (``maps``, see :func:`_shared_maps`) and a
-    barrier that orders memory (``MPI_Win_sync`` of a zero-byte shared window on both sides of it)."""
-
-    def __init__(self, comm, MPI, nbytes, one=False):
+    def __init__(self, comm, MPI, n, dtype):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
-        self.maps = _shared_maps(comm, nbytes, one)
+        dtype = np.dtype(dtype)
+        nbytes = max(n * dtype.itemsize, 1)  # mmap cannot map 0 bytes
+        own = {}
+
+        def reserve():
+            own["path"], own["map"] = _reserve(SHM_DIRECTORY, nbytes)
+            return own["path"]
+
+        def attach():
+            maps[:] = [own["map"] if r == self.rank else _attach(path, nbytes) for r, path in enumerate(paths)]
+
+        maps = []
+        try:
+            paths = _on_every_rank(comm, reserve)
+            _on_every_rank(comm, attach)
+        finally:  # every rank has mapped it, or given up
+            if "path" in own:
+                os.unlink(own["path"])
         self.win = MPI.Win.Allocate_shared(0, 1, comm=comm)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's life: Sync orders memory
+        self.buffers = [np.ndarray(n, dtype, buffer=m) for m in maps]
+        self.buffer = self.buffers[self.rank]
+        part = slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+        self.parts = [b[part] for b in self.buffers]  # part r of every rank's buffer
+        self.sum = self.parts[self.rank] if self.size == 2 else np.empty(part.stop - part.start, dtype)
 
     def barrier(self):
         self.win.Sync()
         self.comm.Barrier()
         self.win.Sync()
-
-
-class _SharedSum(_Shared):
-    """A flat host ``buffer`` of ``n`` elements per rank in shared memory, summed over ranks in place by a
-    call: one barrier (every rank's buffer written), rank r adds every rank's part r in rank order and
-    writes the sum into every rank's buffer (the same operands in the same order: the same bits on every
-    rank), a second barrier (every part written everywhere). Each rank reads and writes 2 x n / ranks
-    elements of the others' buffers; MPI's Allreduce copies more."""
-
-    def __init__(self, comm, MPI, n, dtype):
-        super().__init__(comm, MPI, n * np.dtype(dtype).itemsize)
-        self.buffers = [np.ndarray(n, dtype, buffer=m) for m in self.maps]
-        self.buffer = self.buffers[self.rank]
-        part = slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
-        self.parts = [b[part] for b in self.buffers]  # part r of every rank's buffer
-        self.sum = self.parts[self.rank] if self.size == 2 else np.empty(part.stop - part.start, dtype)
 
     def __call__(self):
         parts = self.parts
@@ -362,27 +331,6 @@ class _SharedSum(_Shared):
             if part is not self.sum:
                 np.copyto(part, self.sum)
         self.barrier()
-
-
-class _SharedGather(_Shared):
-    """Every rank's host array of one shape and dtype, stacked in rank order, through shared memory: a call
-    writes the array into its row of a stack that every rank maps, passes one barrier and returns the
-    stack (no copy out). There are two stacks, used in turn: a rank writes into a stack again two calls
-    later, after the barrier of the call in between, which every rank reaches only once done with it."""
-
-    def __init__(self, comm, MPI, shape, dtype):
-        shape, dtype = tuple(shape), np.dtype(dtype)
-        size = comm.Get_size()
-        super().__init__(comm, MPI, 2 * size * int(np.prod(shape)) * dtype.itemsize, one=True)
-        self.stacks = list(np.ndarray((2, size) + shape, dtype, buffer=self.maps[0]))
-        self.rows = [stack[self.rank] for stack in self.stacks]
-        self.turn = 0
-
-    def __call__(self, array):
-        self.turn = turn = 1 - self.turn
-        np.copyto(self.rows[turn], array)
-        self.barrier()
-        return self.stacks[turn]
 
 
 class NCCLCommunicator(MPICommunicator):

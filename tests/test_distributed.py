@@ -95,8 +95,7 @@ class LateReader:
 
 def shared_sums(out):
     """Buffers (three sizes and dtypes) summed in shared memory, one rank late out of each barrier: each
-    sum must equal the buffers' sum in rank order, and MPI's Allreduce where that is exact; arrays of two
-    shapes gathered through shared memory, the same rank late: each gather equals the stacked arrays."""
+    sum must equal the buffers' sum in rank order, and MPI's Allreduce where that is exact."""
     comm = distributed.MPICommunicator()
     assert comm.shared_memory and comm.size > 1
     for n, dtype in [(1, np.float32), (1001, np.float32), (257, np.float64)]:
@@ -115,16 +114,6 @@ def shared_sums(out):
             comm.comm.Allreduce(comm.MPI.IN_PLACE, mpi)
             summer()
             assert summer.buffer.tobytes() == mpi.tobytes()
-    gathers = {shape: distributed._SharedGather(comm.comm, comm.MPI, shape, dtype)
-               for shape, dtype in [((3, 7), np.float64), ((1,), np.float32)]}
-    for gather in gathers.values():
-        gather.comm = LateReader(comm.comm)
-    for call in range(80):  # the shapes interleaved, every call's values new
-        shape = (3, 7) if call % 3 else (1,)
-        gather = gathers[shape]
-        parts = [np.random.default_rng([call, r]).standard_normal(shape).astype(gather.stacks[0].dtype)
-                 for r in range(comm.size)]
-        assert gather(parts[comm.rank]).tobytes() == np.stack(parts).tobytes(), (shape, call)
     buffer = np.full(5, comm.rank + 1.0, np.float32)  # not a shared buffer: MPI's Allreduce
     comm.reduce_gradients(buffer)
     np.testing.assert_array_equal(buffer, comm.size * (comm.size + 1) / 2)
@@ -166,20 +155,12 @@ def job(name, out):
         return shared_sums(out)
     if name.endswith("_mpi"):  # the gradients through MPI's Allreduce instead of shared memory
         name, distributed.get().shared_memory = name[:-4], False
-    if "_fail_" in name:  # setting up shared memory fails on rank 1 alone
+    if name.endswith(("_fail_reserve", "_fail_attach")):  # setting up shared memory fails on rank 1 alone
         name, stage = name.rsplit("_fail_", 1)
         if distributed.get().rank == 1 and stage == "reserve":
             os.posix_fallocate = refuse  # as a full /dev/shm does
-        elif distributed.get().rank == 1 and stage == "attach":
+        elif distributed.get().rank == 1:
             distributed._attach = refuse
-        elif distributed.get().rank == 1:  # "gather": rank 0's gradient buffer maps, BatchNorm's stacks do not
-            attach = distributed._attach
-
-            def attach_once(*args):
-                distributed._attach = refuse
-                return attach(*args)
-
-            distributed._attach = attach_once
     if name.endswith("_small_shm"):  # room for 1.5 of the ranks' gradient buffers: rank 0 takes one
         name, distributed._reserve = name.removesuffix("_small_shm"), reserve_in_rank_order(distributed._reserve)
     if name == "boom":
@@ -259,29 +240,26 @@ def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
         np.testing.assert_allclose(results[0][f"history/{key}"], history[key], rtol=1e-5)
 
 
-FALLBACK = "RuntimeWarning: the ranks exchange gradients and BatchNorm statistics through MPI instead of shared memory"
+FALLBACK = "RuntimeWarning: the gradients are summed with MPI Allreduce instead of in shared memory"
 
 
 @needs_mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, kind, stage", [(2, "plain", "reserve"), (3, "plain", "attach"),
-                                                (2, "dropout_batchnorm", "gather")])
-def test_a_rank_without_shared_memory_makes_every_rank_use_mpi(tmp_path, ranks, kind, stage):
-    """Setting up shared memory fails on rank 1 alone (for the gradients, or for BatchNorm's first gather
-    after the gradients got theirs): no rank waits for it, every rank goes on through MPI (the same bits
-    as shared_memory=False: with 2 ranks the sum does not depend on the order), and rank 0 warns once,
-    saying why and what to change."""
+@pytest.mark.parametrize("ranks, stage", [(2, "reserve"), (3, "attach")])
+def test_a_rank_without_shared_memory_makes_every_rank_use_allreduce(tmp_path, ranks, stage):
+    """Setting up the shared buffers fails on rank 1 alone: no rank waits for it, every rank trains through
+    MPI's Allreduce (the same bits as shared_memory=False), and rank 0 warns once, saying why and what to
+    change."""
     out, expected = tmp_path / "fail", tmp_path / "mpi"
     out.mkdir(), expected.mkdir()
-    result = mpirun(ranks, f"{kind}_fail_{stage}", out, timeout=300)
+    result = mpirun(ranks, f"plain_fail_{stage}", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count(FALLBACK) == 1, result.stderr[-3000:]
     assert "rank 1: OSError: [Errno 28] No space left on device (simulated)" in result.stderr
     assert "docker run --shm-size" in result.stderr and "MPICommunicator(shared_memory=False)" in result.stderr
-    results, expected = load_ranks(ranks, out), run_ranks(ranks, f"{kind}_mpi", expected)
-    assert [r.pop("shared") for r in results] == [stage == "gather"] * ranks
-    assert [r.pop("shared") for r in expected] == [False] * ranks
-    assert_same_bits(results, expected)
+    results = load_ranks(ranks, out)
+    assert not results[0]["shared"]
+    assert_same_bits(results, run_ranks(ranks, "plain_mpi", expected))
 
 
 def mounts_small_shm():
