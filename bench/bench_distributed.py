@@ -2,6 +2,7 @@
 
     flock /tmp/kernels-bench.lock python bench/bench_distributed.py     # the table (~10 minutes)
     flock /tmp/kernels-bench.lock python bench/bench_distributed.py --models 784-256-256-10 --repeats 5
+    flock /tmp/kernels-bench.lock python bench/bench_distributed.py --models 64-128-10 --batchnorm
 
 For the three benchmark MLPs (Adam, synthetic data, numba backend) it prints samples/s per layout, the
 2-rank/1-rank ratio, the time spent in the gradient reduction during training (waiting for the slower
@@ -15,7 +16,8 @@ disturbed on a shared machine), and the table gives the median over ``--repeats`
 with each round's 2-rank/1-rank ratio. "optimizer ms" is the optimizer step per training step, work every
 rank repeats in full (the paper model below keeps it out of the part divided by N). "CPU % of wall" is
 rank 0's process CPU time over its wall time: below ~100% the rank was descheduled (other processes on
-the cores), which is what makes the 2-rank figures swing.
+the cores), which is what makes the 2-rank figures swing. ``--batchnorm`` puts a BatchNorm after each
+hidden layer and adds its allgathers' share of the step and one allgather against one barrier alone.
 All layouts run the same global batches (the same samples, steps and epochs). ``pytest
 bench/bench_distributed.py`` runs a short smoke version.
 """
