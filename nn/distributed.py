@@ -187,35 +187,6 @@ class MPICommunicator(Communicator):
         if optimizer is not None and optimizer.grads is old:
             optimizer.grads = new
         self._shared[id(new)] = summer  # kept for the process's life: the model's buffer is its memory
-        if optimizer is not None and os.environ.get("NN_SHARD_STEP") == "1":
-            self._shard_step(model, optimizer, summer)
-
-    def _shard_step(self, model, optimizer, summer):
-        """PROTOTYPE: parameters and optimizer state once in shared memory; rank r updates part r."""
-        n, dtype = model.params.size, model.params.dtype
-        names = sorted(optimizer.state)
-        (memory,) = _shared_maps(self.comm, (1 + len(names)) * model.params.nbytes, one=True)
-        buffers = np.ndarray((1 + len(names), n), dtype, buffer=memory)
-        if self.rank == 0:
-            buffers[0] = model.params
-            for i, name in enumerate(names):
-                buffers[1 + i] = optimizer.state[name]
-        summer.barrier()
-        old, new = model.params, buffers[0]
-        for layer in model.layers:
-            for name, view in layer.params.items():
-                start = (view.__array_interface__["data"][0] - old.__array_interface__["data"][0]) // old.itemsize
-                layer.params[name] = new[start:start + view.size].reshape(view.shape)
-        model.params = optimizer.params = new
-        optimizer.state = {name: buffers[1 + i] for i, name in enumerate(names)}
-        part = slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
-        update = type(optimizer)._update.__get__(optimizer)
-
-        def sharded(k, t, param, grad, scale, **state):
-            update(k, t, param[part], grad[part], scale, **{name: v[part] for name, v in state.items()})
-            summer.barrier()
-
-        optimizer._update = sharded
 
     def reduce_gradients(self, grads):
         summer = self._shared.get(id(grads))
@@ -305,30 +276,6 @@ def _fallback_message(exc, ranks, nbytes):
             f"without this warning")
 
 
-def _shared_maps(comm, nbytes, one=False):
-    """Every rank's map of ``nbytes`` of shared memory, in rank order (with ``one``: rank 0's alone)."""
-    rank, own, maps = comm.Get_rank(), {}, []
-    nbytes = max(nbytes, 1)  # mmap cannot map 0 bytes
-
-    def reserve():
-        if one and rank:
-            return None
-        own["path"], own["map"] = _reserve(SHM_DIRECTORY, nbytes)
-        return own["path"]
-
-    def attach():
-        maps[:] = [own["map"] if r == rank else _attach(path, nbytes)
-                   for r, path in enumerate(paths) if path is not None]
-
-    try:
-        paths = _on_every_rank(comm, reserve)
-        _on_every_rank(comm, attach)
-    finally:  # every rank has mapped it, or given up
-        if "path" in own:
-            os.unlink(own["path"])
-    return maps
-
-
 class _SharedSum:
     """A flat host ``buffer`` of ``n`` elements per rank in shared memory of the ranks of one machine,
     summed over ranks in place by a call: one barrier (every rank's buffer written), rank r adds every
@@ -344,7 +291,23 @@ class _SharedSum:
     def __init__(self, comm, MPI, n, dtype):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
         dtype = np.dtype(dtype)
-        maps = _shared_maps(comm, n * dtype.itemsize)
+        nbytes = max(n * dtype.itemsize, 1)  # mmap cannot map 0 bytes
+        own = {}
+
+        def reserve():
+            own["path"], own["map"] = _reserve(SHM_DIRECTORY, nbytes)
+            return own["path"]
+
+        def attach():
+            maps[:] = [own["map"] if r == self.rank else _attach(path, nbytes) for r, path in enumerate(paths)]
+
+        maps = []
+        try:
+            paths = _on_every_rank(comm, reserve)
+            _on_every_rank(comm, attach)
+        finally:  # every rank has mapped it, or given up
+            if "path" in own:
+                os.unlink(own["path"])
         self.win = MPI.Win.Allocate_shared(0, 1, comm=comm)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's life: Sync orders memory
         self.buffers = [np.ndarray(n, dtype, buffer=m) for m in maps]
