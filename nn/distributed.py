@@ -23,8 +23,11 @@ over mpi4py (host arrays); :class:`NCCLCommunicator` reduces device arrays with 
 ``fit``, ``evaluate`` and ``save`` are collective: every rank calls them in the same order.
 """
 
+import mmap
 import os
 import sys
+import tempfile
+import warnings
 
 import numpy as np
 
@@ -34,6 +37,8 @@ from ._device import namespace, namespace_of, to_host
 
 # Set by the launchers in every rank's environment: MPICH/Intel MPI (hydra), Open MPI, srun.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+# Where the shared gradient buffers are reserved (Linux's POSIX shared-memory tmpfs; Docker: 64 MiB by default).
+SHM_DIRECTORY = "/dev/shm"
 
 
 class Communicator:
@@ -165,7 +170,13 @@ class MPICommunicator(Communicator):
         summer = self._shared.get(id(old))
         if summer is not None and summer.buffer is old:
             return
-        summer = _SharedSum(self.comm, self.MPI, old.size, old.dtype)
+        try:
+            summer = _SharedSum(self.comm, self.MPI, old.size, old.dtype)
+        except _NoSharedMemory as exc:  # raised on every rank at once: all of them keep Allreduce
+            self.shared_memory = False
+            if self.is_root:
+                warnings.warn(_fallback_message(exc, self.size, old.nbytes), RuntimeWarning, stacklevel=2)
+            return
         new = summer.buffer
         new[...] = old
         for layer in model.layers:
@@ -209,19 +220,97 @@ class MPICommunicator(Communicator):
         self.comm.Allgather(array, out)
 
 
+class _NoSharedMemory(RuntimeError):
+    """The shared gradient buffers could not be set up; raised on every rank at once."""
+
+
+def _on_every_rank(comm, step):
+    """Every rank's ``step()`` result, in rank order. If it raised OSError/ValueError/MemoryError on any
+    rank, every rank raises :class:`_NoSharedMemory` naming each failure: no rank is left waiting in a
+    collective the others have given up on."""
+    try:
+        result, error = step(), None
+    except (OSError, ValueError, MemoryError) as exc:
+        result, error = None, f"{type(exc).__name__}: {exc}"
+    gathered = comm.allgather((result, error))
+    errors = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(gathered) if error is not None]
+    if errors:
+        raise _NoSharedMemory("; ".join(errors))
+    return [result for result, _ in gathered]
+
+
+def _reserve(directory, nbytes):
+    """A new file of ``nbytes`` in ``directory`` with its pages allocated now (so a full tmpfs raises
+    ENOSPC here instead of a SIGBUS at the first touch), mapped: ``(path, map)``."""
+    fd, path = tempfile.mkstemp(prefix="nn-gradients-", dir=directory)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return path, mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _attach(path, nbytes):
+    """Another rank's reserved file ``path``, mapped."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
+def _fallback_message(exc, ranks, nbytes):
+    """The warning when the gradient buffers do not fit in shared memory: why, and what to change."""
+    directory = SHM_DIRECTORY
+    try:
+        stat = os.statvfs(directory)
+        free = f"{stat.f_bavail * stat.f_frsize / 2**20:.1f} MiB free there"
+    except OSError as error:
+        free = str(error)
+    return (f"the gradients are summed with MPI Allreduce instead of in shared memory: {ranks} x "
+            f"{nbytes / 2**20:.1f} MiB could not be reserved in {directory} ({free}; {exc}). Enlarge {directory} "
+            f"(Docker: docker run --shm-size=1g), or pass MPICommunicator(shared_memory=False) to use Allreduce "
+            f"without this warning")
+
+
 class _SharedSum:
-    """A flat host ``buffer`` of ``n`` elements per rank in an MPI shared-memory window of the ranks of one
-    machine, summed over ranks in place by a call: one barrier (every rank's buffer written), rank r adds
-    every rank's part r in rank order and writes the sum into every rank's buffer (the same operands in
-    the same order: the same bits on every rank), a second barrier (every part written everywhere). Each
-    rank reads and writes 2 x n / ranks elements of the others' buffers; MPI's Allreduce copies more."""
+    """A flat host ``buffer`` of ``n`` elements per rank in shared memory of the ranks of one machine,
+    summed over ranks in place by a call: one barrier (every rank's buffer written), rank r adds every
+    rank's part r in rank order and writes the sum into every rank's buffer (the same operands in the same
+    order: the same bits on every rank), a second barrier (every part written everywhere). Each rank reads
+    and writes 2 x n / ranks elements of the others' buffers; MPI's Allreduce copies more.
+
+    Each rank reserves its buffer as a file in :data:`SHM_DIRECTORY` (pages allocated up front), then
+    maps every rank's; the files are unlinked once all are mapped. Each stage ends in an allgather, so if
+    any rank fails (a full ``/dev/shm``), every rank raises :class:`_NoSharedMemory` and nothing is left
+    behind. A zero-byte MPI shared window gives ``MPI_Win_sync``, the memory barrier around each barrier."""
 
     def __init__(self, comm, MPI, n, dtype):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
-        itemsize = np.dtype(dtype).itemsize
-        self.win = MPI.Win.Allocate_shared(n * itemsize, itemsize, comm=comm)
+        dtype = np.dtype(dtype)
+        nbytes = max(n * dtype.itemsize, 1)  # mmap cannot map 0 bytes
+        own = {}
+
+        def reserve():
+            own["path"], own["map"] = _reserve(SHM_DIRECTORY, nbytes)
+            return own["path"]
+
+        def attach():
+            maps[:] = [own["map"] if r == self.rank else _attach(path, nbytes) for r, path in enumerate(paths)]
+
+        maps = []
+        try:
+            paths = _on_every_rank(comm, reserve)
+            _on_every_rank(comm, attach)
+        finally:  # every rank has mapped it, or given up
+            if "path" in own:
+                os.unlink(own["path"])
+        self.win = MPI.Win.Allocate_shared(0, 1, comm=comm)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's life: Sync orders memory
-        self.buffers = [np.ndarray(n, dtype, buffer=self.win.Shared_query(r)[0]) for r in range(self.size)]
+        self.buffers = [np.ndarray(n, dtype, buffer=m) for m in maps]
         self.buffer = self.buffers[self.rank]
         part = slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
         self.parts = [b[part] for b in self.buffers]  # part r of every rank's buffer

@@ -2,6 +2,7 @@
 rounding, identical bit for bit on every rank; a failing rank ends the job; checkpoints move between rank
 counts. The MPI runs launch this file under ``mpiexec`` (``python tests/test_distributed.py JOB OUT``)."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -40,6 +41,8 @@ def make_trainer(kind, distributed_="auto"):
     layers = [nn.Dense(24, activation="relu")]
     if kind == "dropout_batchnorm":
         layers += [nn.BatchNorm(), nn.Dropout(0.3), nn.Dense(16, activation="tanh"), nn.BatchNorm()]
+    if kind == "wide":
+        layers = [nn.Dense(4096, activation="relu")]  # a 256 KiB gradient buffer
     model = nn.Sequential(layers + [nn.Dense(3)], seed=7)
     return nn.Trainer(model, optimizer=nn.Adam(lr=3e-3), schedule=nn.StepDecay(2, gamma=0.5),
                       distributed=distributed_)
@@ -117,6 +120,33 @@ def shared_sums(out):
     np.save(os.path.join(out, f"rank{comm.rank}.npy"), comm.size)
 
 
+def refuse(*args):
+    raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+
+def reserve_in_rank_order(reserve):
+    """``distributed._reserve`` where rank 0 first fills the directory (a small tmpfs in the test) up to
+    1.5 buffers' room, then the ranks reserve in turn: rank 1's reservation really fails."""
+    def wrapper(directory, nbytes):
+        comm, result, error = distributed.get(), None, None
+        if comm.rank == 0:
+            stat = os.statvfs(directory)
+            with open(os.path.join(directory, "filler"), "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize - 3 * nbytes // 2)
+        for rank in range(comm.size):
+            comm.barrier()
+            if rank == comm.rank:
+                try:
+                    result = reserve(directory, nbytes)
+                except OSError as exc:
+                    error = exc
+        comm.barrier()
+        if error is not None:
+            raise error
+        return result
+    return wrapper
+
+
 def job(name, out):
     """What every rank runs; writes ``rank<r>.npz`` (weights, layer state, history) into ``out``."""
     kernels.set_backend("numba")
@@ -125,6 +155,14 @@ def job(name, out):
         return shared_sums(out)
     if name.endswith("_mpi"):  # the gradients through MPI's Allreduce instead of shared memory
         name, distributed.get().shared_memory = name[:-4], False
+    if name.endswith(("_fail_reserve", "_fail_attach")):  # setting up shared memory fails on rank 1 alone
+        name, stage = name.rsplit("_fail_", 1)
+        if distributed.get().rank == 1 and stage == "reserve":
+            os.posix_fallocate = refuse  # as a full /dev/shm does
+        elif distributed.get().rank == 1:
+            distributed._attach = refuse
+    if name.endswith("_small_shm"):  # room for 1.5 of the ranks' gradient buffers: rank 0 takes one
+        name, distributed._reserve = name.removesuffix("_small_shm"), reserve_in_rank_order(distributed._reserve)
     if name == "boom":
         model = nn.Sequential([nn.Dense(8, activation="relu"), Boom(os.path.join(out, "raised")), nn.Dense(3)],
                               seed=1)
@@ -152,7 +190,18 @@ def mpirun(ranks, name, out, timeout=600):  # a fresh clone compiles the kernels
 def run_ranks(ranks, name, out):
     result = mpirun(ranks, name, out)
     assert result.returncode == 0, result.stderr[-3000:]
+    return load_ranks(ranks, out)
+
+
+def load_ranks(ranks, out):
     return [dict(np.load(os.path.join(out, f"rank{r}.npz"))) for r in range(ranks)]
+
+
+def assert_same_bits(results, expected):
+    for r, e in zip(results, expected, strict=True):
+        assert r.keys() == e.keys()
+        for key in e:
+            assert r[key].tobytes() == e[key].tobytes(), key
 
 
 def single(name):
@@ -189,6 +238,60 @@ def test_ranks_train_the_one_rank_model(tmp_path, ranks, kind):
         np.testing.assert_allclose(results[0][f"state/{key}"], value, rtol=1e-5, atol=1e-6)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):  # metrics reduced over ranks
         np.testing.assert_allclose(results[0][f"history/{key}"], history[key], rtol=1e-5)
+
+
+FALLBACK = "RuntimeWarning: the gradients are summed with MPI Allreduce instead of in shared memory"
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, stage", [(2, "reserve"), (3, "attach")])
+def test_a_rank_without_shared_memory_makes_every_rank_use_allreduce(tmp_path, ranks, stage):
+    """Setting up the shared buffers fails on rank 1 alone: no rank waits for it, every rank trains through
+    MPI's Allreduce (the same bits as shared_memory=False), and rank 0 warns once, saying why and what to
+    change."""
+    out, expected = tmp_path / "fail", tmp_path / "mpi"
+    out.mkdir(), expected.mkdir()
+    result = mpirun(ranks, f"plain_fail_{stage}", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(FALLBACK) == 1, result.stderr[-3000:]
+    assert "rank 1: OSError: [Errno 28] No space left on device (simulated)" in result.stderr
+    assert "docker run --shm-size" in result.stderr and "MPICommunicator(shared_memory=False)" in result.stderr
+    results = load_ranks(ranks, out)
+    assert not results[0]["shared"]
+    assert_same_bits(results, run_ranks(ranks, "plain_mpi", expected))
+
+
+def mounts_small_shm():
+    """Whether this process may mount a tmpfs over /dev/shm in a private mount namespace (root, Linux)."""
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o",
+                               "size=1m", "tmpfs", distributed.SHM_DIRECTORY], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.skipif(not mounts_small_shm(), reason="needs root and unshare to mount a small /dev/shm")
+def test_a_full_dev_shm_falls_back_to_allreduce(tmp_path):
+    """A real tmpfs with room for one of the two gradient buffers (in a private mount namespace): rank 1's
+    reservation fails, rank 0's succeeds; both ranks train through MPI's Allreduce, and no file is left."""
+    out, expected = tmp_path / "small", tmp_path / "mpi"
+    out.mkdir(), expected.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = (f"mount -t tmpfs -o size=32m tmpfs {distributed.SHM_DIRECTORY} && "
+              f"{MPIEXEC} -n 2 {sys.executable} {os.path.abspath(__file__)} wide_small_shm {out} && "
+              f"ls {distributed.SHM_DIRECTORY}")
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(FALLBACK) == 1, result.stderr[-3000:]
+    assert result.stderr.count("No space left on device") == 1 and "rank 1: OSError: [Errno 28]" in result.stderr
+    assert "nn-gradients" not in result.stdout and "filler" in result.stdout
+    results = load_ranks(2, out)
+    assert not results[0]["shared"]
+    assert_same_bits(results, run_ranks(2, "wide_mpi", expected))
 
 
 @needs_mpi
