@@ -14,10 +14,10 @@ cannot compile passes every simulated test. This closes the gap in two kinds of 
   recipe and compiles it with ``numba.cuda.compile_ptx`` (Numba's typing and lowering, then NVVM: the
   NVRTC and NVVM wheels, no GPU or driver).
 
-By default each kernel is compiled for a pairwise-covering subset of its recorded variants: every closure
-value and argument type, and every pair of them that was recorded, appears in at least one compiled
-variant (GEMM has 160 variants at ~2 s each; about a dozen cover every pair). ``--all`` compiles every
-recorded variant. Run ``python tests/cuda_ptx.py [--all] [--cc 8.0 9.0]`` for a report;
+Compiling every recorded variant takes minutes (GEMM alone has 160, at ~2 s each), so each compute
+capability compiles a covering subset of each kernel's variants (:func:`cover`): for cc 9.0 every
+recorded pair of variant values (closure values and argument types) occurs in a compiled variant, for
+cc 8.0 every value. ``python tests/cuda_ptx.py [--plan 9.0=all 8.0=pairs ...]`` prints a report;
 ``tests/test_cuda_compiles.py`` runs it.
 """
 
@@ -25,6 +25,7 @@ import argparse
 import ast
 import functools
 import importlib
+import itertools
 import json
 import os
 import pickle
@@ -41,7 +42,9 @@ from kernels._api import ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose kernels are checked
 KERNEL_MODULES = ROOT / "kernels" / "cuda"
-CCS = ((8, 0), (9, 0))  # A100, H100/H200
+# (compute capability, how much of the recorded variants to compile: see COVERS): every pair of variant
+# values for Hopper (H100/H200), every value for Ampere (A100)
+PLAN = (("9.0", "pairs"), ("8.0", "values"))
 UNAVAILABLE = 3  # exit status of ``compile`` when NVRTC or NVVM cannot be loaded
 
 # ---- kernel recipes: described in the simulator's process, rebuilt in a compiling one -------------------
@@ -277,24 +280,32 @@ def _train():
 # ---- compile: each recorded kernel variant, without the simulator ---------------------------------------
 
 
-def pairwise(launches):
-    """A subset of ``launches`` in which, for each kernel, every recorded pair of its features (closure
-    cell values and argument types, by position) occurs at least once: greedy, in launch order."""
-    def features(recipe, signature):
+COVERS = {"values": 1, "pairs": 2, "all": None}  # how much of the recorded variants each cc compiles
+
+
+def cover(launches, strength):
+    """A subset of ``launches`` in which, for each kernel, every recorded value (strength 1) or pair of
+    values (strength 2) of its features (closure cell values and argument types, by position) occurs at
+    least once: greedy, the earliest launch on ties. Strength None: every launch."""
+    if strength is None:
+        return list(launches)
+
+    def combinations(recipe, signature):
         cells = recipe[4] if recipe[0] == "closure" else ()
-        return [(f"cell {i}", repr(c)) for i, c in enumerate(cells)] + [(f"arg {i}", repr(t))
-                                                                          for i, t in enumerate(signature)]
+        features = sorted([(f"cell {i}", repr(c)) for i, c in enumerate(cells)] +
+                          [(f"arg {i}", repr(t)) for i, t in enumerate(signature)])
+        return set(itertools.combinations_with_replacement(features, strength))
 
     chosen, by_kernel = [], {}
     for launch in launches:
         by_kernel.setdefault(kernel_name(launch[0]), []).append(launch)
     for group in by_kernel.values():
-        pairs = [{(f, g) for f in fs for g in fs if f <= g} for fs in (features(*launch) for launch in group)]
-        uncovered = set().union(*pairs)
+        combos = [combinations(*launch) for launch in group]
+        uncovered = set().union(*combos)
         while uncovered:
-            best = max(range(len(group)), key=lambda i: len(pairs[i] & uncovered))
+            best = max(range(len(group)), key=lambda i: len(combos[i] & uncovered))
             chosen.append(group[best])
-            uncovered -= pairs[best]
+            uncovered -= combos[best]
     return chosen
 
 
@@ -359,45 +370,45 @@ def _command(*args):
     return [sys.executable, "-W", "ignore", __file__, *map(str, args)]
 
 
-def check(ccs=CCS, everything=False):
-    """Record the launches under the simulator, then compile them for each compute capability (in
-    parallel processes). Returns a report dict: ``unavailable`` (why NVRTC/NVVM cannot be loaded, else
-    None), ``found``/``launched`` kernel definitions, counts, ``results`` per cc and timings."""
+def check(plan=PLAN):
+    """Record the launches under the simulator, then compile them for each (compute capability, cover) of
+    ``plan``, in parallel processes. Returns a report: ``unavailable`` (why NVRTC/NVVM cannot be loaded,
+    else None), the kernel definitions ``found`` in kernels/cuda and ``launched`` by the sweep, the number
+    of distinct launches ``recorded``, ``results`` per cc (see :func:`compile_launches`) and ``seconds``."""
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        start = time.perf_counter()
-        subprocess.run(_command("record", tmp / "launches.pickle"), env=_env(True), check=True, cwd=ROOT)
+        launches, start = Path(tmp) / "launches.pickle", time.perf_counter()
+        subprocess.run(_command("record", launches), env=_env(True), check=True, cwd=ROOT)
         recorded = time.perf_counter()
-        jobs = [subprocess.Popen(_command("compile", tmp / "launches.pickle", f"{cc[0]}.{cc[1]}",
-                                          tmp / f"{cc[0]}{cc[1]}.json", *(["--all"] if everything else [])),
-                                 env=_env(False), cwd=ROOT, stderr=subprocess.PIPE, text=True) for cc in ccs]
-        reports = {}
-        for cc, job in zip(ccs, jobs):
+        jobs = {cc: subprocess.Popen(_command("compile", launches, cc, cover, Path(tmp) / f"{cc}.json"),
+                                     env=_env(False), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                for cc, cover in plan}
+        results = {}
+        for cc, job in jobs.items():
             stderr = job.communicate()[1]
             if job.returncode == UNAVAILABLE:
                 return {"unavailable": stderr.strip()}
             if job.returncode:
                 raise RuntimeError(f"compiling for cc {cc} failed (exit {job.returncode}):\n{stderr}")
-            reports[f"{cc[0]}.{cc[1]}"] = json.loads((tmp / f"{cc[0]}{cc[1]}.json").read_text())
-        launches = pickle.loads((tmp / "launches.pickle").read_bytes())
-    launched = sorted({kernel_name(recipe) for recipe, _ in launches})
-    return {"unavailable": None, "found": sorted(found_kernels()), "launched": launched,
-            "recorded": len(launches), "results": reports,
+            results[cc] = json.loads((Path(tmp) / f"{cc}.json").read_text())
+        recorded_launches = pickle.loads(launches.read_bytes())
+    return {"unavailable": None, "found": sorted(found_kernels()),
+            "launched": sorted({kernel_name(recipe) for recipe, _ in recorded_launches}),
+            "recorded": len(recorded_launches), "results": results,
             "seconds": {"record": recorded - start, "compile": time.perf_counter() - recorded}}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    rec = sub.add_parser("record", help="under NUMBA_ENABLE_CUDASIM=1: write the sweep's launches")
-    rec.add_argument("out", type=Path)
-    com = sub.add_parser("compile", help="without the simulator: compile recorded launches for one cc")
-    for p in (com, parser):
-        p.add_argument("--all", action="store_true", help="every recorded variant, not a pairwise cover")
+    sub.add_parser("record", help="(under NUMBA_ENABLE_CUDASIM=1) pickle the sweep's launches").add_argument(
+        "out", type=Path)
+    com = sub.add_parser("compile", help="(without the simulator) compile pickled launches for one cc")
     com.add_argument("launches", type=Path)
-    com.add_argument("cc")
-    com.add_argument("out", type=Path)
-    parser.add_argument("--cc", nargs="+", default=[f"{a}.{b}" for a, b in CCS])
+    com.add_argument("cc", help="compute capability, e.g. 9.0")
+    com.add_argument("cover", choices=COVERS)
+    com.add_argument("out", type=Path, help="JSON results")
+    parser.add_argument("--plan", nargs="+", default=[f"{cc}={cover}" for cc, cover in PLAN],
+                        help="CC=COVER pairs (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "record":
         args.out.write_bytes(pickle.dumps(record()))
@@ -407,10 +418,10 @@ def main(argv=None):
         if reason is not None:
             print(f"NVRTC/NVVM cannot be loaded: {reason}", file=sys.stderr)
             sys.exit(UNAVAILABLE)
-        launches = pickle.loads(args.launches.read_bytes())
-        args.out.write_text(json.dumps(compile_launches(launches if args.all else pairwise(launches), cc)))
+        launches = cover(pickle.loads(args.launches.read_bytes()), COVERS[args.cover])
+        args.out.write_text(json.dumps(compile_launches(launches, cc)))
     else:
-        report = check(tuple(tuple(map(int, c.split("."))) for c in args.cc), args.all)
+        report = check(tuple(tuple(item.split("=")) for item in args.plan))
         print(json.dumps(report, indent=1))
 
 
