@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-
-from kernels._api import ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose kernels are checked
 KERNEL_MODULES = ROOT / "kernels" / "cuda"
@@ -175,6 +174,7 @@ def _exercise(dtype):
     from numba import cuda
 
     import kernels
+    from kernels._api import ACTIVATIONS
 
     def dev(*shape, dt=dtype):
         return cuda.to_device(np.ones(shape, dt))
@@ -190,7 +190,7 @@ def _exercise(dtype):
     for logits in (x, wide, x.T):
         y = kernels.softmax(logits)
         kernels.softmax_backward(y, y)
-        for labels in (dev(logits.shape[0], dt=np.int64), dev(logits.shape[0], dt=np.int32)):
+        for labels in (dev(logits.shape[0], dt=t) for t in (np.int64, np.int32, np.int8, np.uint8, np.uint64)):
             kernels.softmax_cross_entropy(logits, labels)
             kernels.count_correct(logits, labels, kernels.cuda.zeros(kernels.metrics_size(2), np.float64, x))
     for a in (x, x.T, flat):
@@ -210,6 +210,7 @@ def _exercise(dtype):
 
 def _matmuls(dev):
     import kernels
+    from kernels._api import ACTIVATIONS
 
     for side in (4, 256):  # the GPU's small and large tiles (the simulator reports 4 SMs)
         for trans_a in (False, True):
@@ -257,7 +258,7 @@ def _bookkeeping(dev, x):
 
     metrics = kernels.cuda.zeros(kernels.metrics_size(2), np.float64, x)
     kernels.count_correct(x, x, metrics, threshold=0.5)
-    for offsets in (dev(3, dt=np.int64), dev(3, dt=np.int32)):
+    for offsets in (dev(3, dt=t) for t in (np.int64, np.int32, np.int8, np.uint8, np.uint64)):
         norms = kernels.segment_norms(dev(7), offsets)
     loss, _ = kernels.mse(x, x)
     for max_norm in (None, 1.0):
@@ -325,7 +326,8 @@ def _probe(cc):
 
 
 def compile_launches(launches, cc):
-    """Compile each launch's kernel for ``cc``: [{kernel, signature, error}] (error None when it compiles)."""
+    """Compile each launch's kernel for ``cc``: [{kernel, variant, signature, error, float64}]; ``error``
+    is None when it compiles, ``float64`` lists the float64 instructions of its PTX (:func:`float64_ops`)."""
     import numba.cuda.dispatcher
     from numba import cuda
 
@@ -334,14 +336,27 @@ def compile_launches(launches, cc):
     numba.cuda.dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
     results = []
     for recipe, signature in launches:
-        error = None
+        error = ptx = None
         try:
-            cuda.compile_ptx(rebuild(recipe), signature, cc=cc)
+            ptx, _ = cuda.compile_ptx(rebuild(recipe), signature, cc=cc)
         except Exception as e:  # noqa: BLE001 - every failure is reported, with its kernel and types
-            error = f"{type(e).__name__}: {e}"
-        results.append({"kernel": kernel_name(recipe), "signature": ", ".join(map(str, signature)),
-                        "variant": _variant(recipe), "error": error})
+            error = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(e).__name__}: {e}")  # without Numba's highlighting
+        results.append({"kernel": kernel_name(recipe), "variant": _variant(recipe),
+                        "signature": ", ".join(map(str, signature)), "error": error,
+                        "float64": [] if ptx is None else float64_ops(ptx, signature)})
     return results
+
+
+def float64_ops(ptx, signature):
+    """The distinct float64 instructions in the PTX of a kernel whose float arguments are all float32 ([]
+    for other kernels): a float32 kernel promoted to float64 by a float64 constant or a mixed-type
+    comparison, which the simulator cannot show and which costs 2x (H100) to 64x (consumer GPUs)."""
+    import numba
+
+    floats = {getattr(t, "dtype", t) for t in signature} & {numba.float32, numba.float64}
+    if floats != {numba.float32}:
+        return []
+    return sorted(set(re.findall(r"^\s*([a-z][\w.]*\.f64)\b", ptx, re.MULTILINE)))
 
 
 def _variant(recipe):

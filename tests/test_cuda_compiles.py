@@ -44,6 +44,12 @@ def test_every_kernel_compiles_to_ptx(report):
         assert {r["kernel"] for r in results} == set(report["launched"]), cc
 
 
+def test_float32_kernels_do_no_float64_arithmetic(report):
+    promoted = [f"cc {cc}: {r['kernel']} [{r['variant']}] ({r['signature']}): {', '.join(r['float64'])}"
+                for cc, results in report["results"].items() for r in results if r["float64"]]
+    assert not promoted, "float64 instructions in float32 kernels:\n" + "\n".join(promoted)
+
+
 def test_a_kernel_the_simulator_runs_but_a_gpu_cannot_compile_is_reported(tmp_path):
     """The compile step on hand-made recipes: a kernel calling a plain Python function (fine in the
     simulator, untyped on a GPU) fails, and the same kernel built from a closure over a device function
