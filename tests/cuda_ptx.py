@@ -58,8 +58,7 @@ def describe(obj):
     if isinstance(obj, types.FunctionType):
         if "<locals>" not in obj.__qualname__:
             return ("global", obj.__module__, obj.__qualname__)
-        code = obj.__code__
-        return ("closure", obj.__module__, code.co_qualname, code.co_firstlineno,
+        return ("closure", obj.__module__, obj.__qualname__, obj.__code__.co_firstlineno,
                 tuple(describe(cell.cell_contents) for cell in obj.__closure__ or ()))
     pickle.dumps(obj)  # any other cell value travels as it is: fail here if it cannot
     return ("value", obj)
@@ -67,11 +66,11 @@ def describe(obj):
 
 @functools.cache
 def _code_objects(module):
-    """{(qualname, first line): code object} of every function defined in ``module``'s source."""
+    """{(name, first line): code object} of every function defined in ``module``'s source."""
     found, todo = {}, [compile(Path(module.__file__).read_text(), module.__file__, "exec", dont_inherit=True)]
     while todo:
         code = todo.pop()
-        found[code.co_qualname, code.co_firstlineno] = code
+        found[code.co_name, code.co_firstlineno] = code
         todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
     return found
 
@@ -103,7 +102,7 @@ def _rebuild(kind, *parts):
         obj = functools.reduce(getattr, parts[1].split("."), module)
         return obj.py_func if isinstance(obj, Kernel) else obj
     qualname, line, cells = parts[1:]
-    code = _code_objects(module)[qualname, line]
+    code = _code_objects(module)[qualname.rsplit(".", 1)[-1], line]
     return types.FunctionType(code, module.__dict__, code.co_name, None,
                               tuple(types.CellType(rebuild(c)) for c in cells))
 
@@ -412,6 +411,25 @@ def check(plan=PLAN):
             "seconds": {"record": recorded - start, "compile": time.perf_counter() - recorded}}
 
 
+def problems(report):
+    """One line per kernel variant that failed to compile or does float64 arithmetic in a float32 kernel."""
+    return [f"cc {cc}: {r['kernel']} [{r['variant']}] ({r['signature']}): "
+            + (r["error"] or "float64 instructions in a float32 kernel: " + ", ".join(r["float64"]))
+            for cc, results in report["results"].items() for r in results if r["error"] or r["float64"]]
+
+
+def summary(report):
+    if report["unavailable"]:
+        return report["unavailable"]
+    lines = [f"{len(report['found'])} kernels in kernels/cuda, {len(report['launched'])} launched by the sweep; "
+             f"{report['recorded']} distinct launches recorded in {report['seconds']['record']:.1f} s"]
+    lines += [f"cc {cc}: {len(results)} compiled in {report['seconds']['compile']:.1f} s (all cc in parallel), "
+              f"{sum(bool(r['error']) for r in results)} failed, {sum(bool(r['float64']) for r in results)} "
+              "float32 kernels with float64 instructions" for cc, results in report["results"].items()]
+    missing = sorted(set(report["found"]) - set(report["launched"]))
+    return "\n".join(lines + [f"never launched: {name}" for name in missing] + problems(report))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -437,7 +455,8 @@ def main(argv=None):
         args.out.write_text(json.dumps(compile_launches(launches, cc)))
     else:
         report = check(tuple(tuple(item.split("=")) for item in args.plan))
-        print(json.dumps(report, indent=1))
+        print(summary(report))
+        sys.exit(1 if report["unavailable"] or problems(report) else 0)
 
 
 if __name__ == "__main__":
