@@ -396,9 +396,9 @@ def check(plan=PLAN):
         jobs = {cc: subprocess.Popen(_command("compile", launches, cc, cover, Path(tmp) / f"{cc}.json"),
                                      env=_env(False), cwd=ROOT, stderr=subprocess.PIPE, text=True)
                 for cc, cover in plan}
-        results = {}
+        errors, results = {cc: job.communicate()[1] for cc, job in jobs.items()}, {}
         for cc, job in jobs.items():
-            stderr = job.communicate()[1]
+            stderr = errors[cc]
             if job.returncode == UNAVAILABLE:
                 return {"unavailable": stderr.strip()}
             if job.returncode:

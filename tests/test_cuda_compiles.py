@@ -7,6 +7,7 @@ must also be free of float64 instructions. That needs NVRTC and NVVM (the dev ex
 they cannot be loaded these tests skip, except in CI (CI set), where they fail.
 """
 
+import itertools
 import json
 import os
 import pickle
@@ -83,3 +84,18 @@ def test_a_kernel_the_simulator_runs_but_a_gpu_cannot_compile_is_reported(tmp_pa
     broken, closure = json.loads((tmp_path / "out.json").read_text())
     assert broken["kernel"] == "ptx_probe_kernels:broken" and "plain" in broken["error"], broken
     assert closure["error"] is None and closure["variant"] == "device", closure
+
+
+@pytest.mark.parametrize("strength", [1, 2])
+def test_cover_keeps_every_recorded_value_or_pair(strength):
+    launches = [(("closure", "m", "f.<locals>.k", 1, (("value", a), ("value", b))), (numba.float32, c))
+                for a in range(3) for b in range(2) for c in (numba.float32, numba.float64)] * 2
+    chosen = cuda_ptx.cover(launches, strength)
+
+    def combos(subset):
+        return {pair for (_, _, _, _, (a, b)), (_, c) in subset
+                for pair in itertools.combinations(((0, a), (1, b), (2, repr(c))), strength)}
+
+    assert combos(chosen) == combos(launches)
+    assert len(chosen) == (3 if strength == 1 else 6)  # the fewest that cover: 3 values of a; 3 x 2 pairs
+    assert cuda_ptx.cover(launches, None) == launches
