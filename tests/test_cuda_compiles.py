@@ -48,8 +48,8 @@ def test_every_kernel_compiles_to_ptx_without_float64_in_float32_kernels(report)
 
 def test_a_kernel_the_simulator_runs_but_a_gpu_cannot_compile_is_reported(tmp_path):
     """The compile step on hand-made recipes: a kernel calling a plain Python function (fine in the
-    simulator, untyped on a GPU) fails, and the same kernel built from a closure over a device function
-    compiles."""
+    simulator, untyped on a GPU) fails, naming the function; a kernel made by a factory, closing over a
+    device function, is rebuilt and compiles."""
     source = textwrap.dedent("""
         from numba import cuda
 
@@ -75,7 +75,8 @@ def test_a_kernel_the_simulator_runs_but_a_gpu_cannot_compile_is_reported(tmp_pa
                (("device", ("global", "ptx_probe_kernels", "device")),))
     launches = [(("global", "ptx_probe_kernels", "broken"), (array,)), (closure, (array,))]
     (tmp_path / "launches.pickle").write_bytes(pickle.dumps(launches))
-    env = {**cuda_ptx._env(False), "PYTHONPATH": f"{tmp_path}{os.pathsep}{cuda_ptx._env(False)['PYTHONPATH']}"}
+    env = cuda_ptx._env(False)
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
     done = subprocess.run(cuda_ptx._command("compile", tmp_path / "launches.pickle", "9.0", "all",
                                             tmp_path / "out.json"), env=env, capture_output=True, text=True)
     if done.returncode == cuda_ptx.UNAVAILABLE:
