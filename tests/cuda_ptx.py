@@ -17,8 +17,8 @@ cannot compile passes every simulated test. This closes the gap in two kinds of 
 Compiling every recorded variant takes minutes (GEMM alone has 160, at ~2 s each), so each compute
 capability compiles a covering subset of each kernel's variants (:func:`cover`): for cc 9.0 every
 recorded pair of variant values (closure values and argument types) occurs in a compiled variant, for
-cc 8.0 every value. ``python tests/cuda_ptx.py [--plan 9.0=all 8.0=pairs ...]`` prints a report;
-``tests/test_cuda_compiles.py`` runs it.
+cc 8.0 every value. ``python tests/cuda_ptx.py [--plan 9.0=all 8.0=pairs ...]`` prints a report (with
+the variants whose PTX uses local memory); ``tests/test_cuda_compiles.py`` runs it.
 """
 
 import argparse
@@ -325,8 +325,10 @@ def _probe(cc):
 
 
 def compile_launches(launches, cc):
-    """Compile each launch's kernel for ``cc``: [{kernel, variant, signature, error, float64}]; ``error``
-    is None when it compiles, ``float64`` lists the float64 instructions of its PTX (:func:`float64_ops`)."""
+    """Compile each launch's kernel for ``cc``: [{kernel, variant, signature, error, float64, local}];
+    ``error`` is None when it compiles, ``float64`` lists the float64 instructions of its PTX
+    (:func:`float64_ops`), ``local`` counts its local-memory loads and stores (arrays NVVM kept out of
+    registers: a report, not a failure)."""
     import numba.cuda.dispatcher
     from numba import cuda
 
@@ -342,7 +344,8 @@ def compile_launches(launches, cc):
             error = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(e).__name__}: {e}")  # without Numba's highlighting
         results.append({"kernel": kernel_name(recipe), "variant": _variant(recipe),
                         "signature": ", ".join(map(str, signature)), "error": error,
-                        "float64": [] if ptx is None else float64_ops(ptx, signature)})
+                        "float64": [] if ptx is None else float64_ops(ptx, signature),
+                        "local": 0 if ptx is None else len(re.findall(r"\b(?:ld|st)\.local\b", ptx))})
     return results
 
 
@@ -426,6 +429,8 @@ def summary(report):
     lines += [f"cc {cc}: {len(results)} compiled in {report['seconds']['compile']:.1f} s (all cc in parallel), "
               f"{sum(bool(r['error']) for r in results)} failed, {sum(bool(r['float64']) for r in results)} "
               "float32 kernels with float64 instructions" for cc, results in report["results"].items()]
+    lines += [f"cc {cc}: {r['local']} local-memory loads/stores in {r['kernel']} [{r['variant']}] ({r['signature']})"
+              for cc, results in report["results"].items() for r in results if r["local"]]
     missing = sorted(set(report["found"]) - set(report["launched"]))
     return "\n".join(lines + [f"never launched: {name}" for name in missing] + problems(report))
 
