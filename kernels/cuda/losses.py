@@ -43,7 +43,7 @@ def _cross_entropy_kernel(dtype, warp_rows, row_threads):
         cols = logits.shape[1]
         loss = zero
         for row in range(first, logits.shape[0], row_step):
-            label = labels[row]
+            label = numba.int64(labels[row])  # uint64 against the int64 column count would compare in float64
             valid = label >= 0 and label < cols
             m, s = lowest, zero
             for j in range(t, cols, step):
