@@ -10,7 +10,7 @@ from numba import prange
 
 from . import activations as act
 from ._jit import jit, serial
-from ._parallel import CHUNK, PARALLEL_MIN, n_chunks
+from ._parallel import CHUNK, n_chunks, scheduled
 
 
 def _bias_act_backward_kernel(op, name):
@@ -53,11 +53,12 @@ _BIAS_ACT_BACKWARD = {
 
 
 _BIAS_ACT_BACKWARD_SERIAL = {name: serial(kernel) for name, kernel in _BIAS_ACT_BACKWARD.items()}
+_BIAS_ACT_BACKWARD_SCHEDULED = {name: scheduled(kernel, _BIAS_ACT_BACKWARD_SERIAL[name], act.PARALLEL_MIN)
+                                for name, kernel in _BIAS_ACT_BACKWARD.items()}
 
 
 def bias_act_backward(y, dy, activation, alpha, dz, db):
-    kernels = _BIAS_ACT_BACKWARD_SERIAL if y.size < act.PARALLEL_MIN else _BIAS_ACT_BACKWARD
-    kernels[activation](y, dy, y.dtype.type(alpha), dz, db)
+    _BIAS_ACT_BACKWARD_SCHEDULED[activation](y, dy, y.dtype.type(alpha), dz, db)
 
 
 NORMS_PARALLEL_MIN = 1 << 19  # one read-only pass: threads paid off only from about this size
