@@ -25,8 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
-from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel, narrow
-from ._small import DOTS, GEMM, ROWS, TILES, dots, route, rows, tiles
+from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._small import BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, THREADS, dispatcher, dots, rows, tiles
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
@@ -45,9 +45,6 @@ KIND, ACT, IN_W, OUT_W, W_AT, B_AT, X_AT, Y_AT, DY_AT, DZ_AT, DX_AT = range(11)
 # Adam (1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**t),
 # sqrt(1 - beta2**t), eps)
 SGD, SGD_MOMENTUM, ADAM, ADAMW = range(4)
-# the GEMM settings row: threads, register-tile variant, kc, nc_bytes, mc (matmul.TILING), flops threshold,
-# the addresses of the compiled GEMM bodies (register tiles, dot products: _gemm.body)
-THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS, BODY, DOTS_BODY = range(8)
 
 # slots of the kernel table: the elementwise activations (forward, backward) by code, then the rest
 _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
@@ -146,38 +143,34 @@ def ready(*args):
 
 
 def gemm_settings(tiling, dtype):
-    """The GEMM settings row for the driver: this thread's Numba thread count, ``matmul.TILING``, the
-    threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
-    return np.array((numba.get_num_threads(),) + tuple(tiling) + (PARALLEL_MIN_FLOPS, body(dtype, False),
-                                                                  body(dtype, True)), np.int64)
+    """The GEMM settings row for the driver (``_small``'s columns): ``matmul.TILING``, this thread's Numba
+    thread count, the threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
+    return np.array(tuple(tiling) + (numba.get_num_threads(), PARALLEL_MIN_FLOPS, body(dtype, False), body(dtype, True)),
+                    np.int64)
 
 
 @jit(fastmath=False, inline="always")
-def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
-    """``kernels.cpu.matmul``'s choice and call: a small-M route (``_small``), ``gemm`` (table slot ``serial``,
-    for these layouts) or, for products above the threshold with several threads, ``gemm_parallel`` on
-    addresses and strides."""
-    (m, k), n = a.shape, b.shape[1]
-    item = out.itemsize
-    a_at, sa_i, sa_k = np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item
-    b_at, sb_k, sb_j = np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item
-    way = route(m, k, n, sa_k, sb_k, sb_j, settings[THREADS], settings[MIN_FLOPS])
-    dots_ = narrow(n, k, sa_k)
-    address = settings[DOTS_BODY] if dots_ else settings[BODY]
-    if way == ROWS:
-        _call(kernels[ROWS_K], (a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out), None)
-    elif way == DOTS:
-        _call(kernels[DOTS_K], (a_at, sa_i, b_at, sb_j, k, bias, act, alpha, out, settings[VARIANT]), None)
-    elif way == TILES:
-        _call(kernels[TILES_K], (a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, settings[VARIANT],
-                                 settings[KC], settings[BODY]), None)
-    elif way == GEMM:
-        _call(kernels[serial], (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES],
-                                address), None)
+def _by_address(target, way, args):
+    """``_small.dispatcher``'s call: route ``way``'s kernel from the table ``target[0]``, the serial GEMM at
+    slot ``target[1]`` (compiled for the call site's layouts)."""
+    kernels, serial = target
+    if way == GEMM:
+        slot = serial
+    elif way == PARALLEL:
+        slot = GEMM_PARALLEL_K
     else:
-        _call(kernels[GEMM_PARALLEL_K], (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, settings[THREADS],
-                                         settings[VARIANT], settings[KC], settings[NC_BYTES], settings[MC], address,
-                                         dots_), None)
+        slot = ROWS_K + way - ROWS
+    _call(kernels[slot], args, None)
+
+
+@jit(fastmath=False, inline="always")
+def _body_address(target, settings, dtype, dots):
+    return settings[DOTS_BODY] if dots else settings[BODY]
+
+
+# kernels.cpu.matmul's choice and call, on addresses: _matmul((kernels, serial slot), settings, threads, min_flops,
+# a, b, bias, act, alpha, out)
+_matmul = jit(fastmath=False, inline="always")(dispatcher(_by_address, _body_address))
 
 
 @jit(fastmath=False, inline="always")
@@ -252,8 +245,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             if kind == DENSE:
                 w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                _matmul(kernels, GEMM_CC, settings, x, w, params[layers[i, B_AT]:layers[i, B_AT] + w_out], code,
-                        alphas[i], y)
+                _matmul((kernels, GEMM_CC), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
+                        params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_K], (x, y), None)
             elif kind == ACTIVATION:
@@ -284,10 +277,12 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     dz = _view(scratch, layers[i, DZ_AT], rows, w_out)
                     _call(kernels[BIAS_ACT_K + code - 1], (y, dy, t(alphas[i]), dz,
                                                            grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
-                _matmul(kernels, GEMM_TC, settings, x.T, dz, no_bias, no_activation, alphas[i], gw)
+                _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
+                        no_activation, alphas[i], gw)
                 if layers[i, DX_AT] >= 0:
                     w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                    _matmul(kernels, GEMM_CT, settings, dz, w.T, no_bias, no_activation, alphas[i], dx)
+                    _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
+                            no_activation, alphas[i], dx)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_BACKWARD_K], (y, dy, dx), None)
             elif kind == ACTIVATION:
