@@ -26,7 +26,8 @@ from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
 from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
-from ._small import BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, THREADS, dispatcher, dots, rows, tiles
+from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, THREADS, dispatcher, dots, rows,
+                     tiles)
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
@@ -201,6 +202,28 @@ def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled
                                                    gscale))
 
 
+UPDATE_BLOCK = 1 << 14  # elements of W per block of the fused product and update: 64 KiB of float32 gradient
+
+
+@jit(fastmath=False, inline="always")
+def _product_update(kernels, optimizer, h, x, dz, at, params, grads, state1, state2, alpha):
+    """The first parameter layer's ``dW = x^T dz`` (``at``: W's offset in the flat buffers) at a batch of one
+    or two, where it takes the ``rows`` route (an outer product), and the unscaled optimizer step on W, block
+    by block of W's rows: each block's gradient is still in cache when the update reads it. The same kernels
+    on the same elements as the separate product and update, so bit for bit the same."""
+    w_in, w_out = x.shape[1], dz.shape[1]
+    item = x.itemsize
+    block = max(1, UPDATE_BLOCK // w_out)
+    no_bias = np.empty(0, params.dtype)
+    for lo in range(0, w_in, block):
+        hi = min(w_in, lo + block)
+        a, b = at + lo * w_out, at + hi * w_out
+        _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * item, np.intp(1), np.intp(w_in),
+                                np.intp(dz.ctypes.data), np.intp(w_out), np.intp(x.shape[0]), no_bias, np.int64(NONE),
+                                alpha, grads[a:b].reshape((hi - lo, w_out))), None)
+        _update(kernels, optimizer, h, params[a:b], grads[a:b], state1[a:b], state2[a:b], None, False)
+
+
 @jit(fastmath=False, inline="always")
 def _dropout(kernels, x, out, seed, threshold, scale):
     """``kernels.cpu.dropout`` at offset 0 (its stream starts at mix(seed))."""
@@ -224,12 +247,16 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
     the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
-    ``metrics``, its update not applied)."""
+    ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
+    parameter layer's W is updated with its product, before the check)."""
     n, width = order.size, X.shape[1]
     count = layers.shape[0]
     t = params.dtype.type
     no_bias = np.empty(0, params.dtype)
     no_activation = np.int64(NONE)  # not the literal: one signature for every _matmul call
+    first = 0  # the first parameter layer (its W at offset 0)
+    while layers[first, KIND] != DENSE:
+        first += 1
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -261,6 +288,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         loss = _call(kernels[CROSS_ENTROPY_K], (out, yb, dout), t(0))
         if count:
             _call(kernels[COUNT_K], (out, yb, metrics), None)
+        fused = rows <= ROWS_MAX_K and max_norm == np.inf  # dW is an outer product and the update needs no norm
         for i in range(count - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
@@ -277,12 +305,16 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     dz = _view(scratch, layers[i, DZ_AT], rows, w_out)
                     _call(kernels[BIAS_ACT_K + code - 1], (y, dy, t(alphas[i]), dz,
                                                            grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
-                _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
-                        no_activation, alphas[i], gw)
                 if layers[i, DX_AT] >= 0:
                     w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
                     _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
+                if fused and layers[i, W_AT] == 0:
+                    _product_update(kernels, optimizer, hyper[s - s0], x, dz, 0, params, grads, state1, state2,
+                                    alphas[i])
+                else:
+                    _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
+                            no_activation, alphas[i], gw)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_BACKWARD_K], (y, dy, dx), None)
             elif kind == ACTIVATION:
@@ -297,7 +329,9 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         if metrics[BAD_STEP] != 0:
             return s
         if scale[0] == 1:
-            _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, None, False)
+            done = layers[first, IN_W] * layers[first, OUT_W] if fused else 0  # W updated with its product
+            _update(kernels, optimizer, hyper[s - s0], params[done:], grads[done:], state1[done:], state2[done:], None,
+                    False)
         elif scale[0] != 0:  # 0: a clipping scale that underflowed, the step skipped as the kernels skip it
             _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, scale[0], True)
     return s1
