@@ -288,9 +288,10 @@ for compiled in (None, {explicit}, None):
 @pytest.mark.parametrize("first", ["dense", "dropout"])
 def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, optimizer, first):
     """At a batch of one or two without clipping the compiled step computes the first parameter layer's
-    dW (an outer product) and its update block by block (300 x 128: three blocks, the last partial, and
-    after dx when a dropout layer comes first): bit for bit the per-kernel step, gradients left in
-    layer.grads included; with clipping it takes the separate product and update."""
+    dW (an outer product), its gradient norm and its update piece by piece (300 x 128: three of
+    segment_norms' pieces, the last partial and holding the bias too; after dx when a dropout layer comes
+    first): bit for bit the per-kernel step, norms and gradients left in layer.grads included; with
+    clipping it takes the separate product, norms and update."""
     rng = np.random.default_rng(2)
     X, y = rng.standard_normal((9, 300)).astype(np.float32), rng.integers(0, 10, 9)
 
@@ -298,13 +299,28 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
         head = [nn.Dropout(0.2)] if first == "dropout" else []
         return head + [nn.Dense(128, activation="relu"), nn.Dense(10)]
 
-    assert 300 * 128 > 2 * step.UPDATE_BLOCK
+    assert 300 * 128 > 2 * _parallel.CHUNK
     for batch_size, clip_norm in ((1, None), (2, None), (1, 0.5)):
         runs = [_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, clip_norm=clip_norm)
                 for compiled in (True, False)]
         _assert_same(*[_outcome(*run) for run in runs])
         assert runs[0][0].model.grads.tobytes() == runs[1][0].model.grads.tobytes()
     assert calls[0] == 3 * 2
+
+
+def test_batch_one_matches_where_the_per_kernel_norms_run_in_parallel(calls):
+    """Above segment_norms' threshold (600k gradients) the per-kernel step sums the pieces on threads:
+    the same sums as the compiled product pass."""
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((3, 800)).astype(np.float32), rng.integers(0, 10, 3)
+
+    def layers():
+        return [nn.Dense(750, activation="relu"), nn.Dense(10)]
+
+    runs = [_fit(compiled, layers, lambda: nn.SGD(lr=0.01), X, y, epochs=1, batch_size=1) for compiled in (True, False)]
+    assert runs[0][0].model.params.size >= 2 * 1 << 18
+    _assert_same(*[_outcome(*run) for run in runs])
+    assert calls[0] == 1
 
 
 def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):

@@ -76,13 +76,20 @@ def _sum_squares(x, lo, hi):
 
 @jit(parallel=True)
 def segment_norms(x, offsets, out):
-    """One pass over the flat buffer, no BLAS. Large buffers go in fixed CHUNK-sized pieces in
-    parallel, each adding to a partial sum per segment it overlaps; the partials are then summed in
-    chunk order, so the result does not depend on the thread count."""
+    """One pass over the flat buffer, no BLAS. Each segment's sum of squares is summed from its pieces in
+    the fixed CHUNK-sized pieces of the buffer, in chunk order, serially or (large buffers) in parallel, so
+    the result depends neither on the thread count nor on the branch, and a caller that has the pieces'
+    sums (the compiled epoch's product-and-update pass) gets the same norm."""
     segments = out.size
     if x.size < NORMS_PARALLEL_MIN:
         for s in range(segments):
-            out[s] = np.sqrt(_sum_squares(x, offsets[s], offsets[s + 1]))
+            lo, hi = offsets[s], offsets[s + 1]
+            total = 0.0
+            for c in range(lo // CHUNK, n_chunks(hi)):
+                a, b = max(lo, c * CHUNK), min(hi, (c + 1) * CHUNK)
+                if a < b:
+                    total += _sum_squares(x, a, b)
+            out[s] = np.sqrt(total)
         return
     chunks = n_chunks(x.size)
     partial = np.zeros((chunks, segments))

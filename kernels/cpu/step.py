@@ -31,7 +31,7 @@ from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
-from ._parallel import PARALLEL_MIN
+from ._parallel import CHUNK, PARALLEL_MIN
 from ..reference.metrics import BAD_STEP
 
 # layer kinds, and the activation codes (those of _gemm.ACTIVATION_CODES, plus softmax)
@@ -58,6 +58,7 @@ _REST = BIAS_ACT_K + len(_BIAS_ACT)
  COUNT_K, CHECK_K) = range(_REST, _REST + 11)
 SGD_K, SGD_MOMENTUM_K, ADAM_K, DROPOUT_K = range(_REST + 11, _REST + 27, 4)
 ROWS_K, DOTS_K, TILES_K = range(_REST + 25, _REST + 28)  # the small-M routes of the GEMM (_small)
+SQUARES_K = _REST + 28  # segment_norms' sum of squares of one piece
 
 
 @intrinsic
@@ -118,7 +119,8 @@ def kernel_table(dtype):
                     (_check_step, (types.float64, types.float64, f1, types.float64, f1, v))]
         kernels += optimizers + [(_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
         kernels += [(rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
-                    (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64))]
+                    (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)),
+                    (fused._sum_squares, (v, i64, i64))]
         addresses = []
         for kernel, signature in kernels:
             kernel.compile(signature)
@@ -202,26 +204,31 @@ def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled
                                                    gscale))
 
 
-UPDATE_BLOCK = 1 << 14  # elements of W per block of the fused product and update: 64 KiB of float32 gradient
-
-
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, h, x, dz, at, params, grads, state1, state2, alpha):
-    """The first parameter layer's ``dW = x^T dz`` (``at``: W's offset in the flat buffers) at a batch of one
-    or two, where it takes the ``rows`` route (an outer product), and the unscaled optimizer step on W, block
-    by block of W's rows: each block's gradient is still in cache when the update reads it. The same kernels
-    on the same elements as the separate product and update, so bit for bit the same."""
+def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha):
+    """The first parameter layer's ``dW = x^T dz`` at a batch of one or two, where it takes the ``rows``
+    route (an outer product), the sum of squares of its segment ``[0, end)`` (W, then b) and the unscaled
+    optimizer step on W, piece by piece of segment_norms' CHUNK-sized pieces: each piece's gradient is
+    still in cache when the sum and the update read it. The same kernels on the same elements as the
+    separate product, norms and update, so bit for bit the same. Returns the segment's gradient norm."""
     w_in, w_out = x.shape[1], dz.shape[1]
-    item = x.itemsize
-    block = max(1, UPDATE_BLOCK // w_out)
+    w_end, item = w_in * w_out, x.itemsize
     no_bias = np.empty(0, params.dtype)
-    for lo in range(0, w_in, block):
-        hi = min(w_in, lo + block)
-        a, b = at + lo * w_out, at + hi * w_out
-        _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * item, np.intp(1), np.intp(w_in),
-                                np.intp(dz.ctypes.data), np.intp(w_out), np.intp(x.shape[0]), no_bias, np.int64(NONE),
-                                alpha, grads[a:b].reshape((hi - lo, w_out))), None)
-        _update(kernels, optimizer, h, params[a:b], grads[a:b], state1[a:b], state2[a:b], None, False)
+    done, total = 0, 0.0  # rows of dW computed; the sum of squares so far
+    for a in range(0, end, CHUNK):
+        b = min(end, a + CHUNK)
+        wb = min(b, w_end)
+        need = -(-wb // w_out)
+        if need > done:
+            _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + done * item, np.intp(1), np.intp(w_in),
+                                    np.intp(dz.ctypes.data), np.intp(w_out), np.intp(x.shape[0]), no_bias,
+                                    np.int64(NONE), alpha, grads[done * w_out:need * w_out].reshape((need - done, w_out))),
+                  None)
+            done = need
+        total += _call(kernels[SQUARES_K], (grads, np.int64(a), np.int64(b)), np.float64(0))
+        if a < wb:
+            _update(kernels, optimizer, h, params[a:wb], grads[a:wb], state1[a:wb], state2[a:wb], None, False)
+    return np.sqrt(total)
 
 
 @jit(fastmath=False, inline="always")
@@ -310,8 +317,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
                 if fused and layers[i, W_AT] == 0:
-                    _product_update(kernels, optimizer, hyper[s - s0], x, dz, 0, params, grads, state1, state2,
-                                    alphas[i])
+                    norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
+                                               state1, state2, alphas[i])
                 else:
                     _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
                             no_activation, alphas[i], gw)
@@ -324,7 +331,10 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             elif layers[i, Y_AT] != layers[i, X_AT]:
                 _dropout(kernels, dy.reshape(-1), dx.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
-        _call(kernels[NORMS_K], (grads, segments, norms), None)
+        if fused:  # the first segment's norm came with its product
+            _call(kernels[NORMS_K], (grads, segments[1:], norms[1:]), None)
+        else:
+            _call(kernels[NORMS_K], (grads, segments, norms), None)
         _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
         if metrics[BAD_STEP] != 0:
             return s
