@@ -280,3 +280,60 @@ for compiled in (None, {explicit}, None):
     assert first.stdout.split() == ["0", "1", "2"]  # cold: per kernel; True compiles; then in-process: compiled
     second = subprocess.run(run + [code.format(explicit=False)], env=env, capture_output=True, text=True, check=True)
     assert second.stdout.split() == ["1", "1", "2"]  # the cached driver is loaded and chosen
+
+
+@pytest.mark.parametrize("optimizer", [lambda: nn.SGD(lr=0.05), lambda: nn.SGD(lr=0.01, momentum=0.9, nesterov=True,
+                                                                                 weight_decay=0.01),
+                                       lambda: nn.Adam(lr=1e-3), lambda: nn.AdamW(lr=1e-3, weight_decay=0.1)])
+@pytest.mark.parametrize("first", ["dense", "dropout"])
+def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, optimizer, first):
+    """At a batch of one or two without clipping the compiled step computes the first parameter layer's
+    dW (an outer product), its gradient norm and its update piece by piece (300 x 128: three of
+    segment_norms' pieces, the last partial and holding the bias too; after dx when a dropout layer comes
+    first): bit for bit the per-kernel step, norms and gradients left in layer.grads included; with
+    clipping it takes the separate product, norms and update."""
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((9, 300)).astype(np.float32), rng.integers(0, 10, 9)
+
+    def layers():
+        head = [nn.Dropout(0.2)] if first == "dropout" else []
+        return head + [nn.Dense(128, activation="relu"), nn.Dense(10)]
+
+    assert 300 * 128 > 2 * _parallel.CHUNK
+    for batch_size, clip_norm in ((1, None), (2, None), (1, 0.5)):
+        runs = [_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, clip_norm=clip_norm)
+                for compiled in (True, False)]
+        _assert_same(*[_outcome(*run) for run in runs])
+        assert runs[0][0].model.grads.tobytes() == runs[1][0].model.grads.tobytes()
+    assert calls[0] == 3 * 2
+
+
+def test_batch_one_matches_where_the_per_kernel_norms_run_in_parallel(calls):
+    """Above segment_norms' threshold (600k gradients) the per-kernel step sums the pieces on threads:
+    the same sums as the compiled product pass."""
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((3, 800)).astype(np.float32), rng.integers(0, 10, 3)
+
+    def layers():
+        return [nn.Dense(750, activation="relu"), nn.Dense(10)]
+
+    runs = [_fit(compiled, layers, lambda: nn.SGD(lr=0.01), X, y, epochs=1, batch_size=1) for compiled in (True, False)]
+    assert runs[0][0].model.params.size >= 2 * 1 << 18
+    _assert_same(*[_outcome(*run) for run in runs])
+    assert calls[0] == 1
+
+
+def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
+    """The product-and-update pass runs before the step's check: a non-finite step still leaves the
+    weights of the last good step and raises the per-kernel step's error."""
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((40, 6)).astype(np.float32) * 30, rng.integers(0, 3, 40)
+    results = []
+    for compiled in (True, False):
+        model = nn.Sequential([nn.Dense(16, activation="relu"), nn.Dense(3)], seed=1)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=1e4), compiled=compiled)
+        with pytest.raises(nn.NonFiniteError, match="became nan") as error:
+            trainer.fit(X, y, epochs=5, batch_size=1, verbose=0)
+        results.append((str(error.value), model.params.tobytes(), trainer.optimizer.t, trainer.epoch))
+    assert calls[0] == 1
+    assert results[0] == results[1]

@@ -23,10 +23,11 @@ from .optim import adadelta_step, adagrad_step, adam_step, rmsprop_step, sgd_ste
 from ._parallel import scheduled
 
 # the kernels whose prange loops chunk or split rows themselves (run() schedules dropout and the optimizers);
-# bias_grad and segment_norms run their serial twins below PARALLEL_MIN (fused and losses choose the others')
+# bias_grad and segment_norms run their serial twins below PARALLEL_MIN (softmax_cross_entropy and
+# bias_act_backward are scheduled the same way, inside losses and fused, behind their wrappers)
 for _kernel in ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
-                "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy", "mse",
-                "binary_cross_entropy", "hinge", "bias_grad", "bias_act_backward", "segment_norms"):
+                "tanh_backward", "softmax", "softmax_backward", "mse", "binary_cross_entropy", "hinge", "bias_grad",
+                "segment_norms"):
     globals()[_kernel] = scheduled(globals()[_kernel], globals().pop(_kernel + "_serial", None))
 del _kernel
 

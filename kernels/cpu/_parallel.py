@@ -85,13 +85,14 @@ def dynamic(kernel, *args):
         _set_chunksize(previous)
 
 
-def scheduled(kernel, small=None):
-    """``kernel`` (its first argument an array) run through :func:`dynamic` from PARALLEL_MIN elements on;
-    below, ``small`` if given (its serial twin, ``_jit.serial``), else ``kernel`` itself."""
+def scheduled(kernel, small=None, minimum=PARALLEL_MIN):
+    """``kernel`` (its first argument an array) run through :func:`dynamic` from ``minimum`` elements on (the
+    kernel's own parallel threshold); below, ``small`` if given (its serial twin, ``_jit.serial``), else
+    ``kernel`` itself. The one way the numba backend picks between a kernel and its serial twin."""
     small = kernel if small is None else small
 
     def call(x, *args):
-        return small(x, *args) if x.size < PARALLEL_MIN else dynamic(kernel, x, *args)
+        return small(x, *args) if x.size < minimum else dynamic(kernel, x, *args)
 
     call.__name__, call.__doc__ = kernel.__name__, kernel.__doc__
     return call

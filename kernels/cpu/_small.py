@@ -10,22 +10,25 @@ where the blocked GEMM (``_gemm``) spends more on packing B and on its fixed cos
 - ``tiles`` (B's rows contiguous): ``_gemm``'s register-tile body on B in place, one N block, instead of
   packing B per (K, N) block; B's panels are reused by only M / MR rows of tiles, too few to pay for it.
 
-:func:`route` is the one choice between these and the GEMM (serial or multithreaded), made the same way
-by ``kernels.cpu.matmul`` and the compiled epoch (``kernels.cpu.step``), so both run the same code on the
-same product. Every route computes each element of ``out`` on one thread, so its result does not depend
+:func:`route` is the one choice between these and the GEMM (serial or multithreaded), and
+:func:`dispatcher` the one mapping from that choice to a kernel call, shared by ``kernels.cpu.matmul`` and
+the compiled epoch (``kernels.cpu.step``), so both run the same code on the same product. Every route computes each element of ``out`` on one thread, so its result does not depend
 on the thread count.
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, register_jitable
+from numba.extending import intrinsic, overload, register_jitable
 
 from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
                     narrow)
 from ._jit import jit
 
 GEMM, PARALLEL, ROWS, DOTS, TILES = range(5)  # route codes: the blocked GEMM serial / multithreaded, this module's
+# columns of a GEMM settings row: matmul.TILING's four (register-tile variant, kc, nc_bytes, mc), then (the compiled
+# epoch's row only) the thread count, the multithreading threshold in flops, the addresses of _gemm.body's two bodies
+VARIANT, KC, NC_BYTES, MC, THREADS, MIN_FLOPS, BODY, DOTS_BODY = range(8)
 # Where each route beat the GEMM (1 thread, float32, Zen 3, thread CPU time; see the commit message):
 # rows: B read once per row of out; in a compiled loop 1 x 784 x 128 71 -> 9 us (2 x 784 x 128: 60 -> 16 from
 # Python), the outer product 784 x 1 x 128 (x^T dy at batch 1) 25 -> 9, 784 x 2 x 128 23 -> 18, at K = 4 no gain
@@ -49,6 +52,47 @@ def route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops):
     if m <= TILES_MAX_M and not parallel and sb_j == 1 and k * n > PACK_B_MIN and not narrow(n, k, sa_k):
         return TILES
     return PARALLEL if parallel else GEMM
+
+
+def dispatcher(call, address):
+    """``matmul(target, settings, threads, min_flops, a, b, bias, act, alpha, out)``: ``out = act(a @ b + bias)``
+    by the kernel :func:`route` chooses, ``settings`` a GEMM settings row (at least its TILING columns). The
+    one mapping from a route to its kernel's arguments, for both callers: ``call(target, way, args)`` calls
+    route ``way``'s kernel (from Python by its dispatcher, from the compiled epoch by its address) and
+    ``address(target, settings, dtype, dots)`` gives the GEMM body's address (``_gemm.body``), asked for only
+    on the routes that take one."""
+    def matmul(target, settings, threads, min_flops, a, b, bias, act, alpha, out):
+        (m, k), n = a.shape, b.shape[1]
+        item = out.itemsize
+        sa_i, sa_k, sb_k, sb_j = a.strides[0] // item, a.strides[1] // item, b.strides[0] // item, b.strides[1] // item
+        way = route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops)
+        if way == ROWS:
+            call(target, ROWS, (_at(a), sa_i, sa_k, _at(b), sb_k, k, bias, act, alpha, out))
+        elif way == DOTS:
+            call(target, DOTS, (_at(a), sa_i, _at(b), sb_j, k, bias, act, alpha, out, settings[VARIANT]))
+        elif way == TILES:
+            call(target, TILES, (_at(a), sa_i, sa_k, _at(b), sb_k, k, bias, act, alpha, out, settings[VARIANT],
+                                 settings[KC], address(target, settings, out.dtype, False)))
+        elif way == GEMM:
+            call(target, GEMM, (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES],
+                                address(target, settings, out.dtype, narrow(n, k, sa_k))))
+        else:
+            dots_ = narrow(n, k, sa_k)
+            call(target, PARALLEL, (_at(a), sa_i, sa_k, _at(b), sb_k, sb_j, k, bias, act, alpha, out, threads,
+                                    settings[VARIANT], settings[KC], settings[NC_BYTES], settings[MC],
+                                    address(target, settings, out.dtype, dots_), dots_))
+
+    return matmul
+
+
+def _at(a):
+    """The address of ``a``'s first element, as the kernels take it (a Python int; an intp when compiled)."""
+    return a.ctypes.data
+
+
+@overload(_at)
+def _at_compiled(a):
+    return lambda a: np.intp(a.ctypes.data)
 
 
 def _row_kernel(vectors):

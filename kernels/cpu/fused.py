@@ -10,7 +10,7 @@ from numba import prange
 
 from . import activations as act
 from ._jit import jit, serial
-from ._parallel import CHUNK, PARALLEL_MIN, n_chunks
+from ._parallel import CHUNK, n_chunks, scheduled
 
 
 def _bias_act_backward_kernel(op, name):
@@ -53,11 +53,12 @@ _BIAS_ACT_BACKWARD = {
 
 
 _BIAS_ACT_BACKWARD_SERIAL = {name: serial(kernel) for name, kernel in _BIAS_ACT_BACKWARD.items()}
+_BIAS_ACT_BACKWARD_SCHEDULED = {name: scheduled(kernel, _BIAS_ACT_BACKWARD_SERIAL[name], act.PARALLEL_MIN)
+                                for name, kernel in _BIAS_ACT_BACKWARD.items()}
 
 
 def bias_act_backward(y, dy, activation, alpha, dz, db):
-    kernels = _BIAS_ACT_BACKWARD_SERIAL if y.size < act.PARALLEL_MIN else _BIAS_ACT_BACKWARD
-    kernels[activation](y, dy, y.dtype.type(alpha), dz, db)
+    _BIAS_ACT_BACKWARD_SCHEDULED[activation](y, dy, y.dtype.type(alpha), dz, db)
 
 
 NORMS_PARALLEL_MIN = 1 << 19  # one read-only pass: threads paid off only from about this size
@@ -75,13 +76,20 @@ def _sum_squares(x, lo, hi):
 
 @jit(parallel=True)
 def segment_norms(x, offsets, out):
-    """One pass over the flat buffer, no BLAS. Large buffers go in fixed CHUNK-sized pieces in
-    parallel, each adding to a partial sum per segment it overlaps; the partials are then summed in
-    chunk order, so the result does not depend on the thread count."""
+    """One pass over the flat buffer, no BLAS. Each segment's sum of squares is summed from its pieces in
+    the fixed CHUNK-sized pieces of the buffer, in chunk order, serially or (large buffers) in parallel, so
+    the result depends neither on the thread count nor on the branch, and a caller that has the pieces'
+    sums (the compiled epoch's product-and-update pass) gets the same norm."""
     segments = out.size
     if x.size < NORMS_PARALLEL_MIN:
         for s in range(segments):
-            out[s] = np.sqrt(_sum_squares(x, offsets[s], offsets[s + 1]))
+            lo, hi = offsets[s], offsets[s + 1]
+            total = 0.0
+            for c in range(lo // CHUNK, n_chunks(hi)):
+                a, b = max(lo, c * CHUNK), min(hi, (c + 1) * CHUNK)
+                if a < b:
+                    total += _sum_squares(x, a, b)
+            out[s] = np.sqrt(total)
         return
     chunks = n_chunks(x.size)
     partial = np.zeros((chunks, segments))

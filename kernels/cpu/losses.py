@@ -10,7 +10,7 @@ from numba import prange
 
 from . import _math
 from ._jit import jit, serial
-from ._parallel import CHUNK, n_chunks, ordered_sum
+from ._parallel import CHUNK, n_chunks, ordered_sum, scheduled
 from .activations import PARALLEL_MIN, exp_shifted, row_max, scalar
 
 
@@ -41,12 +41,12 @@ def _cross_entropy(logits, labels, dlogits):
 
 
 _cross_entropy_serial = serial(_cross_entropy)
+_cross_entropy_scheduled = scheduled(_cross_entropy, _cross_entropy_serial, PARALLEL_MIN)
 
 
 def softmax_cross_entropy(logits, labels, dlogits):
     """Mean loss as a NumPy scalar of the logits' dtype; dlogits written in the same pass."""
-    kernel = _cross_entropy_serial if logits.size < PARALLEL_MIN else _cross_entropy
-    return logits.dtype.type(kernel(logits, labels, dlogits))
+    return logits.dtype.type(_cross_entropy_scheduled(logits, labels, dlogits))
 
 
 def pointwise_loss(op, name):

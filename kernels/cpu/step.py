@@ -25,12 +25,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import activations, fused, losses, optim
-from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel, narrow
-from ._small import DOTS, GEMM, ROWS, TILES, dots, route, rows, tiles
+from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, THREADS, dispatcher, dots, rows,
+                     tiles)
 from ._jit import jit
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels
-from ._parallel import PARALLEL_MIN
+from ._parallel import CHUNK, PARALLEL_MIN
 from ..reference.metrics import BAD_STEP
 
 # layer kinds, and the activation codes (those of _gemm.ACTIVATION_CODES, plus softmax)
@@ -45,9 +46,6 @@ KIND, ACT, IN_W, OUT_W, W_AT, B_AT, X_AT, Y_AT, DY_AT, DZ_AT, DX_AT = range(11)
 # Adam (1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**t),
 # sqrt(1 - beta2**t), eps)
 SGD, SGD_MOMENTUM, ADAM, ADAMW = range(4)
-# the GEMM settings row: threads, register-tile variant, kc, nc_bytes, mc (matmul.TILING), flops threshold,
-# the addresses of the compiled GEMM bodies (register tiles, dot products: _gemm.body)
-THREADS, VARIANT, KC, NC_BYTES, MC, MIN_FLOPS, BODY, DOTS_BODY = range(8)
 
 # slots of the kernel table: the elementwise activations (forward, backward) by code, then the rest
 _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
@@ -60,6 +58,7 @@ _REST = BIAS_ACT_K + len(_BIAS_ACT)
  COUNT_K, CHECK_K) = range(_REST, _REST + 11)
 SGD_K, SGD_MOMENTUM_K, ADAM_K, DROPOUT_K = range(_REST + 11, _REST + 27, 4)
 ROWS_K, DOTS_K, TILES_K = range(_REST + 25, _REST + 28)  # the small-M routes of the GEMM (_small)
+SQUARES_K = _REST + 28  # segment_norms' sum of squares of one piece
 
 
 @intrinsic
@@ -120,7 +119,8 @@ def kernel_table(dtype):
                     (_check_step, (types.float64, types.float64, f1, types.float64, f1, v))]
         kernels += optimizers + [(_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
         kernels += [(rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
-                    (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64))]
+                    (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)),
+                    (fused._sum_squares, (v, i64, i64))]
         addresses = []
         for kernel, signature in kernels:
             kernel.compile(signature)
@@ -146,38 +146,34 @@ def ready(*args):
 
 
 def gemm_settings(tiling, dtype):
-    """The GEMM settings row for the driver: this thread's Numba thread count, ``matmul.TILING``, the
-    threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
-    return np.array((numba.get_num_threads(),) + tuple(tiling) + (PARALLEL_MIN_FLOPS, body(dtype, False),
-                                                                  body(dtype, True)), np.int64)
+    """The GEMM settings row for the driver (``_small``'s columns): ``matmul.TILING``, this thread's Numba
+    thread count, the threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
+    return np.array(tuple(tiling) + (numba.get_num_threads(), PARALLEL_MIN_FLOPS, body(dtype, False), body(dtype, True)),
+                    np.int64)
 
 
 @jit(fastmath=False, inline="always")
-def _matmul(kernels, serial, settings, a, b, bias, act, alpha, out):
-    """``kernels.cpu.matmul``'s choice and call: a small-M route (``_small``), ``gemm`` (table slot ``serial``,
-    for these layouts) or, for products above the threshold with several threads, ``gemm_parallel`` on
-    addresses and strides."""
-    (m, k), n = a.shape, b.shape[1]
-    item = out.itemsize
-    a_at, sa_i, sa_k = np.intp(a.ctypes.data), a.strides[0] // item, a.strides[1] // item
-    b_at, sb_k, sb_j = np.intp(b.ctypes.data), b.strides[0] // item, b.strides[1] // item
-    way = route(m, k, n, sa_k, sb_k, sb_j, settings[THREADS], settings[MIN_FLOPS])
-    dots_ = narrow(n, k, sa_k)
-    address = settings[DOTS_BODY] if dots_ else settings[BODY]
-    if way == ROWS:
-        _call(kernels[ROWS_K], (a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out), None)
-    elif way == DOTS:
-        _call(kernels[DOTS_K], (a_at, sa_i, b_at, sb_j, k, bias, act, alpha, out, settings[VARIANT]), None)
-    elif way == TILES:
-        _call(kernels[TILES_K], (a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, settings[VARIANT],
-                                 settings[KC], settings[BODY]), None)
-    elif way == GEMM:
-        _call(kernels[serial], (a, b, bias, act, alpha, out, settings[VARIANT], settings[KC], settings[NC_BYTES],
-                                address), None)
+def _by_address(target, way, args):
+    """``_small.dispatcher``'s call: route ``way``'s kernel from the table ``target[0]``, the serial GEMM at
+    slot ``target[1]`` (compiled for the call site's layouts)."""
+    kernels, serial = target
+    if way == GEMM:
+        slot = serial
+    elif way == PARALLEL:
+        slot = GEMM_PARALLEL_K
     else:
-        _call(kernels[GEMM_PARALLEL_K], (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, settings[THREADS],
-                                         settings[VARIANT], settings[KC], settings[NC_BYTES], settings[MC], address,
-                                         dots_), None)
+        slot = ROWS_K + way - ROWS
+    _call(kernels[slot], args, None)
+
+
+@jit(fastmath=False, inline="always")
+def _body_address(target, settings, dtype, dots):
+    return settings[DOTS_BODY] if dots else settings[BODY]
+
+
+# kernels.cpu.matmul's choice and call, on addresses: _matmul((kernels, serial slot), settings, threads, min_flops,
+# a, b, bias, act, alpha, out)
+_matmul = jit(fastmath=False, inline="always")(dispatcher(_by_address, _body_address))
 
 
 @jit(fastmath=False, inline="always")
@@ -209,6 +205,33 @@ def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled
 
 
 @jit(fastmath=False, inline="always")
+def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha):
+    """The first parameter layer's ``dW = x^T dz`` at a batch of one or two, where it takes the ``rows``
+    route (an outer product), the sum of squares of its segment ``[0, end)`` (W, then b) and the unscaled
+    optimizer step on W, piece by piece of segment_norms' CHUNK-sized pieces: each piece's gradient is
+    still in cache when the sum and the update read it. The same kernels on the same elements as the
+    separate product, norms and update, so bit for bit the same. Returns the segment's gradient norm."""
+    w_in, w_out = x.shape[1], dz.shape[1]
+    w_end, item = w_in * w_out, x.itemsize
+    no_bias = np.empty(0, params.dtype)
+    done, total = 0, 0.0  # rows of dW computed; the sum of squares so far
+    for a in range(0, end, CHUNK):
+        b = min(end, a + CHUNK)
+        wb = min(b, w_end)
+        need = -(-wb // w_out)
+        if need > done:
+            _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + done * item, np.intp(1), np.intp(w_in),
+                                    np.intp(dz.ctypes.data), np.intp(w_out), np.intp(x.shape[0]), no_bias,
+                                    np.int64(NONE), alpha, grads[done * w_out:need * w_out].reshape((need - done, w_out))),
+                  None)
+            done = need
+        total += _call(kernels[SQUARES_K], (grads, np.int64(a), np.int64(b)), np.float64(0))
+        if a < wb:
+            _update(kernels, optimizer, h, params[a:wb], grads[a:wb], state1[a:wb], state2[a:wb], None, False)
+    return np.sqrt(total)
+
+
+@jit(fastmath=False, inline="always")
 def _dropout(kernels, x, out, seed, threshold, scale):
     """``kernels.cpu.dropout`` at offset 0 (its stream starts at mix(seed))."""
     t = x.dtype.type
@@ -231,12 +254,16 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
     the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
-    ``metrics``, its update not applied)."""
+    ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
+    parameter layer's W is updated with its product, before the check)."""
     n, width = order.size, X.shape[1]
     count = layers.shape[0]
     t = params.dtype.type
     no_bias = np.empty(0, params.dtype)
     no_activation = np.int64(NONE)  # not the literal: one signature for every _matmul call
+    first = 0  # the first parameter layer (its W at offset 0)
+    while layers[first, KIND] != DENSE:
+        first += 1
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -252,8 +279,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             if kind == DENSE:
                 w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                _matmul(kernels, GEMM_CC, settings, x, w, params[layers[i, B_AT]:layers[i, B_AT] + w_out], code,
-                        alphas[i], y)
+                _matmul((kernels, GEMM_CC), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
+                        params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_K], (x, y), None)
             elif kind == ACTIVATION:
@@ -268,6 +295,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         loss = _call(kernels[CROSS_ENTROPY_K], (out, yb, dout), t(0))
         if count:
             _call(kernels[COUNT_K], (out, yb, metrics), None)
+        fused = rows <= ROWS_MAX_K and max_norm == np.inf  # dW is an outer product and the update needs no norm
         for i in range(count - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
@@ -284,10 +312,16 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     dz = _view(scratch, layers[i, DZ_AT], rows, w_out)
                     _call(kernels[BIAS_ACT_K + code - 1], (y, dy, t(alphas[i]), dz,
                                                            grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
-                _matmul(kernels, GEMM_TC, settings, x.T, dz, no_bias, no_activation, alphas[i], gw)
                 if layers[i, DX_AT] >= 0:
                     w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
-                    _matmul(kernels, GEMM_CT, settings, dz, w.T, no_bias, no_activation, alphas[i], dx)
+                    _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
+                            no_activation, alphas[i], dx)
+                if fused and layers[i, W_AT] == 0:
+                    norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
+                                               state1, state2, alphas[i])
+                else:
+                    _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
+                            no_activation, alphas[i], gw)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_BACKWARD_K], (y, dy, dx), None)
             elif kind == ACTIVATION:
@@ -297,12 +331,17 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             elif layers[i, Y_AT] != layers[i, X_AT]:
                 _dropout(kernels, dy.reshape(-1), dx.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
-        _call(kernels[NORMS_K], (grads, segments, norms), None)
+        if fused:  # the first segment's norm came with its product
+            _call(kernels[NORMS_K], (grads, segments[1:], norms[1:]), None)
+        else:
+            _call(kernels[NORMS_K], (grads, segments, norms), None)
         _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
         if metrics[BAD_STEP] != 0:
             return s
         if scale[0] == 1:
-            _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, None, False)
+            done = layers[first, IN_W] * layers[first, OUT_W] if fused else 0  # W updated with its product
+            _update(kernels, optimizer, hyper[s - s0], params[done:], grads[done:], state1[done:], state2[done:], None,
+                    False)
         elif scale[0] != 0:  # 0: a clipping scale that underflowed, the step skipped as the kernels skip it
             _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, scale[0], True)
     return s1
