@@ -106,6 +106,22 @@ def test_tiles(data, m, k, n, dtype, variant, kc):
     _check(out, a, b, bias, activation, alpha)
 
 
+
+@given(data=st.data(), m=st.sampled_from([7, 13, 20, 32]), k=st.sampled_from([1, 9, 64, 128]),
+       n=st.sampled_from([8, 16, 64, 72, 128]), dtype=DTYPES)
+def test_tiles_last_rows_bitwise_as_the_gemm(data, m, k, n, dtype):
+    """The rows below the last full row of tiles, computed as one-row tiles, equal bit for bit what the
+    GEMM gives them in a zero-padded tile (the compiled epoch's trajectories depend on it)."""
+    a, b, bias = _operands(data, m, k, n, dtype, ANY_LAYOUTS, st.just("C"), False)
+    bias_, activation, alpha = _epilogue_args(data, bias, dtype)
+    code, (variant, kc) = _gemm.ACTIVATION_CODES[activation], (0, 384)
+    (sa_i, sa_k), (sb_k, _) = _strides(a), _strides(b)
+    out, expected = np.full((m, n), np.nan, dtype), np.full((m, n), np.nan, dtype)
+    _small.tiles(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, k, bias_, code, alpha, out, variant, kc,
+                 _gemm.body(np.dtype(dtype)))
+    _gemm.gemm(a, b, bias_, code, alpha, expected, variant, kc, 1 << 30, _gemm.body(np.dtype(dtype)))
+    np.testing.assert_array_equal(out, expected)
+
 def test_route():
     """The choice for a dense layer's three products at a batch of 1, 8, 32 and 256 (784 -> 128, on 2
     threads; strides in elements: A (sa_k), B (sb_k, sb_j))."""
@@ -121,7 +137,8 @@ def test_route():
     assert route(32, 784, 128, 1, 128, 1, 2, flops) == _small.PARALLEL  # above the threshold: two threads
     assert route(32, 784, 128, 1, 128, 1, 1, flops) == _small.TILES
     assert route(32, 784, 10, 1, 10, 1, 1, flops) == _small.GEMM  # narrow: the GEMM's dot tiles
-    assert route(32, 64, 128, 1, 128, 1, 1, flops) == _small.GEMM  # B small: the GEMM reads it in place too
+    assert route(32, 64, 128, 1, 128, 1, 1, flops) == _small.TILES  # B small: last rows as one-row tiles
+    assert route(64, 64, 128, 1, 128, 1, 1, flops) == _small.GEMM
     assert route(256, 784, 128, 1, 128, 1, 2, flops) == _small.PARALLEL
     assert route(0, 784, 128, 1, 128, 1, 2, flops) == _small.GEMM  # empty: the GEMM returns at once
 

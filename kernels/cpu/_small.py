@@ -9,6 +9,7 @@ where the blocked GEMM (``_gemm``) spends more on packing B and on its fixed cos
   on B^T in place, instead of packing it first.
 - ``tiles`` (B's rows contiguous): ``_gemm``'s register-tile body on B in place, one N block, instead of
   packing B per (K, N) block; B's panels are reused by only M / MR rows of tiles, too few to pay for it.
+  The rows below the last full row of tiles (M = 32: 2 of 32 for a 6-row tile) go to ``rows``.
 
 :func:`route` is the one choice between these and the GEMM (serial or multithreaded), and
 :func:`dispatcher` the one mapping from that choice to a kernel call, shared by ``kernels.cpu.matmul`` and
@@ -21,7 +22,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload, register_jitable
 
-from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
+from ._gemm import (LANES, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
                     narrow)
 from ._jit import jit
 
@@ -34,7 +35,7 @@ VARIANT, KC, NC_BYTES, MC, THREADS, MIN_FLOPS, BODY, DOTS_BODY = range(8)
 # Python), the outer product 784 x 1 x 128 (x^T dy at batch 1) 25 -> 9, 784 x 2 x 128 23 -> 18, at K = 4 no gain
 ROWS_MAX_M, ROWS_MAX_K = 2, 2
 DOTS_MAX_M, DOTS_MIN_K = 8, 64  # dots: the horizontal sums per element cost too much below that K
-TILES_MAX_M = 32  # tiles: only where the GEMM would pack B (more than PACK_B_MIN elements)
+TILES_MAX_M = 32  # tiles: where the GEMM would pack B, or would pad the last rows to a whole tile
 
 
 @register_jitable  # plain Python from matmul.py, inlined in kernels.cpu.step's driver
@@ -49,7 +50,7 @@ def route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops):
     if m <= DOTS_MAX_M and k >= DOTS_MIN_K and sa_k == 1 and sb_k == 1:
         return DOTS
     parallel = threads > 1 and 2 * m * k * n >= min_flops
-    if m <= TILES_MAX_M and not parallel and sb_j == 1 and k * n > PACK_B_MIN and not narrow(n, k, sa_k):
+    if m <= TILES_MAX_M and not parallel and sb_j == 1 and not narrow(n, k, sa_k):
         return TILES
     return PARALLEL if parallel else GEMM
 
@@ -174,6 +175,12 @@ def tiles(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, variant, kc_ma
         return
     mr, nr = _tile(variant, out)
     kc = -(-k // -(-k // kc_max))  # balanced K blocks, as the body cuts them
-    _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, 1, k, bias, act, out.dtype.type(alpha), out, 0, m, 0, n, variant,
-               kc_max, -(-n // nr) * nr, False, np.empty(0, out.dtype), np.empty((mr + nr) * kc, out.dtype),
-               np.empty(mr * nr, out.dtype))
+    # rows below the last full row of tiles: one-row tiles (``rows``) instead of a zero-padded MR-row tile,
+    # where both sum each element in one pass over K in order with whole vectors (bitwise the same)
+    top = m - m % mr if k <= kc_max and n % (32 // out.itemsize) == 0 else m
+    if top > 0:
+        _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, 1, k, bias, act, out.dtype.type(alpha), out, 0, top, 0, n,
+                   variant, kc_max, -(-n // nr) * nr, False, np.empty(0, out.dtype), np.empty((mr + nr) * kc, out.dtype),
+                   np.empty(mr * nr, out.dtype))
+    if top < m:
+        rows(a_at + top * sa_i * out.itemsize, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out[top:])
