@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload, register_jitable
 
-from ._gemm import (LANES, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
+from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
                     narrow)
 from ._jit import jit
 
@@ -35,7 +35,7 @@ VARIANT, KC, NC_BYTES, MC, THREADS, MIN_FLOPS, BODY, DOTS_BODY = range(8)
 # Python), the outer product 784 x 1 x 128 (x^T dy at batch 1) 25 -> 9, 784 x 2 x 128 23 -> 18, at K = 4 no gain
 ROWS_MAX_M, ROWS_MAX_K = 2, 2
 DOTS_MAX_M, DOTS_MIN_K = 8, 64  # dots: the horizontal sums per element cost too much below that K
-TILES_MAX_M = 32  # tiles: where the GEMM would pack B, or would pad the last rows to a whole tile
+TILES_MAX_M = 32  # tiles: only where the GEMM would pack B (more than PACK_B_MIN elements)
 
 
 @register_jitable  # plain Python from matmul.py, inlined in kernels.cpu.step's driver
@@ -50,7 +50,7 @@ def route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops):
     if m <= DOTS_MAX_M and k >= DOTS_MIN_K and sa_k == 1 and sb_k == 1:
         return DOTS
     parallel = threads > 1 and 2 * m * k * n >= min_flops
-    if m <= TILES_MAX_M and not parallel and sb_j == 1 and not narrow(n, k, sa_k):
+    if m <= TILES_MAX_M and not parallel and sb_j == 1 and k * n > PACK_B_MIN and not narrow(n, k, sa_k):
         return TILES
     return PARALLEL if parallel else GEMM
 
