@@ -13,8 +13,8 @@ where the blocked GEMM (``_gemm``) spends more on packing B and on its fixed cos
 
 :func:`route` is the one choice between these and the GEMM (serial or multithreaded), and
 :func:`dispatcher` the one mapping from that choice to a kernel call, shared by ``kernels.cpu.matmul`` and
-the compiled epoch (``kernels.cpu.step``), so both run the same code on the same product. Every route computes each element of ``out`` on one thread, so its result does not depend
-on the thread count.
+the compiled epoch (``kernels.cpu.step``), so both run the same code on the same product. Every route
+computes each element of ``out`` on one thread, so its result does not depend on the thread count.
 """
 
 import numpy as np
