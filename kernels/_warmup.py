@@ -39,6 +39,7 @@ def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
     big = np.ones((128, 128), dtype)  # 2^22 flops: the GEMM's multithreaded driver (when threads > 1)
     rows = (x, np.ones((1 << 13, 16), dtype)) if large else (x,)  # 2^17 elements: the row kernels' threads
     p, g, s1, s2 = (np.zeros(1 << 16 if large else 64, dtype) for _ in range(4))  # the chunked drivers
+    norms = (p[:64], np.zeros(1 << 19, dtype)) if large else (p,)  # 2^19 elements: segment_norms' threads
     wide = np.linspace(-1, 1, 12 * 24, dtype=dtype).reshape(12, 24)
     calls = {  # the GEMM's two routes compile apart: register tiles (N > 16 or A strided), dot products
         "matmul": lambda: (k.matmul(x, wide, bias=np.zeros(24, dtype), activation="relu"),
@@ -53,7 +54,7 @@ def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
         "dropout": lambda: (k.dropout(x, 0.5, 0), k.dropout(p, 0.5, 0)),
         "training step": lambda: _training_step(dtype, activations),
         "bias_act_backward": lambda: [k.bias_act_backward(r, r, act) for r in rows for act in activations],
-        "segment_norms": lambda: [k.segment_norms(v, np.array([0, 32, 64])) for v in (p[:64], p)],
+        "segment_norms": lambda: [k.segment_norms(v, np.array([0, 32, 64])) for v in norms],
         "batchnorm": lambda: _batchnorm(k, x),
         "sgd_step": lambda: k.sgd_step(p, g, lr=0.1, momentum=0.9, velocity=s1, nesterov=True, weight_decay=0.1,
                                        step=1),

@@ -107,3 +107,4 @@ def segment_norms(x, offsets, out):
 
 
 segment_norms_serial = serial(segment_norms)
+segment_norms_scheduled = scheduled(segment_norms, segment_norms_serial, NORMS_PARALLEL_MIN)

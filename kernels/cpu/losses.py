@@ -141,3 +141,4 @@ def bias_grad(dy, out):
 
 
 bias_grad_serial = serial(bias_grad)
+bias_grad_scheduled = scheduled(bias_grad, bias_grad_serial, PARALLEL_MIN)
