@@ -18,11 +18,22 @@ def _scaled(grad, scale):
     return None if scale[0] == 0 else grad * scale[0]
 
 
-def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
+def _decayed(grad, param, weight_decay, scale):
+    """The scaled gradient plus L2 weight decay, or None to skip the step."""
     grad = _scaled(grad, scale)
-    if grad is None:
+    return None if grad is None else grad + weight_decay * param
+
+
+def _average_square(average, decay, g):
+    """``average = decay * average + (1 - decay) * g**2``, in place (Adam's v, RMSProp's, Adadelta's)."""
+    average *= decay
+    average += (1 - decay) * g * g
+
+
+def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
+    g = _decayed(grad, param, weight_decay, scale)
+    if g is None:
         return
-    g = grad + weight_decay * param
     if momentum != 0:
         if step == 1:  # torch.optim.SGD starts the buffer at the first gradient, undamped
             velocity[...] = g
@@ -43,19 +54,16 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, deco
     else:
         g = grad + weight_decay * param
     m += (1 - beta1) * (g - m)
-    v *= beta2
-    v += (1 - beta2) * g * g
+    _average_square(v, beta2, g)
     denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps
     param -= (lr / (1 - beta1**step)) * m / denom
 
 
 def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer, scale=None):
-    grad = _scaled(grad, scale)
-    if grad is None:
+    g = _decayed(grad, param, weight_decay, scale)
+    if g is None:
         return
-    g = grad + weight_decay * param
-    square_avg *= alpha
-    square_avg += (1 - alpha) * g * g
+    _average_square(square_avg, alpha, g)
     update = g / (np.sqrt(square_avg) + eps)
     if momentum > 0:
         momentum_buffer *= momentum
@@ -65,22 +73,18 @@ def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum
 
 
 def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
-    grad = _scaled(grad, scale)
-    if grad is None:
+    g = _decayed(grad, param, weight_decay, scale)
+    if g is None:
         return
-    g = grad + weight_decay * param
     sum_sq += g * g
     param -= lr * g / (np.sqrt(sum_sq) + eps)
 
 
 def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, scale=None):
-    grad = _scaled(grad, scale)
-    if grad is None:
+    g = _decayed(grad, param, weight_decay, scale)
+    if g is None:
         return
-    g = grad + weight_decay * param
-    square_avg *= rho
-    square_avg += (1 - rho) * g * g
+    _average_square(square_avg, rho, g)
     delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
-    acc_delta *= rho
-    acc_delta += (1 - rho) * delta * delta
+    _average_square(acc_delta, rho, delta)
     param -= lr * delta
