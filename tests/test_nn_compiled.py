@@ -368,6 +368,7 @@ def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
 
 def test_the_kernel_table_compiles_only_the_optimizer_and_loss_at_hand(monkeypatch):
     """The kernels of other optimizers and losses stay out of the table (their slots 0) until asked for."""
+    assert len(step._entries(np.dtype(np.float32))) == step.SLOTS
     monkeypatch.setattr(step, "_tables", {})
     table = step.kernel_table(np.float32, step.RMSPROP_MOMENTUM, step.HINGE).copy()
     group = step.OPTIMIZER_K + 4 * step.optimizer_group(step.RMSPROP_MOMENTUM)

@@ -66,6 +66,7 @@ OPTIMIZER_K = _REST + 15
 # each loss kernel by loss code, then the correct counts of class labels and of thresholds
 LOSS_K = OPTIMIZER_K + 4 * 7
 COUNT_K, THRESHOLDS_K = LOSS_K + 4, LOSS_K + 5
+SLOTS = LOSS_K + 6
 
 
 @register_jitable
@@ -146,10 +147,11 @@ def kernel_table(dtype, optimizer=SGD, loss=CROSS_ENTROPY):
     each compiled (or loaded from the cache) for the argument types the per-kernel step passes it. Only
     the kernels of the optimizer and loss asked for are compiled (the other slots hold 0 until asked)."""
     dtype = np.dtype(dtype)
-    entries = _entries(dtype)
-    table, done = _tables.setdefault(dtype, (np.zeros(len(entries), np.int64), set()))
+    table, done = _tables.setdefault(dtype, (np.zeros(SLOTS, np.int64), set()))
     wanted = {"core", ("optimizer", optimizer_group(optimizer)), ("loss", loss)} - done
-    for slot, (groups, kernel, signature) in enumerate(entries):
+    if not wanted:
+        return table
+    for slot, (groups, kernel, signature) in enumerate(_entries(dtype)):
         if wanted.intersection(groups):
             kernel.compile(signature)
             result = kernel.overloads[tuple(signature)]
