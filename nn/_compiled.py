@@ -40,7 +40,8 @@ CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the
 # Bytes between two buffers of the scratch: the kernels' vectorised loops check at run time that an output
 # does not start just after an input (within a few vectors) and else run a scalar loop, whose sums round
 # differently (softmax_cross_entropy's, seen with dlogits 16 bytes after the logits); separately
-# allocated buffers are normally farther apart than that.
+# allocated buffers are normally farther apart than that (the trainer's own buffers are kept GAP bytes
+# from any earlier allocation: Trainer._buffer).
 GAP = 512
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
 _LOSSES = {losses_.SoftmaxCrossEntropy: "CROSS_ENTROPY", losses_.MSE: "MSE", losses_.BinaryCrossEntropy:

@@ -380,3 +380,25 @@ def test_the_kernel_table_compiles_only_the_optimizer_and_loss_at_hand(monkeypat
     adam = step.OPTIMIZER_K + 4 * step.optimizer_group(step.ADAM)
     assert np.all(again[adam:adam + 4] != 0) and again[step.LOSS_K + step.CROSS_ENTROPY] != 0
     assert again[step.COUNT_K] != 0 and again[step.LOSS_K + step.MSE] == 0
+
+
+def test_the_loss_gradient_never_starts_just_after_the_output():
+    """softmax_cross_entropy rounds differently (its scalar loop: LLVM's run-time overlap check) when
+    dlogits starts just after the logits; the per-kernel step's buffers start GAP bytes after any earlier
+    allocation, as the compiled epoch's do, so the two agree whatever the heap's layout (a cold-cache run
+    once gave the per-kernel step such neighbours: Dense(4), batch 3)."""
+    rng = np.random.default_rng(0)
+    differ = 0
+    for _ in range(20):
+        x, labels = (rng.standard_normal((3, 4)) * 3).astype(np.float32), rng.integers(0, 4, 3)
+        results = []
+        for gap in (0, _compiled.GAP // 4):
+            buf = np.zeros(24 + gap, np.float32)
+            logits, dlogits = buf[:12].reshape(3, 4), buf[12 + gap:].reshape(3, 4)
+            logits[:] = x
+            results.append((kernels.softmax_cross_entropy(logits, labels, out=dlogits)[0].tobytes(), dlogits.tobytes()))
+        differ += results[0] != results[1]
+    assert differ > 0
+    trainer = nn.Trainer(nn.Sequential([nn.Dense(4)], input_dim=3))
+    dout = trainer._buffer("dout", (3, 4), np.float32)
+    assert dout.ctypes.data - dout.base.ctypes.data >= _compiled.GAP and dout.shape == (3, 4)
