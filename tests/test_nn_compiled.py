@@ -335,6 +335,26 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
     assert calls[0] == 3 * 2
 
 
+@pytest.mark.parametrize("units, activation, dtype", [(120, None, "float32"), (128, "leaky_relu", "float64"),
+                                                      (36, "relu", "float64")])
+def test_batches_of_one_and_two_fold_the_next_forward_product_into_the_update(calls, units, activation, dtype):
+    """Where the first layer's forward product is folded into the previous step's update of W (a batch of
+    one or two, no clipping, no activation, relu or leaky relu, whole vectors of outputs): rows of W cut by
+    segment_norms' pieces (120 and 36 columns), float64's 4-lane vectors, a last batch of one after
+    batches of two; bit for bit the per-kernel step."""
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((7, 400)), rng.integers(0, 10, 7)
+
+    def layers():
+        return [nn.Dense(units, activation=activation), nn.Dense(10)]
+
+    for batch_size in (1, 2):
+        runs = [_fit(compiled, layers, lambda: nn.SGD(lr=0.01, momentum=0.9), X, y, batch_size=batch_size,
+                     dtype=dtype) for compiled in (True, False)]
+        _assert_same(*[_outcome(*run) for run in runs])
+    assert calls[0] == 2 * 2
+
+
 def test_batch_one_matches_where_the_per_kernel_norms_run_in_parallel(calls):
     """Above segment_norms' threshold (600k gradients) the per-kernel step sums the pieces on threads:
     the same sums as the compiled product pass."""

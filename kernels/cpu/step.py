@@ -22,14 +22,17 @@ the caller decides what follows.
 import numba
 import numpy as np
 from numba import types
+from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
-from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
-from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, THREADS, dispatcher, dots, rows,
-                     tiles)
+from ._gemm import LANES, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS, dispatcher,
+                     dots, rows, tiles)
+from ._small import ROW_VECTORS
 from ._jit import jit
+from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels, _count_thresholds
 from ._parallel import CHUNK, PARALLEL_MIN
@@ -285,13 +288,101 @@ def _loss_compiled(kernels, loss, out, targets, dout, metrics, count):
     return pointwise
 
 
+def _accumulate_kernel(vectors):
+    """An intrinsic ``(pa, sa_k, pb, sb_k, k, pc, like)``: ``pc[j] = fma(pa[p*sa_k], pb[p*sb_k + j], pc[j])`` for
+    ``p = 0 .. k-1`` in order, over ``vectors`` vectors of columns kept in registers: the K loop of the
+    ``rows`` kernel's register tile (``_gemm._emit_tile``) resumed from the sums at ``pc`` instead of zero."""
+    @intrinsic
+    def kernel(typingctx, pa, sa_k, pb, sb_k, k, pc, like):
+        def codegen(context, builder, sig, args):
+            fty = context.get_value_type(sig.args[6].dtype)
+            size = context.get_abi_sizeof(fty)
+            lanes = LANES[np.dtype(str(sig.args[6].dtype))]
+            vty, i64, i32 = ir.VectorType(fty, lanes), ir.IntType(64), ir.IntType(32)
+            pa_, sa_k_, pb_, sb_k_, k_, pc_, _ = args
+            a0, b0, c0 = (builder.inttoptr(x, fty.as_pointer()) for x in (pa_, pb_, pc_))
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                                 f"llvm.fma.v{lanes}f{8 * size}")
+
+            def vector_at(base, offset):
+                return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+            columns = [ir.Constant(i64, v * lanes) for v in range(vectors)]
+            start = [builder.load(vector_at(c0, at), align=size) for at in columns]
+            entry = builder.block
+            loop, done = builder.append_basic_block("accumulate.loop"), builder.append_basic_block("accumulate.done")
+            builder.cbranch(builder.icmp_signed(">", k_, ir.Constant(i64, 0)), loop, done)
+            builder.position_at_end(loop)
+            p = builder.phi(i64)
+            acc = [builder.phi(vty) for _ in columns]
+            a = builder.load(builder.gep(a0, [builder.mul(p, sa_k_)]), align=size)
+            a = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined), a, ir.Constant(i32, 0)),
+                                       ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+            row = builder.mul(p, sb_k_)
+            new = [builder.call(fma, [a, builder.load(vector_at(b0, builder.add(row, at)), align=size), acc[v]])
+                   for v, at in enumerate(columns)]
+            p_next = builder.add(p, ir.Constant(i64, 1))
+            builder.cbranch(builder.icmp_signed("<", p_next, k_), loop, done)
+            p.add_incoming(ir.Constant(i64, 0), entry)
+            p.add_incoming(p_next, loop)
+            for phi, first, value in zip(acc, start, new):
+                phi.add_incoming(first, entry)
+                phi.add_incoming(value, loop)
+            builder.position_at_end(done)
+            final = [builder.phi(vty) for _ in columns]
+            for phi, first, value in zip(final, start, new):
+                phi.add_incoming(first, entry)
+                phi.add_incoming(value, loop)
+            for value, at in zip(final, columns):
+                builder.store(value, vector_at(c0, at), align=size)
+            return context.get_dummy_value()
+
+        return types.void(*[types.intp] * 6, like), codegen
+
+    return kernel
+
+
+_accumulate_wide, _accumulate_one = _accumulate_kernel(ROW_VECTORS), _accumulate_kernel(1)
+
+
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha):
+def _fold(x, w, lo, hi, acc):
+    """``acc[r, j] = fma(x[r, p], w[i], acc[r, j])`` for the flat elements ``lo <= i < hi`` of W (row ``p =
+    i // n``, column ``j = i % n``, ``n`` whole vectors) in order: over all of W, the chain of FMAs from
+    zero that the ``rows`` route's vector path computes for ``x @ W``, so bit for bit its sums. Whole rows
+    in register tiles, as that path has them; a row cut by ``lo`` or ``hi`` element by element."""
+    n, item = acc.shape[1], acc.itemsize
+    lanes = 32 // item
+    r0, r1 = -(-lo // n), hi // n  # the whole rows
+    if r0 >= r1:
+        r0 = r1 = hi // n
+    for r in range(x.shape[0]):
+        a, out = x[r], acc[r]
+        for e in range(lo, min(hi, r0 * n)):  # the end of the row cut by lo
+            out[e % n] = _fma(a[e // n], w[e], out[e % n])
+        pa, pb, pc = np.intp(a.ctypes.data) + r0 * item, np.intp(w.ctypes.data) + r0 * n * item, np.intp(out.ctypes.data)
+        j = 0
+        while r0 < r1 and j < n:
+            if j + ROW_VECTORS * lanes <= n:
+                _accumulate_wide(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
+                j += ROW_VECTORS * lanes
+            else:
+                _accumulate_one(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
+                j += lanes
+        for e in range(max(lo, r1 * n), hi):  # the start of the row cut by hi
+            out[e % n] = _fma(a[e // n], w[e], out[e % n])
+
+
+@jit(fastmath=False, inline="always")
+def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc):
     """The first parameter layer's ``dW = x^T dz`` at a batch of one or two, where it takes the ``rows``
     route (an outer product), the sum of squares of its segment ``[0, end)`` (W, then b) and the unscaled
     optimizer step on W, piece by piece of segment_norms' CHUNK-sized pieces: each piece's gradient is
     still in cache when the sum and the update read it. The same kernels on the same elements as the
-    separate product, norms and update, so bit for bit the same. Returns the segment's gradient norm."""
+    separate product, norms and update, so bit for bit the same. With ``x_next`` (rows > 0: the next step's
+    input), each piece of W, once updated and still in cache, is also folded into ``acc``, the next step's
+    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. Returns the segment's
+    gradient norm."""
     w_in, w_out = x.shape[1], dz.shape[1]
     w_end, item = w_in * w_out, x.itemsize
     no_bias = np.empty(0, params.dtype)
@@ -309,6 +400,8 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
         total += _call(kernels[SQUARES_K], (grads, np.int64(a), np.int64(b)), np.float64(0))
         if a < wb:
             _update(kernels, optimizer, h, params[a:wb], grads[a:wb], state1[a:wb], state2[a:wb], None, False)
+            if x_next.shape[0]:
+                _fold(x_next, params, a, wb, acc)
     return np.sqrt(total)
 
 
@@ -322,6 +415,21 @@ def _dropout(kernels, x, out, seed, threshold, scale):
 @jit(fastmath=False, inline="always")
 def _view(scratch, at, rows, width):
     return scratch[at:at + rows * width].reshape((rows, width))
+
+
+@jit(fastmath=False, inline="always")
+def _finish(acc, bias, code, alpha, y):
+    """``y = act(acc + bias)`` for no activation, relu or leaky relu, as the ``rows`` kernel's epilogue
+    (``_gemm._epilogue``) computes it: one add, then a comparison (and the slope's product)."""
+    zero, slope = y.dtype.type(0), y.dtype.type(alpha)
+    for r in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            v = acc[r, j] + bias[j]
+            if code == RELU:
+                v = zero if v < zero else v
+            elif code == LEAKY_RELU:
+                v = v if v > zero else slope * v
+            y[r, j] = v
 
 
 @jit(fastmath=False)
@@ -346,6 +454,15 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     first = 0  # the first parameter layer (its W at offset 0)
     while layers[first, KIND] != DENSE:
         first += 1
+    # At a batch of one or two without clipping, a first layer Dense with no activation, relu or leaky relu (an
+    # epilogue computed alike here and in the kernel) and whole vectors of outputs (the rows kernel's vector
+    # path): the next step's x @ W1 is folded into this step's update of W1 (_product_update), then finished here.
+    w1 = layers[0, OUT_W]
+    foldable = (first == 0 and batch <= ROWS_MAX_M and max_norm == np.inf and layers[0, ACT] <= LEAKY_RELU
+                and w1 % (32 // params.itemsize) == 0)
+    x_next = np.empty((batch if foldable else 0, width), params.dtype)
+    acc = np.empty((batch if foldable else 0, w1), params.dtype)
+    folded = False  # acc holds this step's x @ W1
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -359,7 +476,9 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         for i in range(depth):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
-            if kind == DENSE:
+            if kind == DENSE and i == 0 and folded:
+                _finish(acc[:rows], params[layers[0, B_AT]:layers[0, B_AT] + w_out], code, alphas[0], y)
+            elif kind == DENSE:
                 w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
                 _matmul((kernels, GEMM_CC), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
                         params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y)
@@ -397,8 +516,15 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
                 if fused and layers[i, W_AT] == 0:
+                    following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
+                    for r in range(following):
+                        row = order[lo + batch + r]
+                        for j in range(width):
+                            x_next[r, j] = X[row, j]
+                    acc[:following] = 0
                     norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
-                                               state1, state2, alphas[i])
+                                               state1, state2, alphas[i], x_next[:following], acc[:following])
+                    folded = following > 0
                 else:
                     _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
                             no_activation, alphas[i], gw)
