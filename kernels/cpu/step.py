@@ -22,15 +22,14 @@ the caller decides what follows.
 import numba
 import numpy as np
 from numba import types
-from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
-from ._gemm import LANES, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
 from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS, dispatcher,
                      dots, rows, tiles)
-from ._small import ROW_VECTORS
+from ._small import ROW_VECTORS, _resume_one, _resume_wide
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
@@ -288,63 +287,6 @@ def _loss_compiled(kernels, loss, out, targets, dout, metrics, count):
     return pointwise
 
 
-def _accumulate_kernel(vectors):
-    """An intrinsic ``(pa, sa_k, pb, sb_k, k, pc, like)``: ``pc[j] = fma(pa[p*sa_k], pb[p*sb_k + j], pc[j])`` for
-    ``p = 0 .. k-1`` in order, over ``vectors`` vectors of columns kept in registers: the K loop of the
-    ``rows`` kernel's register tile (``_gemm._emit_tile``) resumed from the sums at ``pc`` instead of zero."""
-    @intrinsic
-    def kernel(typingctx, pa, sa_k, pb, sb_k, k, pc, like):
-        def codegen(context, builder, sig, args):
-            fty = context.get_value_type(sig.args[6].dtype)
-            size = context.get_abi_sizeof(fty)
-            lanes = LANES[np.dtype(str(sig.args[6].dtype))]
-            vty, i64, i32 = ir.VectorType(fty, lanes), ir.IntType(64), ir.IntType(32)
-            pa_, sa_k_, pb_, sb_k_, k_, pc_, _ = args
-            a0, b0, c0 = (builder.inttoptr(x, fty.as_pointer()) for x in (pa_, pb_, pc_))
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                                 f"llvm.fma.v{lanes}f{8 * size}")
-
-            def vector_at(base, offset):
-                return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-            columns = [ir.Constant(i64, v * lanes) for v in range(vectors)]
-            start = [builder.load(vector_at(c0, at), align=size) for at in columns]
-            entry = builder.block
-            loop, done = builder.append_basic_block("accumulate.loop"), builder.append_basic_block("accumulate.done")
-            builder.cbranch(builder.icmp_signed(">", k_, ir.Constant(i64, 0)), loop, done)
-            builder.position_at_end(loop)
-            p = builder.phi(i64)
-            acc = [builder.phi(vty) for _ in columns]
-            a = builder.load(builder.gep(a0, [builder.mul(p, sa_k_)]), align=size)
-            a = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined), a, ir.Constant(i32, 0)),
-                                       ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-            row = builder.mul(p, sb_k_)
-            new = [builder.call(fma, [a, builder.load(vector_at(b0, builder.add(row, at)), align=size), acc[v]])
-                   for v, at in enumerate(columns)]
-            p_next = builder.add(p, ir.Constant(i64, 1))
-            builder.cbranch(builder.icmp_signed("<", p_next, k_), loop, done)
-            p.add_incoming(ir.Constant(i64, 0), entry)
-            p.add_incoming(p_next, loop)
-            for phi, first, value in zip(acc, start, new):
-                phi.add_incoming(first, entry)
-                phi.add_incoming(value, loop)
-            builder.position_at_end(done)
-            final = [builder.phi(vty) for _ in columns]
-            for phi, first, value in zip(final, start, new):
-                phi.add_incoming(first, entry)
-                phi.add_incoming(value, loop)
-            for value, at in zip(final, columns):
-                builder.store(value, vector_at(c0, at), align=size)
-            return context.get_dummy_value()
-
-        return types.void(*[types.intp] * 6, like), codegen
-
-    return kernel
-
-
-_accumulate_wide, _accumulate_one = _accumulate_kernel(ROW_VECTORS), _accumulate_kernel(1)
-
-
 @jit(fastmath=False, inline="always")
 def _fold(x, w, lo, hi, acc):
     """``acc[r, j] = fma(x[r, p], w[i], acc[r, j])`` for the flat elements ``lo <= i < hi`` of W (row ``p =
@@ -364,10 +306,10 @@ def _fold(x, w, lo, hi, acc):
         j = 0
         while r0 < r1 and j < n:
             if j + ROW_VECTORS * lanes <= n:
-                _accumulate_wide(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
+                _resume_wide(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
                 j += ROW_VECTORS * lanes
             else:
-                _accumulate_one(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
+                _resume_one(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
                 j += lanes
         for e in range(max(lo, r1 * n), hi):  # the start of the row cut by hi
             out[e % n] = _fma(a[e // n], w[e], out[e % n])
