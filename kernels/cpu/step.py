@@ -27,9 +27,8 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
 from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
-from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS, dispatcher,
-                     dots, rows, tiles)
-from ._small import ROW_VECTORS, _resume_one, _resume_wide
+from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
+                     _resume_one, _resume_wide, dispatcher, dots, rows, tiles)
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
