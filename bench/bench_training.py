@@ -34,6 +34,8 @@ CONFIGS = [
     ((64, 128, 10), "relu", 32, ("adam", dict(lr=1e-3)), 2048),
     ((256, 512, 256, 10), "tanh", 64, ("sgd", dict(lr=0.01, momentum=0.9)), 4096),
     ((784, 128, 10), "relu", 1, ("sgd", dict(lr=0.01, momentum=0.0)), 512),
+    ((784, 128, 10), "relu", 1, ("sgd", dict(lr=0.001, momentum=0.9)), 512),
+    ((784, 128, 10), "relu", 1, ("adam", dict(lr=1e-3)), 512),
 ]
 IMPLS = ["numpy", "numba", "numba-per-kernel", "torch", "torch.compile", "jax", "jax-scan"]
 

@@ -9,8 +9,9 @@ driver and its kernels takes ~30 s, more than a short run saves; ``True`` once, 
 same results; the compiled one saves the per-step Python overhead (~15 calls of a few us each).
 
 Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
-Dropout layers; softmax cross-entropy; SGD (with or without momentum, Nesterov, weight decay), Adam,
-AdamW; learning-rate schedules per epoch or per step; ``clip_norm``. Anything else runs the per-kernel
+Dropout layers; softmax cross-entropy, MSE, binary cross-entropy, hinge; SGD (with or without momentum,
+Nesterov, weight decay), Adam, AdamW, RMSProp, Adagrad, Adadelta; learning-rate schedules per epoch or per
+step; ``clip_norm``. Anything else runs the per-kernel
 step (distributed training included).
 
 An epoch runs as calls of at most CALL_SAMPLES samples; the progress bar advances and a Ctrl-C is taken
@@ -39,9 +40,13 @@ CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the
 # Bytes between two buffers of the scratch: the kernels' vectorised loops check at run time that an output
 # does not start just after an input (within a few vectors) and else run a scalar loop, whose sums round
 # differently (softmax_cross_entropy's, seen with dlogits 16 bytes after the logits); separately
-# allocated buffers are normally farther apart than that.
+# allocated buffers are normally farther apart than that (the trainer's own buffers are kept GAP bytes
+# from any earlier allocation: Trainer._buffer).
 GAP = 512
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
+_LOSSES = {losses_.SoftmaxCrossEntropy: "CROSS_ENTROPY", losses_.MSE: "MSE", losses_.BinaryCrossEntropy:
+           "BINARY_CROSS_ENTROPY", losses_.Hinge: "HINGE"}  # their codes in kernels.cpu.step
+_OPTIMIZERS = (optim.SGD, optim.Adam, optim.AdamW, optim.RMSProp, optim.Adagrad, optim.Adadelta)
 
 
 def check_option(compiled):
@@ -64,10 +69,11 @@ def unsupported(trainer):
         return f"it supports only Dense, Activation and Dropout layers, not {', '.join(bad)}"
     if not model.parameter_layers():
         return "the model has no parameters"
-    if type(trainer.loss) is not losses_.SoftmaxCrossEntropy:
-        return f"it supports only the softmax_cross_entropy loss, not {trainer.loss.name}"
-    if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
-        return f"it supports only the SGD, Adam and AdamW optimizers, not {type(opt).__name__}"
+    if type(trainer.loss) not in _LOSSES:
+        return f"it supports only the {', '.join(sorted(c.name for c in _LOSSES))} losses, not {trainer.loss.name}"
+    if type(opt) not in _OPTIMIZERS:
+        return (f"it supports only the {', '.join(c.__name__ for c in _OPTIMIZERS)} optimizers, "
+                f"not {type(opt).__name__}")
     return None
 
 
@@ -102,11 +108,14 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
     layers, alphas, dropouts, size = _layer_table(model, batch_size)
     scratch = _scratch(trainer, size, model.dtype)
-    targets = _scratch(trainer, batch_size, np.int64)
+    loss_kind = getattr(step, _LOSSES[type(trainer.loss)])
+    if loss_kind == step.CROSS_ENTROPY:
+        targets = _scratch(trainer, batch_size, np.int64)
+    else:  # float targets shaped like the outputs
+        targets = _scratch(trainer, batch_size * model.output_dim, model.dtype).reshape(batch_size, model.output_dim)
     parameter_layers = model.parameter_layers()
     segments = np.array([s.start for _, s in parameter_layers] + [parameter_layers[-1][1].stop], np.int64)
-    state1 = opt.state.get("m", opt.state.get("velocity", model.params[:0]))
-    state2 = opt.state.get("v", model.params[:0])
+    state1, state2 = ([opt.state[name] for name in opt.buffers] + [model.params[:0]] * 2)[:2]
     kind = _optimizer_kind(opt)
     norms, scale = np.empty(len(parameter_layers)), np.empty(1, model.dtype)
     metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
@@ -126,15 +135,15 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING,  # tests replace it
                                                model.dtype)
             args = [X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads, state1, state2,
-                    segments, kind, hyper, max_norm, bool(trainer.metrics), segments, settings, scratch, targets,
-                    norms, metrics, scale]  # args[18]: the kernel table's place (an int64 array, as segments)
+                    segments, kind, hyper, max_norm, loss_kind, bool(trainer.metrics), segments, settings, scratch,
+                    targets, norms, metrics, scale]  # args[19]: the kernel table's place (an int64 array, as segments)
             if table is None:
                 if compiled is None and not step.ready(*args):  # automatic: never a cold compile of the driver
                     guard.in_step = False
                     _restore(model, opt, snapshot)
                     return None
-                table = step.kernel_table(model.dtype)
-            args[18] = table
+                table = step.kernel_table(model.dtype, kind, loss_kind)
+            args[19] = table
             done = dynamic(step.train_steps, *args)
             opt.t += done - s0
             for layer, _ in dropouts:
@@ -227,7 +236,11 @@ def _optimizer_kind(opt):
 
     if isinstance(opt, optim.SGD):
         return step.SGD_MOMENTUM if opt.hyper["momentum"] else step.SGD
-    return step.ADAMW if opt.decoupled else step.ADAM
+    if isinstance(opt, optim.Adam):
+        return step.ADAMW if opt.decoupled else step.ADAM
+    if isinstance(opt, optim.RMSProp):
+        return step.RMSPROP_MOMENTUM if opt.hyper["momentum"] else step.RMSPROP
+    return step.ADAGRAD if isinstance(opt, optim.Adagrad) else step.ADADELTA
 
 
 def _hyper_table(trainer, kind, count):
@@ -250,16 +263,22 @@ def _hyper_table(trainer, kind, count):
         lr = np.array(lrs)
     else:
         lr = np.full(count, opt.lr)
-    table = np.empty((count, 8))
+    table = np.zeros((count, 8))
     if kind in (step.SGD, step.SGD_MOMENTUM):
-        table[:] = (0, h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"], 0, 0, 0)
-        table[:, 0] = lr
+        table[:, 1:5] = (h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"])
         table[:, 5] = np.array(steps) == 1
-    else:
+    elif kind in (step.ADAM, step.ADAMW):
         table[:] = (0, h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"], 0, 0, h["eps"])
-        table[:, 0] = 1 - lr * h["weight_decay"]
         table[:, 5] = lr / (1 - np.array([h["beta1"] ** t for t in steps]))
         table[:, 6] = np.sqrt(1 - np.array([h["beta2"] ** t for t in steps]))
+        lr = 1 - lr * h["weight_decay"]
+    elif kind in (step.RMSPROP, step.RMSPROP_MOMENTUM):
+        table[:, 1:6] = (h["alpha"], 1 - h["alpha"], h["eps"], h["weight_decay"], h["momentum"])
+    elif kind == step.ADAGRAD:
+        table[:, 1:3] = (h["eps"], h["weight_decay"])
+    else:
+        table[:, 1:5] = (h["rho"], 1 - h["rho"], h["eps"], h["weight_decay"])
+    table[:, 0] = lr
     return table
 
 

@@ -22,10 +22,12 @@ from nn import _compiled
 from test_nn_trajectory import CONFIGS, DATA, _data
 
 
-def _fit(compiled, layers, optimizer, X, y, epochs=2, batch_size=7, dtype="float32", fits=1, **fit):
+def _fit(compiled, layers, optimizer, X, y, epochs=2, batch_size=7, dtype="float32", fits=1,
+         loss="softmax_cross_entropy", **fit):
     model = nn.Sequential(layers(), seed=5, dtype=dtype)
     schedule, clip_norm = fit.pop("schedule", None), fit.pop("clip_norm", None)
-    trainer = nn.Trainer(model, optimizer=optimizer(), compiled=compiled, schedule=schedule, clip_norm=clip_norm)
+    trainer = nn.Trainer(model, loss=loss, optimizer=optimizer(), compiled=compiled, schedule=schedule,
+                         clip_norm=clip_norm)
     fit.setdefault("verbose", 0)
     histories = [trainer.fit(X, y, epochs=epochs, batch_size=batch_size, **fit) for _ in range(fits)]
     return trainer, histories
@@ -114,21 +116,36 @@ OPTIMIZERS = st.sampled_from([
     lambda: nn.Adam(lr=0.01),
     lambda: nn.Adam(lr=0.02, beta1=0.8, weight_decay=1e-2),
     lambda: nn.AdamW(lr=0.01),
+    lambda: nn.RMSProp(lr=0.01),
+    lambda: nn.RMSProp(lr=0.01, alpha=0.9, momentum=0.5, weight_decay=1e-3),
+    lambda: nn.Adagrad(lr=0.05, weight_decay=1e-3),
+    lambda: nn.Adadelta(rho=0.8, weight_decay=1e-3),
 ])
+LOSSES = st.sampled_from(["softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge"])
+
+
+def _targets(loss, rng, n, outputs):
+    """Targets of ``loss`` for a model with ``outputs`` outputs: class labels, real values, 0/1 or -1/+1."""
+    if loss == "softmax_cross_entropy":
+        return rng.integers(0, 2, n)
+    if loss == "mse":
+        return rng.standard_normal((n, outputs))
+    values = rng.integers(0, 2, (n, outputs)).astype(float)
+    return values if loss == "binary_cross_entropy" else 2 * values - 1
 SCHEDULES = st.sampled_from([None, nn.StepDecay(2, 0.5), nn.CosineDecay(7, per="step")])
 
 
-@settings(max_examples=30)
-@given(model=models(), optimizer=OPTIMIZERS, n=st.integers(1, 40), batch_size=st.integers(1, 16),
+@settings(max_examples=40)
+@given(model=models(), optimizer=OPTIMIZERS, loss=LOSSES, n=st.integers(1, 40), batch_size=st.integers(1, 16),
        dtype=st.sampled_from(["float32", "float64"]), shuffle=st.booleans(), schedule=SCHEDULES,
        clip_norm=st.sampled_from([None, 0.3]), seed=st.integers(0, 2**16))
-def test_random_models_train_bit_for_bit_as_the_per_kernel_step(model, optimizer, n, batch_size, dtype, shuffle,
+def test_random_models_train_bit_for_bit_as_the_per_kernel_step(model, optimizer, loss, n, batch_size, dtype, shuffle,
                                                                 schedule, clip_norm, seed):
-    layers, _ = model
+    layers, specs = model
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, 3)) * 2
-    y = rng.integers(0, 2, n)
-    runs = [_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, dtype=dtype, fits=2,
+    y = _targets(loss, rng, n, specs[-1][1])
+    runs = [_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, dtype=dtype, fits=2, loss=loss,
                            shuffle=shuffle, schedule=schedule, clip_norm=clip_norm)) for compiled in (True, False)]
     _assert_same(*runs)
 
@@ -188,13 +205,21 @@ def test_a_non_finite_step_raises_the_per_kernel_error_with_the_same_weights(cal
     assert results[0] == results[1]  # message, weights, optimizer state and step count
 
 
+class _CustomLoss(nn.losses.MSE):
+    name = "custom_mse"
+
+
+class _CustomAdam(nn.Adam):
+    pass
+
+
 def test_fallbacks_and_the_explicit_choice(calls):
     X, y = _data()
     small = [nn.Dense(8, activation="relu"), nn.Dense(3)]
     cases = {  # why the compiled step cannot run: the per-kernel step runs instead
         "BatchNorm": dict(layers=lambda: [nn.Dense(8), nn.BatchNorm(), nn.Dense(3)]),
-        "mse": dict(loss="mse", y=np.eye(3)[y]),
-        "RMSProp": dict(optimizer=nn.RMSProp()),
+        "custom_mse": dict(loss=_CustomLoss(), y=np.eye(3)[y]),
+        "_CustomAdam": dict(optimizer=_CustomAdam()),
         "numba backend": dict(backend="numpy"),
     }
     for reason, case in cases.items():
@@ -284,7 +309,9 @@ for compiled in (None, {explicit}, None):
 
 @pytest.mark.parametrize("optimizer", [lambda: nn.SGD(lr=0.05), lambda: nn.SGD(lr=0.01, momentum=0.9, nesterov=True,
                                                                                  weight_decay=0.01),
-                                       lambda: nn.Adam(lr=1e-3), lambda: nn.AdamW(lr=1e-3, weight_decay=0.1)])
+                                       lambda: nn.Adam(lr=1e-3), lambda: nn.AdamW(lr=1e-3, weight_decay=0.1),
+                                       lambda: nn.RMSProp(lr=1e-3, momentum=0.9), lambda: nn.Adagrad(lr=0.01),
+                                       lambda: nn.Adadelta()])
 @pytest.mark.parametrize("first", ["dense", "dropout"])
 def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, optimizer, first):
     """At a batch of one or two without clipping the compiled step computes the first parameter layer's
@@ -306,6 +333,26 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
         _assert_same(*[_outcome(*run) for run in runs])
         assert runs[0][0].model.grads.tobytes() == runs[1][0].model.grads.tobytes()
     assert calls[0] == 3 * 2
+
+
+@pytest.mark.parametrize("units, activation, dtype", [(120, None, "float32"), (128, "leaky_relu", "float64"),
+                                                      (36, "relu", "float64")])
+def test_batches_of_one_and_two_fold_the_next_forward_product_into_the_update(calls, units, activation, dtype):
+    """Where the first layer's forward product is folded into the previous step's update of W (a batch of
+    one or two, no clipping, no activation, relu or leaky relu, whole vectors of outputs): rows of W cut by
+    segment_norms' pieces (120 and 36 columns), float64's 4-lane vectors, a last batch of one after
+    batches of two; bit for bit the per-kernel step."""
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((7, 400)), rng.integers(0, 10, 7)
+
+    def layers():
+        return [nn.Dense(units, activation=activation), nn.Dense(10)]
+
+    for batch_size in (1, 2):
+        runs = [_fit(compiled, layers, lambda: nn.SGD(lr=0.01, momentum=0.9), X, y, batch_size=batch_size,
+                     dtype=dtype) for compiled in (True, False)]
+        _assert_same(*[_outcome(*run) for run in runs])
+    assert calls[0] == 2 * 2
 
 
 def test_batch_one_matches_where_the_per_kernel_norms_run_in_parallel(calls):
@@ -337,3 +384,41 @@ def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
         results.append((str(error.value), model.params.tobytes(), trainer.optimizer.t, trainer.epoch))
     assert calls[0] == 1
     assert results[0] == results[1]
+
+
+def test_the_kernel_table_compiles_only_the_optimizer_and_loss_at_hand(monkeypatch):
+    """The kernels of other optimizers and losses stay out of the table (their slots 0) until asked for."""
+    assert len(step._entries(np.dtype(np.float32))) == step.SLOTS
+    monkeypatch.setattr(step, "_tables", {})
+    table = step.kernel_table(np.float32, step.RMSPROP_MOMENTUM, step.HINGE).copy()
+    group = step.OPTIMIZER_K + 4 * step.optimizer_group(step.RMSPROP_MOMENTUM)
+    wanted = set(range(step.OPTIMIZER_K)) | set(range(group, group + 4)) | {step.LOSS_K + step.HINGE,
+                                                                             step.THRESHOLDS_K}
+    assert {int(i) for i in np.flatnonzero(table)} == wanted
+    again = step.kernel_table(np.float32, step.ADAMW, step.CROSS_ENTROPY)
+    assert np.array_equal(again[table != 0], table[table != 0])  # the same table, grown
+    adam = step.OPTIMIZER_K + 4 * step.optimizer_group(step.ADAM)
+    assert np.all(again[adam:adam + 4] != 0) and again[step.LOSS_K + step.CROSS_ENTROPY] != 0
+    assert again[step.COUNT_K] != 0 and again[step.LOSS_K + step.MSE] == 0
+
+
+def test_the_loss_gradient_never_starts_just_after_the_output():
+    """softmax_cross_entropy rounds differently (its scalar loop: LLVM's run-time overlap check) when
+    dlogits starts just after the logits; the per-kernel step's buffers start GAP bytes after any earlier
+    allocation, as the compiled epoch's do, so the two agree whatever the heap's layout (a cold-cache run
+    once gave the per-kernel step such neighbours: Dense(4), batch 3)."""
+    rng = np.random.default_rng(0)
+    differ = 0
+    for _ in range(20):
+        x, labels = (rng.standard_normal((3, 4)) * 3).astype(np.float32), rng.integers(0, 4, 3)
+        results = []
+        for gap in (0, _compiled.GAP // 4):
+            buf = np.zeros(24 + gap, np.float32)
+            logits, dlogits = buf[:12].reshape(3, 4), buf[12 + gap:].reshape(3, 4)
+            logits[:] = x
+            results.append((kernels.softmax_cross_entropy(logits, labels, out=dlogits)[0].tobytes(), dlogits.tobytes()))
+        differ += results[0] != results[1]
+    assert differ > 0
+    trainer = nn.Trainer(nn.Sequential([nn.Dense(4)], input_dim=3))
+    dout = trainer._buffer("dout", (3, 4), np.float32)
+    assert dout.ctypes.data - dout.base.ctypes.data >= _compiled.GAP and dout.shape == (3, 4)

@@ -20,6 +20,7 @@ computes each element of ``out`` on one thread, so its result does not depend on
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
@@ -96,10 +97,51 @@ def _at_compiled(a):
     return lambda a: np.intp(a.ctypes.data)
 
 
-def _row_kernel(vectors):
+def _emit_resumed_row(builder, fty, size, lanes, vectors, pa_, sa_k_, pb_, sb_k_, k_, pc_):
+    """The IR of :func:`_row_kernel`'s loop with ``resume``: the accumulators start from the vectors at
+    ``pc`` and are stored back there."""
+    vty, i64, i32 = ir.VectorType(fty, lanes), ir.IntType(64), ir.IntType(32)
+    a0, b0, c0 = (builder.inttoptr(x, fty.as_pointer()) for x in (pa_, pb_, pc_))
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{lanes}f{8 * size}")
+
+    def vector_at(base, offset):
+        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+    columns = [ir.Constant(i64, v * lanes) for v in range(vectors)]
+    start = [builder.load(vector_at(c0, at), align=size) for at in columns]
+    entry = builder.block
+    loop, done = builder.append_basic_block("resume.loop"), builder.append_basic_block("resume.done")
+    builder.cbranch(builder.icmp_signed(">", k_, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    p = builder.phi(i64)
+    acc = [builder.phi(vty) for _ in columns]
+    undef = ir.Constant(vty, ir.Undefined)
+    a = builder.load(builder.gep(a0, [builder.mul(p, sa_k_)]), align=size)
+    a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef,
+                               ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+    row = builder.mul(p, sb_k_)
+    new = [builder.call(fma, [a, builder.load(vector_at(b0, builder.add(row, at)), align=size), acc[v]])
+           for v, at in enumerate(columns)]
+    p_next = builder.add(p, ir.Constant(i64, 1))
+    builder.cbranch(builder.icmp_signed("<", p_next, k_), loop, done)
+    p.add_incoming(ir.Constant(i64, 0), entry)
+    p.add_incoming(p_next, loop)
+    builder.position_at_end(done)
+    final = [builder.phi(vty) for _ in columns]
+    for phis, values in ((acc, new), (final, new)):
+        for phi, first, value in zip(phis, start, values):
+            phi.add_incoming(first, entry)
+            phi.add_incoming(value, loop)
+    for value, at in zip(final, columns):
+        builder.store(value, vector_at(c0, at), align=size)
+
+
+def _row_kernel(vectors, resume=False):
     """An intrinsic ``(pa, sa_k, pb, sb_k, k, pc, like)``: ``pc[j] = sum_p pa[p*sa_k] * pb[p*sb_k + j]`` for
     ``vectors`` vectors of columns, ``_gemm``'s register tile with one row: the accumulators stay in
-    registers over the whole K loop, B's row segments are streamed in place."""
+    registers over the whole K loop, B's row segments are streamed in place. With ``resume`` the FMA chains
+    start from the sums at ``pc`` instead of zero: a product computed over K in pieces, bit for bit as in
+    one (the compiled epoch's next forward product, folded into the update of W piece by piece)."""
     @intrinsic
     def kernel(typingctx, pa, sa_k, pb, sb_k, k, pc, like):
         def codegen(context, builder, sig, args):
@@ -107,9 +149,12 @@ def _row_kernel(vectors):
             size = context.get_abi_sizeof(fty)
             lanes = LANES[np.dtype(str(sig.args[6].dtype))]
             pa_, sa_k_, pb_, sb_k_, k_, pc_, _ = args
-            zero = ir.Constant(ir.IntType(64), 0)
-            _emit_tile(builder, fty, size, 1, vectors * lanes, lanes, pa_, zero, sa_k_, pb_, sb_k_, k_, pc_, zero,
-                       zero)
+            if resume:
+                _emit_resumed_row(builder, fty, size, lanes, vectors, pa_, sa_k_, pb_, sb_k_, k_, pc_)
+            else:
+                zero = ir.Constant(ir.IntType(64), 0)
+                _emit_tile(builder, fty, size, 1, vectors * lanes, lanes, pa_, zero, sa_k_, pb_, sb_k_, k_, pc_, zero,
+                           zero)
             return context.get_dummy_value()
 
         return types.void(*[types.intp] * 6, like), codegen
@@ -119,6 +164,7 @@ def _row_kernel(vectors):
 
 ROW_VECTORS = 8  # vector accumulators of the row kernel (64 float32 or 32 float64 columns)
 _row_wide, _row_one = _row_kernel(ROW_VECTORS), _row_kernel(1)
+_resume_wide, _resume_one = _row_kernel(ROW_VECTORS, resume=True), _row_kernel(1, resume=True)
 
 
 @jit

@@ -1,10 +1,11 @@
 """A run of training steps of a small Sequential model in ONE compiled call (the numba backend).
 
 For each mini-batch: gather the shuffled rows, forward through Dense / activation / dropout layers,
-fused softmax cross-entropy, the correct count, backward into the flat gradient buffer, per-layer
-gradient norms, the step's bookkeeping (``check_step``: metrics buffer, clipping scale), one SGD / Adam /
-AdamW update: the same kernel calls, with the same arguments, as the per-kernel step (``nn.layers``,
-``nn.trainer``), made from compiled code instead of Python.
+the loss (softmax cross-entropy, MSE, binary cross-entropy on logits, hinge), the correct count, backward
+into the flat gradient buffer, per-layer gradient norms, the step's bookkeeping (``check_step``: metrics
+buffer, clipping scale), one SGD / Adam / AdamW / RMSProp / Adagrad / Adadelta update: the same kernel
+calls, with the same arguments, as the per-kernel step (``nn.layers``, ``nn.trainer``), made from
+compiled code instead of Python.
 
 The kernels are called through their addresses (:func:`kernel_table`): the very machine code the
 per-kernel step runs, so the results are bitwise the same at every size, multithreaded kernels and
@@ -22,15 +23,16 @@ import numba
 import numpy as np
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
 from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
-from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROWS, ROWS_MAX_K, THREADS, dispatcher, dots, rows,
-                     tiles)
+from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
+                     _resume_one, _resume_wide, dispatcher, dots, rows, tiles)
 from ._jit import jit
+from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
-from .metrics import _check_step, _count_labels
+from .metrics import _check_step, _count_labels, _count_thresholds
 from ._parallel import CHUNK, PARALLEL_MIN
 from ..reference.metrics import BAD_STEP
 
@@ -44,8 +46,11 @@ KIND, ACT, IN_W, OUT_W, W_AT, B_AT, X_AT, Y_AT, DY_AT, DZ_AT, DX_AT = range(11)
 # optimizers; each row of the per-step table holds what the kernel's wrapper computes in float64 before
 # the cast to the parameters' dtype: SGD (lr, momentum, 1 - dampening, weight_decay, nesterov, step == 1),
 # Adam (1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**t),
-# sqrt(1 - beta2**t), eps)
-SGD, SGD_MOMENTUM, ADAM, ADAMW = range(4)
+# sqrt(1 - beta2**t), eps), RMSProp (lr, alpha, 1 - alpha, eps, weight_decay, momentum), Adagrad (lr, eps,
+# weight_decay), Adadelta (lr, rho, 1 - rho, eps, weight_decay)
+SGD, SGD_MOMENTUM, ADAM, ADAMW, RMSPROP, RMSPROP_MOMENTUM, ADAGRAD, ADADELTA = range(8)
+# losses: softmax cross-entropy on integer labels, the pointwise ones on float targets shaped like the output
+CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, HINGE = range(4)
 
 # slots of the kernel table: the elementwise activations (forward, backward) by code, then the rest
 _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid", "sigmoid_backward", "tanh",
@@ -53,12 +58,22 @@ _ELEMENTWISE = ("relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "s
 _BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
 BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
 _REST = BIAS_ACT_K + len(_BIAS_ACT)
-# an optimizer's four: its body and chunked driver unscaled, then with a gradient scale; dropout's two
-(SOFTMAX_K, SOFTMAX_BACKWARD_K, CROSS_ENTROPY_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K,
- COUNT_K, CHECK_K) = range(_REST, _REST + 11)
-SGD_K, SGD_MOMENTUM_K, ADAM_K, DROPOUT_K = range(_REST + 11, _REST + 27, 4)
-ROWS_K, DOTS_K, TILES_K = range(_REST + 25, _REST + 28)  # the small-M routes of the GEMM (_small)
-SQUARES_K = _REST + 28  # segment_norms' sum of squares of one piece
+# dropout: its body, then its chunked driver; rows, dots, tiles: the small-M routes of the GEMM (_small);
+# squares: segment_norms' sum of squares of one piece
+(SOFTMAX_K, SOFTMAX_BACKWARD_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K, CHECK_K, DROPOUT_K,
+ _, ROWS_K, DOTS_K, TILES_K, SQUARES_K) = range(_REST, _REST + 15)
+# each optimizer kernel's four (body and chunked driver unscaled, then with a gradient scale), by optimizer_group
+OPTIMIZER_K = _REST + 15
+# each loss kernel by loss code, then the correct counts of class labels and of thresholds
+LOSS_K = OPTIMIZER_K + 4 * 7
+COUNT_K, THRESHOLDS_K = LOSS_K + 4, LOSS_K + 5
+SLOTS = LOSS_K + 6
+
+
+@register_jitable
+def optimizer_group(optimizer):
+    """The optimizer's kernels in the table (AdamW runs Adam's kernels)."""
+    return optimizer if optimizer < ADAMW else optimizer - 1
 
 
 @intrinsic
@@ -81,53 +96,69 @@ def _call(typingctx, address, args, like):
     return restype(address, args, like), codegen
 
 
-_tables = {}
-
-
 def _star(argtypes):
     """The type a ``*args`` parameter gets for these arguments (the chunked drivers of ``_parallel.run``)."""
     return types.StarArgTuple.from_types(argtypes)
 
 
-def kernel_table(dtype):
-    """The addresses of the kernels the driver calls for arrays of ``dtype``, each compiled (or loaded
-    from the cache) for the argument types the per-kernel step passes it."""
+def _entries(dtype):
+    """Every slot of the kernel table for arrays of ``dtype``, in order: (the groups that need it, the
+    kernel, the argument types the per-kernel step passes it)."""
+    f = numba.from_dtype(dtype)
+    v, m, mt = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "F")  # mt: a transpose
+    i64, u64, flag, none = types.int64, types.uint64, types.boolean, types.none
+    f1, labels = types.Array(types.float64, 1, "C"), types.Array(i64, 1, "C")
+    drop = (v, v, u64, u64, f, f)
+    gemm_args = (v, i64, types.float64, m, i64, i64, i64, i64)
+    core = [(getattr(activations, f"_{name}_kernel"), (v, v, f, v)) for name in _ELEMENTWISE]
+    core += [(fused._BIAS_ACT_BACKWARD[name], (m, m, f, m, v)) for name in _BIAS_ACT]
+    core += [(activations.softmax, (m, m)), (activations.softmax_backward, (m, m, m)), (losses.bias_grad, (m, v)),
+             (gemm, (m, m) + gemm_args), (gemm, (mt, m) + gemm_args), (gemm, (m, mt) + gemm_args),
+             (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 6 + (flag,)),
+             (fused.segment_norms, (v, labels, f1)),
+             (_check_step, (types.float64, types.float64, f1, types.float64, f1, v)),
+             (_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop))),
+             (rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
+             (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)), (fused._sum_squares, (v, i64, i64))]
+    entries = [(("core",), kernel, signature) for kernel, signature in core]
+    sgd, adam = (f, f, f, flag, f, flag), (f,) * 8 + (flag,)
+    for group, (name, state, hyper) in enumerate((("sgd", (none,), sgd), ("sgd", (v,), sgd), ("adam", (v, v), adam),
+                                                  ("rmsprop", (v, none), (f,) * 6), ("rmsprop", (v, v), (f,) * 6),
+                                                  ("adagrad", (v,), (f,) * 3), ("adadelta", (v, v), (f,) * 5))):
+        body, chunks = getattr(optim, f"_{name}"), getattr(optim, f"_{name}_chunks")
+        for gscale in (none, f):  # unscaled, scaled
+            args = (v, v) + state + hyper + (gscale,)
+            entries += [((("optimizer", group),), body, (u64, u64) + args), ((("optimizer", group),), chunks,
+                                                                             (i64, _star(args)))]
+    pointwise = (v, v, f, v)
+    entries += [((("loss", CROSS_ENTROPY),), losses._cross_entropy, (m, labels, m)),
+                ((("loss", MSE),), losses._mse_kernel, pointwise),
+                ((("loss", BINARY_CROSS_ENTROPY),), losses._binary_cross_entropy_kernel, pointwise),
+                ((("loss", HINGE),), losses._hinge_kernel, pointwise),
+                ((("loss", CROSS_ENTROPY),), _count_labels, (m, labels, f1)),
+                ((("loss", BINARY_CROSS_ENTROPY), ("loss", HINGE)), _count_thresholds, (m, m, f, f1))]
+    return entries
+
+
+_tables = {}
+
+
+def kernel_table(dtype, optimizer=SGD, loss=CROSS_ENTROPY):
+    """The addresses of the kernels the driver calls for arrays of ``dtype`` with this optimizer and loss,
+    each compiled (or loaded from the cache) for the argument types the per-kernel step passes it. Only
+    the kernels of the optimizer and loss asked for are compiled (the other slots hold 0 until asked)."""
     dtype = np.dtype(dtype)
-    if dtype not in _tables:
-        f = numba.from_dtype(dtype)
-        v, m, mt = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "F")  # mt: a transpose
-        i64, u64, flag = types.int64, types.uint64, types.boolean
-        f1 = types.Array(types.float64, 1, "C")
-        optimizers = []
-        sgd_hyper, adam_hyper = (f, f, f, flag, f, flag), (f,) * 8 + (flag,)
-        for body, chunks, state, hyper in ((optim._sgd, optim._sgd_chunks, (types.none,), sgd_hyper),
-                                           (optim._sgd, optim._sgd_chunks, (v,), sgd_hyper),
-                                           (optim._adam, optim._adam_chunks, (v, v), adam_hyper)):
-            for gscale in (types.none, f):  # unscaled, scaled
-                args = (v, v) + state + hyper + (gscale,)
-                optimizers += [(body, (u64, u64) + args), (chunks, (i64, _star(args)))]
-        drop = (v, v, u64, u64, f, f)
-        gemm_args = (v, i64, types.float64, m, i64, i64, i64, i64)
-        kernels = [(getattr(activations, f"_{name}_kernel"), (v, v, f, v)) for name in _ELEMENTWISE]
-        kernels += [(fused._BIAS_ACT_BACKWARD[name], (m, m, f, m, v)) for name in _BIAS_ACT]
-        kernels += [(activations.softmax, (m, m)), (activations.softmax_backward, (m, m, m)),
-                    (losses._cross_entropy, (m, types.Array(i64, 1, "C"), m)), (losses.bias_grad, (m, v)),
-                    (gemm, (m, m) + gemm_args), (gemm, (mt, m) + gemm_args), (gemm, (m, mt) + gemm_args),
-                    (gemm_parallel, (i64,) * 7 + (v, i64, types.float64, m) + (i64,) * 6 + (flag,)),
-                    (fused.segment_norms, (v, types.Array(i64, 1, "C"), f1)),
-                    (_count_labels, (m, types.Array(i64, 1, "C"), f1)),
-                    (_check_step, (types.float64, types.float64, f1, types.float64, f1, v))]
-        kernels += optimizers + [(_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop)))]
-        kernels += [(rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
-                    (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)),
-                    (fused._sum_squares, (v, i64, i64))]
-        addresses = []
-        for kernel, signature in kernels:
+    table, done = _tables.setdefault(dtype, (np.zeros(SLOTS, np.int64), set()))
+    wanted = {"core", ("optimizer", optimizer_group(optimizer)), ("loss", loss)} - done
+    if not wanted:
+        return table
+    for slot, (groups, kernel, signature) in enumerate(_entries(dtype)):
+        if wanted.intersection(groups):
             kernel.compile(signature)
             result = kernel.overloads[tuple(signature)]
-            addresses.append(result.library.get_pointer_to_function(result.fndesc.llvm_func_name))
-        _tables[dtype] = np.array(addresses, np.int64)
-    return _tables[dtype]
+            table[slot] = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+    done |= wanted
+    return table
 
 
 def ready(*args):
@@ -191,26 +222,108 @@ def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled
     """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table, ``gscale``
     the gradient scale (None: 1; ``scaled`` says which, selecting the kernels compiled for it)."""
     t = params.dtype.type
-    slot = 2 if scaled else 0
+    slot = OPTIMIZER_K + 4 * optimizer_group(optimizer) + (2 if scaled else 0)
+    n = params.size
     if optimizer == SGD:
-        _run(kernels, SGD_K + slot, params.size, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0,
-                                                  t(h[3]), h[5] != 0, gscale))
+        _run(kernels, slot, n, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0, gscale))
     elif optimizer == SGD_MOMENTUM:
-        _run(kernels, SGD_MOMENTUM_K + slot, params.size, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]),
-                                                           h[4] != 0, t(h[3]), h[5] != 0, gscale))
+        _run(kernels, slot, n, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0,
+                                gscale))
+    elif optimizer == ADAM or optimizer == ADAMW:
+        _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
+                                t(h[6]), t(h[7]), optimizer == ADAMW, gscale))
+    elif optimizer == RMSPROP:
+        _run(kernels, slot, n, (params, grads, state1, None, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
+                                gscale))
+    elif optimizer == RMSPROP_MOMENTUM:
+        _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
+                                gscale))
+    elif optimizer == ADAGRAD:
+        _run(kernels, slot, n, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), gscale))
     else:
-        _run(kernels, ADAM_K + slot, params.size, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]),
-                                                   t(h[3]), t(h[4]), t(h[5]), t(h[6]), t(h[7]), optimizer == ADAMW,
-                                                   gscale))
+        _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), gscale))
+
+
+def _gather(targets, r, labels, row):
+    """``targets[r] = labels[row]``: a class label, or a row of float targets (an element loop)."""
+
+
+@overload(_gather, jit_options=dict(fastmath=False))
+def _gather_compiled(targets, r, labels, row):
+    if labels.ndim == 1:
+        def gather(targets, r, labels, row):
+            targets[r] = labels[row]
+    else:
+        def gather(targets, r, labels, row):
+            for j in range(labels.shape[1]):
+                targets[r, j] = labels[row, j]
+    return gather
+
+
+def _loss(kernels, loss, out, targets, dout, metrics, count):
+    """The batch's mean loss with ``dout`` written (softmax cross-entropy on class labels; else the
+    pointwise ``loss`` on float targets, its sum of terms divided by the size as ``kernels.cpu.losses``
+    does); when ``count``, the correct predictions added to ``metrics`` as ``nn.losses`` counts them."""
+
+
+@overload(_loss, jit_options=dict(fastmath=False))
+def _loss_compiled(kernels, loss, out, targets, dout, metrics, count):
+    if targets.ndim == 1:
+        def cross_entropy(kernels, loss, out, targets, dout, metrics, count):
+            value = _call(kernels[LOSS_K + CROSS_ENTROPY], (out, targets, dout), out.dtype.type(0))
+            if count:
+                _call(kernels[COUNT_K], (out, targets, metrics), None)
+            return value
+        return cross_entropy
+
+    def pointwise(kernels, loss, out, targets, dout, metrics, count):
+        t = out.dtype.type
+        scale = 2 / out.size if loss == MSE else 1 / out.size
+        value = _call(kernels[LOSS_K + loss], (out.reshape(-1), targets.reshape(-1), t(scale), dout.reshape(-1)), t(0))
+        if count:
+            _call(kernels[THRESHOLDS_K], (out, targets, t(0.5 if loss == BINARY_CROSS_ENTROPY else 0), metrics), None)
+        return value / t(out.size)
+    return pointwise
 
 
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha):
+def _fold(x, w, lo, hi, acc):
+    """``acc[r, j] = fma(x[r, p], w[i], acc[r, j])`` for the flat elements ``lo <= i < hi`` of W (row ``p =
+    i // n``, column ``j = i % n``, ``n`` whole vectors) in order: over all of W, the chain of FMAs from
+    zero that the ``rows`` route's vector path computes for ``x @ W``, so bit for bit its sums. Whole rows
+    in register tiles, as that path has them; a row cut by ``lo`` or ``hi`` element by element."""
+    n, item = acc.shape[1], acc.itemsize
+    lanes = 32 // item
+    r0, r1 = -(-lo // n), hi // n  # the whole rows
+    if r0 >= r1:
+        r0 = r1 = hi // n
+    for r in range(x.shape[0]):
+        a, out = x[r], acc[r]
+        for e in range(lo, min(hi, r0 * n)):  # the end of the row cut by lo
+            out[e % n] = _fma(a[e // n], w[e], out[e % n])
+        pa, pb, pc = np.intp(a.ctypes.data) + r0 * item, np.intp(w.ctypes.data) + r0 * n * item, np.intp(out.ctypes.data)
+        j = 0
+        while r0 < r1 and j < n:
+            if j + ROW_VECTORS * lanes <= n:
+                _resume_wide(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
+                j += ROW_VECTORS * lanes
+            else:
+                _resume_one(pa, np.intp(1), pb + j * item, np.intp(n), np.intp(r1 - r0), pc + j * item, out)
+                j += lanes
+        for e in range(max(lo, r1 * n), hi):  # the start of the row cut by hi
+            out[e % n] = _fma(a[e // n], w[e], out[e % n])
+
+
+@jit(fastmath=False, inline="always")
+def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc):
     """The first parameter layer's ``dW = x^T dz`` at a batch of one or two, where it takes the ``rows``
     route (an outer product), the sum of squares of its segment ``[0, end)`` (W, then b) and the unscaled
     optimizer step on W, piece by piece of segment_norms' CHUNK-sized pieces: each piece's gradient is
     still in cache when the sum and the update read it. The same kernels on the same elements as the
-    separate product, norms and update, so bit for bit the same. Returns the segment's gradient norm."""
+    separate product, norms and update, so bit for bit the same. With ``x_next`` (rows > 0: the next step's
+    input), each piece of W, once updated and still in cache, is also folded into ``acc``, the next step's
+    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. Returns the segment's
+    gradient norm."""
     w_in, w_out = x.shape[1], dz.shape[1]
     w_end, item = w_in * w_out, x.itemsize
     no_bias = np.empty(0, params.dtype)
@@ -228,6 +341,8 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
         total += _call(kernels[SQUARES_K], (grads, np.int64(a), np.int64(b)), np.float64(0))
         if a < wb:
             _update(kernels, optimizer, h, params[a:wb], grads[a:wb], state1[a:wb], state2[a:wb], None, False)
+            if x_next.shape[0]:
+                _fold(x_next, params, a, wb, acc)
     return np.sqrt(total)
 
 
@@ -243,27 +358,52 @@ def _view(scratch, at, rows, width):
     return scratch[at:at + rows * width].reshape((rows, width))
 
 
+@jit(fastmath=False, inline="always")
+def _finish(acc, bias, code, alpha, y):
+    """``y = act(acc + bias)`` for no activation, relu or leaky relu, as the ``rows`` kernel's epilogue
+    (``_gemm._epilogue``) computes it: one add, then a comparison (and the slope's product)."""
+    zero, slope = y.dtype.type(0), y.dtype.type(alpha)
+    for r in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            v = acc[r, j] + bias[j]
+            if code == RELU:
+                v = zero if v < zero else v
+            elif code == LEAKY_RELU:
+                v = v if v > zero else slope * v
+            y[r, j] = v
+
+
 @jit(fastmath=False)
 def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, grads, state1, state2, segments,
-                optimizer, hyper, max_norm, count, kernels, settings, scratch, targets, norms, metrics, scale):
-    """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` in batches of
-    ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
+                optimizer, hyper, max_norm, loss_kind, count, kernels, settings, scratch, targets, norms, metrics, scale):
+    """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` (class labels, or
+    rows of float targets) in batches of ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
     relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0, keep threshold); ``segments``
     bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is step s's optimizer row;
-    ``max_norm`` the global gradient norm to clip to (inf: none); ``count``: count the correct predictions;
+    ``max_norm`` the global gradient norm to clip to (inf: none); ``loss_kind`` the loss (its code);
+    ``count``: count the correct predictions;
     ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
     the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
     ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
     parameter layer's W is updated with its product, before the check)."""
     n, width = order.size, X.shape[1]
-    count = layers.shape[0]
+    depth = layers.shape[0]
     t = params.dtype.type
     no_bias = np.empty(0, params.dtype)
     no_activation = np.int64(NONE)  # not the literal: one signature for every _matmul call
     first = 0  # the first parameter layer (its W at offset 0)
     while layers[first, KIND] != DENSE:
         first += 1
+    # At a batch of one or two without clipping, a first layer Dense with no activation, relu or leaky relu (an
+    # epilogue computed alike here and in the kernel) and whole vectors of outputs (the rows kernel's vector
+    # path): the next step's x @ W1 is folded into this step's update of W1 (_product_update), then finished here.
+    w1 = layers[0, OUT_W]
+    foldable = (first == 0 and batch <= ROWS_MAX_M and max_norm == np.inf and layers[0, ACT] <= LEAKY_RELU
+                and w1 % (32 // params.itemsize) == 0)
+    x_next = np.empty((batch if foldable else 0, width), params.dtype)
+    acc = np.empty((batch if foldable else 0, w1), params.dtype)
+    folded = False  # acc holds this step's x @ W1
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -273,11 +413,13 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             row = order[lo + r]
             for j in range(width):  # an element loop: a row assignment compiles for seconds
                 xb[r, j] = X[row, j]
-            yb[r] = labels[row]
-        for i in range(count):
+            _gather(yb, r, labels, row)
+        for i in range(depth):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
-            if kind == DENSE:
+            if kind == DENSE and i == 0 and folded:
+                _finish(acc[:rows], params[layers[0, B_AT]:layers[0, B_AT] + w_out], code, alphas[0], y)
+            elif kind == DENSE:
                 w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
                 _matmul((kernels, GEMM_CC), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
                         params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y)
@@ -290,13 +432,11 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             elif layers[i, Y_AT] != layers[i, X_AT]:  # dropout at a rate > 0
                 _dropout(kernels, x.reshape(-1), y.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
-        out = _view(scratch, layers[count - 1, Y_AT], rows, layers[count - 1, OUT_W])
-        dout = _view(scratch, layers[count - 1, DY_AT], rows, layers[count - 1, OUT_W])
-        loss = _call(kernels[CROSS_ENTROPY_K], (out, yb, dout), t(0))
-        if count:
-            _call(kernels[COUNT_K], (out, yb, metrics), None)
+        out = _view(scratch, layers[depth - 1, Y_AT], rows, layers[depth - 1, OUT_W])
+        dout = _view(scratch, layers[depth - 1, DY_AT], rows, layers[depth - 1, OUT_W])
+        loss = _loss(kernels, loss_kind, out, yb, dout, metrics, count)
         fused = rows <= ROWS_MAX_K and max_norm == np.inf  # dW is an outer product and the update needs no norm
-        for i in range(count - 1, -1, -1):
+        for i in range(depth - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
                 continue
@@ -317,8 +457,15 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
                 if fused and layers[i, W_AT] == 0:
+                    following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
+                    for r in range(following):
+                        row = order[lo + batch + r]
+                        for j in range(width):
+                            x_next[r, j] = X[row, j]
+                    acc[:following] = 0
                     norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
-                                               state1, state2, alphas[i])
+                                               state1, state2, alphas[i], x_next[:following], acc[:following])
+                    folded = following > 0
                 else:
                     _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
                             no_activation, alphas[i], gw)
