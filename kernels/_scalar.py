@@ -6,10 +6,10 @@ registers them), the cuda backend compiles them as device functions (``kernels/c
 CUDA simulator runs them as Python. They call only arithmetic, comparisons and the primitives below.
 
 The primitives ``exp``, ``tanh``, ``sqrt`` and ``div`` resolve per target: on the CPU to ``_math``'s
-vectorisable ``exp``/``tanh``, ``np.sqrt`` and ``np.true_divide``, on CUDA to libdevice's and ``/``, in
-Python (the simulator) to ``math``'s, typed like the argument, and ``/``. Constants are float32 (``ZERO``, ``ONE``): exact, and they never promote float32
-arithmetic to float64. Every argument is typed like the arrays (the kernels cast hyperparameters before
-their loops), so float32 buffers get float32 maths.
+vectorisable ``exp``/``tanh``, ``np.sqrt`` and ``np.true_divide``; on CUDA to libdevice's and ``/``; in
+Python (the simulator) to ``math``'s, typed like the argument, and ``/``. Constants are float32 (``ZERO``,
+``ONE``): exact, and they never promote float32 arithmetic to float64. Every argument is typed like the
+arrays (the kernels cast hyperparameters before their loops), so float32 buffers get float32 maths.
 
 Numba's on-disk cache does not see edits to this file from the kernels that inline it: clear the
 ``__pycache__`` of ``kernels/cpu`` after changing a formula.
@@ -45,6 +45,7 @@ def div(a, b):
     would keep a loop from vectorising (the activations' compile options leave it out; the optimizers'
     loops are compiled with Numba's default error model)."""
     return a / b
+
 
 # ---- activations: ``f(a, b, alpha)``, a forward pass ignoring b, a gradient taking b = dy ----------------
 
@@ -88,10 +89,11 @@ ACTIVATIONS = {"relu": (relu, relu_backward), "leaky_relu": (leaky_relu, leaky_r
 
 # ---- optimizer updates of one element ------------------------------------------------------------------
 # The arithmetic of kernels/reference/optim.py, with the step's constants (1 - beta, bias corrections, ...)
-# computed once by the caller. ``p`` is the parameter element, ``g`` its gradient (scaled by the caller;
-# adam scales it itself, by ``gscale``, where the loop written out did). They return the new state values and either the new parameter (adam) or the decrement the caller subtracts
-# from the parameter (the others). A state value whose buffer is absent (``has_*`` False) is passed as
-# anything and returned unchanged.
+# computed once by the caller. ``g`` is the gradient element (already scaled), ``p`` the parameter element.
+# They return the new state values and either the new parameter (adam) or the decrement the caller
+# subtracts from the parameter after storing the state (the others: the order of the loop they replace on
+# the CPU, which keeps its results bit for bit). A state value whose buffer is absent (``has_*`` False) is
+# passed as anything and returned unchanged.
 
 
 def sgd(g, p, v, lr, momentum, keep, weight_decay, has_velocity, nesterov, first):

@@ -1,12 +1,14 @@
 """Fused optimizer steps: one pass over memory, reading param, grad and state once and writing param
 and state once, vectorised, in parallel chunks on large buffers (see ``_parallel.py``).
 
-Each loop body loads an element of every buffer, applies the optimizer's formula of
-``kernels/_scalar.py`` (the reference's arithmetic for one element, shared with the cuda backend) and
-stores the new values. The wrappers cast every hyperparameter, and the bias corrections computed once per step, to the buffer's
-dtype before the loop, so float32 buffers get float32 math. The formulas divide with NumPy's semantics (x / 0 is inf
-or NaN, as in the reference) without the zero check of Python's ``/``, which would keep the loop scalar
-(``_math.scalar``). NaN in a gradient reaches the parameter, as in the reference.
+Each loop body loads an element of every buffer, applies the optimizer's formula of ``kernels/_scalar.py``
+(the reference's arithmetic for one element, shared with the cuda backend) and stores the new values;
+Adam's loop is still written out (see ``_math``'s note on the formulas: the shared one would change its
+results by an ulp for AdamW with a gradient scale). The wrappers cast every hyperparameter, and the bias
+corrections computed once per step, to the buffer's dtype before the loop, so float32 buffers get float32
+math. Divisions (``_scalar.div``, ``np.true_divide``) have NumPy's semantics (x / 0 is inf or NaN, as in the
+reference) without the zero check of Python's ``/``, which would keep the loop scalar. NaN in a gradient
+reaches the parameter, as in the reference.
 
 A ``scale`` array (see the reference) is host memory here, read by the wrapper: 0 returns before the
 loop, 1 runs the loop compiled without a scale (bit for bit the code from before scales existed), any
