@@ -94,6 +94,7 @@ def _register_scalar():
 
     for formula in (*(f for pair in _scalar.ACTIVATIONS.values() for f in pair), *_scalar.OPTIMIZERS):
         register_jitable(formula)
+
     def calling(fn):
         return lambda x: lambda x: fn(x)
 

@@ -11,8 +11,8 @@ import math
 import numpy as np
 from numba import cuda
 
-from ._launch import block_reduce, geometry, grid, kernel
 from .. import _scalar
+from ._launch import block_reduce, geometry, grid, kernel
 
 
 @functools.cache
@@ -33,7 +33,8 @@ def _bias_act_backward_kernel(derivative):
 def bias_act_backward(y, dy, activation, alpha, dz, db):
     if db.shape[0]:
         t = db.dtype.type
-        _bias_act_backward_kernel(_scalar.ACTIVATIONS[activation][1])[grid(db.shape[0])](y, dy, t(alpha), t(0), dz, db)
+        derivative = _scalar.ACTIVATIONS[activation][1]
+        _bias_act_backward_kernel(derivative)[grid(db.shape[0])](y, dy, t(alpha), t(0), dz, db)
 
 
 @functools.cache

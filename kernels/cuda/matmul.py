@@ -26,8 +26,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import geometry, kernel, sm_count
 from .. import _scalar
+from ._launch import geometry, kernel, sm_count
 
 
 @cuda.jit(device=True)
