@@ -2,7 +2,7 @@
 
 The formulas (activations, their gradients, the optimizers' per-element updates) are compiled by each
 backend from these same functions: the numba backend inlines them into its loops (``kernels/cpu/_math.py``
-registers them), the cuda backend compiles them as device functions (``kernels/cuda/_launch.py``), and the
+and ``optim.py``), the cuda backend compiles them as device functions (``kernels/cuda/_launch.py``), and the
 CUDA simulator runs them as Python. They call only arithmetic, comparisons and the primitives below.
 
 The primitives ``exp``, ``tanh``, ``sqrt`` and ``div`` resolve per target: on the CPU to ``_math``'s

@@ -247,18 +247,11 @@ def _typed_constant(value, like):
 # IEEE, without the zero check that would keep a loop from vectorising.
 scalar = register_jitable(fastmath=set(FASTMATH), error_model="numpy")
 
-# The formulas of kernels/_scalar.py, each compiled the way its loop was before it moved there, so the loops
-# compile to the same code, bit for bit (checked against the previous commit): the activations as scalar
-# functions, the optimizer updates inlined into the loop's Numba IR, where they were written out. Under
-# reassoc and contract, LLVM orders the operands of an expression like beta2 * v + c * g * g by where their
-# loads stand, and that decides which product fuses into the FMA: a separately optimised function, or loads
-# moved (Adam's formula with the gradient scaled in its AdamW branch), give 1-ulp differences. Adam's CPU
-# loop (optim.py) stays written out for that reason; its formula here serves the cuda backend.
+# The activation formulas of kernels/_scalar.py are scalar functions, as they were when written here (the
+# optimizer updates are inlined into their loops by optim.py); _scalar's primitives resolve to this module.
 for _forward, _backward in _scalar.ACTIVATIONS.values():
     scalar(_forward)
     scalar(_backward)
-for _formula in _scalar.OPTIMIZERS:
-    register_jitable(inline="always")(_formula)
 
 
 def _calling(fn):

@@ -3,7 +3,7 @@ and state once, vectorised, in parallel chunks on large buffers (see ``_parallel
 
 Each loop body loads an element of every buffer, applies the optimizer's formula of ``kernels/_scalar.py``
 (the reference's arithmetic for one element, shared with the cuda backend) and stores the new values;
-Adam's loop is still written out (see ``_math``'s note on the formulas: the shared one would change its
+Adam's loop is still written out (see the note on the formulas below: the shared one would change its
 results by an ulp for AdamW with a gradient scale). The wrappers cast every hyperparameter, and the bias
 corrections computed once per step, to the buffer's dtype before the loop, so float32 buffers get float32
 math. Divisions (``_scalar.div``, ``np.true_divide``) have NumPy's semantics (x / 0 is inf or NaN, as in the
@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from .. import _scalar
-from . import _math  # noqa: F401  (compiles the formulas of _scalar for this backend)
+from . import _math  # noqa: F401  (resolves _scalar's primitives for this backend)
 from ._jit import jit
 from ._parallel import chunk, n_chunks, run
 
@@ -47,6 +47,17 @@ def _store(buf, i, value):
         buf[i] = value
 
 
+# The formulas of kernels/_scalar.py, inlined into the loops' Numba IR before typing (as _grad is), so each
+# loop compiles to the code it had when written out here, bit for bit, at the same compile time (a typed
+# inline overload took twice as long). Under reassoc and contract, LLVM orders the operands of an expression
+# like beta2 * v + c * g * g by where their loads stand, and that decides which product fuses into the
+# FMA: a separately optimised function, or loads moved, give 1-ulp differences. That is why Adam's loop
+# stays written out: its formula, which has to take the gradient scaled before its AdamW branch, differs by
+# an ulp for AdamW with a gradient scale. The cuda backend uses the formula.
+_sgd_update, _rmsprop_update, _adagrad_update, _adadelta_update = (
+    jit(inline="always")(f) for f in (_scalar.sgd, _scalar.rmsprop, _scalar.adagrad, _scalar.adadelta))
+
+
 def _scale(param, scale):
     """The step's gradient scale in param's dtype: None for none (or 1), 0 to skip the step."""
     if scale is None or scale[0] == 1:
@@ -57,7 +68,7 @@ def _scale(param, scale):
 @jit
 def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_decay, first, gscale):
     for i in range(lo, hi):
-        d, v = _scalar.sgd(_grad(grad, i, gscale), param[i], _at(velocity, i), lr, momentum, keep, weight_decay,
+        d, v = _sgd_update(_grad(grad, i, gscale), param[i], _at(velocity, i), lr, momentum, keep, weight_decay,
                            velocity is not None, nesterov, first)
         _store(velocity, i, v)
         param[i] -= d
@@ -115,7 +126,7 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, deco
 def _rmsprop(lo, hi, param, grad, square_avg, momentum_buffer, lr, alpha, c, eps, weight_decay, momentum,
              gscale):
     for i in range(lo, hi):
-        d, square_avg[i], buf = _scalar.rmsprop(_grad(grad, i, gscale), param[i], square_avg[i],
+        d, square_avg[i], buf = _rmsprop_update(_grad(grad, i, gscale), param[i], square_avg[i],
                                                 _at(momentum_buffer, i), lr, alpha, c, eps, weight_decay, momentum,
                                                 momentum_buffer is not None)
         _store(momentum_buffer, i, buf)
@@ -140,7 +151,7 @@ def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum
 @jit
 def _adagrad(lo, hi, param, grad, sum_sq, lr, eps, weight_decay, gscale):
     for i in range(lo, hi):
-        d, sum_sq[i] = _scalar.adagrad(_grad(grad, i, gscale), param[i], sum_sq[i], lr, eps, weight_decay)
+        d, sum_sq[i] = _adagrad_update(_grad(grad, i, gscale), param[i], sum_sq[i], lr, eps, weight_decay)
         param[i] -= d
 
 
@@ -161,7 +172,7 @@ def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
 @jit
 def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weight_decay, gscale):
     for i in range(lo, hi):
-        d, square_avg[i], acc_delta[i] = _scalar.adadelta(_grad(grad, i, gscale), param[i], square_avg[i],
+        d, square_avg[i], acc_delta[i] = _adadelta_update(_grad(grad, i, gscale), param[i], square_avg[i],
                                                           acc_delta[i], lr, rho, c, eps, weight_decay)
         param[i] -= d
 
