@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import kernels
 from helpers import DTYPES, SIZES_1D, SIZES_2D, arrays, assert_close, numeric_grad, reference
+from kernels import _scalar
 from kernels.cpu import _math
 from kernels.cpu._jit import FASTMATH
 from kernels.cpu.activations import PARALLEL_MIN
@@ -223,28 +224,19 @@ def test_read_only_out_is_refused_before_writing():
 _project_jit = numba.njit(fastmath=set(FASTMATH))  # the flags the kernels compile these functions with
 
 
-@_project_jit
-def _exp_loop(x, out):
-    for i in range(x.size):
-        out[i] = _math.exp(x[i])
+def _loop(fn):
+    """A loop applying ``fn`` element by element, compiled like the kernels."""
+
+    @_project_jit
+    def loop(x, out):
+        for i in range(x.size):
+            out[i] = fn(x[i])
+
+    return loop
 
 
-@_project_jit
-def _sigmoid_loop(x, out):
-    for i in range(x.size):
-        out[i] = _math.sigmoid(x[i])
-
-
-@_project_jit
-def _tanh_loop(x, out):
-    for i in range(x.size):
-        out[i] = _math.tanh(x[i])
-
-
-@_project_jit
-def _log1p_unit_loop(x, out):
-    for i in range(x.size):
-        out[i] = _math.log1p_unit(x[i])
+_exp_loop, _sigmoid_loop, _tanh_loop, _log1p_unit_loop = (
+    _loop(fn) for fn in (_math.exp, _math.sigmoid, _math.tanh, _math.log1p_unit))
 
 
 def _ulps(got, exact, dtype):
@@ -321,3 +313,14 @@ def test_loops_calling_math_vectorise(loop, dtype):
 def test_math_functions_are_for_compiled_code_only():
     with pytest.raises(TypeError, match="@njit"):
         _math.exp(1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, exact", [("exp", np.exp), ("tanh", np.tanh), ("sqrt", np.sqrt)])
+def test_scalar_primitives_keep_the_argument_type_in_python(dtype, name, exact):
+    """The CUDA simulator runs kernels/_scalar.py's formulas as Python: a primitive must keep its argument's
+    float type (a Python float combined with a float32 constant would be rounded to float32)."""
+    x = dtype(0.7)
+    y = getattr(_scalar, name)(x)
+    assert type(y) is dtype
+    np.testing.assert_allclose(y, exact(x), rtol=2 * np.finfo(dtype).eps)

@@ -242,11 +242,9 @@ for dtype in (np.float32, np.float64):
     v, m2, any2 = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "A")
     u32 = types.Array(types.uint32, 1, "C")
     d = np.dtype(dtype)
-    kernels = [(act._unary_kernel(fn), (v, f, v)) for fn in (act.relu_scalar, act.leaky_relu_scalar,
-                                                              act.sigmoid_scalar, act.tanh_scalar)]
-    kernels += [(act._binary_kernel(fn), (v, v, f, v)) for fn in (
-        act.relu_backward_scalar, act.leaky_relu_backward_scalar, act.sigmoid_backward_scalar,
-        act.tanh_backward_scalar)]
+    formulas = importlib.import_module("kernels._scalar").ACTIVATIONS.values()
+    kernels = [(act._unary_kernel(forward), (v, f, v)) for forward, _ in formulas]
+    kernels += [(act._binary_kernel(backward), (v, v, f, v)) for _, backward in formulas]
     for warp_rows in (True, False):
         forward, backward = act._softmax_kernels(d, warp_rows, G.row_threads)
         kernels += [(forward, (m2, m2)), (backward, (m2, m2, m2))]

@@ -1,5 +1,7 @@
-"""Vectorisable scalar maths for @njit kernels, in float32 and float64: ``exp``, ``sigmoid``, ``tanh``,
-``log1p_unit`` (log(1 + x) on [0, 1]) and ``typed`` (a constant in an argument's float type).
+"""Vectorisable scalar maths for @njit kernels, in float32 and float64: ``exp``, ``tanh``, ``log1p_unit``
+(log(1 + x) on [0, 1]) and ``typed`` (a constant in an argument's float type); and the numba backend's
+side of ``kernels/_scalar.py`` (its primitives resolve to these functions, its formulas become
+:data:`scalar` functions; ``sigmoid`` is its formula of one argument).
 
 ``np.exp``/``np.tanh`` inside @njit compile to scalar libm calls on this machine (no SVML), so a loop
 that calls them never vectorises. These functions use only arithmetic, comparisons (which become
@@ -17,13 +19,16 @@ Inf keep IEEE behaviour as long as the caller's flags exclude nnan/ninf (the pro
 
 Accuracy over dense grids incl. the extremes, with the project's flags (tests/test_activations.py):
 ``exp`` within 1 ulp of the correctly rounded result, ``tanh`` within 2 ulp, ``log1p_unit`` within
-2.5 ulp, ``sigmoid`` within 3 ulp; exact limits 0, 1, ±1 and inf; NaN propagates.
+2.5 ulp, ``_scalar.sigmoid`` within 3 ulp; exact limits 0, 1, ±1 and inf; NaN propagates.
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload, register_jitable
+
+from .. import _scalar
+from ._jit import FASTMATH
 
 _FLOATS = (types.float32, types.float64)
 
@@ -176,15 +181,6 @@ def _tanh_impl(c):
     return impl
 
 
-def _sigmoid_impl(c):
-    zero, one = c.float(0), c.float(1)
-
-    def impl(x):
-        z = exp(-abs(x))  # in [0, 1]: never overflows
-        return _div(one if x >= zero else z, one + z)
-
-    return impl
-
 
 def _log1p_unit_impl(c):
     two = c.float(2)
@@ -213,10 +209,6 @@ def exp(x):
     raise _compiled_only("exp")
 
 
-def sigmoid(x):
-    """1 / (1 + e**-x) from exp(-|x|) only: no overflow, exact limits 0 and 1, NaN propagates."""
-    raise _compiled_only("sigmoid")
-
 
 def tanh(x):
     """Hyperbolic tangent: an odd polynomial near 0, (1 - e**-2|x|) / (1 + e**-2|x|) beyond; exactly ±1
@@ -232,7 +224,6 @@ def log1p_unit(x):
 
 overload(exp, inline="always")(_typed(_exp_impl))
 overload(log1p_unit, inline="always")(_typed(_log1p_unit_impl))
-overload(sigmoid, inline="always")(_typed(_sigmoid_impl))
 overload(tanh, inline="always")(_typed(_tanh_impl))
 
 
@@ -248,3 +239,35 @@ def _typed_constant(value, like):
     cast = {types.float32: np.float32, types.float64: np.float64}.get(dtype)
     if cast is not None:
         return lambda value, like: cast(value)
+
+
+# Scalar functions, inlined by LLVM into the loops that call them. They are plain Python functions registered
+# with Numba rather than dispatchers, so a kernel closing over one stays cacheable (its cache key hashes the
+# closure: a function pickles by name, a dispatcher by a per-process id). error_model numpy: divisions are
+# IEEE, without the zero check that would keep a loop from vectorising.
+scalar = register_jitable(fastmath=set(FASTMATH), error_model="numpy")
+
+# The activation formulas of kernels/_scalar.py are scalar functions, as they were when written here (the
+# optimizer updates are inlined into their loops by optim.py); _scalar's primitives resolve to this module.
+for _forward, _backward in _scalar.ACTIVATIONS.values():
+    scalar(_forward)
+    scalar(_backward)
+
+
+def _calling(fn):
+    """The overload body of a primitive of ``_scalar`` implemented by ``fn`` (inlined: the caller's flags)."""
+    return lambda x: lambda x: fn(x)
+
+
+overload(_scalar.exp, inline="always")(_calling(exp))
+overload(_scalar.tanh, inline="always")(_calling(tanh))
+overload(_scalar.sqrt, inline="always")(_calling(np.sqrt))
+overload(_scalar.div, inline="always")(lambda a, b: lambda a, b: np.true_divide(a, b))
+
+
+def sigmoid(x):
+    """``_scalar.sigmoid`` of one argument, for loops outside the elementwise kernels (the GEMM's epilogue)."""
+    raise _compiled_only("sigmoid")
+
+
+overload(sigmoid, inline="always")(lambda x: lambda x: _scalar.sigmoid(x, x, x))

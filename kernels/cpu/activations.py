@@ -1,33 +1,29 @@
 """Activations and their gradients (Numba CPU): the reference's functions, one fused pass each.
 
-Elementwise kernels are built by :func:`elementwise` from a scalar function and run in parallel chunks
-above :data:`PARALLEL_MIN` elements; below it they stay on the calling thread (starting the thread pool
-costs more than a small array's whole pass). sigmoid, tanh and softmax use the vectorisable
-``_math.exp`` instead of the scalar libm call ``np.exp`` compiles to, so their loops run in SIMD.
+Elementwise kernels are built by :func:`elementwise` from a formula of ``kernels/_scalar.py`` (the cuda
+backend compiles the same ones) and run in parallel chunks above :data:`PARALLEL_MIN` elements; below it
+they stay on the calling thread (starting the thread pool costs more than a small array's whole pass).
+sigmoid, tanh and softmax use the vectorisable ``_math.exp`` instead of the scalar libm call ``np.exp``
+compiles to, so their loops run in SIMD.
 NaN propagates as in the reference (relu(NaN) is NaN, like ``np.maximum``).
 """
 
 import numpy as np
 from numba import prange
-from numba.extending import register_jitable
 
+from .. import _scalar
 from . import _math
-from ._jit import FASTMATH, jit
+from ._jit import jit
+from ._math import scalar
 from ._parallel import CHUNK, n_chunks
 
 PARALLEL_MIN = 1 << 17  # elements: below this a pass takes less than starting the thread pool can cost
 
-# Scalar and row functions, inlined by LLVM into the loops that call them. They are plain Python functions
-# registered with Numba rather than dispatchers, so a kernel closing over one stays cacheable (its cache
-# key hashes the closure: a function pickles by name, a dispatcher by a per-process id). error_model
-# numpy: divisions are IEEE, without the zero check that would keep a loop from vectorising.
-scalar = register_jitable(fastmath=set(FASTMATH), error_model="numpy")
-
 
 def elementwise(op, name):
-    """A kernel ``(a, b, alpha, out)`` computing ``out[i] = op(a[i], b[i], alpha)`` over flat arrays.
-    One signature for all: a forward pass gets b = a, and alpha (typed like the arrays) is ignored by
-    every op but leaky_relu's."""
+    """A kernel ``(a, b, alpha, out)`` computing ``out[i] = op(a[i], b[i], alpha)`` over flat arrays, for a
+    formula ``op`` of ``kernels._scalar``. One signature for all: a forward pass gets b = a, and alpha
+    (typed like the arrays) is ignored by every op but leaky_relu's."""
 
     @scalar
     def span(a, b, alpha, out):
@@ -49,47 +45,10 @@ def elementwise(op, name):
     return jit(kernel, parallel=True)
 
 
-@scalar
-def _relu(x, _, __):
-    zero = _math.typed(0, x)
-    return zero if x < zero else x  # NaN is not < 0: it stays NaN, as with np.maximum
-
-
-@scalar
-def _relu_backward(x, dy, _):
-    one, zero = _math.typed(1, dy), _math.typed(0, dy)
-    return dy * (one if x > zero else zero)  # dy * (x > 0) exactly: inf * 0 is NaN as in NumPy
-
-
-@scalar
-def _leaky_relu(x, _, alpha):
-    return x if x > _math.typed(0, x) else alpha * x
-
-
-@scalar
-def _leaky_relu_backward(x, dy, alpha):
-    return dy if x > _math.typed(0, x) else alpha * dy
-
-
-@scalar
-def _sigmoid(x, _, __):
-    return _math.sigmoid(x)
-
-
-@scalar
-def _sigmoid_backward(y, dy, _):
-    return dy * (y * (_math.typed(1, y) - y))
-
-
-@scalar
-def _tanh(x, _, __):
-    return _math.tanh(x)
-
-
-@scalar
-def _tanh_backward(y, dy, _):
-    return dy * (_math.typed(1, y) - y * y)
-
+_relu, _relu_backward = _scalar.ACTIVATIONS["relu"]
+_leaky_relu, _leaky_relu_backward = _scalar.ACTIVATIONS["leaky_relu"]
+_sigmoid, _sigmoid_backward = _scalar.ACTIVATIONS["sigmoid"]
+_tanh, _tanh_backward = _scalar.ACTIVATIONS["tanh"]
 
 _relu_kernel = elementwise(_relu, "relu")
 _relu_backward_kernel = elementwise(_relu_backward, "relu_backward")

@@ -1,11 +1,14 @@
 """Fused optimizer steps: one pass over memory, reading param, grad and state once and writing param
 and state once, vectorised, in parallel chunks on large buffers (see ``_parallel.py``).
 
-Each loop body is the reference's arithmetic (``kernels/reference/optim.py``) for one element. The
-wrappers cast every hyperparameter, and the bias corrections computed once per step, to the buffer's
-dtype before the loop, so float32 buffers get float32 math. Divisions are ``np.true_divide``: NumPy's
-semantics (x / 0 is inf or NaN, as in the reference) without the zero check of Python's ``/``, which
-would keep the loop scalar. NaN in a gradient reaches the parameter, as in the reference.
+Each loop body loads an element of every buffer, applies the optimizer's formula of ``kernels/_scalar.py``
+(the reference's arithmetic for one element, shared with the cuda backend) and stores the new values;
+Adam's loop is still written out (see the note on the formulas below: the shared one would change its
+results by an ulp for AdamW with a gradient scale). The wrappers cast every hyperparameter, and the bias
+corrections computed once per step, to the buffer's dtype before the loop, so float32 buffers get float32
+math. Divisions (``_scalar.div``, ``np.true_divide``) have NumPy's semantics (x / 0 is inf or NaN, as in the
+reference) without the zero check of Python's ``/``, which would keep the loop scalar. NaN in a gradient
+reaches the parameter, as in the reference.
 
 A ``scale`` array (see the reference) is host memory here, read by the wrapper: 0 returns before the
 loop, 1 runs the loop compiled without a scale (bit for bit the code from before scales existed), any
@@ -18,6 +21,8 @@ import math
 import numpy as np
 from numba import prange
 
+from .. import _scalar
+from . import _math  # noqa: F401  (resolves _scalar's primitives for this backend)
 from ._jit import jit
 from ._parallel import chunk, n_chunks, run
 
@@ -27,6 +32,30 @@ def _grad(grad, i, gscale):
     """``grad[i]``, times the step's gradient scale unless that is None (a compile-time choice: the
     unscaled loop compiles to exactly the code it had before scales existed)."""
     return grad[i] if gscale is None else grad[i] * gscale
+
+
+@jit(inline="always")
+def _at(buf, i):
+    """``buf[i]``, or a zero where the buffer is absent (None: a compile-time choice)."""
+    return _scalar.ZERO if buf is None else buf[i]
+
+
+@jit(inline="always")
+def _store(buf, i, value):
+    """``buf[i] = value`` unless the buffer is absent."""
+    if buf is not None:
+        buf[i] = value
+
+
+# The formulas of kernels/_scalar.py, inlined into the loops' Numba IR before typing (as _grad is), so each
+# loop compiles to the code it had when written out here, bit for bit, at the same compile time (a typed
+# inline overload took twice as long). Under reassoc and contract, LLVM orders the operands of an expression
+# like beta2 * v + c * g * g by where their loads stand, and that decides which product fuses into the
+# FMA: a separately optimised function, or loads moved, give 1-ulp differences. That is why Adam's loop
+# stays written out: its formula, which has to take the gradient scaled before its AdamW branch, differs by
+# an ulp for AdamW with a gradient scale. The cuda backend uses the formula.
+_sgd_update, _rmsprop_update, _adagrad_update, _adadelta_update = (
+    jit(inline="always")(f) for f in (_scalar.sgd, _scalar.rmsprop, _scalar.adagrad, _scalar.adadelta))
 
 
 def _scale(param, scale):
@@ -39,12 +68,10 @@ def _scale(param, scale):
 @jit
 def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_decay, first, gscale):
     for i in range(lo, hi):
-        g = _grad(grad, i, gscale) + weight_decay * param[i]
-        if velocity is not None:
-            buf = g if first else momentum * velocity[i] + keep * g
-            velocity[i] = buf
-            g = g + momentum * buf if nesterov else buf
-        param[i] -= lr * g
+        d, v = _sgd_update(_grad(grad, i, gscale), param[i], _at(velocity, i), lr, momentum, keep, weight_decay,
+                           velocity is not None, nesterov, first)
+        _store(velocity, i, v)
+        param[i] -= d
 
 
 @jit(parallel=True)
@@ -99,14 +126,11 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, deco
 def _rmsprop(lo, hi, param, grad, square_avg, momentum_buffer, lr, alpha, c, eps, weight_decay, momentum,
              gscale):
     for i in range(lo, hi):
-        g = _grad(grad, i, gscale) + weight_decay * param[i]
-        s = alpha * square_avg[i] + c * g * g
-        square_avg[i] = s
-        update = np.true_divide(g, np.sqrt(s) + eps)
-        if momentum_buffer is not None:
-            update = momentum * momentum_buffer[i] + update
-            momentum_buffer[i] = update
-        param[i] -= lr * update
+        d, square_avg[i], buf = _rmsprop_update(_grad(grad, i, gscale), param[i], square_avg[i],
+                                                _at(momentum_buffer, i), lr, alpha, c, eps, weight_decay, momentum,
+                                                momentum_buffer is not None)
+        _store(momentum_buffer, i, buf)
+        param[i] -= d
 
 
 @jit(parallel=True)
@@ -127,10 +151,8 @@ def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum
 @jit
 def _adagrad(lo, hi, param, grad, sum_sq, lr, eps, weight_decay, gscale):
     for i in range(lo, hi):
-        g = _grad(grad, i, gscale) + weight_decay * param[i]
-        s = sum_sq[i] + g * g
-        sum_sq[i] = s
-        param[i] -= np.true_divide(lr * g, np.sqrt(s) + eps)
+        d, sum_sq[i] = _adagrad_update(_grad(grad, i, gscale), param[i], sum_sq[i], lr, eps, weight_decay)
+        param[i] -= d
 
 
 @jit(parallel=True)
@@ -150,12 +172,9 @@ def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
 @jit
 def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weight_decay, gscale):
     for i in range(lo, hi):
-        g = _grad(grad, i, gscale) + weight_decay * param[i]
-        s = rho * square_avg[i] + c * g * g
-        square_avg[i] = s
-        delta = np.true_divide(np.sqrt(acc_delta[i] + eps), np.sqrt(s + eps)) * g
-        acc_delta[i] = rho * acc_delta[i] + c * delta * delta
-        param[i] -= lr * delta
+        d, square_avg[i], acc_delta[i] = _adadelta_update(_grad(grad, i, gscale), param[i], square_avg[i],
+                                                          acc_delta[i], lr, rho, c, eps, weight_decay)
+        param[i] -= d
 
 
 @jit(parallel=True)

@@ -27,8 +27,9 @@ import numpy as np
 from numba import cuda
 from numba.cuda.core.config import ENABLE_CUDASIM as SIMULATOR
 
-ZERO = numba.float32(0)  # float32 constants: exact, and they never promote a float32 kernel to float64
-ONE = numba.float32(1)
+from .. import _scalar
+
+ZERO, ONE = _scalar.ZERO, _scalar.ONE  # float32 constants: exact, and they never promote a float32 kernel to float64
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
 
@@ -81,8 +82,29 @@ def _like_argument(fn):
 
 
 # The math functions kernels use: CUDA's libdevice on a GPU; typed like their argument in the simulator.
-exp, log, log1p, sqrt, tanh = (_like_argument(f) if SIMULATOR else f
-                               for f in (math.exp, math.log, math.log1p, math.sqrt, math.tanh))
+# exp, sqrt and tanh are kernels._scalar's primitives, whose Python bodies are the simulator's.
+log, log1p = (_like_argument(f) if SIMULATOR else f for f in (math.log, math.log1p))
+exp, sqrt, tanh = _scalar.exp, _scalar.sqrt, _scalar.tanh
+
+
+def _register_scalar():
+    """The cuda side of kernels/_scalar.py: its formulas compile as device functions, its primitives to
+    libdevice's functions and ``/``. (The simulator runs them as Python.)"""
+    from numba.cuda.extending import overload, register_jitable
+
+    for formula in (*(f for pair in _scalar.ACTIVATIONS.values() for f in pair), *_scalar.OPTIMIZERS):
+        register_jitable(formula)
+
+    def calling(fn):
+        return lambda x: lambda x: fn(x)
+
+    for primitive, fn in ((_scalar.exp, math.exp), (_scalar.sqrt, math.sqrt), (_scalar.tanh, math.tanh)):
+        overload(primitive, inline="always")(calling(fn))
+    overload(_scalar.div, inline="always")(lambda a, b: lambda a, b: a / b)
+
+
+if not SIMULATOR:
+    _register_scalar()
 
 # ---- the launch point ------------------------------------------------------------------------------------
 

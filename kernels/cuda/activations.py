@@ -1,8 +1,9 @@
 """Activations and their gradients: grid-stride elementwise kernels, and softmax with a warp or a block
 per row.
 
-The elementwise kernels are built from one scalar device function each (also used by the matmul
-epilogue) by two generic grid-stride kernels, for one and for two input arrays.
+The elementwise kernels are built from the formulas of ``kernels/_scalar.py`` (shared with the numba
+backend; the matmul epilogue and ``bias_act_backward`` use them too) by two generic grid-stride kernels,
+for one and for two input arrays.
 """
 
 import functools
@@ -11,53 +12,9 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import (ONE, WARP, ZERO, block_reduce, block_reduce_online, exp, grid, kernel, online_add, row_layout,
-                      warp_reduce, warp_reduce_online)
-from ._launch import tanh as _tanh
-
-# ---- scalar device functions --------------------------------------------------------------------------
-
-
-@cuda.jit(device=True)
-def relu_scalar(x, alpha):
-    return ZERO if x <= ZERO else x  # NaN > 0 is false, so test x <= 0: NaN propagates
-
-
-@cuda.jit(device=True)
-def leaky_relu_scalar(x, alpha):
-    return x if x > ZERO else alpha * x
-
-
-@cuda.jit(device=True)
-def sigmoid_scalar(x, alpha):
-    z = exp(-abs(x))  # in (0, 1]: exp never overflows
-    return (ONE if x >= ZERO else z) / (ONE + z)
-
-
-@cuda.jit(device=True)
-def tanh_scalar(x, alpha):
-    return _tanh(x)
-
-
-@cuda.jit(device=True)
-def relu_backward_scalar(x, dy, alpha):
-    return dy * (ONE if x > ZERO else ZERO)  # a product, as the reference: NaN in dy stays NaN
-
-
-@cuda.jit(device=True)
-def leaky_relu_backward_scalar(x, dy, alpha):
-    return dy if x > ZERO else alpha * dy
-
-
-@cuda.jit(device=True)
-def sigmoid_backward_scalar(y, dy, alpha):
-    return dy * (y * (ONE - y))
-
-
-@cuda.jit(device=True)
-def tanh_backward_scalar(y, dy, alpha):
-    return dy * (ONE - y * y)
-
+from .. import _scalar
+from ._launch import (WARP, block_reduce, block_reduce_online, exp, grid, kernel, online_add, row_layout, warp_reduce,
+                      warp_reduce_online)
 
 # ---- generic elementwise kernels ----------------------------------------------------------------------
 
@@ -67,7 +24,8 @@ def _unary_kernel(fn):
     @kernel
     def unary(x, alpha, out):
         for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-            out[i] = fn(x[i], alpha)
+            v = x[i]
+            out[i] = fn(v, v, alpha)
 
     return unary
 
@@ -93,35 +51,35 @@ def _binary(fn, a, b, alpha, out):
 
 
 def relu(x, out):
-    _unary(relu_scalar, x, 0, out)
+    _unary(_scalar.relu, x, 0, out)
 
 
 def relu_backward(x, dy, out):
-    _binary(relu_backward_scalar, x, dy, 0, out)
+    _binary(_scalar.relu_backward, x, dy, 0, out)
 
 
 def leaky_relu(x, alpha, out):
-    _unary(leaky_relu_scalar, x, alpha, out)
+    _unary(_scalar.leaky_relu, x, alpha, out)
 
 
 def leaky_relu_backward(x, dy, alpha, out):
-    _binary(leaky_relu_backward_scalar, x, dy, alpha, out)
+    _binary(_scalar.leaky_relu_backward, x, dy, alpha, out)
 
 
 def sigmoid(x, out):
-    _unary(sigmoid_scalar, x, 0, out)
+    _unary(_scalar.sigmoid, x, 0, out)
 
 
 def sigmoid_backward(y, dy, out):
-    _binary(sigmoid_backward_scalar, y, dy, 0, out)
+    _binary(_scalar.sigmoid_backward, y, dy, 0, out)
 
 
 def tanh(x, out):
-    _unary(tanh_scalar, x, 0, out)
+    _unary(_scalar.tanh_forward, x, 0, out)
 
 
 def tanh_backward(y, dy, out):
-    _binary(tanh_backward_scalar, y, dy, 0, out)
+    _binary(_scalar.tanh_backward, y, dy, 0, out)
 
 
 # ---- softmax: a warp or a block per row (see row_layout) --------------------------------------------

@@ -11,12 +11,8 @@ import math
 import numpy as np
 from numba import cuda
 
+from .. import _scalar
 from ._launch import block_reduce, geometry, grid, kernel
-from .activations import (leaky_relu_backward_scalar, relu_backward_scalar, sigmoid_backward_scalar,
-                          tanh_backward_scalar)
-
-_DERIVATIVES = {"relu": relu_backward_scalar, "leaky_relu": leaky_relu_backward_scalar,
-                "sigmoid": sigmoid_backward_scalar, "tanh": tanh_backward_scalar}
 
 
 @functools.cache
@@ -37,7 +33,8 @@ def _bias_act_backward_kernel(derivative):
 def bias_act_backward(y, dy, activation, alpha, dz, db):
     if db.shape[0]:
         t = db.dtype.type
-        _bias_act_backward_kernel(_DERIVATIVES[activation])[grid(db.shape[0])](y, dy, t(alpha), t(0), dz, db)
+        derivative = _scalar.ACTIVATIONS[activation][1]
+        _bias_act_backward_kernel(derivative)[grid(db.shape[0])](y, dy, t(alpha), t(0), dz, db)
 
 
 @functools.cache

@@ -26,17 +26,34 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .. import _scalar
 from ._launch import geometry, kernel, sm_count
-from .activations import leaky_relu_scalar, relu_scalar, sigmoid_scalar, tanh_scalar
 
 
 @cuda.jit(device=True)
-def _identity(v, alpha):
+def _identity(v, _, alpha):
     return v
 
 
-ACTIVATIONS = {None: _identity, "relu": relu_scalar, "leaky_relu": leaky_relu_scalar, "sigmoid": sigmoid_scalar,
-               "tanh": tanh_scalar}
+# the forward formulas of kernels/_scalar.py, called as act(v, v, alpha)
+ACTIVATIONS = {None: _identity, **{name: forward for name, (forward, _) in _scalar.ACTIVATIONS.items()}}
+
+
+@cuda.jit(device=True)
+def _stage(x, k_major, tile, e, width, BK, first, extent, k0, k_total, zero):
+    """Store element ``e`` of a BK x ``width`` tile of ``x`` (rows ``k0:k0+BK`` of K and columns
+    ``first:first+width`` of the other dimension, zero outside ``x``) at ``tile[kk, j]``. ``x`` is
+    (K, other) when ``k_major``, else (other, K); either way consecutive ``e`` read consecutive elements
+    of a C-ordered ``x``."""
+    if k_major:
+        kk, j = e // width, e % width
+    else:
+        j, kk = e // BK, e % BK
+    gj, gk = first + j, k0 + kk
+    v = zero
+    if gj < extent and gk < k_total:
+        v = x[gk, gj] if k_major else x[gj, gk]
+    tile[kk, j] = v
 
 
 @functools.cache
@@ -67,28 +84,10 @@ def _gemm_kernel(dtype, tiles, trans_a, trans_b, has_bias, activation):
             for j in range(TN):
                 acc[i, j] = zero
         for k0 in range(0, k_total, BK):
-            for load in range(A_LOADS):
-                e = tid + load * THREADS
-                if trans_a:  # a is (K, M): consecutive threads take consecutive rows of op(a)
-                    kk, ii = e // BM, e % BM
-                else:  # a is (M, K): consecutive threads take consecutive k
-                    ii, kk = e // BK, e % BK
-                gi, gk = row0 + ii, k0 + kk
-                v = zero
-                if gi < m and gk < k_total:
-                    v = a[gk, gi] if trans_a else a[gi, gk]
-                sa[kk, ii] = v
-            for load in range(B_LOADS):
-                e = tid + load * THREADS
-                if trans_b:  # b is (N, K)
-                    jj, kk = e // BK, e % BK
-                else:  # b is (K, N)
-                    kk, jj = e // BN, e % BN
-                gj, gk = col0 + jj, k0 + kk
-                v = zero
-                if gj < n and gk < k_total:
-                    v = b[gj, gk] if trans_b else b[gk, gj]
-                sb[kk, jj] = v
+            for load in range(A_LOADS):  # a is (K, M) when trans_a, else (M, K)
+                _stage(a, trans_a, sa, tid + load * THREADS, BM, BK, row0, m, k0, k_total, zero)
+            for load in range(B_LOADS):  # b is (K, N), or (N, K) when trans_b
+                _stage(b, not trans_b, sb, tid + load * THREADS, BN, BK, col0, n, k0, k_total, zero)
             cuda.syncthreads()
             for kk in range(BK):
                 for i in range(TM):
@@ -107,7 +106,7 @@ def _gemm_kernel(dtype, tiles, trans_a, trans_b, has_bias, activation):
                     v = acc[i, j]
                     if has_bias:
                         v += bias[gj]
-                    out[gi, gj] = act(v, alpha)
+                    out[gi, gj] = act(v, v, alpha)
 
     return gemm
 

@@ -1,4 +1,5 @@
-"""Fused optimizer steps: one grid-stride pass over flat buffers, in place.
+"""Fused optimizer steps: one grid-stride pass over flat buffers, in place, each element updated by the
+optimizer's formula of ``kernels/_scalar.py`` (shared with the numba backend).
 
 Hyperparameter expressions that do not depend on the element (1 - beta, bias corrections, ...) are
 computed once on the host in double precision and passed in the buffers' dtype, as the reference's
@@ -13,7 +14,8 @@ import math
 
 from numba import cuda
 
-from ._launch import ZERO, grid, kernel, sqrt
+from .. import _scalar
+from ._launch import ZERO, grid, kernel
 
 
 def _launch(kernel, param, grad, scale, *args):
@@ -34,18 +36,23 @@ def _grad(grad, i, scale, has_scale):
     return grad[i] * scale[0] if has_scale else grad[i]
 
 
+@cuda.jit(device=True)
+def _at(buf, i, present):
+    """``buf[i]``, or a zero where the buffer is a placeholder."""
+    return buf[i] if present else ZERO
+
+
 @kernel
 def _sgd(param, grad, scale, has_scale, velocity, lr, momentum, one_minus_dampening, weight_decay, has_momentum,
          nesterov, first):
     if _skip(scale, has_scale):
         return
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
-        g = _grad(grad, i, scale, has_scale) + weight_decay * param[i]
+        d, vel = _scalar.sgd(_grad(grad, i, scale, has_scale), param[i], _at(velocity, i, has_momentum), lr,
+                             momentum, one_minus_dampening, weight_decay, has_momentum, nesterov, first)
         if has_momentum:
-            vel = g if first else momentum * velocity[i] + one_minus_dampening * g
             velocity[i] = vel
-            g = g + momentum * vel if nesterov else vel
-        param[i] -= lr * g
+        param[i] -= d
 
 
 def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
@@ -55,26 +62,18 @@ def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_de
 
 @kernel
 def _adam(param, grad, scale, has_scale, m, v, decay, weight_decay, one_minus_beta1, beta2, one_minus_beta2,
-          sqrt_bc2, step_size, eps, decoupled):
+          step_size, sqrt_bc2, eps, decoupled):
     if _skip(scale, has_scale):
         return
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
-        p = param[i]
-        if decoupled:
-            p *= decay
-            g = _grad(grad, i, scale, has_scale)
-        else:
-            g = _grad(grad, i, scale, has_scale) + weight_decay * p
-        mi = m[i] + one_minus_beta1 * (g - m[i])
-        vi = beta2 * v[i] + one_minus_beta2 * g * g
-        m[i] = mi
-        v[i] = vi
-        param[i] = p - step_size * mi / (sqrt(vi) / sqrt_bc2 + eps)
+        param[i], m[i], v[i] = _scalar.adam(param[i], _grad(grad, i, scale, has_scale), m[i], v[i], decay,
+                                            weight_decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                                            sqrt_bc2, eps, decoupled)
 
 
 def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, scale=None):
     _launch(_adam, param, grad, scale, m, v, 1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2,
-            math.sqrt(1 - beta2**step), lr / (1 - beta1**step), eps, bool(decoupled))
+            lr / (1 - beta1**step), math.sqrt(1 - beta2**step), eps, bool(decoupled))
 
 
 @kernel
@@ -83,14 +82,12 @@ def _rmsprop(param, grad, scale, has_scale, square_avg, momentum_buffer, lr, alp
     if _skip(scale, has_scale):
         return
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
-        g = _grad(grad, i, scale, has_scale) + weight_decay * param[i]
-        sq = alpha * square_avg[i] + one_minus_alpha * g * g
-        square_avg[i] = sq
-        update = g / (sqrt(sq) + eps)
+        d, square_avg[i], buf = _scalar.rmsprop(_grad(grad, i, scale, has_scale), param[i], square_avg[i],
+                                                _at(momentum_buffer, i, has_momentum), lr, alpha, one_minus_alpha,
+                                                eps, weight_decay, momentum, has_momentum)
         if has_momentum:
-            update += momentum * momentum_buffer[i]
-            momentum_buffer[i] = update
-        param[i] -= lr * update
+            momentum_buffer[i] = buf
+        param[i] -= d
 
 
 def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer, scale=None):
@@ -103,10 +100,8 @@ def _adagrad(param, grad, scale, has_scale, sum_sq, lr, eps, weight_decay):
     if _skip(scale, has_scale):
         return
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
-        g = _grad(grad, i, scale, has_scale) + weight_decay * param[i]
-        s = sum_sq[i] + g * g
-        sum_sq[i] = s
-        param[i] -= lr * g / (sqrt(s) + eps)
+        d, sum_sq[i] = _scalar.adagrad(_grad(grad, i, scale, has_scale), param[i], sum_sq[i], lr, eps, weight_decay)
+        param[i] -= d
 
 
 def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
@@ -118,12 +113,9 @@ def _adadelta(param, grad, scale, has_scale, square_avg, acc_delta, lr, rho, one
     if _skip(scale, has_scale):
         return
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
-        g = _grad(grad, i, scale, has_scale) + weight_decay * param[i]
-        sq = rho * square_avg[i] + one_minus_rho * g * g
-        square_avg[i] = sq
-        delta = sqrt(acc_delta[i] + eps) / sqrt(sq + eps) * g
-        acc_delta[i] = rho * acc_delta[i] + one_minus_rho * delta * delta
-        param[i] -= lr * delta
+        d, square_avg[i], acc_delta[i] = _scalar.adadelta(_grad(grad, i, scale, has_scale), param[i], square_avg[i],
+                                                          acc_delta[i], lr, rho, one_minus_rho, eps, weight_decay)
+        param[i] -= d
 
 
 def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, scale=None):
