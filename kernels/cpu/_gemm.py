@@ -228,31 +228,35 @@ def _switch(builder, variant, label):
     builder.position_at_end(end)
 
 
-def _close_loop(builder, k, k_next, end, acc, new, entry, loop, done):
+def _close_loop(builder, k, k_next, end, acc, new, entry, loop, done, start=None):
     """Closes a K loop over vector accumulators: ``loop`` repeats while ``k_next < end`` (``k`` starts at
-    0 from ``entry``), the phis ``acc[i][j]`` start at zero and take ``new[i][j]``. Returns the final
-    values as phis at the top of ``done`` (zero when the loop was skipped), the builder positioned there."""
+    0 from ``entry``), the phis ``acc[i][j]`` start at ``start[i][j]`` (None: zero) and take ``new[i][j]``.
+    Returns the final values as phis at the top of ``done`` (the start when the loop was skipped), the
+    builder positioned there."""
     builder.cbranch(builder.icmp_signed("<", k_next, end), loop, done)
     k.add_incoming(ir.Constant(k.type, 0), entry)
     k.add_incoming(k_next, loop)
     builder.position_at_end(done)
     result = []
-    for acc_row, new_row in zip(acc, new):
+    for i, (acc_row, new_row) in enumerate(zip(acc, new)):
         result.append([])
-        for phi, value in zip(acc_row, new_row):
-            zero = ir.Constant(phi.type, None)
-            phi.add_incoming(zero, entry)
+        for j, (phi, value) in enumerate(zip(acc_row, new_row)):
+            first = ir.Constant(phi.type, None) if start is None else start[i][j]
+            phi.add_incoming(first, entry)
             phi.add_incoming(value, loop)
             final = builder.phi(phi.type)
-            final.add_incoming(zero, entry)
+            final.add_incoming(first, entry)
             final.add_incoming(value, loop)
             result[-1].append(final)
     return result
 
 
-def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_):
+def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_,
+               resume=False):
     """The IR of one MR x NR register tile over the K block (see ``_micro_kernel``), ending in a block of
-    its own (``fty`` the element type, ``size`` its bytes); returns that block."""
+    its own (``fty`` the element type, ``size`` its bytes); returns that block. With ``resume`` the FMA
+    chains start from the tile's values at ``pc`` instead of zero (then pass ``accumulate_`` 0: the chains
+    already hold them)."""
     nv = nr // lanes
     vty = ir.VectorType(fty, lanes)
     i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -279,6 +283,8 @@ def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_,
         for offset in range(0, nr * size, 64):
             builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
                                     ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    start = ([[builder.load(vector_at(row, const(v * lanes)), align=size) for v in range(nv)] for row in c_rows]
+             if resume else None)
     entry = builder.block
     loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
     builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
@@ -293,7 +299,7 @@ def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_,
         ai = builder.load(builder.gep(rows[i], [ak]), align=size)
         ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
         new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
-    result = _close_loop(builder, k, builder.add(k, const(1)), kc_, acc, new, entry, loop, done)
+    result = _close_loop(builder, k, builder.add(k, const(1)), kc_, acc, new, entry, loop, done, start)
     with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
         for block, adding in ((add, True), (store, False)):
             with block:

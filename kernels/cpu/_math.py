@@ -181,7 +181,6 @@ def _tanh_impl(c):
     return impl
 
 
-
 def _log1p_unit_impl(c):
     two = c.float(2)
     poly = tuple(c.float(v) for v in c.log1p_poly)
@@ -207,7 +206,6 @@ def _compiled_only(name):
 def exp(x):
     """e**x within 1 ulp; exp(x) = inf above the float range, 0 below it, NaN propagates."""
     raise _compiled_only("exp")
-
 
 
 def tanh(x):

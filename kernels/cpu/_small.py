@@ -20,7 +20,6 @@ computes each element of ``out`` on one thread, so its result does not depend on
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
@@ -97,45 +96,6 @@ def _at_compiled(a):
     return lambda a: np.intp(a.ctypes.data)
 
 
-def _emit_resumed_row(builder, fty, size, lanes, vectors, pa_, sa_k_, pb_, sb_k_, k_, pc_):
-    """The IR of :func:`_row_kernel`'s loop with ``resume``: the accumulators start from the vectors at
-    ``pc`` and are stored back there."""
-    vty, i64, i32 = ir.VectorType(fty, lanes), ir.IntType(64), ir.IntType(32)
-    a0, b0, c0 = (builder.inttoptr(x, fty.as_pointer()) for x in (pa_, pb_, pc_))
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{lanes}f{8 * size}")
-
-    def vector_at(base, offset):
-        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-    columns = [ir.Constant(i64, v * lanes) for v in range(vectors)]
-    start = [builder.load(vector_at(c0, at), align=size) for at in columns]
-    entry = builder.block
-    loop, done = builder.append_basic_block("resume.loop"), builder.append_basic_block("resume.done")
-    builder.cbranch(builder.icmp_signed(">", k_, ir.Constant(i64, 0)), loop, done)
-    builder.position_at_end(loop)
-    p = builder.phi(i64)
-    acc = [builder.phi(vty) for _ in columns]
-    undef = ir.Constant(vty, ir.Undefined)
-    a = builder.load(builder.gep(a0, [builder.mul(p, sa_k_)]), align=size)
-    a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef,
-                               ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-    row = builder.mul(p, sb_k_)
-    new = [builder.call(fma, [a, builder.load(vector_at(b0, builder.add(row, at)), align=size), acc[v]])
-           for v, at in enumerate(columns)]
-    p_next = builder.add(p, ir.Constant(i64, 1))
-    builder.cbranch(builder.icmp_signed("<", p_next, k_), loop, done)
-    p.add_incoming(ir.Constant(i64, 0), entry)
-    p.add_incoming(p_next, loop)
-    builder.position_at_end(done)
-    final = [builder.phi(vty) for _ in columns]
-    for phis, values in ((acc, new), (final, new)):
-        for phi, first, value in zip(phis, start, values):
-            phi.add_incoming(first, entry)
-            phi.add_incoming(value, loop)
-    for value, at in zip(final, columns):
-        builder.store(value, vector_at(c0, at), align=size)
-
-
 def _row_kernel(vectors, resume=False):
     """An intrinsic ``(pa, sa_k, pb, sb_k, k, pc, like)``: ``pc[j] = sum_p pa[p*sa_k] * pb[p*sb_k + j]`` for
     ``vectors`` vectors of columns, ``_gemm``'s register tile with one row: the accumulators stay in
@@ -149,12 +109,9 @@ def _row_kernel(vectors, resume=False):
             size = context.get_abi_sizeof(fty)
             lanes = LANES[np.dtype(str(sig.args[6].dtype))]
             pa_, sa_k_, pb_, sb_k_, k_, pc_, _ = args
-            if resume:
-                _emit_resumed_row(builder, fty, size, lanes, vectors, pa_, sa_k_, pb_, sb_k_, k_, pc_)
-            else:
-                zero = ir.Constant(ir.IntType(64), 0)
-                _emit_tile(builder, fty, size, 1, vectors * lanes, lanes, pa_, zero, sa_k_, pb_, sb_k_, k_, pc_, zero,
-                           zero)
+            zero = ir.Constant(ir.IntType(64), 0)
+            _emit_tile(builder, fty, size, 1, vectors * lanes, lanes, pa_, zero, sa_k_, pb_, sb_k_, k_, pc_, zero,
+                       zero, resume)
             return context.get_dummy_value()
 
         return types.void(*[types.intp] * 6, like), codegen

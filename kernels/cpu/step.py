@@ -244,6 +244,15 @@ def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled
         _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), gscale))
 
 
+@jit(fastmath=False, inline="always")
+def _gather_rows(X, order, start, out):
+    """``out[r] = X[order[start + r]]`` for every row of ``out``."""
+    for r in range(out.shape[0]):
+        row = order[start + r]
+        for j in range(out.shape[1]):  # an element loop: a row assignment compiles for seconds
+            out[r, j] = X[row, j]
+
+
 def _gather(targets, r, labels, row):
     """``targets[r] = labels[row]``: a class label, or a row of float targets (an element loop)."""
 
@@ -409,11 +418,9 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         rows = min(batch, n - lo)
         xb = _view(scratch, layers[0, X_AT], rows, width)
         yb = targets[:rows]
+        _gather_rows(X, order, lo, xb)
         for r in range(rows):
-            row = order[lo + r]
-            for j in range(width):  # an element loop: a row assignment compiles for seconds
-                xb[r, j] = X[row, j]
-            _gather(yb, r, labels, row)
+            _gather(yb, r, labels, order[lo + r])
         for i in range(depth):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
@@ -458,10 +465,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                             no_activation, alphas[i], dx)
                 if fused and layers[i, W_AT] == 0:
                     following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
-                    for r in range(following):
-                        row = order[lo + batch + r]
-                        for j in range(width):
-                            x_next[r, j] = X[row, j]
+                    _gather_rows(X, order, lo + batch, x_next[:following])
                     acc[:following] = 0
                     norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
                                                state1, state2, alphas[i], x_next[:following], acc[:following])
