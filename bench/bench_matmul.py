@@ -23,7 +23,6 @@ Run: ``python -m pytest bench/bench_matmul.py --benchmark-enable -q`` (plain pyt
 """
 
 import contextlib
-import time
 
 import numpy as np
 import pytest
@@ -34,10 +33,6 @@ from ._report import openblas
 from .conftest import QUICK
 
 IMPLS = ["numpy", "numba", "torch", "jax"]
-# Idle time before each implementation is timed: OpenBLAS's threads busy-wait for a long while after a
-# call (and torch's OpenMP threads briefly), and on two cores the next implementation's threads then
-# wait a whole scheduler slice (~8 ms medians seen for sub-millisecond products without this pause).
-SETTLE_S = 0.3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +98,6 @@ def _bench(measure, group, impl, m, k, n, dtype, trans_a=False, trans_b=False, a
            rounds=10, gemm_peak=False):
     a, b, bias_, out = _operands(m, k, n, dtype, trans_a, trans_b, bias)
     flops = 2 * m * n * k
-    time.sleep(SETTLE_S)
     result = measure(_call(impl, a, b, trans_a, trans_b, bias_, activation, out), group=group, impl=impl,
                      flops=flops, dtype=dtype, rounds=rounds, gemm_peak=gemm_peak)
     if impl == "jax":

@@ -17,6 +17,7 @@ Plain ``pytest`` runs each benchmark once as a smoke test (``--benchmark-disable
 """
 
 import os
+import time
 
 import numba
 import numpy as np
@@ -28,6 +29,11 @@ from . import _report
 
 THREADS = len(os.sched_getaffinity(0))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+# Idle time before each implementation runs: OpenBLAS's threads busy-wait for a long while after a call (and
+# torch's OpenMP threads briefly); on two cores the next implementation's threads then wait whole scheduler
+# slices (~8 ms medians seen for sub-millisecond products; batch-1 training epochs timed 1.5x slower right
+# after the NumPy reference's). Not in smoke runs, which time nothing.
+SETTLE_S = 0.3
 numba.set_num_threads(THREADS)
 try:
     import torch
@@ -63,6 +69,8 @@ def measure(benchmark, request):
 
     def run(fn, *, group, impl, bytes=None, flops=None, dtype="float32", rounds=10, gemm_peak=False, samples=None,
             steps=None):
+        if not smoke(request.config):
+            time.sleep(SETTLE_S)  # the previous implementation's thread pools go idle
         fn()  # warm-up: compile, fault pages in, fill caches the way a training loop would
         benchmark.group = group
         extra = benchmark.extra_info
