@@ -195,6 +195,11 @@ def out(out_arr, shape_, dtype, backend, like, *, reads, same_ok=False, name="ou
     """
     if out_arr is None:
         return backend.empty(shape_, dtype, like)
+    if type(out_arr) is np.ndarray:  # the common case, checked in ~1 us (the general path reads flags by name)
+        flags = out_arr.flags
+        if out_arr.dtype == dtype and out_arr.shape == tuple(shape_) and flags.writeable and flags.c_contiguous:
+            no_overlap(name, out_arr, same_ok, **reads)
+            return out_arr
     if not _is_array(out_arr):
         raise TypeError(f"{name} must be an array, got {type(out_arr).__name__}")
     if np.dtype(out_arr.dtype) != np.dtype(dtype):

@@ -192,3 +192,25 @@ def test_dynamic_scheduling_leaves_the_callers_chunk_size_alone():
             assert numba.get_parallel_chunksize() == 7
         finally:
             numba.set_parallel_chunksize(0)
+
+
+def test_num_threads_reads_what_numba_get_num_threads_says():
+    """``_parallel.num_threads`` (the threading layer's getter, without numba's locks) follows
+    ``numba.set_num_threads`` on this thread and starts other threads at the default count, as numba does."""
+    import numba
+
+    from kernels.cpu._parallel import num_threads
+
+    before = numba.get_num_threads()
+    try:
+        for n in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(n)
+            assert num_threads() == numba.get_num_threads() == n
+        numba.set_num_threads(1)
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append((num_threads(), numba.get_num_threads())))
+        worker.start()
+        worker.join()
+        assert seen[0][0] == seen[0][1]
+    finally:
+        numba.set_num_threads(before)

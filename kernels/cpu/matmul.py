@@ -1,11 +1,11 @@
 """GEMM with a fused epilogue: ``out = act(op(a) @ op(b) + bias)``, register-tiled and blocked (see _gemm),
 with routes for a few rows of ``out`` (see _small)."""
 
-import numba
 import numpy as np
 
 from . import _cpuinfo
 from ._gemm import ACTIVATION_CODES, DTYPES, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._parallel import num_threads
 from ._small import dispatcher, dots, rows, tiles
 
 _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}  # stands in for bias=None
@@ -40,5 +40,5 @@ def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
         bias = _NO_BIAS[dtype]
     elif not bias.flags.c_contiguous:
         bias = np.ascontiguousarray(bias)
-    _routed(None, TILING, numba.get_num_threads(), PARALLEL_MIN_FLOPS, a, b, bias, ACTIVATION_CODES[activation], alpha,
+    _routed(None, TILING, num_threads(), PARALLEL_MIN_FLOPS, a, b, bias, ACTIVATION_CODES[activation], alpha,
             out)

@@ -33,7 +33,7 @@ from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .metrics import _check_step, _count_labels, _count_thresholds
-from ._parallel import CHUNK, PARALLEL_MIN
+from ._parallel import CHUNK, PARALLEL_MIN, num_threads
 from ..reference.metrics import BAD_STEP
 
 # layer kinds, and the activation codes (those of _gemm.ACTIVATION_CODES, plus softmax)
@@ -191,7 +191,7 @@ def ready(*args):
 def gemm_settings(tiling, dtype):
     """The GEMM settings row for the driver (``_small``'s columns): ``matmul.TILING``, this thread's Numba
     thread count, the threshold above which ``matmul`` goes multithreaded, the compiled bodies for ``dtype``."""
-    return np.array(tuple(tiling) + (numba.get_num_threads(), PARALLEL_MIN_FLOPS, body(dtype, False), body(dtype, True)),
+    return np.array(tuple(tiling) + (num_threads(), PARALLEL_MIN_FLOPS, body(dtype, False), body(dtype, True)),
                     np.int64)
 
 
