@@ -12,8 +12,8 @@ recompiles (2-3 s) on every start; it also costs about 5 us per call to type the
 over the body would miss the cache in the same way: Numba keys it on the pickled closure, and a pickled
 dispatcher holds an id made anew in every process.) Why not one function compiled twice
 (parallel and serial): the cache key ignores compile options, so the two would overwrite each other.
-Numba's cache does not see edits to this file from the modules that inline its helpers: clear the
-``__pycache__`` of ``kernels/cpu`` after changing CHUNK.
+Numba's cache does not see edits to this file from the modules that inline its helpers or hold its
+drivers: clear the ``__pycache__`` of ``kernels/cpu`` after changing CHUNK or :func:`_driver`.
 
 Scheduling: Numba splits a ``prange`` into one equal block per thread unless a chunk size is set, so a
 thread whose core is busy (another library's pool still spinning, a neighbour process) holds the whole
@@ -84,6 +84,7 @@ def chunked(body):
                                     co_qualname=fn.__qualname__ + "_chunks")
     driver = types.FunctionType(code, {**globals(), "body": body}, name)
     driver.__qualname__, driver.__module__ = code.co_qualname, fn.__module__
+    driver.__doc__ = f"``{fn.__name__}(lo, hi, *args)`` on each chunk of ``0 <= i < n``, in parallel."
     return jit(driver, parallel=True)
 
 

@@ -21,7 +21,8 @@ from ._launch import ZERO, grid, kernel
 
 def _launch(kernel, param, grad, scale, *args):
     if param.shape[0]:
-        dtype = param.dtype.type  # float hyperparameters in the buffers' dtype; arrays and flags as they are
+        # an absent buffer (None) as the grad placeholder, hyperparameters in the buffers' dtype, the rest as is
+        dtype = param.dtype.type
         args = [grad if a is None else a if hasattr(a, "shape") or isinstance(a, bool) else dtype(a) for a in args]
         kernel[grid(param.shape[0])](param, grad, grad if scale is None else scale, scale is not None, *args)
 
