@@ -5,11 +5,12 @@ backend from these same functions: the numba backend inlines them into its loops
 and ``optim.py``), the cuda backend compiles them as device functions (``kernels/cuda/_launch.py``), and the
 CUDA simulator runs them as Python. They call only arithmetic, comparisons and the primitives below.
 
-The primitives ``exp``, ``tanh``, ``sqrt`` and ``div`` resolve per target: on the CPU to ``_math``'s
-vectorisable ``exp``/``tanh``, ``np.sqrt`` and ``np.true_divide``; on CUDA to libdevice's and ``/``; in
-Python (the simulator) to ``math``'s, typed like the argument, and ``/``. Constants are float32 (``ZERO``,
-``ONE``): exact, and they never promote float32 arithmetic to float64. Every argument is typed like the
-arrays (the kernels cast hyperparameters before their loops), so float32 buffers get float32 maths.
+The primitives ``exp``, ``tanh``, ``sqrt`` and ``div`` resolve per target (each backend calls
+:func:`implement`): on the CPU to ``_math``'s vectorisable ``exp``/``tanh``, ``np.sqrt`` and
+``np.true_divide``; on CUDA to libdevice's and ``/``; in Python (the simulator) to ``math``'s, typed like
+the argument, and ``/``. Constants are float32 (``ZERO``, ``ONE``): exact, and they never promote float32
+arithmetic to float64. Every argument is typed like the arrays (the kernels cast hyperparameters before
+their loops), so float32 buffers get float32 maths.
 
 Numba's on-disk cache does not see edits to this file from the kernels that inline it: clear the
 ``__pycache__`` of ``kernels/cpu`` after changing a formula.
@@ -45,6 +46,19 @@ def div(a, b):
     would keep a loop from vectorising (the activations' compile options leave it out; the optimizers'
     loops are compiled with Numba's default error model)."""
     return a / b
+
+
+def implement(overload, implementations):
+    """Compile each primitive as the function ``implementations`` maps it to, on the Numba target whose
+    ``overload`` decorator is given (``numba.extending``'s or ``numba.cuda.extending``'s). Inlined, so the
+    calling kernel's flags (fast-math, error model) apply to it."""
+    for primitive, fn in implementations.items():
+        overload(primitive, inline="always")(_calling(fn, binary=primitive is div))
+
+
+def _calling(fn, binary):
+    """The overload body of a primitive implemented by ``fn`` (its parameters must match the primitive's)."""
+    return (lambda a, b: lambda a, b: fn(a, b)) if binary else (lambda x: lambda x: fn(x))
 
 
 # ---- activations: ``f(a, b, alpha)``, a forward pass ignoring b, a gradient taking b = dy ----------------

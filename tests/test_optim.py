@@ -1,7 +1,11 @@
 """Optimizer steps: every backend against the NumPy reference, 50-step trajectories against torch.optim,
 the public API's argument checks, and vectorised numba loops."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -368,3 +372,62 @@ def test_loops_are_vectorised(name, dtype):
     assert re.search(rf"v(fmadd\d+|mul|add){suffix}\s[^\n]*[yz]mm", asm)
     if name != "sgd":
         assert re.search(rf"v(r?sqrt\d*){suffix}\s[^\n]*[yz]mm", asm)
+
+
+# ---- the parallel drivers made by _parallel.chunked ---------------------------------------------------
+
+_BODIES = """
+from kernels.cpu._jit import jit
+from kernels.cpu._parallel import chunked
+
+
+@jit
+def _add(lo, hi, x, a):
+    for i in range(lo, hi):
+        x[i] += a
+
+
+@jit
+def _mul(lo, hi, x, a):
+    for i in range(lo, hi):
+        x[i] *= a
+
+
+_add_chunks, _mul_chunks = chunked(_add), chunked(_mul)
+"""
+_CALL_DRIVERS = """
+import numpy as np, bodies
+for name in ("add", "mul"):
+    driver, x = getattr(bodies, f"_{name}_chunks"), np.full(5, 2.0)
+    driver(x.size, x, 3.0)
+    print(name, x[0], sum(driver.stats.cache_hits.values()))
+"""
+
+
+def test_chunked_drivers_are_cached_apart_and_with_their_body(tmp_path):
+    """Drivers made by ``_parallel.chunked`` for two bodies of one signature: a new process loads each from
+    the disk cache with its own code (not the other's: they share a template, and Numba keys the cache on
+    file and name), and an edit of the bodies' file compiles them again (a cached driver holds its body)."""
+    (tmp_path / "bodies.py").write_text(_BODIES)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
+
+    def call():
+        return subprocess.run([sys.executable, "-c", _CALL_DRIVERS], env=env, capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+
+    assert call() == ["add 5.0 0", "mul 6.0 0"]  # compiled
+    assert call() == ["add 5.0 1", "mul 6.0 1"]  # loaded from the cache
+    (tmp_path / "bodies.py").write_text(_BODIES.replace("x[i] += a", "x[i] += a + a"))
+    assert call() == ["add 8.0 0", "mul 6.0 0"]  # compiled again
+
+
+def test_the_optimizer_drivers_are_cached_beside_their_bodies():
+    """What kernels/cpu/step.py looks up: ``_<name>_chunks``, a parallel Numba dispatcher cached on disk under
+    that name in optim.py's cache (so its cache goes stale with optim.py's edits, as its body's does)."""
+    for name in OPTIMIZERS:
+        body, driver = getattr(optim, f"_{name}"), getattr(optim, f"_{name}_chunks")
+        assert isinstance(driver, numba.core.registry.CPUDispatcher) and driver.targetoptions["parallel"]
+        assert driver.py_func.__qualname__ == f"_{name}_chunks" and driver.stats.cache_path == body.stats.cache_path
+        assert driver.py_func.__code__.co_filename == body.py_func.__code__.co_filename == optim.__file__

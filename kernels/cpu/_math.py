@@ -252,15 +252,7 @@ for _forward, _backward in _scalar.ACTIVATIONS.values():
     scalar(_backward)
 
 
-def _calling(fn):
-    """The overload body of a primitive of ``_scalar`` implemented by ``fn`` (inlined: the caller's flags)."""
-    return lambda x: lambda x: fn(x)
-
-
-overload(_scalar.exp, inline="always")(_calling(exp))
-overload(_scalar.tanh, inline="always")(_calling(tanh))
-overload(_scalar.sqrt, inline="always")(_calling(np.sqrt))
-overload(_scalar.div, inline="always")(lambda a, b: lambda a, b: np.true_divide(a, b))
+_scalar.implement(overload, {_scalar.exp: exp, _scalar.tanh: tanh, _scalar.sqrt: np.sqrt, _scalar.div: np.true_divide})
 
 
 def sigmoid(x):

@@ -1,24 +1,19 @@
 """Elementwise loops, serial on small buffers and in parallel chunks on large ones.
 
 A kernel is a ``jit`` body ``body(lo, hi, *args)`` updating elements ``lo <= i < hi`` of flat buffers,
-plus a 4-line parallel driver in its own module that calls it on each chunk::
-
-    @jit(parallel=True)
-    def _body_chunks(n, *args):
-        for c in prange(n_chunks(n)):
-            lo, hi = chunk(c, n)
-            _body(lo, hi, *args)
-
+plus its parallel driver ``_body_chunks = chunked(_body)``, which calls it on each chunk (:func:`_driver`).
 :func:`run` calls the body directly below :data:`PARALLEL_MIN` elements (no thread start-up) and the
 driver above it. The bounds are unsigned: indices provably never go negative, so Numba's negative-index
 wraparound (a select per access) drops out and LLVM vectorises the body's loop.
 
-Why not one generic driver taking the body as an argument: Numba keys its on-disk cache on the argument
-types, and a dispatcher's type differs in every process, so such a driver recompiles (2-3 s) on every
-start; it also costs about 5 us per call to type the dispatcher. Why not one function compiled twice
+Why a driver per body rather than one generic driver taking the body as an argument: Numba keys its
+on-disk cache on the argument types, and a dispatcher's type differs in every process, so such a driver
+recompiles (2-3 s) on every start; it also costs about 5 us per call to type the dispatcher. (A closure
+over the body would miss the cache in the same way: Numba keys it on the pickled closure, and a pickled
+dispatcher holds an id made anew in every process.) Why not one function compiled twice
 (parallel and serial): the cache key ignores compile options, so the two would overwrite each other.
-Numba's cache does not see edits to this file from the modules that inline its helpers: clear the
-``__pycache__`` of ``kernels/cpu`` after changing CHUNK.
+Numba's cache does not see edits to this file from the modules that inline its helpers or hold its
+drivers: clear the ``__pycache__`` of ``kernels/cpu`` after changing CHUNK or :func:`_driver`.
 
 Scheduling: Numba splits a ``prange`` into one equal block per thread unless a chunk size is set, so a
 thread whose core is busy (another library's pool still spinning, a neighbour process) holds the whole
@@ -28,8 +23,11 @@ elements a piece covers never depends on timing, and reductions add per-piece pa
 (:func:`ordered_sum`), so results are bitwise the same on any thread count and under any load.
 """
 
+import types
+
 import numba
 import numpy as np
+from numba import prange
 
 from . import _math
 from ._jit import jit
@@ -64,6 +62,30 @@ def ordered_sum(values):
     for i in range(values.size):
         total += values[i]
     return total
+
+
+def _driver(n, *args):
+    """What :func:`chunked` makes for ``body`` (never compiled itself): ``body(lo, hi, *args)`` on each chunk."""
+    for c in prange(n_chunks(n)):
+        lo, hi = chunk(c, n)
+        body(lo, hi, *args)  # noqa: F821 - each driver's own global (see chunked)
+
+
+def chunked(body):
+    """The parallel driver ``<body>_chunks(n, *args)`` of the ``jit`` body ``body(lo, hi, *args)``.
+
+    A copy of :func:`_driver` with ``body`` as a global, cached as if written beside ``body``: under its
+    own qualified name (Numba keys its on-disk cache on the defining file and qualified name, so drivers
+    sharing one name would load each other's code) and in ``body``'s file, so an edit of that file
+    invalidates it (the cached driver holds body's compiled code)."""
+    fn = body.py_func
+    name = fn.__name__ + "_chunks"
+    code = _driver.__code__.replace(co_filename=fn.__code__.co_filename, co_name=name,
+                                    co_qualname=fn.__qualname__ + "_chunks")
+    driver = types.FunctionType(code, {**globals(), "body": body}, name)
+    driver.__qualname__, driver.__module__ = code.co_qualname, fn.__module__
+    driver.__doc__ = f"``{fn.__name__}(lo, hi, *args)`` on each chunk of ``0 <= i < n``, in parallel."
+    return jit(driver, parallel=True)
 
 
 _set_chunksize = None  # Numba's setter of the calling thread's prange chunk size, once its threads run

@@ -7,11 +7,10 @@ any number of threads.
 """
 
 import numpy as np
-from numba import prange
 
 from ..reference.dropout import GAMMA, keep_threshold, mix, stream
 from ._jit import jit
-from ._parallel import chunk, n_chunks, run
+from ._parallel import chunked, run
 
 _mix = jit(mix, inline="always")  # on uint64 the masks in mix() are no-ops: the products wrap mod 2**64
 _GAMMA, _ONE = np.uint64(GAMMA), np.uint64(1)
@@ -25,11 +24,7 @@ def _dropout(lo, hi, x, out, start, threshold, scale, zero):
         out[i] = x[i] * (scale if bits >= threshold else zero)
 
 
-@jit(parallel=True)
-def _dropout_chunks(n, *args):
-    for c in prange(n_chunks(n)):
-        lo, hi = chunk(c, n)
-        _dropout(lo, hi, *args)
+_dropout_chunks = chunked(_dropout)
 
 
 def dropout(x, p, seed, offset, out):

@@ -19,12 +19,11 @@ its own.
 import math
 
 import numpy as np
-from numba import prange
 
 from .. import _scalar
 from . import _math  # noqa: F401  (resolves _scalar's primitives for this backend)
 from ._jit import jit
-from ._parallel import chunk, n_chunks, run
+from ._parallel import chunked, run
 
 
 @jit(inline="always")
@@ -58,11 +57,12 @@ _sgd_update, _rmsprop_update, _adagrad_update, _adadelta_update = (
     jit(inline="always")(f) for f in (_scalar.sgd, _scalar.rmsprop, _scalar.adagrad, _scalar.adadelta))
 
 
-def _scale(param, scale):
-    """The step's gradient scale in param's dtype: None for none (or 1), 0 to skip the step."""
-    if scale is None or scale[0] == 1:
-        return None
-    return param.dtype.type(scale[0])
+def _run(body, body_chunks, param, scale, *args):
+    """``body(lo, hi, param, *args, gscale)`` over param's elements (``_parallel.run``), ``gscale`` the step's
+    gradient scale in param's dtype (None for none, or 1), unless that scale is 0: the step is skipped."""
+    gscale = None if scale is None or scale[0] == 1 else param.dtype.type(scale[0])
+    if gscale != 0:
+        run(body, body_chunks, param.size, param, *args, gscale)
 
 
 @jit
@@ -74,19 +74,14 @@ def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_dec
         param[i] -= d
 
 
-@jit(parallel=True)
-def _sgd_chunks(n, *args):
-    for c in prange(n_chunks(n)):
-        lo, hi = chunk(c, n)
-        _sgd(lo, hi, *args)
+_sgd_chunks = chunked(_sgd)
 
 
 def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
     """torch.optim.SGD's update; ``step == 1`` starts the velocity at the gradient, as torch does."""
-    t, s = param.dtype.type, _scale(param, scale)
-    if s != 0:
-        run(_sgd, _sgd_chunks, param.size, param, grad, velocity, t(lr), t(momentum), t(1 - dampening), nesterov,
-            t(weight_decay), step == 1, s)
+    t = param.dtype.type
+    _run(_sgd, _sgd_chunks, param, scale, grad, velocity, t(lr), t(momentum), t(1 - dampening), nesterov,
+         t(weight_decay), step == 1)
 
 
 @jit
@@ -106,20 +101,14 @@ def _adam(lo, hi, param, grad, m, v, decay, weight_decay, c1, beta2, c2, step_si
         param[i] = p - np.true_divide(step_size * m_i, np.true_divide(np.sqrt(v_i), sqrt_bc2) + eps)
 
 
-@jit(parallel=True)
-def _adam_chunks(n, *args):
-    for c in prange(n_chunks(n)):
-        lo, hi = chunk(c, n)
-        _adam(lo, hi, *args)
+_adam_chunks = chunked(_adam)
 
 
 def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, scale=None):
     """Adam (AdamW when ``decoupled``), with bias corrections computed once per step."""
-    t, s = param.dtype.type, _scale(param, scale)
-    if s != 0:
-        run(_adam, _adam_chunks, param.size, param, grad, m, v, t(1 - lr * weight_decay), t(weight_decay),
-            t(1 - beta1), t(beta2), t(1 - beta2), t(lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)),
-            t(eps), decoupled, s)
+    t = param.dtype.type
+    _run(_adam, _adam_chunks, param, scale, grad, m, v, t(1 - lr * weight_decay), t(weight_decay), t(1 - beta1),
+         t(beta2), t(1 - beta2), t(lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)), t(eps), decoupled)
 
 
 @jit
@@ -133,19 +122,14 @@ def _rmsprop(lo, hi, param, grad, square_avg, momentum_buffer, lr, alpha, c, eps
         param[i] -= d
 
 
-@jit(parallel=True)
-def _rmsprop_chunks(n, *args):
-    for c in prange(n_chunks(n)):
-        lo, hi = chunk(c, n)
-        _rmsprop(lo, hi, *args)
+_rmsprop_chunks = chunked(_rmsprop)
 
 
 def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer, scale=None):
     """RMSprop (not centered), with momentum when a ``momentum_buffer`` is given."""
-    t, s = param.dtype.type, _scale(param, scale)
-    if s != 0:
-        run(_rmsprop, _rmsprop_chunks, param.size, param, grad, square_avg, momentum_buffer, t(lr), t(alpha),
-            t(1 - alpha), t(eps), t(weight_decay), t(momentum), s)
+    t = param.dtype.type
+    _run(_rmsprop, _rmsprop_chunks, param, scale, grad, square_avg, momentum_buffer, t(lr), t(alpha), t(1 - alpha),
+         t(eps), t(weight_decay), t(momentum))
 
 
 @jit
@@ -155,18 +139,13 @@ def _adagrad(lo, hi, param, grad, sum_sq, lr, eps, weight_decay, gscale):
         param[i] -= d
 
 
-@jit(parallel=True)
-def _adagrad_chunks(n, *args):
-    for c in prange(n_chunks(n)):
-        lo, hi = chunk(c, n)
-        _adagrad(lo, hi, *args)
+_adagrad_chunks = chunked(_adagrad)
 
 
 def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
     """Adagrad without learning-rate decay."""
-    t, s = param.dtype.type, _scale(param, scale)
-    if s != 0:
-        run(_adagrad, _adagrad_chunks, param.size, param, grad, sum_sq, t(lr), t(eps), t(weight_decay), s)
+    t = param.dtype.type
+    _run(_adagrad, _adagrad_chunks, param, scale, grad, sum_sq, t(lr), t(eps), t(weight_decay))
 
 
 @jit
@@ -177,16 +156,11 @@ def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weigh
         param[i] -= d
 
 
-@jit(parallel=True)
-def _adadelta_chunks(n, *args):
-    for c in prange(n_chunks(n)):
-        lo, hi = chunk(c, n)
-        _adadelta(lo, hi, *args)
+_adadelta_chunks = chunked(_adadelta)
 
 
 def adadelta_step(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, scale=None):
     """Adadelta, updating both running averages in the same pass."""
-    t, s = param.dtype.type, _scale(param, scale)
-    if s != 0:
-        run(_adadelta, _adadelta_chunks, param.size, param, grad, square_avg, acc_delta, t(lr), t(rho),
-            t(1 - rho), t(eps), t(weight_decay), s)
+    t = param.dtype.type
+    _run(_adadelta, _adadelta_chunks, param, scale, grad, square_avg, acc_delta, t(lr), t(rho), t(1 - rho), t(eps),
+         t(weight_decay))

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 import sys
 import threading
 import warnings
@@ -95,12 +96,8 @@ def _register_scalar():
     for formula in (*(f for pair in _scalar.ACTIVATIONS.values() for f in pair), *_scalar.OPTIMIZERS):
         register_jitable(formula)
 
-    def calling(fn):
-        return lambda x: lambda x: fn(x)
-
-    for primitive, fn in ((_scalar.exp, math.exp), (_scalar.sqrt, math.sqrt), (_scalar.tanh, math.tanh)):
-        overload(primitive, inline="always")(calling(fn))
-    overload(_scalar.div, inline="always")(lambda a, b: lambda a, b: a / b)
+    _scalar.implement(overload, {_scalar.exp: math.exp, _scalar.tanh: math.tanh, _scalar.sqrt: math.sqrt,
+                                 _scalar.div: operator.truediv})
 
 
 if not SIMULATOR:

@@ -3,7 +3,8 @@ optimizer's formula of ``kernels/_scalar.py`` (shared with the numba backend).
 
 Hyperparameter expressions that do not depend on the element (1 - beta, bias corrections, ...) are
 computed once on the host in double precision and passed in the buffers' dtype, as the reference's
-Python scalars are. An absent state buffer is replaced by ``grad`` as a placeholder the kernel never reads.
+Python scalars are. An absent state buffer (None) is replaced by ``grad`` as a placeholder the kernel never
+reads or writes.
 
 A ``scale`` array (see the reference) is read on the device by every thread: 0 returns before the loop
 (the step is skipped without the host knowing), otherwise each gradient element is multiplied by it as
@@ -20,8 +21,9 @@ from ._launch import ZERO, grid, kernel
 
 def _launch(kernel, param, grad, scale, *args):
     if param.shape[0]:
-        dtype = param.dtype.type  # float hyperparameters in the buffers' dtype; arrays and flags as they are
-        args = [a if hasattr(a, "shape") or isinstance(a, bool) else dtype(a) for a in args]
+        # an absent buffer (None) as the grad placeholder, hyperparameters in the buffers' dtype, the rest as is
+        dtype = param.dtype.type
+        args = [grad if a is None else a if hasattr(a, "shape") or isinstance(a, bool) else dtype(a) for a in args]
         kernel[grid(param.shape[0])](param, grad, grad if scale is None else scale, scale is not None, *args)
 
 
@@ -42,6 +44,13 @@ def _at(buf, i, present):
     return buf[i] if present else ZERO
 
 
+@cuda.jit(device=True)
+def _store(buf, i, value, present):
+    """``buf[i] = value`` unless the buffer is a placeholder."""
+    if present:
+        buf[i] = value
+
+
 @kernel
 def _sgd(param, grad, scale, has_scale, velocity, lr, momentum, one_minus_dampening, weight_decay, has_momentum,
          nesterov, first):
@@ -50,14 +59,13 @@ def _sgd(param, grad, scale, has_scale, velocity, lr, momentum, one_minus_dampen
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
         d, vel = _scalar.sgd(_grad(grad, i, scale, has_scale), param[i], _at(velocity, i, has_momentum), lr,
                              momentum, one_minus_dampening, weight_decay, has_momentum, nesterov, first)
-        if has_momentum:
-            velocity[i] = vel
+        _store(velocity, i, vel, has_momentum)
         param[i] -= d
 
 
 def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):
-    _launch(_sgd, param, grad, scale, grad if velocity is None else velocity, lr, momentum, 1 - dampening,
-            weight_decay, momentum != 0, bool(nesterov), step == 1)
+    _launch(_sgd, param, grad, scale, velocity, lr, momentum, 1 - dampening, weight_decay, momentum != 0,
+            bool(nesterov), step == 1)
 
 
 @kernel
@@ -85,14 +93,13 @@ def _rmsprop(param, grad, scale, has_scale, square_avg, momentum_buffer, lr, alp
         d, square_avg[i], buf = _scalar.rmsprop(_grad(grad, i, scale, has_scale), param[i], square_avg[i],
                                                 _at(momentum_buffer, i, has_momentum), lr, alpha, one_minus_alpha,
                                                 eps, weight_decay, momentum, has_momentum)
-        if has_momentum:
-            momentum_buffer[i] = buf
+        _store(momentum_buffer, i, buf, has_momentum)
         param[i] -= d
 
 
 def rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, momentum_buffer, scale=None):
-    _launch(_rmsprop, param, grad, scale, square_avg, grad if momentum_buffer is None else momentum_buffer, lr,
-            alpha, 1 - alpha, eps, weight_decay, momentum, momentum > 0)
+    _launch(_rmsprop, param, grad, scale, square_avg, momentum_buffer, lr, alpha, 1 - alpha, eps, weight_decay,
+            momentum, momentum > 0)
 
 
 @kernel
