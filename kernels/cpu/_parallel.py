@@ -79,11 +79,12 @@ def chunked(body):
     sharing one name would load each other's code) and in ``body``'s file, so an edit of that file
     invalidates it (the cached driver holds body's compiled code)."""
     fn = body.py_func
-    name = fn.__name__ + "_chunks"
-    code = _driver.__code__.replace(co_filename=fn.__code__.co_filename, co_name=name,
-                                    co_qualname=fn.__qualname__ + "_chunks")
-    driver = types.FunctionType(code, {**globals(), "body": body}, name)
-    driver.__qualname__, driver.__module__ = code.co_qualname, fn.__module__
+    name, qualname = fn.__name__ + "_chunks", fn.__qualname__ + "_chunks"
+    names = dict(co_filename=fn.__code__.co_filename, co_name=name)
+    if hasattr(_driver.__code__, "co_qualname"):  # Python 3.11 on
+        names["co_qualname"] = qualname
+    driver = types.FunctionType(_driver.__code__.replace(**names), {**globals(), "body": body}, name)
+    driver.__qualname__, driver.__module__ = qualname, fn.__module__
     driver.__doc__ = f"``{fn.__name__}(lo, hi, *args)`` on each chunk of ``0 <= i < n``, in parallel."
     return jit(driver, parallel=True)
 
