@@ -51,14 +51,18 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 def pointwise_loss(op, name):
     """A kernel ``(pred, target, scale, grad) -> sum of the loss terms``, where ``op(p, t, scale)``
-    returns one element's ``(loss term, gradient)``; parallel chunks keep their own partial sums."""
+    returns one element's ``(loss term, gradient)``; parallel chunks keep their own partial sums.
+    The terms are summed by a loop that stores nothing, then the gradient is written by a second one
+    (so that the sum does not depend on where grad sits: see ``activations``; reading everything first
+    also keeps ``grad`` being ``pred`` or ``target`` correct). Each loop computes only its half of op."""
 
     @scalar
     def span(pred, target, scale, grad):
         total = _math.typed(0, pred)
         for i in range(grad.size):
-            term, grad[i] = op(pred[i], target[i], scale)
-            total += term
+            total += op(pred[i], target[i], scale)[0]
+        for i in range(grad.size):
+            grad[i] = op(pred[i], target[i], scale)[1]
         return total
 
     def kernel(pred, target, scale, grad):
