@@ -244,17 +244,10 @@ class Trainer:
         return history
 
     def _buffer(self, key, shape, dtype):
-        """A scratch array on the model's device, allocated once per (key, shape, dtype); on the host,
-        _compiled.GAP bytes after the end of any earlier allocation (see there: a loss's gradient just
-        after the model's output would make its kernel round as its scalar loop does)."""
+        """A scratch array on the model's device, allocated once per (key, shape, dtype)."""
         buf = self._scratch.get((key, shape, dtype))
         if buf is None:
-            if self.model.xp is np:
-                gap = -(-_compiled.GAP // np.dtype(dtype).itemsize)
-                buf = np.empty(gap + math.prod(shape), dtype)[gap:].reshape(shape)
-            else:
-                buf = self.model.xp.empty(shape, dtype)
-            self._scratch[key, shape, dtype] = buf
+            buf = self._scratch[key, shape, dtype] = self.model.xp.empty(shape, dtype)
         return buf
 
     def _batch(self, key, A, idx):

@@ -402,26 +402,21 @@ def test_the_kernel_table_compiles_only_the_optimizer_and_loss_at_hand(monkeypat
     assert again[step.COUNT_K] != 0 and again[step.LOSS_K + step.MSE] == 0
 
 
-def test_the_loss_gradient_never_starts_just_after_the_output():
-    """softmax_cross_entropy rounds differently (its scalar loop: LLVM's run-time overlap check) when
-    dlogits starts just after the logits; the per-kernel step's buffers start GAP bytes after any earlier
-    allocation, as the compiled epoch's do, so the two agree whatever the heap's layout (a cold-cache run
-    once gave the per-kernel step such neighbours: Dense(4), batch 3)."""
+def test_the_loss_gradient_may_start_just_after_the_output():
+    """softmax_cross_entropy once rounded differently when dlogits started just after the logits (LLVM's
+    run-time overlap check sent its exp-and-sum loop to the scalar version, which sums in another order):
+    a cold-cache run gave the per-kernel step such neighbours (Dense(4), batch 3), and the trainer kept
+    its buffers 512 bytes apart. Its sum now has a loop of its own: every placement gives the same bits."""
     rng = np.random.default_rng(0)
-    differ = 0
     for _ in range(20):
         x, labels = (rng.standard_normal((3, 4)) * 3).astype(np.float32), rng.integers(0, 4, 3)
-        results = []
-        for gap in (0, _compiled.GAP // 4):
+        results = set()
+        for gap in list(range(17)) + [128]:
             buf = np.zeros(24 + gap, np.float32)
             logits, dlogits = buf[:12].reshape(3, 4), buf[12 + gap:].reshape(3, 4)
             logits[:] = x
-            results.append((kernels.softmax_cross_entropy(logits, labels, out=dlogits)[0].tobytes(), dlogits.tobytes()))
-        differ += results[0] != results[1]
-    assert differ > 0
-    trainer = nn.Trainer(nn.Sequential([nn.Dense(4)], input_dim=3))
-    dout = trainer._buffer("dout", (3, 4), np.float32)
-    assert dout.ctypes.data - dout.base.ctypes.data >= _compiled.GAP and dout.shape == (3, 4)
+            results.add((kernels.softmax_cross_entropy(logits, labels, out=dlogits)[0].tobytes(), dlogits.tobytes()))
+        assert len(results) == 1
 
 
 def test_ready_is_remembered_by_what_the_argument_types_depend_on():

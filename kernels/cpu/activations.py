@@ -6,6 +6,13 @@ they stay on the calling thread (starting the thread pool costs more than a smal
 sigmoid, tanh and softmax use the vectorisable ``_math.exp`` instead of the scalar libm call ``np.exp``
 compiles to, so their loops run in SIMD.
 NaN propagates as in the reference (relu(NaN) is NaN, like ``np.maximum``).
+
+Results depend on the input values only, never on where the buffers sit: no loop both stores and sums.
+LLVM vectorises a loop that stores behind a run-time check that the output does not start just after
+an input (within a few vectors), and runs its scalar version otherwise. An elementwise store gives the
+same bits either way, but a sum does not (the vector loop keeps several partial sums), so every sum runs
+in a loop of its own that stores nothing and has a single version (tests/test_activations.py places
+the output at every offset after the input).
 """
 
 import numpy as np
@@ -15,7 +22,7 @@ from .. import _scalar
 from . import _math
 from ._jit import jit
 from ._math import scalar
-from ._parallel import CHUNK, n_chunks
+from ._parallel import CHUNK, n_chunks, ordered_sum
 
 PARALLEL_MIN = 1 << 17  # elements: below this a pass takes less than starting the thread pool can cost
 
@@ -81,13 +88,11 @@ def row_max(x):
 
 @scalar
 def exp_shifted(x, shift, out):
-    """``out = exp(x - shift)`` over a row; returns the sum of ``out``."""
-    total = _math.typed(0, x)
+    """``out = exp(x - shift)`` over a row; returns the sum of ``out``, added by a second loop that only
+    reads, so that the sum depends on the values alone (see the module's docstring)."""
     for j in range(x.size):
-        e = _math.exp(x[j] - shift)
-        out[j] = e
-        total += e
-    return total
+        out[j] = _math.exp(x[j] - shift)
+    return ordered_sum(out)
 
 
 @scalar

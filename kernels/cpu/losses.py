@@ -13,6 +13,8 @@ from ._jit import jit, serial
 from ._parallel import CHUNK, n_chunks, ordered_sum, scheduled
 from .activations import PARALLEL_MIN, exp_shifted, row_max, scalar
 
+TERMS_BLOCK = 1024  # elements: the pointwise losses' terms, summed while still in L1
+
 
 @scalar
 def _cross_entropy_row(x, label, inv_n, out):
@@ -51,14 +53,21 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 def pointwise_loss(op, name):
     """A kernel ``(pred, target, scale, grad) -> sum of the loss terms``, where ``op(p, t, scale)``
-    returns one element's ``(loss term, gradient)``; parallel chunks keep their own partial sums."""
+    returns one element's ``(loss term, gradient)``; parallel chunks keep their own partial sums.
+    Block by block, one loop writes the gradient and the terms (into a scratch block still in L1), and a
+    second loop that stores nothing sums them, so that the sum does not depend on where grad sits (see
+    ``activations``). grad may be pred or target itself: each element is read before it is written."""
 
     @scalar
     def span(pred, target, scale, grad):
+        terms = np.empty(min(grad.size, TERMS_BLOCK), pred.dtype)
         total = _math.typed(0, pred)
-        for i in range(grad.size):
-            term, grad[i] = op(pred[i], target[i], scale)
-            total += term
+        for lo in range(0, grad.size, TERMS_BLOCK):
+            hi = min(grad.size, lo + TERMS_BLOCK)
+            p, t, g, e = pred[lo:hi], target[lo:hi], grad[lo:hi], terms[:hi - lo]
+            for i in range(g.size):
+                e[i], g[i] = op(p[i], t[i], scale)
+            total += ordered_sum(e)
         return total
 
     def kernel(pred, target, scale, grad):
