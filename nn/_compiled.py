@@ -37,12 +37,6 @@ from .layers import Activation, Dense, Dropout
 # about this many bytes takes
 SNAPSHOT_BYTES_PER_STEP = 1 << 19
 CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the progress bar and Ctrl-C
-# Bytes between two buffers of the scratch: the kernels' vectorised loops check at run time that an output
-# does not start just after an input (within a few vectors) and else run a scalar loop, whose sums round
-# differently (softmax_cross_entropy's, seen with dlogits 16 bytes after the logits); separately
-# allocated buffers are normally farther apart than that (the trainer's own buffers are kept GAP bytes
-# from any earlier allocation: Trainer._buffer).
-GAP = 512
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
 _LOSSES = {losses_.SoftmaxCrossEntropy: "CROSS_ENTROPY", losses_.MSE: "MSE", losses_.BinaryCrossEntropy:
            "BINARY_CROSS_ENTROPY", losses_.Hinge: "HINGE"}  # their codes in kernels.cpu.step
@@ -170,16 +164,16 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
 def _layer_table(model, batch):
     """The driver's layer table, each layer's float argument, each layer's (dropout layer or None, keep
     threshold), and the scratch size: input, outputs, dz and dx buffers for ``batch`` rows, each on its
-    own cache lines and GAP bytes from the next, as separately allocated buffers would be."""
+    own cache lines."""
     from kernels.cpu import step
     from kernels.reference.dropout import keep_threshold
 
-    size, line, gap = 0, 64 // model.dtype.itemsize, GAP // model.dtype.itemsize
+    size, line = 0, 64 // model.dtype.itemsize
 
     def take(width):
         nonlocal size
         start = -(-size // line) * line
-        size = start + batch * width + gap
+        size = start + batch * width
         return start
 
     table = np.full((len(model.layers), 11), -1, np.int64)
