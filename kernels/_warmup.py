@@ -43,7 +43,8 @@ def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
     wide = np.linspace(-1, 1, 12 * 24, dtype=dtype).reshape(12, 24)
     calls = {  # the GEMM's two routes compile apart: register tiles (N > 16 or A strided), dot products
         "matmul": lambda: (k.matmul(x, wide, bias=np.zeros(24, dtype), activation="relu"),
-                           k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big)),
+                           k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big),
+                           *[k.matmul(x, wide, activation=act) for act in activations if act in ("sigmoid", "tanh")]),
         "matmul narrow": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"),
                                   k.matmul(x, w, trans_b=True)),
         "softmax_cross_entropy": lambda: [k.softmax_cross_entropy(r, np.arange(len(r)) % 10) for r in rows],

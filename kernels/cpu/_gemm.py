@@ -175,8 +175,10 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       again: _block float32 9.8-10.2 s CPU vs 9.6-10.4 s with all three).
 """
 
+import ctypes
+
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import carray, cfunc, from_dtype, prange, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
@@ -535,7 +537,8 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
 @jit(inline="always")
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
     """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
-    still in L1/L2): one branch per call, then one vectorisable loop per row and kind."""
+    still in L1/L2): one branch per call, then one vectorisable loop per row and kind; sigmoid and tanh
+    by one call of ``_transcendental`` (compiled on first use, see ``_lazy``)."""
     zero = out.dtype.type(0)
     b = bias[col:col + cols] if has_bias else bias
     for i in range(row, row + rows):
@@ -549,12 +552,88 @@ def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
         elif act == LEAKY_RELU:
             for j in range(cols):
                 x[j] = x[j] if x[j] > zero else alpha * x[j]
-        elif act == SIGMOID:
+    if act == SIGMOID or act == TANH:
+        _call_transcendental(out, row, rows, col, cols, act)
+
+
+def _transcendental(out_p, m, n, row, rows, col, cols, act):
+    """Sigmoid (``act`` SIGMOID) or tanh in place on ``out[row:row+rows, col:col+cols]``, ``out`` the
+    ``m x n`` array at ``out_p``: the epilogue's part that costs most to compile, in a C function of its own."""
+    out = carray(out_p, (m, n))
+    for i in range(row, row + rows):
+        x = out[i, col:col + cols]
+        if act == SIGMOID:
             for j in range(cols):
                 x[j] = sigmoid(x[j])
-        elif act == TANH:
+        else:
             for j in range(cols):
                 x[j] = tanh(x[j])
+
+
+def _transcendental_signature(dtype):
+    """The C signature of ``_transcendental`` for a numba float type."""
+    return types.void(types.CPointer(dtype), *[types.intp] * 7)
+
+
+# ``_transcendental`` is compiled per dtype on its first call, so that a process whose products use no
+# sigmoid or tanh never compiles them (most of the GEMM bodies' compile time). The epilogue calls it through
+# a table of addresses, one slot per dtype, that the compiled code finds by a symbol name (resolved when
+# the code is loaded: a per-process address, so the callers stay cacheable). Each slot starts as a Python
+# callback that compiles (or loads from Numba's cache) the function, puts its address in the slot, then
+# runs it; later calls go straight to the compiled function.
+_LAZY_SYMBOL = "kernels_cpu_gemm_transcendental"
+_LAZY = (ctypes.c_void_p * len(DTYPES))()
+_C_TYPES = {dtype: ctypes.CFUNCTYPE(None, ctypes.c_void_p, *[ctypes.c_ssize_t] * 7) for dtype in DTYPES}
+_TRANSCENDENTAL = {}  # dtype -> the compiled function
+
+
+def _transcendental_address(dtype):
+    """The address of ``_transcendental`` compiled for ``dtype``, compiled (or loaded from Numba's cache) and
+    put in its slot of the table on the first call."""
+    if dtype not in _TRANSCENDENTAL:
+        compiled = cfunc(_transcendental_signature(from_dtype(dtype)), cache=True,
+                         fastmath=set(FASTMATH))(_transcendental)
+        _TRANSCENDENTAL[dtype] = compiled
+        _LAZY[DTYPES.index(dtype)] = compiled.address
+    return _TRANSCENDENTAL[dtype].address
+
+
+def _first_call(dtype):
+    """What a slot starts with: a C callback that compiles ``_transcendental`` for ``dtype``, then runs it."""
+    def call(*args):
+        _C_TYPES[dtype](_transcendental_address(dtype))(*args)
+
+    return _C_TYPES[dtype](call)
+
+
+_FIRST_CALLS = [_first_call(dtype) for dtype in DTYPES]  # kept alive: the slots point into them
+for _slot, _callback in enumerate(_FIRST_CALLS):
+    _LAZY[_slot] = ctypes.cast(_callback, ctypes.c_void_p).value
+binding.add_symbol(_LAZY_SYMBOL, ctypes.addressof(_LAZY))
+
+
+@intrinsic
+def _call_transcendental(typingctx, out, row, rows, col, cols, act):
+    """``_transcendental`` for ``out``'s dtype on ``out[row:row+rows, col:col+cols]`` (``act`` SIGMOID or
+    TANH), called through its slot in the table at ``_LAZY_SYMBOL``."""
+    slot = DTYPES.index(np.dtype(out.dtype.name))
+    sig = types.void(out, row, rows, col, cols, act)
+    target = _transcendental_signature(out.dtype).args
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        values = [array.data, *cgutils.unpack_tuple(builder, array.shape, 2)]
+        values += [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:])]
+        fnty = ir.FunctionType(ir.VoidType(), [context.get_argument_type(t) for t in target])
+        i8p = ir.IntType(8).as_pointer()
+        table = builder.module.globals.get(_LAZY_SYMBOL)
+        if table is None:  # declared, defined outside the module (binding.add_symbol)
+            table = ir.GlobalVariable(builder.module, ir.ArrayType(i8p, len(DTYPES)), _LAZY_SYMBOL)
+        entry = builder.gep(table, [ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), slot)])
+        builder.call(builder.bitcast(builder.load(entry), fnty.as_pointer()), values)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @jit
@@ -803,7 +882,10 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(CHUNKS_PER_THREAD * threads, col_blocks)))
     rows = _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile
     chunks = _cdiv(m, rows) * col_blocks
-    counter = np.zeros(1, np.intp)
+    if act == SIGMOID or act == TANH:  # compiled, on its first use, by this thread rather than a worker
+        _call_transcendental(out, 0, 0, 0, 0, act)
+    counter = np.empty(1, np.intp)  # not np.zeros, which parallel=True would make a parallel loop of its own
+    counter[0] = 0
     counter_at = np.intp(counter.ctypes.data)
     for _ in prange(min(threads, chunks)):
         bp = np.empty(b_size, out.dtype)
