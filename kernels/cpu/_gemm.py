@@ -15,7 +15,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 - the micro-kernel stores its tile straight from the accumulator registers into ``out`` (adding to it
   after the first K block), having prefetched those lines for writing before its K loop; edge tiles go
   through a small buffer; after the last K block, bias + activation are applied in place to each row of
-  tiles while it is in L1/L2 (one vectorised loop per row and activation kind);
+  tiles while it is in L1/L2 (one vectorised loop per row and activation kind; sigmoid and tanh, most of
+  the bodies' compile time, in a function of their own compiled on a product's first use of them);
 - a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
   another route: B^T is packed (N x K, in L1) and each MR x NR tile (DOT_TILES) is dot products along
   K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
@@ -173,6 +174,15 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       ``inspect_asm`` on znver3 re-checked: the avx2 K loop has 24 vfmadd231ps on ymm (unrolled twice),
       16 loads, no stack access. Compile time unchanged (no code changed; the one-variant switch tried
       again: _block float32 9.8-10.2 s CPU vs 9.6-10.4 s with all three).
+  v21 compile time, not speed: the epilogue's sigmoid and tanh loops were most of the bodies' compile (their
+      vectorisable exp and tanh are Numba overloads inlined and typed again at every call site): cold,
+      float32, CPU seconds of a fresh process (load 2-4, A/B alternated, medians of 3): ``_block`` 7.2 ->
+      4.5, ``_dots`` 3.0 -> 1.6, _small's ``rows`` 1.7 -> 0.8 and ``dots`` 1.5 -> 1.2; all the GEMM pieces
+      nn.train compiles 17.7 -> 14.0. They are now ``_transcendental``, a C function per dtype that the
+      epilogue calls through a table of addresses found by symbol name, compiled on the first call
+      (~3.8 CPU-s); only linked into every caller, it saved 1.3 s of the 6 (tried). gemm_parallel's
+      ``np.zeros`` counter was a second parallel loop (a gufunc of its own): ~0.5 s. Results bitwise
+      the same (every activation, bias or none, both dtypes, every route and variant, cold and cached).
 """
 
 import ctypes
@@ -699,12 +709,13 @@ def _dots(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, out
     bt = np.empty(n * k, out.dtype)
     origin = np.intp(0)  # not the literal 0: one compiled _pack serves every caller
     _pack(b_at, sb_j, sb_k, bt, origin, origin, n, k, k)
-    bt_at = np.intp(bt.ctypes.data)
     block = np.empty(mr * n, out.dtype)
     block_at, out_at = np.intp(block.ctypes.data), np.intp(out.ctypes.data)
     for row in range(r0, r1, mr):
         rows = min(mr, r1 - row)
         pa = a_at + row * sa_i * item
+        bt_at = np.intp(bt.ctypes.data)  # taken here, it keeps bt alive over the loop (Numba frees an array
+        # after its last use, and the epilogue's first sigmoid or tanh runs Python, which reuses freed memory)
         for col in range(0, n, nr):
             _dot_kernel(variant, pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
         for i in range(rows):
@@ -848,12 +859,14 @@ def _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, ou
 
 @intrinsic
 def _take(typingctx, counter):
-    """Atomically ``counter[0] += 1`` at the address ``counter``, returning the old value: the next chunk."""
+    """Atomically ``counter[0] += 1`` (an intp array), returning the old value: the next chunk. The array, not
+    its address: used in the parallel loop, it stays alive until the loop ends (Numba frees an array after its
+    last use)."""
     def codegen(context, builder, sig, args):
-        at = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        at = context.make_array(sig.args[0])(context, builder, args[0]).data
         return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
 
-    return types.intp(types.intp), codegen
+    return types.intp(counter), codegen
 
 
 @jit(parallel=True)
@@ -886,14 +899,13 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
         _call_transcendental(out, 0, 0, 0, 0, act)
     counter = np.empty(1, np.intp)  # not np.zeros, which parallel=True would make a parallel loop of its own
     counter[0] = 0
-    counter_at = np.intp(counter.ctypes.data)
     for _ in prange(min(threads, chunks)):
         bp = np.empty(b_size, out.dtype)
         edge = np.empty(edge_size, out.dtype)
         tile = np.empty(tile_size, out.dtype)
-        c = _take(counter_at)
+        c = _take(counter)
         while c < chunks:
             r0, c0 = c // col_blocks * rows, c % col_blocks * cols
             _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
                        min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
-            c = _take(counter_at)
+            c = _take(counter)
