@@ -23,8 +23,8 @@ from ._dispatch import use_backend
 # rounded): only used to balance the shares between processes. matmul is the GEMM's register-tile body
 # (compiled once per dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its
 # multithreaded driver; "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
-COST = {"matmul": 8.5, "matmul narrow": 3.7, "softmax_cross_entropy": 1.8, "check_step": 0.9, "training step": 15.0}
-COST["matmul small"] = 5.5  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
+COST = {"matmul": 6.6, "matmul narrow": 2.3, "softmax_cross_entropy": 1.8, "check_step": 0.9, "training step": 15.0}
+COST["matmul small"] = 3.2  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
 DEFAULT_COST = 0.6
 
 

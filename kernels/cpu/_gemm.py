@@ -175,14 +175,15 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       16 loads, no stack access. Compile time unchanged (no code changed; the one-variant switch tried
       again: _block float32 9.8-10.2 s CPU vs 9.6-10.4 s with all three).
   v21 compile time, not speed: the epilogue's sigmoid and tanh loops were most of the bodies' compile (their
-      vectorisable exp and tanh are Numba overloads inlined and typed again at every call site): cold,
-      float32, CPU seconds of a fresh process (load 2-4, A/B alternated, medians of 3): ``_block`` 7.2 ->
-      4.5, ``_dots`` 3.0 -> 1.6, _small's ``rows`` 1.7 -> 0.8 and ``dots`` 1.5 -> 1.2; all the GEMM pieces
-      nn.train compiles 17.7 -> 14.0. They are now ``_transcendental``, a C function per dtype that the
-      epilogue calls through a table of addresses found by symbol name, compiled on the first call
-      (~3.8 CPU-s); only linked into every caller, it saved 1.3 s of the 6 (tried). gemm_parallel's
-      ``np.zeros`` counter was a second parallel loop (a gufunc of its own): ~0.5 s. Results bitwise
-      the same (every activation, bias or none, both dtypes, every route and variant, cold and cached).
+      vectorisable exp and tanh are Numba overloads inlined and typed again at every call site). They are
+      now ``_transcendental``, a C function per dtype that the epilogue calls through a table of
+      addresses found by symbol name, compiled on the first call that needs it (2.7-3.6 CPU-s); only
+      linked into every caller instead, it saved 1.3 of the 6 CPU-s (tried). gemm_parallel's ``np.zeros``
+      counter was a second parallel loop (a gufunc of its own). Cold, float32, CPU seconds of a fresh
+      process, load ~2.5, alternated with v20, medians of 3: ``_block`` 6.2 -> 3.9, ``_dots`` 2.5 -> 1.3,
+      gemm_parallel 2.2 -> 1.8, _small's ``rows`` 1.4 -> 0.7 and ``dots`` 1.3 -> 0.9; every GEMM piece
+      nn.train compiles 15.3 -> 10.1. Results bitwise the same (every activation, bias or none, both
+      dtypes, every route and variant, cold and cached).
 """
 
 import ctypes
