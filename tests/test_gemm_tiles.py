@@ -243,7 +243,8 @@ def test_sigmoid_and_tanh_compile_only_when_a_product_asks_for_them(tmp_path):
         "    a, b, bias = _route_operands(m, k, n, trans_b, dtype)\n"
         "    results[act + np.dtype(dtype).name] = kernels.matmul(a, b, trans_b=trans_b, bias=bias, activation=act)\n"
         "np.savez(sys.argv[2], **results)\n")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.getcwd()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
     for route, (m, k, n, trans_b) in enumerate(ROUTE_SHAPES):
         saved = tmp_path / f"{route}.npz"
         subprocess.run([sys.executable, "-c", script, str(route), str(saved)], env=env, check=True, timeout=600)

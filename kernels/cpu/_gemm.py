@@ -549,7 +549,7 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
     """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
     still in L1/L2): one branch per call, then one vectorisable loop per row and kind; sigmoid and tanh
-    by one call of ``_transcendental`` (compiled on first use, see ``_lazy``)."""
+    by one call of ``_transcendental`` (compiled on first use, see ``_LAZY``)."""
     zero = out.dtype.type(0)
     b = bias[col:col + cols] if has_bias else bias
     for i in range(row, row + rows):
@@ -628,7 +628,7 @@ def _call_transcendental(typingctx, out, row, rows, col, cols, act):
     """``_transcendental`` for ``out``'s dtype on ``out[row:row+rows, col:col+cols]`` (``act`` SIGMOID or
     TANH), called through its slot in the table at ``_LAZY_SYMBOL``."""
     slot = DTYPES.index(np.dtype(out.dtype.name))
-    sig = types.void(out, row, rows, col, cols, act)
+    signature = types.void(out, row, rows, col, cols, act)
     target = _transcendental_signature(out.dtype).args
 
     def codegen(context, builder, sig, args):
@@ -644,7 +644,7 @@ def _call_transcendental(typingctx, out, row, rows, col, cols, act):
         builder.call(builder.bitcast(builder.load(entry), fnty.as_pointer()), values)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return signature, codegen
 
 
 @jit
