@@ -23,8 +23,8 @@ from ._dispatch import use_backend
 # rounded): only used to balance the shares between processes. matmul is the GEMM's register-tile body
 # (compiled once per dtype), its thin wrappers for the three layouts (a @ b, a.T @ b, a @ b.T) and its
 # multithreaded driver; "matmul narrow" its dot-product body (outputs of at most 16 columns), compiled apart.
-COST = {"matmul": 8.5, "matmul narrow": 3.7, "softmax_cross_entropy": 1.8, "check_step": 0.9, "training step": 15.0}
-COST["matmul small"] = 5.5  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
+COST = {"matmul": 6.6, "matmul narrow": 2.3, "softmax_cross_entropy": 1.8, "check_step": 0.9, "training step": 15.0}
+COST["matmul small"] = 3.2  # the GEMM's small-M routes rows and dots (kernels.cpu._small)
 DEFAULT_COST = 0.6
 
 
@@ -43,7 +43,8 @@ def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
     wide = np.linspace(-1, 1, 12 * 24, dtype=dtype).reshape(12, 24)
     calls = {  # the GEMM's two routes compile apart: register tiles (N > 16 or A strided), dot products
         "matmul": lambda: (k.matmul(x, wide, bias=np.zeros(24, dtype), activation="relu"),
-                           k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big)),
+                           k.matmul(x, x, trans_a=True), k.matmul(x, wide.T, trans_b=True), k.matmul(big, big),
+                           *[k.matmul(x, wide, activation=act) for act in activations if act in ("sigmoid", "tanh")]),
         "matmul narrow": lambda: (k.matmul(x, w, bias=np.zeros(12, dtype), activation="relu"),
                                   k.matmul(x, w, trans_b=True)),
         "softmax_cross_entropy": lambda: [k.softmax_cross_entropy(r, np.arange(len(r)) % 10) for r in rows],

@@ -209,3 +209,48 @@ def test_cpu_info_shows_the_choice_and_the_override():
                           "print(i['gemm_variant'], i['gemm_variant_forced'], i['tile_float32'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["avx512", "True", "(12,", "32)"]
+
+
+# (m, k, n, trans_b) reaching each route of kernels.cpu.matmul: rows, dots, tiles, the register-tile GEMM, the
+# dot-product GEMM (narrow), the multithreaded GEMM
+ROUTE_SHAPES = [(1, 40, 30, False), (4, 96, 24, True), (20, 300, 70, False), (13, 37, 29, False), (100, 50, 10, False),
+                (128, 128, 128, False)]
+FIRST_USES = (("sigmoid", np.float32), ("tanh", np.float32))  # the first through the table's callback
+
+
+def _route_operands(m, k, n, trans_b, dtype):
+    rng = np.random.default_rng(m * k * n)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    return rng.standard_normal((m, k)).astype(dtype), b, rng.standard_normal(n).astype(dtype)
+
+
+def test_sigmoid_and_tanh_compile_only_when_a_product_asks_for_them(tmp_path):
+    """The epilogue's sigmoid and tanh (``_gemm._transcendental``) are not compiled by products without them;
+    the first product with one compiles it from any route (the multithreaded one included, 2 threads), and its
+    result is bitwise the one a process that already had it computes."""
+    script = (
+        "import sys, numpy as np, numba, kernels\n"
+        "from kernels.cpu import _gemm\n"
+        "from tests.test_gemm_tiles import FIRST_USES, ROUTE_SHAPES, _route_operands\n"
+        "numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))\n"
+        "m, k, n, trans_b = ROUTE_SHAPES[int(sys.argv[1])]\n"
+        "for act in (None, 'relu', 'leaky_relu'):\n"
+        "    a, b, bias = _route_operands(m, k, n, trans_b, np.float32)\n"
+        "    kernels.matmul(a, b, trans_b=trans_b, bias=bias, activation=act)\n"
+        "assert not _gemm._TRANSCENDENTAL, 'compiled without a sigmoid or tanh product'\n"
+        "results = {}\n"
+        "for act, dtype in FIRST_USES:\n"
+        "    a, b, bias = _route_operands(m, k, n, trans_b, dtype)\n"
+        "    results[act + np.dtype(dtype).name] = kernels.matmul(a, b, trans_b=trans_b, bias=bias, activation=act)\n"
+        "np.savez(sys.argv[2], **results)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
+    for route, (m, k, n, trans_b) in enumerate(ROUTE_SHAPES):
+        saved = tmp_path / f"{route}.npz"
+        subprocess.run([sys.executable, "-c", script, str(route), str(saved)], env=env, check=True, timeout=600)
+        results = np.load(saved)
+        for act, dtype in FIRST_USES:
+            a, b, bias = _route_operands(m, k, n, trans_b, dtype)
+            here = kernels.matmul(a, b, trans_b=trans_b, bias=bias, activation=act)
+            assert results[act + np.dtype(dtype).name].tobytes() == here.tobytes(), (route, act, dtype)
+            check(a, b, bias, act, trans_b=trans_b)

@@ -15,7 +15,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
 - the micro-kernel stores its tile straight from the accumulator registers into ``out`` (adding to it
   after the first K block), having prefetched those lines for writing before its K loop; edge tiles go
   through a small buffer; after the last K block, bias + activation are applied in place to each row of
-  tiles while it is in L1/L2 (one vectorised loop per row and activation kind);
+  tiles while it is in L1/L2 (one vectorised loop per row and activation kind; sigmoid and tanh, most of
+  the bodies' compile time, in a function of their own compiled on a product's first use of them);
 - a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
   another route: B^T is packed (N x K, in L1) and each MR x NR tile (DOT_TILES) is dot products along
   K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
@@ -173,10 +174,22 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       ``inspect_asm`` on znver3 re-checked: the avx2 K loop has 24 vfmadd231ps on ymm (unrolled twice),
       16 loads, no stack access. Compile time unchanged (no code changed; the one-variant switch tried
       again: _block float32 9.8-10.2 s CPU vs 9.6-10.4 s with all three).
+  v21 compile time, not speed: the epilogue's sigmoid and tanh loops were most of the bodies' compile (their
+      vectorisable exp and tanh are Numba overloads inlined and typed again at every call site). They are
+      now ``_transcendental``, a C function per dtype that the epilogue calls through a table of
+      addresses found by symbol name, compiled on the first call that needs it (2.7-3.6 CPU-s); only
+      linked into every caller instead, it saved 1.3 of the 6 CPU-s (tried). gemm_parallel's ``np.zeros``
+      counter was a second parallel loop (a gufunc of its own). Cold, float32, CPU seconds of a fresh
+      process, load ~2.5, alternated with v20, medians of 3: ``_block`` 6.2 -> 3.9, ``_dots`` 2.5 -> 1.3,
+      gemm_parallel 2.2 -> 1.8, _small's ``rows`` 1.4 -> 0.7 and ``dots`` 1.3 -> 0.9; every GEMM piece
+      nn.train compiles 15.3 -> 10.1. Results bitwise the same (every activation, bias or none, both
+      dtypes, every route and variant, cold and cached).
 """
 
+import ctypes
+
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import carray, cfunc, from_dtype, prange, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
@@ -535,7 +548,8 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
 @jit(inline="always")
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
     """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
-    still in L1/L2): one branch per call, then one vectorisable loop per row and kind."""
+    still in L1/L2): one branch per call, then one vectorisable loop per row and kind; sigmoid and tanh
+    by one call of ``_transcendental`` (compiled on first use, see ``_LAZY``)."""
     zero = out.dtype.type(0)
     b = bias[col:col + cols] if has_bias else bias
     for i in range(row, row + rows):
@@ -549,12 +563,88 @@ def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
         elif act == LEAKY_RELU:
             for j in range(cols):
                 x[j] = x[j] if x[j] > zero else alpha * x[j]
-        elif act == SIGMOID:
+    if act == SIGMOID or act == TANH:
+        _call_transcendental(out, row, rows, col, cols, act)
+
+
+def _transcendental(out_p, m, n, row, rows, col, cols, act):
+    """Sigmoid (``act`` SIGMOID) or tanh in place on ``out[row:row+rows, col:col+cols]``, ``out`` the
+    ``m x n`` array at ``out_p``: the epilogue's part that costs most to compile, in a C function of its own."""
+    out = carray(out_p, (m, n))
+    for i in range(row, row + rows):
+        x = out[i, col:col + cols]
+        if act == SIGMOID:
             for j in range(cols):
                 x[j] = sigmoid(x[j])
-        elif act == TANH:
+        else:
             for j in range(cols):
                 x[j] = tanh(x[j])
+
+
+def _transcendental_signature(dtype):
+    """The C signature of ``_transcendental`` for a numba float type."""
+    return types.void(types.CPointer(dtype), *[types.intp] * 7)
+
+
+# ``_transcendental`` is compiled per dtype on its first call, so that a process whose products use no
+# sigmoid or tanh never compiles them (most of the GEMM bodies' compile time). The epilogue calls it through
+# a table of addresses, one slot per dtype, that the compiled code finds by a symbol name (resolved when
+# the code is loaded: a per-process address, so the callers stay cacheable). Each slot starts as a Python
+# callback that compiles (or loads from Numba's cache) the function, puts its address in the slot, then
+# runs it; later calls go straight to the compiled function.
+_LAZY_SYMBOL = "kernels_cpu_gemm_transcendental"
+_LAZY = (ctypes.c_void_p * len(DTYPES))()
+_C_TYPES = {dtype: ctypes.CFUNCTYPE(None, ctypes.c_void_p, *[ctypes.c_ssize_t] * 7) for dtype in DTYPES}
+_TRANSCENDENTAL = {}  # dtype -> the compiled function
+
+
+def _transcendental_address(dtype):
+    """The address of ``_transcendental`` compiled for ``dtype``, compiled (or loaded from Numba's cache) and
+    put in its slot of the table on the first call."""
+    if dtype not in _TRANSCENDENTAL:
+        compiled = cfunc(_transcendental_signature(from_dtype(dtype)), cache=True,
+                         fastmath=set(FASTMATH))(_transcendental)
+        _TRANSCENDENTAL[dtype] = compiled
+        _LAZY[DTYPES.index(dtype)] = compiled.address
+    return _TRANSCENDENTAL[dtype].address
+
+
+def _first_call(dtype):
+    """What a slot starts with: a C callback that compiles ``_transcendental`` for ``dtype``, then runs it."""
+    def call(*args):
+        _C_TYPES[dtype](_transcendental_address(dtype))(*args)
+
+    return _C_TYPES[dtype](call)
+
+
+_FIRST_CALLS = [_first_call(dtype) for dtype in DTYPES]  # kept alive: the slots point into them
+for _slot, _callback in enumerate(_FIRST_CALLS):
+    _LAZY[_slot] = ctypes.cast(_callback, ctypes.c_void_p).value
+binding.add_symbol(_LAZY_SYMBOL, ctypes.addressof(_LAZY))
+
+
+@intrinsic
+def _call_transcendental(typingctx, out, row, rows, col, cols, act):
+    """``_transcendental`` for ``out``'s dtype on ``out[row:row+rows, col:col+cols]`` (``act`` SIGMOID or
+    TANH), called through its slot in the table at ``_LAZY_SYMBOL``."""
+    slot = DTYPES.index(np.dtype(out.dtype.name))
+    signature = types.void(out, row, rows, col, cols, act)
+    target = _transcendental_signature(out.dtype).args
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        values = [array.data, *cgutils.unpack_tuple(builder, array.shape, 2)]
+        values += [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:])]
+        fnty = ir.FunctionType(ir.VoidType(), [context.get_argument_type(t) for t in target])
+        i8p = ir.IntType(8).as_pointer()
+        table = builder.module.globals.get(_LAZY_SYMBOL)
+        if table is None:  # declared, defined outside the module (binding.add_symbol)
+            table = ir.GlobalVariable(builder.module, ir.ArrayType(i8p, len(DTYPES)), _LAZY_SYMBOL)
+        entry = builder.gep(table, [ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), slot)])
+        builder.call(builder.bitcast(builder.load(entry), fnty.as_pointer()), values)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @jit
@@ -620,12 +710,13 @@ def _dots(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias_p, n_bias, act, alpha, out
     bt = np.empty(n * k, out.dtype)
     origin = np.intp(0)  # not the literal 0: one compiled _pack serves every caller
     _pack(b_at, sb_j, sb_k, bt, origin, origin, n, k, k)
-    bt_at = np.intp(bt.ctypes.data)
     block = np.empty(mr * n, out.dtype)
     block_at, out_at = np.intp(block.ctypes.data), np.intp(out.ctypes.data)
     for row in range(r0, r1, mr):
         rows = min(mr, r1 - row)
         pa = a_at + row * sa_i * item
+        bt_at = np.intp(bt.ctypes.data)  # taken here, it keeps bt alive over the loop (Numba frees an array
+        # after its last use, and the epilogue's first sigmoid or tanh runs Python, which reuses freed memory)
         for col in range(0, n, nr):
             _dot_kernel(variant, pa, sa_i, rows, bt_at + col * k * item, k, min(nr, n - col), k, block, col, n)
         for i in range(rows):
@@ -769,12 +860,14 @@ def _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, ou
 
 @intrinsic
 def _take(typingctx, counter):
-    """Atomically ``counter[0] += 1`` at the address ``counter``, returning the old value: the next chunk."""
+    """Atomically ``counter[0] += 1`` (an intp array), returning the old value: the next chunk. The array, not
+    its address: used in the parallel loop, it stays alive until the loop ends (Numba frees an array after its
+    last use)."""
     def codegen(context, builder, sig, args):
-        at = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        at = context.make_array(sig.args[0])(context, builder, args[0]).data
         return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
 
-    return types.intp(types.intp), codegen
+    return types.intp(counter), codegen
 
 
 @jit(parallel=True)
@@ -803,15 +896,17 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(CHUNKS_PER_THREAD * threads, col_blocks)))
     rows = _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile
     chunks = _cdiv(m, rows) * col_blocks
-    counter = np.zeros(1, np.intp)
-    counter_at = np.intp(counter.ctypes.data)
+    if act == SIGMOID or act == TANH:  # compiled, on its first use, by this thread rather than a worker
+        _call_transcendental(out, 0, 0, 0, 0, act)
+    counter = np.empty(1, np.intp)  # not np.zeros, which parallel=True would make a parallel loop of its own
+    counter[0] = 0
     for _ in prange(min(threads, chunks)):
         bp = np.empty(b_size, out.dtype)
         edge = np.empty(edge_size, out.dtype)
         tile = np.empty(tile_size, out.dtype)
-        c = _take(counter_at)
+        c = _take(counter)
         while c < chunks:
             r0, c0 = c // col_blocks * rows, c % col_blocks * cols
             _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
                        min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
-            c = _take(counter_at)
+            c = _take(counter)
