@@ -92,6 +92,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     if why is not None or (compiled is None and not wins(model, opt, len(X), batch_size)):
         return None
     from kernels.cpu import step
+    from kernels.cpu._gemm import transcendental
     from kernels.cpu._parallel import dynamic
 
     table = None  # the kernels' addresses: compiled (or loaded) only once the driver is known to run
@@ -137,6 +138,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
                     _restore(model, opt, snapshot)
                     return None
                 table = step.kernel_table(model.dtype, kind, loss_kind)
+                for layer in model.layers:  # the GEMM epilogue's sigmoid/tanh, compiled here if at all
+                    transcendental(model.dtype, getattr(layer, "activation", None))
             args[19] = table
             done = dynamic(step.train_steps, *args)
             opt.t += done - s0

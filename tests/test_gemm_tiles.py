@@ -215,7 +215,7 @@ def test_cpu_info_shows_the_choice_and_the_override():
 # dot-product GEMM (narrow), the multithreaded GEMM
 ROUTE_SHAPES = [(1, 40, 30, False), (4, 96, 24, True), (20, 300, 70, False), (13, 37, 29, False), (100, 50, 10, False),
                 (128, 128, 128, False)]
-FIRST_USES = (("sigmoid", np.float32), ("tanh", np.float32))  # the first through the table's callback
+FIRST_USES = (("sigmoid", np.float32), ("tanh", np.float32))
 
 
 def _route_operands(m, k, n, trans_b, dtype):
@@ -254,3 +254,37 @@ def test_sigmoid_and_tanh_compile_only_when_a_product_asks_for_them(tmp_path):
             here = kernels.matmul(a, b, trans_b=trans_b, bias=bias, activation=act)
             assert results[act + np.dtype(dtype).name].tobytes() == here.tobytes(), (route, act, dtype)
             check(a, b, bias, act, trans_b=trans_b)
+
+
+def test_a_failed_first_compile_of_sigmoid_raises_or_leaves_nan_never_a_silent_result(tmp_path):
+    """kernels.matmul compiles the epilogue's sigmoid/tanh before its compiled code runs, so a failure raises
+    there; compiled code reaching the table's first-call callback directly (which cannot raise) gets NaN in the
+    block instead of an unactivated one; once the compile works, the callback compiles it and the product is
+    right."""
+    script = (
+        "import numpy as np, importlib, kernels\n"
+        "from kernels.cpu import _gemm\n"
+        "mm = importlib.import_module('kernels.cpu.matmul')\n"
+        "a, b, bias = np.ones((20, 300), np.float32), np.full((300, 70), 0.01, np.float32), np.zeros(70, np.float32)\n"
+        "compile_ = _gemm._transcendental_address\n"
+        "def broken(dtype):\n"
+        "    raise RuntimeError('compile failed')\n"
+        "_gemm._transcendental_address = broken\n"
+        "try:\n"
+        "    kernels.matmul(a, b, bias=bias, activation='sigmoid')\n"
+        "    raise SystemExit('kernels.matmul did not raise')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'compile failed' in str(e)\n"
+        "out = np.zeros((20, 70), np.float32)\n"
+        "routed = lambda: mm._routed(None, mm.TILING, 1, mm.PARALLEL_MIN_FLOPS, a, b, bias, _gemm.SIGMOID, 0.0, out)\n"
+        "routed()\n"
+        "assert np.isnan(out).all(), out\n"
+        "_gemm._transcendental_address = compile_\n"
+        "routed()\n"
+        "assert np.allclose(out, 1 / (1 + np.exp(-3.0)), rtol=1e-6), out\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stdout + run.stderr
+    assert "compile failed" in run.stderr  # the callback's failure is printed, not swallowed

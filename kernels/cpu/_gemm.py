@@ -187,6 +187,7 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
 """
 
 import ctypes
+import traceback
 
 import numpy as np
 from llvmlite import binding, ir
@@ -610,11 +611,27 @@ def _transcendental_address(dtype):
 
 
 def _first_call(dtype):
-    """What a slot starts with: a C callback that compiles ``_transcendental`` for ``dtype``, then runs it."""
-    def call(*args):
-        _C_TYPES[dtype](_transcendental_address(dtype))(*args)
+    """What a slot starts with: a C callback that compiles ``_transcendental`` for ``dtype``, then runs it.
+    The Python callers compile it first (:func:`transcendental`), where a failure raises; a C callback cannot
+    raise, so should its compile fail here, it fills the block with NaN rather than leave it unactivated."""
+    def call(out_p, m, n, row, rows, col, cols, act):
+        try:
+            address = _transcendental_address(dtype)
+        except BaseException:
+            traceback.print_exc()
+            out = np.ctypeslib.as_array(ctypes.cast(out_p, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))), (m, n))
+            out[row:row + rows, col:col + cols] = np.nan
+            return
+        _C_TYPES[dtype](address)(out_p, m, n, row, rows, col, cols, act)
 
     return _C_TYPES[dtype](call)
+
+
+def transcendental(dtype, activation):
+    """Compile (or load) the epilogue's sigmoid/tanh for ``dtype`` now if ``activation`` needs it: from Python,
+    before the compiled code that calls it, so that a failure raises here."""
+    if activation in ("sigmoid", "tanh"):
+        _transcendental_address(np.dtype(dtype))
 
 
 _FIRST_CALLS = [_first_call(dtype) for dtype in DTYPES]  # kept alive: the slots point into them

@@ -4,7 +4,7 @@ with routes for a few rows of ``out`` (see _small)."""
 import numpy as np
 
 from . import _cpuinfo
-from ._gemm import ACTIVATION_CODES, DTYPES, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._gemm import ACTIVATION_CODES, DTYPES, PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel, transcendental
 from ._parallel import num_threads
 from ._small import dispatcher, dots, rows, tiles
 
@@ -40,5 +40,6 @@ def matmul(a, b, trans_a, trans_b, bias, activation, alpha, out):
         bias = _NO_BIAS[dtype]
     elif not bias.flags.c_contiguous:
         bias = np.ascontiguousarray(bias)
+    transcendental(dtype, activation)
     _routed(None, TILING, num_threads(), PARALLEL_MIN_FLOPS, a, b, bias, ACTIVATION_CODES[activation], alpha,
             out)
