@@ -224,6 +224,14 @@ def _route_operands(m, k, n, trans_b, dtype):
     return rng.standard_normal((m, k)).astype(dtype), b, rng.standard_normal(n).astype(dtype)
 
 
+def _fresh_process(script, tmp_path, *args):
+    """``python -c script *args`` in a new process importing this checkout, with its own Numba cache."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_sigmoid_and_tanh_compile_only_when_a_product_asks_for_them(tmp_path):
     """The epilogue's sigmoid and tanh (``_gemm._transcendental``) are not compiled by products without them;
     the first product with one compiles it from any route (the multithreaded one included, 2 threads), and its
@@ -243,11 +251,10 @@ def test_sigmoid_and_tanh_compile_only_when_a_product_asks_for_them(tmp_path):
         "    a, b, bias = _route_operands(m, k, n, trans_b, dtype)\n"
         "    results[act + np.dtype(dtype).name] = kernels.matmul(a, b, trans_b=trans_b, bias=bias, activation=act)\n"
         "np.savez(sys.argv[2], **results)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
     for route, (m, k, n, trans_b) in enumerate(ROUTE_SHAPES):
         saved = tmp_path / f"{route}.npz"
-        subprocess.run([sys.executable, "-c", script, str(route), str(saved)], env=env, check=True, timeout=600)
+        run = _fresh_process(script, tmp_path, route, saved)
+        assert run.returncode == 0, run.stderr
         results = np.load(saved)
         for act, dtype in FIRST_USES:
             a, b, bias = _route_operands(m, k, n, trans_b, dtype)
@@ -283,8 +290,6 @@ def test_a_failed_first_compile_of_sigmoid_raises_or_leaves_nan_never_a_silent_r
         "routed()\n"
         "assert np.allclose(out, 1 / (1 + np.exp(-3.0)), rtol=1e-6), out\n"
         "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    run = _fresh_process(script, tmp_path)
     assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stdout + run.stderr
     assert "compile failed" in run.stderr  # the callback's failure is printed, not swallowed
