@@ -9,7 +9,9 @@ compiled code instead of Python.
 
 The kernels are called through their addresses (:func:`kernel_table`): the very machine code the
 per-kernel step runs, so the results are bitwise the same at every size, multithreaded kernels and
-their chunked reductions included. Calling them as ordinary jitted functions would link cached
+their chunked reductions included; where the per-kernel step runs a kernel's serial twin below its
+parallel threshold (``_parallel.scheduled``), so does the driver (two compiles of one function can
+vectorise a reduction differently). Calling them as ordinary jitted functions would link cached
 parallel functions into a cached one (numba issue 8578) and re-optimise every kernel inside the
 driver, where their fast-math flags leave LLVM free to round differently. The addresses are arguments,
 not constants, so the driver compiles once per dtype and is cached on disk.
@@ -32,6 +34,7 @@ from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, RO
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
+from .fused import NORMS_PARALLEL_MIN
 from .metrics import _check_step, _count_labels, _count_thresholds
 from ._parallel import CHUNK, PARALLEL_MIN, num_threads
 from ..reference.metrics import BAD_STEP
@@ -59,15 +62,18 @@ _BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
 BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
 _REST = BIAS_ACT_K + len(_BIAS_ACT)
 # dropout: its body, then its chunked driver; rows, dots, tiles: the small-M routes of the GEMM (_small);
-# squares: segment_norms' sum of squares of one piece
+# squares: segment_norms' sum of squares of one piece; then the serial twins of bias_grad and segment_norms,
+# and of the fused activation backward kernels (+ activation code - 1)
 (SOFTMAX_K, SOFTMAX_BACKWARD_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K, CHECK_K, DROPOUT_K,
- _, ROWS_K, DOTS_K, TILES_K, SQUARES_K) = range(_REST, _REST + 15)
+ _, ROWS_K, DOTS_K, TILES_K, SQUARES_K, BIAS_GRAD_SERIAL_K, NORMS_SERIAL_K) = range(_REST, _REST + 17)
+BIAS_ACT_SERIAL_K = _REST + 17
 # each optimizer kernel's four (body and chunked driver unscaled, then with a gradient scale), by optimizer_group
-OPTIMIZER_K = _REST + 15
-# each loss kernel by loss code, then the correct counts of class labels and of thresholds
+OPTIMIZER_K = BIAS_ACT_SERIAL_K + len(_BIAS_ACT)
+# each loss kernel by loss code, then the correct counts of class labels and of thresholds, the serial twin of
+# the cross-entropy kernel
 LOSS_K = OPTIMIZER_K + 4 * 7
-COUNT_K, THRESHOLDS_K = LOSS_K + 4, LOSS_K + 5
-SLOTS = LOSS_K + 6
+COUNT_K, THRESHOLDS_K, CROSS_ENTROPY_SERIAL_K = LOSS_K + 4, LOSS_K + 5, LOSS_K + 6
+SLOTS = LOSS_K + 7
 
 
 @register_jitable
@@ -119,7 +125,9 @@ def _entries(dtype):
              (_check_step, (types.float64, types.float64, f1, types.float64, f1, v)),
              (_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop))),
              (rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
-             (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)), (fused._sum_squares, (v, i64, i64))]
+             (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)), (fused._sum_squares, (v, i64, i64)),
+             (losses.bias_grad_serial, (m, v)), (fused.segment_norms_serial, (v, labels, f1))]
+    core += [(fused._BIAS_ACT_BACKWARD_SERIAL[name], (m, m, f, m, v)) for name in _BIAS_ACT]
     entries = [(("core",), kernel, signature) for kernel, signature in core]
     sgd, adam = (f, f, f, flag, f, flag), (f,) * 8 + (flag,)
     for group, (name, state, hyper) in enumerate((("sgd", (none,), sgd), ("sgd", (v,), sgd), ("adam", (v, v), adam),
@@ -136,7 +144,8 @@ def _entries(dtype):
                 ((("loss", BINARY_CROSS_ENTROPY),), losses._binary_cross_entropy_kernel, pointwise),
                 ((("loss", HINGE),), losses._hinge_kernel, pointwise),
                 ((("loss", CROSS_ENTROPY),), _count_labels, (m, labels, f1)),
-                ((("loss", BINARY_CROSS_ENTROPY), ("loss", HINGE)), _count_thresholds, (m, m, f, f1))]
+                ((("loss", BINARY_CROSS_ENTROPY), ("loss", HINGE)), _count_thresholds, (m, m, f, f1)),
+                ((("loss", CROSS_ENTROPY),), losses._cross_entropy_serial, (m, labels, m))]
     return entries
 
 
@@ -220,6 +229,13 @@ _matmul = jit(fastmath=False, inline="always")(dispatcher(_by_address, _body_add
 
 
 @jit(fastmath=False, inline="always")
+def _scheduled(kernels, slot, twin, size, minimum):
+    """The address ``_parallel.scheduled`` would run for a first argument of ``size`` elements: the kernel at
+    ``slot``, or below its parallel threshold ``minimum`` its serial twin at ``twin``."""
+    return kernels[twin] if size < minimum else kernels[slot]
+
+
+@jit(fastmath=False, inline="always")
 def _run(kernels, slot, n, args):
     """``_parallel.run``: the body at table ``slot`` on all ``n`` elements below PARALLEL_MIN, else its
     chunked driver (the next slot)."""
@@ -291,7 +307,8 @@ def _loss(kernels, loss, out, targets, dout, metrics, count):
 def _loss_compiled(kernels, loss, out, targets, dout, metrics, count):
     if targets.ndim == 1:
         def cross_entropy(kernels, loss, out, targets, dout, metrics, count):
-            value = _call(kernels[LOSS_K + CROSS_ENTROPY], (out, targets, dout), out.dtype.type(0))
+            value = _call(_scheduled(kernels, LOSS_K + CROSS_ENTROPY, CROSS_ENTROPY_SERIAL_K, out.size,
+                                     losses.PARALLEL_MIN), (out, targets, dout), out.dtype.type(0))
             if count:
                 _call(kernels[COUNT_K], (out, targets, metrics), None)
             return value
@@ -465,12 +482,14 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             if kind == DENSE:
                 gw = grads[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
                 if code == NONE:
-                    _call(kernels[BIAS_GRAD_K], (dy, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
+                    _call(_scheduled(kernels, BIAS_GRAD_K, BIAS_GRAD_SERIAL_K, dy.size, losses.PARALLEL_MIN),
+                          (dy, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
                     dz = dy
                 else:
                     dz = _view(scratch, layers[i, DZ_AT], rows, w_out)
-                    _call(kernels[BIAS_ACT_K + code - 1], (y, dy, t(alphas[i]), dz,
-                                                           grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
+                    _call(_scheduled(kernels, BIAS_ACT_K + code - 1, BIAS_ACT_SERIAL_K + code - 1, y.size,
+                                     activations.PARALLEL_MIN),
+                          (y, dy, t(alphas[i]), dz, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
                 if layers[i, DX_AT] >= 0:
                     w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
                     _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
@@ -494,10 +513,11 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             elif layers[i, Y_AT] != layers[i, X_AT]:
                 _dropout(kernels, dy.reshape(-1), dx.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
+        norms_at = _scheduled(kernels, NORMS_K, NORMS_SERIAL_K, grads.size, NORMS_PARALLEL_MIN)
         if fused:  # the first segment's norm came with its product
-            _call(kernels[NORMS_K], (grads, segments[1:], norms[1:]), None)
+            _call(norms_at, (grads, segments[1:], norms[1:]), None)
         else:
-            _call(kernels[NORMS_K], (grads, segments, norms), None)
+            _call(norms_at, (grads, segments, norms), None)
         _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
         if metrics[BAD_STEP] != 0:
             return s
