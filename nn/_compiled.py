@@ -21,6 +21,7 @@ replays it to the same step and raises its usual NonFiniteError (that rollback n
 parameters and optimizer state per epoch: the cost :func:`wins` weighs).
 """
 
+import contextlib
 import importlib
 import math
 
@@ -116,8 +117,9 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
     max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     per_call = max(1, CALL_SAMPLES // batch_size)
-    with tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False,
-              disable=not verbose) as bar:
+    progress = (tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False) if verbose
+                else contextlib.nullcontext())  # a disabled bar still costs ~14 us an epoch
+    with progress as bar:
         for s0 in range(0, steps, per_call):
             s1 = min(steps, s0 + per_call)
             hyper = _hyper_table(trainer, kind, s1 - s0)
