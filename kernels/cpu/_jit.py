@@ -30,9 +30,10 @@ def jit(fn=None, *, parallel=False, fastmath=True, inline="never"):
 def serial(kernel):
     """``kernel`` (a ``parallel=True`` dispatcher) compiled again without threads, under its own name (its
     own cache file: Numba's cache key ignores compile options): the same code, ``prange`` running as
-    ``range``, at about half the compile time. For inputs below the kernel's parallel threshold, where it
-    runs serially anyway. A separate compile: a reduction may round differently in the last bit, so a
-    caller that must reproduce another's bits calls the same one (``_parallel.scheduled``'s choice)."""
+    ``range``, so the same results (tested), at about half the compile time. For inputs below the kernel's
+    parallel threshold, where it runs serially anyway. A caller that must reproduce the per-kernel step's
+    bits (the compiled step) still calls the function ``_parallel.scheduled`` picks, rather than rely on two
+    compiles agreeing."""
     fn = kernel.py_func
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     twin.__qualname__, twin.__doc__ = fn.__qualname__ + "_serial", fn.__doc__
