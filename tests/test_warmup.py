@@ -82,13 +82,20 @@ def _kernel_pairs():
 
 @pytest.mark.parametrize("shape", [(1, 3), (7, 10), (4099, 33)])  # the last above every threshold but norms'
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_serial_twins_match_their_parallel_kernels_bit_for_bit(shape, dtype):
+def test_serial_twins_compute_what_their_parallel_kernels_compute(shape, dtype):
+    """To the last bits only. Compiled in one process, twin and kernel agree bit for bit; but a kernel loaded
+    from Numba's cache next to a twin compiled in this process can differ in the last bit (seen: the
+    cross-entropy's dlogits of 7 x 10, 1.2e-7 relative; the helpers they call are separate functions, found
+    by name when cached code is loaded). Where the same bits matter (the compiled training step), the
+    per-kernel step's own choice runs (``step._scheduled``)."""
+    rtol = 8 * np.finfo(dtype).eps
     for name, parallel, twin, make in _kernel_pairs():
         a, b = make(*shape, dtype), make(*shape, dtype)
         ra, rb = parallel(*a), twin(*b)
-        np.testing.assert_array_equal(np.asarray(ra), np.asarray(rb), err_msg=name)
+        if ra is not None:  # a loss
+            np.testing.assert_allclose(rb, ra, rtol=rtol, atol=0, err_msg=name)
         for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y, err_msg=name)  # the outputs written
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * np.abs(x).max(initial=0), err_msg=name)
 
 
 def _compiled(cache, largest):

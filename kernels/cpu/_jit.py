@@ -30,10 +30,11 @@ def jit(fn=None, *, parallel=False, fastmath=True, inline="never"):
 def serial(kernel):
     """``kernel`` (a ``parallel=True`` dispatcher) compiled again without threads, under its own name (its
     own cache file: Numba's cache key ignores compile options): the same code, ``prange`` running as
-    ``range``, so the same results (tested), at about half the compile time. For inputs below the kernel's
-    parallel threshold, where it runs serially anyway. A caller that must reproduce the per-kernel step's
-    bits (the compiled step) still calls the function ``_parallel.scheduled`` picks, rather than rely on two
-    compiles agreeing."""
+    ``range``, at about half the compile time. For inputs below the kernel's parallel threshold, where it
+    runs serially anyway. The same results to the last bit, not always in it (a cached kernel next to a
+    twin compiled in this process can round differently: tests/test_warmup.py), so a caller that must
+    reproduce the per-kernel step's bits (the compiled step) calls the function ``_parallel.scheduled``
+    picks."""
     fn = kernel.py_func
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     twin.__qualname__, twin.__doc__ = fn.__qualname__ + "_serial", fn.__doc__

@@ -10,8 +10,8 @@ compiled code instead of Python.
 The kernels are called through their addresses (:func:`kernel_table`): the very machine code the
 per-kernel step runs, so the results are bitwise the same at every size, multithreaded kernels and
 their chunked reductions included; where the per-kernel step runs a kernel's serial twin below its
-parallel threshold (``_parallel.scheduled``), so does the driver (the bits then never depend on two
-compiles agreeing). Calling them as ordinary jitted functions would link cached
+parallel threshold (``_parallel.scheduled``), so does the driver (twin and kernel can differ in the last
+bit: ``_jit.serial``). Calling them as ordinary jitted functions would link cached
 parallel functions into a cached one (numba issue 8578) and re-optimise every kernel inside the
 driver, where their fast-math flags leave LLVM free to round differently. The addresses are arguments,
 not constants, so the driver compiles once per dtype and is cached on disk.
