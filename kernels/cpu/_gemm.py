@@ -22,7 +22,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
   is padding (the register tile pads N = 10 to 16 or 32 columns);
 - products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (balanced, tile-aligned N
-  blocks, then as few row blocks of at least MC rows as give CHUNKS_PER_THREAD chunks per thread);
+  blocks, as many as give CHUNKS_PER_THREAD chunks per thread down to CHUNK_MIN_PANELS panels, then as
+  few row blocks of at least MC rows as make up that count: a row block packs its B block again);
   each thread takes the next chunk from an atomic counter as it frees up and runs the serial loops
   above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
   instead of stalling the others. Every element is computed by one thread over the same K blocks in
@@ -213,6 +214,7 @@ LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # 256-bit vectors: p
 DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
+CHUNK_MIN_PANELS = 8  # the narrowest column block of the split, in register-tile panels (each A panel used 8 times)
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 
@@ -875,6 +877,22 @@ def _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, ou
                        _pointer(tile), bp.size, edge.size, tile.size), out)
 
 
+@register_jitable
+def split(m, n, threads, row_tile, nr, nc_max, mc, dots):
+    """``(rows, cols)``: the chunk of an ``m x n`` ``out`` that ``gemm_parallel`` hands a thread (the last
+    ones cut short), for about CHUNKS_PER_THREAD chunks per thread. Columns first: a column block's B is
+    packed once whoever computes it, whereas every row block packs its B block again. So N is cut into
+    balanced, tile-aligned blocks of at most ``nc_max`` and at least CHUNK_MIN_PANELS panels, then M into as
+    few blocks of at least ``mc`` rows as make up the count (x @ W at 128 x 784 x 256, avx2 tile: 2 chunks
+    of 128 x 128, where 2 x 2 chunks packed W twice). ``dots`` (``_dots``, which packs B^T whole): rows only."""
+    want = CHUNKS_PER_THREAD * threads
+    panels = _cdiv(n, nr)
+    col_blocks = 1 if dots else max(_cdiv(n, nc_max), min(want, panels // CHUNK_MIN_PANELS))
+    cols = _cdiv(panels, col_blocks) * nr
+    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(want, _cdiv(n, cols))))
+    return _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile, cols
+
+
 @intrinsic
 def _take(typingctx, counter):
     """Atomically ``counter[0] += 1`` (an intp array), returning the old value: the next chunk. The array, not
@@ -891,7 +909,7 @@ def _take(typingctx, counter):
 def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
                   mc, body, dots):
     """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
-    into chunks of at least ``mc`` rows by one N block, about CHUNKS_PER_THREAD per thread; each thread takes the next
+    into chunks (``split``), about CHUNKS_PER_THREAD per thread; each thread takes the next
     chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
     chunks instead of holding the others back. Each chunk is computed whole by one thread in the same
     K order, so the result is bitwise the same whatever the split and the thread count.
@@ -904,14 +922,8 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
         return
     mr, nr, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
                                                                           nc_bytes)
-    # ``dots``: ``body`` is ``_dots`` (see ``narrow``), chunks of rows only
-    row_tile = _DOT_MR[variant] if dots else mr
-    cols = _cdiv(_cdiv(n, nr), 1 if dots else _cdiv(n, nc_max)) * nr  # balanced N blocks: 784 -> 4 x 208
+    rows, cols = split(m, n, threads, _DOT_MR[variant] if dots else mr, nr, nc_max, mc, dots)
     col_blocks = _cdiv(n, cols)
-    # as few row blocks as give CHUNKS_PER_THREAD chunks per thread (each one packs its B block again),
-    # of at least mc rows
-    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(CHUNKS_PER_THREAD * threads, col_blocks)))
-    rows = _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile
     chunks = _cdiv(m, rows) * col_blocks
     if act == SIGMOID or act == TANH:  # compiled, on its first use, by this thread rather than a worker
         _call_transcendental(out, 0, 0, 0, 0, act)
