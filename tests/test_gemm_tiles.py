@@ -112,6 +112,30 @@ def test_transposed_and_strided_operands(variant, dtype, trans_a, trans_b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocking", ["default", "tiny"])
+def test_transposed_a_packed_or_read_in_place_gives_the_same_bits(variant, dtype, blocking, monkeypatch):
+    """x^T dy with x's rows a multiple of PACK_A_STRIDE bytes apart (A^T's panels packed, PANELS_A at a
+    time, see _gemm.pack_a) against the same values one element further apart (read in place): identical
+    bits, and within rounding of the reference. M past one and several groups of panels and not a whole
+    number of tiles, N from under PACK_A_MIN_TILES tiles (not packed) to several N blocks, K past K blocks."""
+    if blocking == "tiny":
+        monkeypatch.setattr(matmul_module, "TILING", (_gemm.VARIANTS.index(variant), *TINY))
+    mr, nr = tile(variant, dtype)
+    step = _gemm.PACK_A_STRIDE // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(mr)
+    for m, k, n in [(step, 30, _gemm.PACK_A_MIN_TILES * nr), (4 * step, 70, 3 * nr + 5), (2 * step, 200, 2 * nr),
+                    (step, 9, 300)]:
+        rows = _gemm.PANELS_A * mr + mr + 1  # a second group of panels, cut in its second panel
+        for used in (m, min(m, rows)):
+            x = rng.standard_normal((k, m)).astype(dtype)[:, :used]  # rows m elements apart
+            apart = np.empty((k, m + 1), dtype)[:, :used]  # the same values, rows m + 1 apart
+            apart[...] = x
+            dy = rng.standard_normal((k, n)).astype(dtype)
+            packed = check(x, dy, trans_a=True)
+            np.testing.assert_array_equal(packed, kernels.matmul(apart, dy, trans_a=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bias_and_activation(variant, dtype, activation):
     """The fused epilogue on register tiles, edge tiles and narrow outputs (N <= 16: the dot tiles)."""
