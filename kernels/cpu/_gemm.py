@@ -185,6 +185,11 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       gemm_parallel 2.2 -> 1.8, _small's ``rows`` 1.4 -> 0.7 and ``dots`` 1.3 -> 0.9; every GEMM piece
       nn.train compiles 15.3 -> 10.1. Results bitwise the same (every activation, bias or none, both
       dtypes, every route and variant, cold and cached).
+  v22 the multithreaded split cuts columns first (``split``): x @ W at 128 x 784 x 256 went to 2 x 2 chunks
+      of 64 x 128, each row block packing its half of W again; now 2 chunks of 128 x 128 (CHUNK_MIN_PANELS,
+      MC 192). 2 threads under load, alternated: 128 x 784 x 256 62 -> 68, 128 x 256 x 256 41 -> 45.
+  v23 a transposed A at a K stride of a multiple of 256 bytes is packed, PANELS_A row panels per pass over
+      k (``_pack_panels``); see PACK_A_STRIDE for the figures.
 """
 
 import ctypes
