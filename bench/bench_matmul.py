@@ -2,9 +2,10 @@
 
 Groups, one shape each (M, K, N: out is M x N, K the reduction):
 - square GEMM at 1024^3 and 2048^3 in float32 and float64;
-- a layer's three products: ``x @ W`` and the backward forms on transposed views, never copied:
-  ``x^T dy`` (dW: x is (B, in), dy (B, out)) and ``dy W^T`` (dx: W is (in, out)), for a 784-1024 layer
-  at batch 256 (issue 10's shapes), a 784-512 one at batch 256 and a 512-512 one at batch 128;
+- every product of one training step of bench_training's GEMM-bound configurations (784-256-256-10 at
+  batch 128, 784-1024-1024-10 at batch 256): ``x @ W`` with its fused bias (+ relu), and the backward
+  forms on transposed views, never copied: ``x^T dy`` (dW: x is (B, in), dy (B, out)) and ``dy W^T`` (dx:
+  W is (in, out); not for the first layer, whose input needs no gradient);
 - the fused dense forward ``act(x @ W + b)``: numpy is its three steps (matmul into out, add the bias,
   the activation in place: what the reference backend does), torch is ``addmm`` + the in-place
   activation, numba applies bias and activation to each output tile as it is finished;
@@ -30,6 +31,7 @@ import pytest
 import kernels
 
 from ._report import openblas
+from .bench_training import CONFIGS
 from .conftest import QUICK
 
 IMPLS = ["numpy", "numba", "torch", "jax"]
@@ -115,20 +117,35 @@ def test_square(measure, dtype, size, impl):
            rounds=5 if size == 2048 else 10, gemm_peak=True)
 
 
-# (label, M, K, N, trans_a, trans_b): a 784-1024 layer at batch 256 (issue 10's training shapes), forward
-# x @ W, then dW = x^T dy with x (B, in), dy (B, out) and dx = dy W^T with W (in, out); then a 784-512 layer
-# at batch 256 and a 512-512 layer at batch 128
-TRAINING = [("x@W", 256, 784, 1024, False, False), ("x^T dy", 784, 256, 1024, True, False),
-            ("dy W^T", 256, 1024, 784, False, True), ("x^T dy", 784, 256, 512, True, False),
-            ("dy W^T", 256, 512, 784, False, True), ("x^T dy", 512, 128, 512, True, False),
-            ("dy W^T", 128, 512, 512, False, True)][:3 if QUICK else 7]
+def _steps(widths, batch):
+    """The products one training step of an MLP computes (bench_training's flops count the same ones), as
+    (label, M, K, N, trans_a, trans_b, activation, bias): per layer ``x @ W + b`` (relu on hidden layers,
+    fused), ``dW = x^T dy`` and, for all but the first layer, ``dx = dy W^T``."""
+    steps = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        hidden = i < len(widths) - 2
+        steps.append(("x@W+b" + (" relu" if hidden else ""), batch, fan_in, fan_out, False, False,
+                      "relu" if hidden else None, True))
+        steps.append(("x^T dy", fan_in, batch, fan_out, True, False, None, False))
+        if i > 0:
+            steps.append(("dy W^T", batch, fan_out, fan_in, False, True, None, False))
+    return steps
+
+
+# every product of a step of bench_training's GEMM-bound configurations (784-256-256-10 at batch 128 and
+# 784-1024-1024-10 at batch 256, both relu): the forward x @ W with its fused bias + relu, dW = x^T dy with x
+# (B, in) and dy (B, out), dx = dy W^T with W (in, out) (none for the first layer); quick runs: the first's
+TRAINING = [(f"{'-'.join(map(str, widths))} b{batch} {label}", *shape)
+            for widths, _, batch, _, _ in CONFIGS[:1 if QUICK else 2]
+            for label, *shape in _steps(widths, batch)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", TRAINING, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in TRAINING])
+@pytest.mark.parametrize("case", TRAINING, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}".replace(" ", "-") for c in TRAINING])
 def test_training_shapes(measure, case, impl):
-    label, m, k, n, trans_a, trans_b = case
-    _bench(measure, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b)
+    label, m, k, n, trans_a, trans_b, activation, bias = case
+    _bench(measure, f"{label} ({m},{k},{n}) f32", impl, m, k, n, np.float32, trans_a, trans_b, activation, bias,
+           rounds=10 if 2 * m * k * n > 1e8 else 50)
 
 
 FUSED = [(128, 784, 512), (64, 64, 64), (256, 512, 10)][:1 if QUICK else 3]

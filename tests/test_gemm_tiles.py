@@ -11,7 +11,7 @@ import sys
 import numba
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kernels
@@ -112,6 +112,30 @@ def test_transposed_and_strided_operands(variant, dtype, trans_a, trans_b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocking", ["default", "tiny"])
+def test_transposed_a_packed_or_read_in_place_gives_the_same_bits(variant, dtype, blocking, monkeypatch):
+    """x^T dy with x's rows a multiple of PACK_A_STRIDE bytes apart (A^T's panels packed, PANELS_A at a
+    time, see _gemm.pack_a) against the same values one element further apart (read in place): identical
+    bits, and within rounding of the reference. M past one and several groups of panels and not a whole
+    number of tiles, N from under PACK_A_MIN_TILES tiles (not packed) to several N blocks, K past K blocks."""
+    if blocking == "tiny":
+        monkeypatch.setattr(matmul_module, "TILING", (_gemm.VARIANTS.index(variant), *TINY))
+    mr, nr = tile(variant, dtype)
+    step = _gemm.PACK_A_STRIDE // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(mr)
+    for m, k, n in [(step, 30, _gemm.PACK_A_MIN_TILES * nr), (4 * step, 70, 3 * nr + 5), (2 * step, 200, 2 * nr),
+                    (step, 9, 300)]:
+        rows = _gemm.PANELS_A * mr + mr + 1  # a second group of panels, cut in its second panel
+        for used in (m, min(m, rows)):
+            x = rng.standard_normal((k, m)).astype(dtype)[:, :used]  # rows m elements apart
+            apart = np.empty((k, m + 1), dtype)[:, :used]  # the same values, rows m + 1 apart
+            apart[...] = x
+            dy = rng.standard_normal((k, n)).astype(dtype)
+            packed = check(x, dy, trans_a=True)
+            np.testing.assert_array_equal(packed, kernels.matmul(apart, dy, trans_a=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bias_and_activation(variant, dtype, activation):
     """The fused epilogue on register tiles, edge tiles and narrow outputs (N <= 16: the dot tiles)."""
@@ -158,6 +182,38 @@ def test_result_is_bitwise_the_same_whatever_the_split(variant, dtype, monkeypat
             np.testing.assert_array_equal(y, results[0])
 
 
+@given(m=st.integers(1, 3000), n=st.integers(1, 3000), threads=st.integers(1, 8), variant=st.sampled_from(_gemm.VARIANTS),
+       f64=st.booleans(), nc_panels=st.integers(1, 64), mc=st.integers(1, 400), dots=st.booleans())
+@example(m=100, n=144, threads=1, variant="avx2", f64=False, nc_panels=8, mc=64, dots=False)  # 2 blocks of 5 panels
+def test_split_covers_out_in_whole_tiles_and_cuts_columns_first(m, n, threads, variant, f64, nc_panels, mc, dots):
+    """The multithreaded split: whole tiles, N blocks within ``nc_max`` and no narrower than CHUNK_MIN_PANELS
+    panels, rows cut only where the columns do not give CHUNKS_PER_THREAD chunks per thread (each row block
+    packs B again), and then into no more blocks than of ``mc`` rows each; ``dots`` cuts rows only."""
+    (mr, nr, _), dot_mr = _gemm.TILES[variant][f64], _gemm.DOT_TILES[variant][0]
+    row_tile = dot_mr if dots else mr
+    nc_max = nc_panels * nr
+    rows, cols = _gemm.split(m, n, threads, row_tile, nr, nc_max, mc, dots)
+    assert rows % row_tile == 0 and cols % nr == 0 and rows > 0 and cols > 0
+    row_blocks, col_blocks = -(-m // rows), -(-n // cols)
+    want = _gemm.CHUNKS_PER_THREAD * threads
+    if dots:
+        assert col_blocks == 1
+    else:
+        assert min(-(-n // nr) * nr, _gemm.CHUNK_MIN_PANELS * nr, nc_max // 2) <= cols <= nc_max  # balanced N blocks
+    assert row_blocks <= -(-m // max(mc, row_tile))  # blocks of mc rows or more (balanced, then whole tiles)
+    if row_blocks > 1:  # rows cut only for want of column blocks, and no more than make up the count
+        assert col_blocks < want and col_blocks * (row_blocks - 1) < want
+
+
+def test_split_of_the_training_shapes():
+    """The 784-256-256-10 layers at batch 128 on 2 threads, avx2 float32 tile: W is packed once (no row
+    blocks) for x @ W; at 256 x 784 x 1024 its 8 column blocks; dW of the first layer 4 x 2 chunks."""
+    mr, nr, _ = _gemm.TILES["avx2"][0]
+    assert _gemm.split(128, 256, 2, mr, nr, 128, 192, False) == (132, 128)
+    assert _gemm.split(256, 1024, 2, mr, nr, 128, 192, False) == (258, 128)
+    assert _gemm.split(784, 256, 2, mr, nr, 128, 192, False) == (198, 128)  # dW = x^T dz: 4 x 2 chunks, B 128 x 256
+
+
 BLOCKINGS = sorted({config for config in _cpuinfo.CPUS.values()}
                    | {(name, blocking) for name, blocking in _cpuinfo.DEFAULT_BLOCKING.items()})
 
@@ -193,7 +249,7 @@ def test_cpu_choice():
     assert _cpuinfo.choose("znver5", set(), "avx2") == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
     assert _cpuinfo.choose("znver3", set(), "avx2") == _cpuinfo.CPUS["znver3"]
     # Zen 3's own blocks (KC 384, 192 KiB of packed B); another AVX2 CPU keeps the smaller default
-    assert _cpuinfo.choose("znver3", {"avx2", "fma"})[1] == (384, 192 * 1024, 64)
+    assert _cpuinfo.choose("znver3", {"avx2", "fma"})[1] == (384, 192 * 1024, 192)
     assert _cpuinfo.choose("haswell", {"avx2", "fma"}) == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
     with pytest.raises(ValueError, match="KERNELS_GEMM_VARIANT.*avx512.*'zmm'"):
         _cpuinfo.choose("znver3", set(), "zmm")

@@ -2,8 +2,8 @@
 
 A configuration is a variant of the micro-kernel (a register tile, see ``_gemm.TILES``) and its blocking:
 ``kc`` (the K block), ``nc_bytes`` (the packed B block of ``kc`` rows, in bytes: it sets the N block)
-and ``mc`` (the fewest rows of ``out`` in a chunk of the multithreaded split). A is not packed, so
-there is no M block in the serial loops.
+and ``mc`` (the fewest rows of ``out`` in a chunk of the multithreaded split, where it cuts rows: each
+row block packs B again). A is not packed, so there is no M block in the serial loops.
 
 Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
 
@@ -19,6 +19,7 @@ Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
   registers (the 6 x 32 tile spills half its accumulators to the stack there). Blocking measured on
   Zen 3 (L1d 32 KiB, L2 512 KiB per core), see ``_gemm``'s notes (v20): KC 384 and 192 KiB of packed B
   there; other AVX2 CPUs keep the smaller default blocks (KC 128, 128 KiB: a 256 KiB L2 holds them).
+  Row blocks of at least 192 rows on both (v22: a 128-row x @ W split into 2 x 2 chunks packed W twice).
 - any other CPU: with AVX-512VL ``avx512vl`` (safe: no frequency licence, 32 registers), else ``avx2``,
   the smallest register tile, correct on any x86-64 CPU (LLVM splits the vectors where it must).
 
@@ -37,13 +38,13 @@ ENV_VARIANT = "KERNELS_GEMM_VARIANT"
 
 # variant -> default blocking (kc, nc_bytes, mc)
 DEFAULT_BLOCKING = {
-    "avx2": (128, 128 * 1024, 64),
+    "avx2": (128, 128 * 1024, 192),
     "avx512vl": (512, 512 * 1024, 96),
     "avx512": (512, 512 * 1024, 96),
 }
 # LLVM CPU name -> (variant, blocking); CPUs not listed are chosen by their features (see the docstring)
 CPUS = {
-    "znver3": ("avx2", (384, 192 * 1024, 64)),
+    "znver3": ("avx2", (384, 192 * 1024, 192)),
     "znver4": ("avx512vl", DEFAULT_BLOCKING["avx512vl"]),
     "znver5": ("avx512", DEFAULT_BLOCKING["avx512"]),
     **{name: ("avx512", DEFAULT_BLOCKING["avx512"])

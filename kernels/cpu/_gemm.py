@@ -22,7 +22,8 @@ strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cor
   K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
   is padding (the register tile pads N = 10 to 16 or 32 columns);
 - products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (balanced, tile-aligned N
-  blocks, then as few row blocks of at least MC rows as give CHUNKS_PER_THREAD chunks per thread);
+  blocks, as many as give CHUNKS_PER_THREAD chunks per thread down to CHUNK_MIN_PANELS panels, then as
+  few row blocks of at least MC rows as make up that count: a row block packs its B block again);
   each thread takes the next chunk from an atomic counter as it frees up and runs the serial loops
   above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
   instead of stalling the others. Every element is computed by one thread over the same K blocks in
@@ -184,6 +185,11 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       gemm_parallel 2.2 -> 1.8, _small's ``rows`` 1.4 -> 0.7 and ``dots`` 1.3 -> 0.9; every GEMM piece
       nn.train compiles 15.3 -> 10.1. Results bitwise the same (every activation, bias or none, both
       dtypes, every route and variant, cold and cached).
+  v22 the multithreaded split cuts columns first (``split``): x @ W at 128 x 784 x 256 went to 2 x 2 chunks
+      of 64 x 128, each row block packing its half of W again; now 2 chunks of 128 x 128 (CHUNK_MIN_PANELS,
+      MC 192). 2 threads under load, alternated: 128 x 784 x 256 62 -> 68, 128 x 256 x 256 41 -> 45.
+  v23 a transposed A at a K stride of a multiple of 256 bytes is packed, PANELS_A row panels per pass over
+      k (``_pack_panels``); see PACK_A_STRIDE for the figures.
 """
 
 import ctypes
@@ -213,8 +219,17 @@ LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # 256-bit vectors: p
 DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
+CHUNK_MIN_PANELS = 8  # the narrowest column block of the split, in register-tile panels (each A panel used 8 times)
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
+# A transposed A (A^T's rows contiguous) is packed when its K stride is a multiple of PACK_A_STRIDE bytes (a
+# panel's lines then fall in at most a quarter of the sets of an L1 whose sets repeat every 4 KiB, as 32 KiB
+# 8-way and 48 KiB 12-way ones do) and a row panel serves at least PACK_A_MIN_TILES tiles. 1 thread, the
+# 2-thread split's chunks, best of 10, in place -> packed: x^T dy (1024, 256, 1024) 68 -> 77 GFLOP/s,
+# (256, 128, 256) 63 -> 71; but at the 3136-byte stride of (784, 128, 256) 81 -> 77, into a 10-column dW 30 -> 23
+PACK_A_STRIDE, PACK_A_MIN_TILES = 256, 4
+PANELS_A = 8  # A^T's panels packed in one pass (48 rows of the avx2 tile: 3 cache lines per k, float32)
+PANEL_SLACK = 8  # elements after each packed A^T panel that _pack_panels may write (256-bit vector lanes)
 
 # The dot-product tile per variant (MR x NR dot products along K in vector accumulators of LANES, plus
 # MR vectors of A), used when N <= DOT_MAX_N and A's rows are contiguous: N = 10 is a whole number of
@@ -469,6 +484,59 @@ def _copy(typingctx, src, dst, n, like):
 
 
 @intrinsic
+def _pack_panels(typingctx, src, s_k, rows, dst, width, count, like):
+    """Up to PANELS_A panels of ``width`` rows of an operand whose rows are contiguous for each k (A^T's of
+    a transposed A): ``dst[p * panel + k * width + i] = src[p * width + i + k * s_k]`` for ``p * width + i <
+    rows``, zero for the rest of a partial panel, ``k < count``, ``panel = width * count + PANEL_SLACK``
+    (element addresses and strides). One pass over k reads each line of A^T once for all the panels:
+    masked vector loads (nothing read past ``rows``) and whole vector stores, each overwriting the spill of
+    the store before it, the last one's into the PANEL_SLACK gap after its panel (a masked store is
+    microcoded on AMD: slower than the product).
+
+    Read in place, a panel's lines are ``s_k`` apart: at a power-of-two stride (x^T dy at batch 256: 4 KiB
+    at M = 1024) they fall in a few cache sets, and every panel and every tile fetches them again."""
+    lanes = LANES[np.dtype(like.dtype.name)]
+
+    def codegen(context, builder, sig, args):
+        src_, s_k_, rows_, dst_, width_, count_, _ = args
+        fty = context.get_value_type(sig.args[6].dtype)
+        size = context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, lanes)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty.as_pointer(), i32, ir.VectorType(ir.IntType(1), lanes), vty]),
+            f"llvm.masked.load.v{lanes}f{8 * size}.p0")
+        lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+        s0, d0 = builder.inttoptr(src_, fty.as_pointer()), builder.inttoptr(dst_, fty.as_pointer())
+        panel = builder.add(builder.mul(width_, count_), ir.Constant(i64, PANEL_SLACK))
+        widest = max(tile[f64][0] for tile in TILES.values() for f64 in (0, 1))  # vectors for any variant's MR
+        steps = []  # (offset in A^T's row, offset in dst, lanes to read, whether this vector is in the panel)
+        for p in range(PANELS_A):
+            for v in range(_cdiv(widest, lanes)):
+                first = builder.add(builder.mul(width_, ir.Constant(i64, p)), ir.Constant(i64, v * lanes))
+                left = builder.sub(rows_, first)
+                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(lane.type, ir.Undefined), left,
+                                                                      ir.Constant(i32, 0)),
+                                               ir.Constant(lane.type, ir.Undefined),
+                                               ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                inside = builder.and_(builder.icmp_signed("<", ir.Constant(i64, v * lanes), width_),
+                                      builder.icmp_signed("<", builder.mul(width_, ir.Constant(i64, p)), rows_))
+                steps.append((first, builder.add(builder.mul(panel, ir.Constant(i64, p)), ir.Constant(i64, v * lanes)),
+                              builder.icmp_signed("<", lane, splat), inside))
+        with cgutils.for_range(builder, count_) as loop:
+            k = loop.index
+            row, out = builder.gep(s0, [builder.mul(k, s_k_)]), builder.gep(d0, [builder.mul(k, width_)])
+            for first, at, mask, inside in steps:
+                with builder.if_then(inside, likely=True):
+                    value = builder.call(load, [builder.bitcast(builder.gep(row, [first]), vty.as_pointer()),
+                                                ir.Constant(i32, size), mask, ir.Constant(vty, None)])
+                    builder.store(value, builder.bitcast(builder.gep(out, [at]), vty.as_pointer()), align=size)
+        return context.get_dummy_value()
+
+    return types.void(*[types.intp] * 6, like), codegen
+
+
+@intrinsic
 def _transpose(typingctx, src, src_stride, dst, dst_stride, like):
     """One lanes x lanes block (8 x 8 float32, 4 x 4 float64) transposed through vector registers:
     ``dst[r * dst_stride + j] = src[j * src_stride + r]`` (element addresses and strides). Packing a
@@ -672,27 +740,37 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
     whole tile straight into ``out`` (added to it unless ``first``); an edge tile goes through ``tile``.
     After the last K block, bias and activation are applied in place to each row of tiles as it is done.
 
-    A is read in place through its strides; only a last partial row panel is copied (zero-padded) into
-    ``edge``. B's panels come from ``bp`` when it is packed (size > 0), else from B in place (C-order
-    rows), except a last partial column panel, packed into the tail of ``edge``."""
+    A is read in place through its strides, but for a last partial row panel, copied (zero-padded) into
+    ``edge``, and a transposed A at a K stride whose lines alias (``pack_a``), packed there PANELS_A panels
+    at a time. B's panels come from ``bp`` when it is packed (size > 0), else from B in place (C-order
+    rows), except a last partial column panel, packed at the head of ``edge``."""
     item = out.itemsize
     ldo = out.shape[1]
     bp_at, edge_at, tile_at = np.intp(bp.ctypes.data), np.intp(edge.ctypes.data), np.intp(tile.ctypes.data)
     out_at = np.intp(out.ctypes.data)
     packed = bp.size > 0
     n_full = nc // nr if not packed else _cdiv(nc, nr)
-    b_edge = mr * kc
+    panel = mr * kc + PANEL_SLACK
+    a_edge = nr * kc  # the B edge panel first, then the A panels
+    # A^T's rows (a transposed A) packed, PANELS_A panels at a time (see _pack_panels), where its K stride
+    # puts a panel's lines in a few cache sets and each panel serves at least PACK_A_MIN_TILES tiles
+    pack_a = sa_i == 1 and sa_k != 1 and (sa_k * item) % PACK_A_STRIDE == 0 and nc >= PACK_A_MIN_TILES * nr
     epilogue = last and (has_bias or act != NONE)
     if n_full * nr < nc:
-        _pack(b_at, sb_k, sb_j, edge[b_edge:], pc, c0 + n_full * nr, kc, nc - n_full * nr, nr)
+        _pack(b_at, sb_k, sb_j, edge, pc, c0 + n_full * nr, kc, nc - n_full * nr, nr)
     for ir_ in range(_cdiv(m, mr)):
         row = r0 + ir_ * mr
         rows = min(mr, r0 + m - row)
-        if rows == mr:
+        if pack_a:
+            if ir_ % PANELS_A == 0:
+                _pack_panels(a_at + (row + pc * sa_k) * item, sa_k, min(PANELS_A * mr, r0 + m - row),
+                             edge_at + a_edge * item, mr, kc, edge)
+            pa, si, sk = edge_at + (a_edge + ir_ % PANELS_A * panel) * item, 1, mr
+        elif rows == mr:
             pa, si, sk = a_at + (row * sa_i + pc * sa_k) * item, sa_i, sa_k
         else:
-            _pack(a_at, sa_k, sa_i, edge, pc, row, kc, rows, mr)
-            pa, si, sk = edge_at, 1, mr
+            _pack(a_at, sa_k, sa_i, edge[a_edge:], pc, row, kc, rows, mr)
+            pa, si, sk = edge_at + a_edge * item, 1, mr
         for jr in range(_cdiv(nc, nr)):
             col = c0 + jr * nr
             cols = min(nr, c0 + nc - col)
@@ -701,7 +779,7 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
             elif jr < n_full:
                 pb, sb = b_at + (pc * sb_k + col) * item, sb_k
             else:
-                pb, sb = edge_at + b_edge * item, nr
+                pb, sb = edge_at, nr
             if rows == mr and cols == nr:
                 _micro_kernel(variant, pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
             else:
@@ -843,7 +921,14 @@ def _setup(k, sb_k, sb_j, alpha, out, variant, kc_max, nc_bytes):
     kc_step = _cdiv(k, max(1, _cdiv(k, kc_max)))
     nc_step = min(_cdiv(out.shape[1], nr) * nr, nc_max)
     b_size = nc_step * kc_step if pack_b else 0
-    return mr, nr, nc_max, pack_b, out.dtype.type(alpha), b_size, (mr + nr) * kc_step, mr * nr
+    return mr, nr, nc_max, pack_b, out.dtype.type(alpha), b_size, edge_size(mr, nr, kc_step), mr * nr
+
+
+@register_jitable
+def edge_size(mr, nr, kc):
+    """Elements of ``_tiles``' ``edge`` buffer at K block ``kc``: a B panel, then PANELS_A packed A panels
+    (each followed by PANEL_SLACK)."""
+    return nr * kc + PANELS_A * (mr * kc + PANEL_SLACK)
 
 
 @jit
@@ -875,6 +960,22 @@ def _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, ou
                        _pointer(tile), bp.size, edge.size, tile.size), out)
 
 
+@register_jitable
+def split(m, n, threads, row_tile, nr, nc_max, mc, dots):
+    """``(rows, cols)``: the chunk of an ``m x n`` ``out`` that ``gemm_parallel`` hands a thread (the last
+    ones cut short), for about CHUNKS_PER_THREAD chunks per thread. Columns first: a column block's B is
+    packed once whoever computes it, whereas every row block packs its B block again. So N is cut into
+    balanced, tile-aligned blocks of at most ``nc_max`` and at least CHUNK_MIN_PANELS panels, then M into as
+    few blocks of at least ``mc`` rows as make up the count (x @ W at 128 x 784 x 256, avx2 tile: 2 chunks
+    of 128 x 128, where 2 x 2 chunks packed W twice). ``dots`` (``_dots``, which packs B^T whole): rows only."""
+    want = CHUNKS_PER_THREAD * threads
+    panels = _cdiv(n, nr)
+    col_blocks = 1 if dots else max(_cdiv(n, nc_max), min(want, panels // CHUNK_MIN_PANELS))
+    cols = _cdiv(panels, col_blocks) * nr
+    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(want, _cdiv(n, cols))))
+    return _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile, cols
+
+
 @intrinsic
 def _take(typingctx, counter):
     """Atomically ``counter[0] += 1`` (an intp array), returning the old value: the next chunk. The array, not
@@ -891,7 +992,7 @@ def _take(typingctx, counter):
 def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes,
                   mc, body, dots):
     """``gemm`` on ``threads`` threads, the operands given as addresses and element strides. ``out`` is cut
-    into chunks of at least ``mc`` rows by one N block, about CHUNKS_PER_THREAD per thread; each thread takes the next
+    into chunks (``split``), about CHUNKS_PER_THREAD per thread; each thread takes the next
     chunk from a shared counter as it frees up, so a thread whose core is busy elsewhere takes fewer
     chunks instead of holding the others back. Each chunk is computed whole by one thread in the same
     K order, so the result is bitwise the same whatever the split and the thread count.
@@ -904,14 +1005,8 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
         return
     mr, nr, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
                                                                           nc_bytes)
-    # ``dots``: ``body`` is ``_dots`` (see ``narrow``), chunks of rows only
-    row_tile = _DOT_MR[variant] if dots else mr
-    cols = _cdiv(_cdiv(n, nr), 1 if dots else _cdiv(n, nc_max)) * nr  # balanced N blocks: 784 -> 4 x 208
+    rows, cols = split(m, n, threads, _DOT_MR[variant] if dots else mr, nr, nc_max, mc, dots)
     col_blocks = _cdiv(n, cols)
-    # as few row blocks as give CHUNKS_PER_THREAD chunks per thread (each one packs its B block again),
-    # of at least mc rows
-    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(CHUNKS_PER_THREAD * threads, col_blocks)))
-    rows = _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile
     chunks = _cdiv(m, rows) * col_blocks
     if act == SIGMOID or act == TANH:  # compiled, on its first use, by this thread rather than a worker
         _call_transcendental(out, 0, 0, 0, 0, act)

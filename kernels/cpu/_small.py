@@ -23,7 +23,7 @@ from numba import types
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._gemm import (LANES, PACK_B_MIN, _DOT_MR, _DOT_NR, _dot_kernel, _emit_tile, _epilogue, _load, _run_block, _tile,
-                    narrow)
+                    edge_size, narrow)
 from ._jit import jit
 
 GEMM, PARALLEL, ROWS, DOTS, TILES = range(5)  # route codes: the blocked GEMM serial / multithreaded, this module's
@@ -183,7 +183,7 @@ def tiles(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, variant, kc_ma
     top = m - m % mr if k <= kc_max and n % (32 // out.itemsize) == 0 else m
     if top > 0:
         _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, 1, k, bias, act, out.dtype.type(alpha), out, 0, top, 0, n,
-                   variant, kc_max, -(-n // nr) * nr, False, np.empty(0, out.dtype), np.empty((mr + nr) * kc, out.dtype),
-                   np.empty(mr * nr, out.dtype))
+                   variant, kc_max, -(-n // nr) * nr, False, np.empty(0, out.dtype),
+                   np.empty(edge_size(mr, nr, kc), out.dtype), np.empty(mr * nr, out.dtype))
     if top < m:
         rows(a_at + top * sa_i * out.itemsize, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out[top:])
