@@ -433,3 +433,25 @@ def test_ready_is_remembered_by_what_the_argument_types_depend_on():
     readonly = X.copy()
     readonly.flags.writeable = False
     assert step._kinds((readonly,)) != step._kinds((X,))
+
+
+def test_the_driver_runs_what_the_per_kernel_step_runs_below_and_above_each_threshold():
+    """The per-kernel step runs four kernels through ``_parallel.scheduled`` (the serial twin below the kernel's
+    threading threshold); the driver's table holds both functions and ``step._scheduled`` picks the same one at
+    the same threshold, so the compiled step never rests on a twin and its kernel agreeing bit for bit."""
+    from kernels.cpu import activations, fused, losses
+
+    table = step.kernel_table(np.float32, step.SGD, step.CROSS_ENTROPY)
+    entries = step._entries(np.dtype(np.float32))
+    cases = [(losses._cross_entropy_scheduled, step.LOSS_K + step.CROSS_ENTROPY, step.CROSS_ENTROPY_SERIAL_K,
+              losses.PARALLEL_MIN),
+             (losses.bias_grad_scheduled, step.BIAS_GRAD_K, step.BIAS_GRAD_SERIAL_K, losses.PARALLEL_MIN),
+             (fused.segment_norms_scheduled, step.NORMS_K, step.NORMS_SERIAL_K, fused.NORMS_PARALLEL_MIN)]
+    cases += [(fused._BIAS_ACT_BACKWARD_SCHEDULED[name], step.BIAS_ACT_K + i, step.BIAS_ACT_SERIAL_K + i,
+               activations.PARALLEL_MIN) for i, name in enumerate(step._BIAS_ACT)]
+    for wrapper, slot, twin, minimum in cases:
+        assert (entries[slot][1], entries[twin][1], minimum) == (wrapper.kernel, wrapper.small, wrapper.minimum)
+        assert table[slot] != 0 and table[twin] != 0 and table[slot] != table[twin]
+        for size in (0, minimum - 1, minimum, minimum + 1):
+            picked = step._scheduled.py_func(table, slot, twin, size, minimum)
+            assert picked == table[twin if size < wrapper.minimum else slot]

@@ -132,6 +132,7 @@ def scheduled(kernel, small=None, minimum=PARALLEL_MIN):
         return small(x, *args) if x.size < minimum else dynamic(kernel, x, *args)
 
     call.__name__, call.__doc__ = kernel.__name__, kernel.__doc__
+    call.kernel, call.small, call.minimum = kernel, small, minimum  # what the compiled step picks alike
     return call
 
 
