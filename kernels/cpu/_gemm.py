@@ -1010,8 +1010,7 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     chunks = _cdiv(m, rows) * col_blocks
     if act == SIGMOID or act == TANH:  # compiled, on its first use, by this thread rather than a worker
         _call_transcendental(out, 0, 0, 0, 0, act)
-    counter = np.empty(1, np.intp)  # not np.zeros, which parallel=True would make a parallel loop of its own
-    counter[0] = 0
+    counter = np.zeros(1, np.intp)
     for _ in prange(min(threads, chunks)):
         bp = np.empty(b_size, out.dtype)
         edge = np.empty(edge_size, out.dtype)
