@@ -80,22 +80,41 @@ def _kernel_pairs():
          for act in ("relu", "tanh")]
 
 
-@pytest.mark.parametrize("shape", [(1, 3), (7, 10), (4099, 33)])  # the last above every threshold but norms'
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_serial_twins_compute_what_their_parallel_kernels_compute(shape, dtype):
-    """To the last bits only. Compiled in one process, twin and kernel agree bit for bit; but a kernel loaded
-    from Numba's cache next to a twin compiled in this process can differ in the last bit (seen: the
-    cross-entropy's dlogits of 7 x 10, 1.2e-7 relative; the helpers they call are separate functions, found
-    by name when cached code is loaded). Where the same bits matter (the compiled training step), the
-    per-kernel step's own choice runs (``step._scheduled``)."""
-    rtol = 8 * np.finfo(dtype).eps
+TWIN_SHAPES = [(1, 3), (7, 10), (4099, 33)]  # the last above every threshold but norms'
+
+
+def _twin_results(shape, dtype):
+    """For each kernel with a serial twin: (name, the kernel's results, the twin's), each its return value
+    (a loss, or None) and the arrays it was given, outputs written."""
+    results = []
     for name, parallel, twin, make in _kernel_pairs():
         a, b = make(*shape, dtype), make(*shape, dtype)
-        ra, rb = parallel(*a), twin(*b)
-        if ra is not None:  # a loss
-            np.testing.assert_allclose(rb, ra, rtol=rtol, atol=0, err_msg=name)
-        for x, y in zip(a, b):
-            np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * np.abs(x).max(initial=0), err_msg=name)
+        results.append((name, (parallel(*a), *a), (twin(*b), *b)))
+    return results
+
+
+@pytest.mark.parametrize("shape", TWIN_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_serial_twins_compute_what_their_parallel_kernels_compute(shape, dtype):
+    """To the last bits only here: a kernel loaded from Numba's cache next to a twin compiled in this process
+    can differ in the last bit (seen: the cross-entropy's dlogits of 7 x 10, 1.2e-7 relative; the helpers
+    they call are separate functions, found by name when cached code is loaded). Where the same bits matter
+    (the compiled training step), the per-kernel step's own choice runs (``step._scheduled``)."""
+    rtol = 8 * np.finfo(dtype).eps
+    for name, kernel_results, twin_results in _twin_results(shape, dtype):
+        for x, y in zip(kernel_results, twin_results):
+            if x is not None:
+                np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * np.abs(x).max(initial=0), err_msg=name)
+
+
+def test_serial_twins_compiled_beside_their_kernels_match_them_bit_for_bit(tmp_path):
+    """Both compiled in one fresh process (an empty cache): the same bits, every kernel, shape and dtype."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import numpy as np; "
+            "from test_warmup import TWIN_SHAPES, _twin_results; "
+            "print([(name, shape, np.dtype(dtype).name) for shape in TWIN_SHAPES for dtype in (np.float32, np.float64) "
+            "for name, a, b in _twin_results(shape, dtype) "
+            "if any(np.asarray(x).tobytes() != np.asarray(y).tobytes() for x, y in zip(a, b) if x is not None)])")
+    assert _fresh_process(code, tmp_path).stdout.strip() == "[]"
 
 
 def _compiled(cache, largest):
