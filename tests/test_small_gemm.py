@@ -122,6 +122,26 @@ def test_tiles_last_rows_bitwise_as_the_gemm(data, m, k, n, dtype):
     _gemm.gemm(a, b, bias_, code, alpha, expected, variant, kc, 1 << 30, _gemm.body(np.dtype(dtype)))
     np.testing.assert_array_equal(out, expected)
 
+
+@given(data=st.data(), m=ROW_COUNTS, k=st.sampled_from([1, 2]), n=SIDES, dtype=DTYPES)
+def test_outer_products_bitwise_as_the_gemm(data, m, k, n, dtype):
+    """An outer product (K of 1 or 2: x^T dy at a batch of one or two) through ``rows`` equals bit for bit the
+    GEMM's FMA chain from zero, signed zeros included (zeros of both signs among the operands)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    a.flat[::3], b.flat[::4] = -0.0, 0.0
+    b_layouts = st.sampled_from(["C", "window", "reversed"])  # B's rows contiguous, distinct
+    a, b = _layout(a, data.draw(ANY_LAYOUTS)), _rows_contiguous(b, data.draw(b_layouts))
+    bias = rng.standard_normal(n).astype(dtype) if data.draw(st.booleans()) else None
+    bias_, activation, alpha = _epilogue_args(data, bias, dtype)
+    code = _gemm.ACTIVATION_CODES[activation]
+    (sa_i, sa_k), (sb_k, _) = _strides(a), _strides(b)
+    out, expected = np.full((m, n), np.nan, dtype), np.full((m, n), np.nan, dtype)
+    _small.rows(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, k, bias_, code, alpha, out)
+    _gemm.gemm(a, b, bias_, code, alpha, expected, 0, 384, 1 << 30, _gemm.body(np.dtype(dtype)))
+    assert out.tobytes() == expected.tobytes()
+
+
 def test_route():
     """The choice for a dense layer's three products at a batch of 1, 8, 32 and 256 (784 -> 128, on 2
     threads; strides in elements: A (sa_k), B (sb_k, sb_j))."""
