@@ -353,32 +353,41 @@ def _fold(x, w, lo, hi, acc):
 
 
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc):
+def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc, piece):
     """The first parameter layer's ``dW = x^T dz`` at a batch of one or two, where it takes the ``rows``
     route (an outer product), the sum of squares of its segment ``[0, end)`` (W, then b) and the unscaled
     optimizer step on W, piece by piece of segment_norms' CHUNK-sized pieces: each piece's gradient is
     still in cache when the sum and the update read it. The same kernels on the same elements as the
     separate product, norms and update, so bit for bit the same. With ``x_next`` (rows > 0: the next step's
     input), each piece of W, once updated and still in cache, is also folded into ``acc``, the next step's
-    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. Returns the segment's
-    gradient norm."""
+    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. A ``piece`` buffer (at
+    least CHUNK + 2 rows of dW) takes each piece's gradient instead of ``grads``: dW then never leaves L2,
+    and neither does W when it fits there, where writing dW would evict both (at 784 x 128, float32, W and
+    dW are 400 KB each, L2 512 KB on Zen 3); an empty one writes ``grads``. Returns the segment's gradient
+    norm."""
     w_in, w_out = x.shape[1], dz.shape[1]
     w_end, item = w_in * w_out, x.itemsize
     no_bias = np.empty(0, params.dtype)
-    done, total = 0, 0.0  # rows of dW computed; the sum of squares so far
+    into_grads = piece.size == 0
+    done, total = 0, 0.0  # rows of dW computed into grads; the sum of squares so far
     for a in range(0, end, CHUNK):
         b = min(end, a + CHUNK)
         wb = min(b, w_end)
-        need = -(-wb // w_out)
-        if need > done:
-            _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + done * item, np.intp(1), np.intp(w_in),
+        first, need = (done if into_grads else a // w_out), -(-wb // w_out)  # the rows of dW to compute
+        g = grads if into_grads else piece
+        at = 0 if into_grads else first * w_out  # where g starts in the segment
+        if need > first:
+            _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + first * item, np.intp(1), np.intp(w_in),
                                     np.intp(dz.ctypes.data), np.intp(w_out), np.intp(x.shape[0]), no_bias,
-                                    np.int64(NONE), alpha, grads[done * w_out:need * w_out].reshape((need - done, w_out))),
-                  None)
+                                    np.int64(NONE), alpha,
+                                    g[first * w_out - at:need * w_out - at].reshape((need - first, w_out))), None)
             done = need
-        total += _call(kernels[SQUARES_K], (grads, np.int64(a), np.int64(b)), np.float64(0))
+        if not into_grads:  # the bias gradient follows W's in the piece
+            for i in range(w_end, b):
+                g[i - at] = grads[i]
+        total += _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
         if a < wb:
-            _update(kernels, optimizer, h, params[a:wb], grads[a:wb], state1[a:wb], state2[a:wb], None, False)
+            _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False)
             if x_next.shape[0]:
                 _fold(x_next, params, a, wb, acc)
     return np.sqrt(total)
@@ -442,6 +451,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     x_next = np.empty((batch if foldable else 0, width), params.dtype)
     acc = np.empty((batch if foldable else 0, w1), params.dtype)
     folded = False  # acc holds this step's x @ W1
+    # the fused product's buffer for a piece of dW (the last step writes grads, which then hold its gradient)
+    piece = np.empty(CHUNK + 2 * layers[first, OUT_W] if batch <= ROWS_MAX_K else 0, params.dtype)
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -499,7 +510,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     _gather_rows(X, order, lo + batch, x_next[:following])
                     acc[:following] = 0
                     norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
-                                               state1, state2, alphas[i], x_next[:following], acc[:following])
+                                               state1, state2, alphas[i], x_next[:following], acc[:following],
+                                               piece[:0] if s == s1 - 1 else piece)
                     folded = following > 0
                 else:
                     _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
