@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import kernels
 import nn
-from kernels.cpu import _parallel, step
+from kernels.cpu import _parallel, fused, step
 from nn import _compiled
 
 from test_nn_trajectory import CONFIGS, DATA, _data
@@ -315,7 +315,7 @@ for compiled in (None, {explicit}, None):
 @pytest.mark.parametrize("first", ["dense", "dropout"])
 def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, optimizer, first):
     """At a batch of one or two without clipping the compiled step computes the first parameter layer's
-    dW (an outer product), its gradient norm and its update piece by piece (300 x 128: three of
+    dW (an outer product), its gradient norm and its update piece by piece (300 x 128: many of
     segment_norms' pieces, the last partial and holding the bias too; after dx when a dropout layer comes
     first): bit for bit the per-kernel step, norms and gradients left in layer.grads included; with
     clipping it takes the separate product, norms and update."""
@@ -326,7 +326,7 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
         head = [nn.Dropout(0.2)] if first == "dropout" else []
         return head + [nn.Dense(128, activation="relu"), nn.Dense(10)]
 
-    assert 300 * 128 > 2 * _parallel.CHUNK
+    assert 300 * 128 > 2 * _parallel.CHUNK > 2 * fused.PIECE
     for batch_size, clip_norm in ((1, None), (2, None), (1, 0.5)):
         runs = [_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, clip_norm=clip_norm)
                 for compiled in (True, False)]
@@ -336,12 +336,13 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
 
 
 @pytest.mark.parametrize("units, activation, dtype", [(120, None, "float32"), (128, "leaky_relu", "float64"),
-                                                      (36, "relu", "float64")])
+                                                      (36, "relu", "float64"), (2056, "relu", "float32")])
 def test_batches_of_one_and_two_fold_the_next_forward_product_into_the_update(calls, units, activation, dtype):
     """Where the first layer's forward product is folded into the previous step's update of W (a batch of
     one or two, no clipping, no activation, relu or leaky relu, whole vectors of outputs): rows of W cut by
-    segment_norms' pieces (120 and 36 columns), float64's 4-lane vectors, a last batch of one after
-    batches of two; bit for bit the per-kernel step."""
+    segment_norms' pieces (120 and 36 columns), rows longer than a piece (2056 columns, 822k gradients:
+    the per-kernel norms in parallel), float64's 4-lane vectors, a last batch of one after batches of two;
+    bit for bit the per-kernel step."""
     rng = np.random.default_rng(5)
     X, y = rng.standard_normal((7, 400)), rng.integers(0, 10, 7)
 

@@ -6,10 +6,14 @@ the separate ``*_backward`` and ``bias_grad`` calls give, in one pass over ``dy`
 """
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import activations as act
 from ._jit import jit, serial
+from ._math import _fma
 from ._parallel import CHUNK, n_chunks, scheduled
 
 
@@ -62,47 +66,111 @@ def bias_act_backward(y, dy, activation, alpha, dz, db):
 
 
 NORMS_PARALLEL_MIN = 1 << 19  # one read-only pass: threads paid off only from about this size
+# Squares are summed per piece of this many elements (at multiples of it in the buffer, cut by the segments'
+# bounds), the pieces' sums in order: a piece is small enough that the compiled step's pass at a batch of
+# one (product, squares, update of a piece) keeps it in L1.
+PIECE = 1 << 11
 
 
-@jit
+SQUARE_LANES, SQUARE_SUMS = 4, 8  # float64 lanes of a vector, vector partial sums (an FMA's latency x 2 per cycle)
+SQUARE_BLOCK = SQUARE_LANES * SQUARE_SUMS
+
+
+@intrinsic
+def _square_blocks(typingctx, address, blocks, like):
+    """The sum of squares in float64 of ``blocks`` * SQUARE_BLOCK elements of ``like``'s dtype from byte
+    ``address`` on: element i into lane i % SQUARE_LANES of vector sum (i // SQUARE_LANES) % SQUARE_SUMS,
+    then the sums and the lanes added pairwise. IR without fast-math flags, which no optimiser may reorder."""
+    lanes, sums = SQUARE_LANES, SQUARE_SUMS
+
+    def codegen(context, builder, sig, args):
+        fty, dty, i64 = context.get_value_type(sig.args[2].dtype), ir.DoubleType(), ir.IntType(64)
+        vin, vd = ir.VectorType(fty, lanes), ir.VectorType(dty, lanes)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd] * 3), f"llvm.fma.v{lanes}f64")
+        x = builder.inttoptr(args[0], fty.as_pointer())
+        zero = ir.Constant(vd, [0.0] * lanes)
+        entry = builder.block
+        loop, done = builder.append_basic_block("squares.loop"), builder.append_basic_block("squares.done")
+        builder.cbranch(builder.icmp_signed(">", args[1], ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        i, acc = builder.phi(i64), [builder.phi(vd) for _ in range(sums)]
+        start = builder.mul(i, ir.Constant(i64, SQUARE_BLOCK))
+        new = []
+        for k in range(sums):
+            v = builder.load(builder.bitcast(builder.gep(x, [builder.add(start, ir.Constant(i64, k * lanes))]),
+                                             vin.as_pointer()), align=context.get_abi_sizeof(fty))
+            v = v if fty == dty else builder.fpext(v, vd)
+            new.append(builder.call(fma, [v, v, acc[k]]))
+        following = builder.add(i, ir.Constant(i64, 1))
+        i.add_incoming(ir.Constant(i64, 0), entry)
+        i.add_incoming(following, loop)
+        for phi, value in zip(acc, new):
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(value, loop)
+        builder.cbranch(builder.icmp_signed("<", following, args[1]), loop, done)
+        builder.position_at_end(done)
+        total = []
+        for value in new:
+            phi = builder.phi(vd)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(value, loop)
+            total.append(phi)
+        while len(total) > 1:
+            total = [builder.fadd(total[j], total[j + 1]) for j in range(0, len(total), 2)]
+        total = [builder.extract_element(total[0], ir.Constant(ir.IntType(32), j)) for j in range(lanes)]
+        while len(total) > 1:
+            total = [builder.fadd(total[j], total[j + 1]) for j in range(0, len(total), 2)]
+        return total[0]
+
+    return types.float64(types.intp, types.intp, like), codegen
+
+
+@jit(fastmath=False)
 def _sum_squares(x, lo, hi):
-    """Sum of x[lo:hi]**2 in float64 (unsigned bounds: the loop vectorises)."""
-    total = 0.0
-    for j in range(np.uint64(lo), np.uint64(hi)):
+    """Sum of x[lo:hi]**2 in float64 in a fixed order: :func:`_square_blocks`, then the rest one by one. No
+    fast-math flags here either: every copy of this code (the kernels' own, the compiled step's, whatever
+    LLVM inlines where) sums alike, so the norms of the compiled step and of segment_norms agree bit for bit."""
+    blocks = (hi - lo) // SQUARE_BLOCK
+    total = _square_blocks(np.intp(x.ctypes.data) + lo * x.itemsize, blocks, x)
+    for j in range(lo + blocks * SQUARE_BLOCK, hi):
         v = np.float64(x[j])
-        total += v * v
+        total = _fma(v, v, total)
     return total
 
 
-@jit(parallel=True)
+@jit(inline="always")
+def _piece_sum(x, p, lo, hi):
+    """The sum of squares of piece ``p`` of the buffer within ``[lo, hi)`` (0 where they do not meet)."""
+    a, b = max(lo, p * PIECE), min(hi, (p + 1) * PIECE)
+    return _sum_squares(x, a, b) if a < b else 0.0
+
+
+@jit(parallel=True, fastmath=False)
 def segment_norms(x, offsets, out):
-    """One pass over the flat buffer, no BLAS. Each segment's sum of squares is summed from its pieces in
-    the fixed CHUNK-sized pieces of the buffer, in chunk order, serially or (large buffers) in parallel, so
-    the result depends neither on the thread count nor on the branch, and a caller that has the pieces'
-    sums (the compiled epoch's product-and-update pass) gets the same norm."""
+    """One pass over the flat buffer, no BLAS. Each segment's sum of squares is summed from its PIECE-sized
+    pieces in order, serially or (large buffers) from per-piece sums computed in parallel chunks, so the
+    result depends neither on the thread count nor on the branch, and a caller that has the pieces' sums
+    (the compiled step's product-and-update pass) gets the same norm. No fast-math flags: they would let
+    LLVM reorder the sum over pieces."""
     segments = out.size
     if x.size < NORMS_PARALLEL_MIN:
         for s in range(segments):
             lo, hi = offsets[s], offsets[s + 1]
             total = 0.0
-            for c in range(lo // CHUNK, n_chunks(hi)):
-                a, b = max(lo, c * CHUNK), min(hi, (c + 1) * CHUNK)
-                if a < b:
-                    total += _sum_squares(x, a, b)
+            for p in range(lo // PIECE, (hi + PIECE - 1) // PIECE):
+                total += _piece_sum(x, p, lo, hi)
             out[s] = np.sqrt(total)
         return
-    chunks = n_chunks(x.size)
-    partial = np.zeros((chunks, segments))
-    for c in prange(chunks):
-        lo, hi = c * CHUNK, min(x.size, (c + 1) * CHUNK)
-        for s in range(segments):
-            a, b = max(lo, offsets[s]), min(hi, offsets[s + 1])
-            if a < b:
-                partial[c, s] = _sum_squares(x, a, b)
+    pieces, per_chunk = (x.size + PIECE - 1) // PIECE, CHUNK // PIECE
+    partial = np.zeros((pieces, segments))
+    for c in prange(n_chunks(x.size)):
+        for p in range(c * per_chunk, min(pieces, (c + 1) * per_chunk)):
+            for s in range(segments):
+                partial[p, s] = _piece_sum(x, p, offsets[s], offsets[s + 1])
     for s in range(segments):
         total = 0.0
-        for c in range(chunks):
-            total += partial[c, s]
+        for p in range(offsets[s] // PIECE, (offsets[s + 1] + PIECE - 1) // PIECE):
+            total += partial[p, s]
         out[s] = np.sqrt(total)
 
 

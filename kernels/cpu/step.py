@@ -34,9 +34,9 @@ from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, RO
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
-from .fused import NORMS_PARALLEL_MIN
+from .fused import NORMS_PARALLEL_MIN, PIECE
 from .metrics import _check_step, _count_labels, _count_thresholds
-from ._parallel import CHUNK, PARALLEL_MIN, num_threads
+from ._parallel import PARALLEL_MIN, num_threads
 from ..reference.metrics import BAD_STEP
 
 # layer kinds, and the activation codes (those of _gemm.ACTIVATION_CODES, plus softmax)
@@ -353,38 +353,48 @@ def _fold(x, w, lo, hi, acc):
 
 
 @jit(fastmath=False, inline="always")
+def _dw_rows(kernels, x, dz, lo, hi, alpha, out):
+    """Rows ``lo <= p < hi`` of ``dW = x^T dz`` into ``out`` (their shape) by the ``rows`` route, as the
+    per-kernel step's product takes it at a batch of one or two."""
+    _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * x.itemsize, np.intp(1), np.intp(x.shape[1]),
+                            np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(x.shape[0]),
+                            np.empty(0, out.dtype), np.int64(NONE), alpha, out), None)
+
+
+@jit(fastmath=False, inline="always")
 def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc, piece):
-    """The first parameter layer's ``dW = x^T dz`` at a batch of one or two, where it takes the ``rows``
-    route (an outer product), the sum of squares of its segment ``[0, end)`` (W, then b) and the unscaled
-    optimizer step on W, piece by piece of segment_norms' CHUNK-sized pieces: each piece's gradient is
-    still in cache when the sum and the update read it. The same kernels on the same elements as the
-    separate product, norms and update, so bit for bit the same. With ``x_next`` (rows > 0: the next step's
-    input), each piece of W, once updated and still in cache, is also folded into ``acc``, the next step's
-    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. A ``piece`` buffer (at
-    least CHUNK + 2 rows of dW) takes each piece's gradient instead of ``grads``: dW then never leaves L2,
-    and neither does W when it fits there, where writing dW would evict both (at 784 x 128, float32, W and
-    dW are 400 KB each, L2 512 KB on Zen 3); an empty one writes ``grads``. Returns the segment's gradient
-    norm."""
-    w_in, w_out = x.shape[1], dz.shape[1]
-    w_end, item = w_in * w_out, x.itemsize
-    no_bias = np.empty(0, params.dtype)
+    """The first parameter layer's ``dW = x^T dz`` at a batch of one or two (an outer product), the sum of
+    squares of its segment ``[0, end)`` (W, then b) and the unscaled optimizer step on W, piece by piece of
+    segment_norms' pieces (``fused.PIECE`` elements): the same kernels on the same elements as the separate
+    product, norms and update, so bit for bit the same. Each piece's gradient goes into ``piece`` (at least
+    PIECE + 2 rows of dW), where the sum and the update read it from L1; an empty ``piece`` writes ``grads``
+    instead (the call's last step: they then hold its gradient). With ``x_next`` (rows > 0: the next step's
+    input), each piece of W, once updated and still in L1, is also folded into ``acc``, the next step's
+    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. Returns the segment's
+    gradient norm."""
+    w_out = dz.shape[1]
+    w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
-    done, total = 0, 0.0  # rows of dW computed into grads; the sum of squares so far
-    for a in range(0, end, CHUNK):
-        b = min(end, a + CHUNK)
+    done = 0  # the rows of dW in grads
+    r0, r1 = 0, 0  # the rows of dW in piece
+    total = 0.0  # the sum of squares so far
+    for a in range(0, end, PIECE):
+        b = min(end, a + PIECE)
         wb = min(b, w_end)
-        first, need = (done if into_grads else a // w_out), -(-wb // w_out)  # the rows of dW to compute
-        g = grads if into_grads else piece
-        at = 0 if into_grads else first * w_out  # where g starts in the segment
-        if need > first:
-            _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + first * item, np.intp(1), np.intp(w_in),
-                                    np.intp(dz.ctypes.data), np.intp(w_out), np.intp(x.shape[0]), no_bias,
-                                    np.int64(NONE), alpha,
-                                    g[first * w_out - at:need * w_out - at].reshape((need - first, w_out))), None)
-            done = need
-        if not into_grads:  # the bias gradient follows W's in the piece
-            for i in range(w_end, b):
-                g[i - at] = grads[i]
+        g, at = grads, 0  # the piece's gradient: g[i - at] for its elements i
+        if a < w_end:
+            first, need = a // w_out, -(-wb // w_out)  # the rows of dW the piece meets
+            if into_grads:
+                if need > done:
+                    _dw_rows(kernels, x, dz, done, need, alpha, grads[done * w_out:need * w_out].reshape((-1, w_out)))
+                    done = need
+            else:
+                if first < r0 or need > r1:
+                    r0, r1 = first, need
+                    _dw_rows(kernels, x, dz, r0, r1, alpha, piece[:(r1 - r0) * w_out].reshape((-1, w_out)))
+                g, at = piece, r0 * w_out
+                for i in range(w_end, b):  # the bias's gradient, after W's
+                    g[i - at] = grads[i]
         total += _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
         if a < wb:
             _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False)
@@ -452,7 +462,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     acc = np.empty((batch if foldable else 0, w1), params.dtype)
     folded = False  # acc holds this step's x @ W1
     # the fused product's buffer for a piece of dW (the last step writes grads, which then hold its gradient)
-    piece = np.empty(CHUNK + 2 * layers[first, OUT_W] if batch <= ROWS_MAX_K else 0, params.dtype)
+    piece = np.empty(PIECE + 2 * layers[first, OUT_W] if batch <= ROWS_MAX_K else 0, params.dtype)
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
