@@ -23,14 +23,14 @@ the caller decides what follows.
 
 import numba
 import numpy as np
-from numba import types
+from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
 from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
 from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
-                     _resume_one, _resume_wide, dispatcher, dots, rows, tiles)
+                     _resume_one, _resume_wide, _voidptr, dispatcher, dots, rows, tiles)
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
@@ -353,12 +353,19 @@ def _fold(x, w, lo, hi, acc):
 
 
 @jit(fastmath=False, inline="always")
-def _dw_rows(kernels, x, dz, lo, hi, alpha, out):
+def _dw_rows(kernels, x, dz, lo, hi, alpha, no_bias, out):
     """Rows ``lo <= p < hi`` of ``dW = x^T dz`` into ``out`` (their shape) by the ``rows`` route, as the
     per-kernel step's product takes it at a batch of one or two."""
     _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * x.itemsize, np.intp(1), np.intp(x.shape[1]),
-                            np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(x.shape[0]),
-                            np.empty(0, out.dtype), np.int64(NONE), alpha, out), None)
+                            np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(x.shape[0]), no_bias,
+                            np.int64(NONE), alpha, out), None)
+
+
+@jit(fastmath=False, inline="always")
+def _borrowed(a):
+    """``a`` as an array without a reference count, for the views taken of it piece by piece (each view of
+    a counted array costs two atomic operations: a tenth of a step at a batch of one)."""
+    return carray(_voidptr(np.intp(a.ctypes.data)), a.size, a.dtype)
 
 
 @jit(fastmath=False, inline="always")
@@ -375,6 +382,8 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
     w_out = dz.shape[1]
     w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
+    params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
+    piece, no_bias = _borrowed(piece), np.empty(0, params.dtype)
     done = 0  # the rows of dW in grads
     r0, r1 = 0, 0  # the rows of dW in piece
     total = 0.0  # the sum of squares so far
@@ -386,12 +395,13 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
             first, need = a // w_out, -(-wb // w_out)  # the rows of dW the piece meets
             if into_grads:
                 if need > done:
-                    _dw_rows(kernels, x, dz, done, need, alpha, grads[done * w_out:need * w_out].reshape((-1, w_out)))
+                    _dw_rows(kernels, x, dz, done, need, alpha, no_bias,
+                             grads[done * w_out:need * w_out].reshape((-1, w_out)))
                     done = need
             else:
                 if first < r0 or need > r1:
                     r0, r1 = first, need
-                    _dw_rows(kernels, x, dz, r0, r1, alpha, piece[:(r1 - r0) * w_out].reshape((-1, w_out)))
+                    _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, piece[:(r1 - r0) * w_out].reshape((-1, w_out)))
                 g, at = piece, r0 * w_out
                 for i in range(w_end, b):  # the bias's gradient, after W's
                     g[i - at] = grads[i]
