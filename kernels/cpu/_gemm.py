@@ -190,6 +190,33 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       MC 192). 2 threads under load, alternated: 128 x 784 x 256 62 -> 68, 128 x 256 x 256 41 -> 45.
   v23 a transposed A at a K stride of a multiple of 256 bytes is packed, PANELS_A row panels per pass over
       k (``_pack_panels``); see PACK_A_STRIDE for the figures.
+  v24 per-call costs of the training steps' products (M 64-784, 0.3-51 MFLOP), found with ``perf record -e
+      cpu-clock`` on the JIT code (samples mapped to the compiled functions, objdump of their bytes): at
+      128 x 256 x 256, x@W+b relu, the micro-kernel's loop was ~75% of one thread's time, the rest: the
+      relu loop compiled to vmaskmovps stores (LLVM drops the stores of elements left as they are; the
+      masked store is microcoded on AMD): 6%; packing B, 16 elements per ``_copy`` call: 10% (0.30-0.35
+      ns per element with B in L2); in dy W^T the B^T 8 x 8 transposes (inserts and extracts lowered to
+      broadcasts and blends): 12%; in x^T dy into 10 columns the element-by-element copy of edge tiles:
+      17%; in x^T dy at A^T strides that get packed, the load masks set up every k: 8%. Now bias + relu
+      in one pass (vmaxps), relu alone by ``_relu``; whole B panels by ``_copy_panels`` (0.13-0.15 ns);
+      ``_shuffle_transpose``; edge tiles copied row by row as vectors; ``_pack_panels`` with plain loads
+      where the operand has the rows. Kept the blocking: KC / NC 256-784 / 128K-512K swept per shape on one
+      thread, all within 5% of 384/192K. Results bitwise the same as v23 (3840 cases: both dtypes, the
+      four layouts, every activation, bias or none, 1 and 2 threads). 1 thread, thread CPU time, v23
+      imported as a second package beside this one and the two alternated per round in one process,
+      medians of 11 rounds of medians of 41 calls, us, two runs (load 1.5-1.6: other sessions' work):
+      784-256-256-10 b128: x@W+b relu 128 x 784 x 256 683 -> 636 and 765 -> 704, 128 x 256 x 256 230 ->
+      204 and 280 -> 233, x^T dy 784 x 128 x 256 675 -> 685 and 686 -> 678, 256 x 128 x 256 258 -> 238
+      and 250 -> 239, 256 x 128 x 10 23.7 -> 22.3 and 25.3 -> 22.7, dy W^T 128 x 256 x 256 244 -> 233 and
+      233 -> 230; 256-512-256-10 tanh b64: x@W+b tanh 64 x 256 x 512 306 -> 281 and 344 -> 323, 64 x 512
+      x 256 278 -> 253 and 321 -> 294, x^T dy 256 x 64 x 512 221 -> 213 and 263 -> 248, 512 x 64 x 256
+      243 -> 246 and 304 -> 285, dy W^T 64 x 256 x 512 223 -> 210 and 262 -> 248; the 16 products' sum
+      3675 -> 3496 and 4076 -> 3836 (-5%). The tanh epilogue is now 16% of 64 x 256 x 512 (1.4 ns per
+      element, ``_math.tanh``). Tried and dropped: software prefetch of B's rows in ``_copy_panels`` (4-32
+      rows ahead: no change with B in L3); copying rows then panels (r outer) instead of panel by panel
+      (slower with B in L2). Cold compile, float32, CPU s, fresh process and empty cache, three runs
+      alternated with v23: ``_block`` 6.1 / 5.4 / 5.7 -> 6.1 / 5.5 / 6.4, every GEMM piece 12.5 / 11.5
+      / 12.7 -> 13.0 / 12.2 / 13.1.
 """
 
 import ctypes
@@ -678,7 +705,8 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
 def _relu(typingctx, at, n, like):
     """``x = 0 if x < 0 else x`` on ``n`` elements of ``like``'s dtype at address ``at``: whole vectors, loaded,
     selected and stored back every one. Written as a numba loop, LLVM drops the stores of the elements left as
-    they are and vectorises the rest as masked stores (vmaskmovps: microcoded on AMD, 6x slower here)."""
+    they are and vectorises the rest as masked stores (vmaskmovps, microcoded on AMD: relu on 128 x 256 float32
+    took 31 us that way, bias + relu in one loop 4.7)."""
     lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
