@@ -751,7 +751,7 @@ def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
             for j in range(cols):
                 x[j] += b[j]
         elif act == RELU:
-            _relu(np.intp(out.ctypes.data) + (i * out.shape[1] + col) * item, cols, out)
+            _relu(np.intp(out.ctypes.data) + i * out.strides[0] + col * item, cols, out)
         elif act == LEAKY_RELU:
             for j in range(cols):
                 x[j] = x[j] if x[j] > zero else alpha * x[j]
