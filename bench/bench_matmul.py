@@ -3,7 +3,8 @@
 Groups, one shape each (M, K, N: out is M x N, K the reduction):
 - square GEMM at 1024^3 and 2048^3 in float32 and float64;
 - every product of one training step of bench_training's GEMM-bound configurations (784-256-256-10 at
-  batch 128, 784-1024-1024-10 at batch 256): ``x @ W`` with its fused bias (+ relu), and the backward
+  batch 128, 784-1024-1024-10 at batch 256, 256-512-256-10 tanh at batch 64): ``x @ W`` with its fused
+  bias (+ relu or tanh), and the backward
   forms on transposed views, never copied: ``x^T dy`` (dW: x is (B, in), dy (B, out)) and ``dy W^T`` (dx:
   W is (in, out); not for the first layer, whose input needs no gradient);
 - the fused dense forward ``act(x @ W + b)``: numpy is its three steps (matmul into out, add the bias,
@@ -117,27 +118,29 @@ def test_square(measure, dtype, size, impl):
            rounds=5 if size == 2048 else 10, gemm_peak=True)
 
 
-def _steps(widths, batch):
+def _steps(widths, activation, batch):
     """The products one training step of an MLP computes (bench_training's flops count the same ones), as
-    (label, M, K, N, trans_a, trans_b, activation, bias): per layer ``x @ W + b`` (relu on hidden layers,
-    fused), ``dW = x^T dy`` and, for all but the first layer, ``dx = dy W^T``."""
+    (label, M, K, N, trans_a, trans_b, activation, bias): per layer ``x @ W + b`` (``activation`` on hidden
+    layers, fused), ``dW = x^T dy`` and, for all but the first layer, ``dx = dy W^T``."""
     steps = []
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         hidden = i < len(widths) - 2
-        steps.append(("x@W+b" + (" relu" if hidden else ""), batch, fan_in, fan_out, False, False,
-                      "relu" if hidden else None, True))
+        steps.append(("x@W+b" + (f" {activation}" if hidden else ""), batch, fan_in, fan_out, False, False,
+                      activation if hidden else None, True))
         steps.append(("x^T dy", fan_in, batch, fan_out, True, False, None, False))
         if i > 0:
             steps.append(("dy W^T", batch, fan_out, fan_in, False, True, None, False))
     return steps
 
 
-# every product of a step of bench_training's GEMM-bound configurations (784-256-256-10 at batch 128 and
-# 784-1024-1024-10 at batch 256, both relu): the forward x @ W with its fused bias + relu, dW = x^T dy with x
-# (B, in) and dy (B, out), dx = dy W^T with W (in, out) (none for the first layer); quick runs: the first's
-TRAINING = [(f"{'-'.join(map(str, widths))} b{batch} {label}", *shape)
-            for widths, _, batch, _, _ in CONFIGS[:1 if QUICK else 2]
-            for label, *shape in _steps(widths, batch)]
+# every product of a step of bench_training's GEMM-bound configurations (784-256-256-10 relu at batch 128,
+# 784-1024-1024-10 relu at batch 256, 256-512-256-10 tanh at batch 64): the forward x @ W with its fused bias
+# + activation, dW = x^T dy with x (B, in) and dy (B, out), dx = dy W^T with W (in, out) (none for the first
+# layer); quick runs: the first and the last
+GEMM_BOUND = [CONFIGS[0], CONFIGS[3]] if QUICK else [CONFIGS[0], CONFIGS[1], CONFIGS[3]]
+TRAINING = [(f"{'-'.join(map(str, widths))}{'' if activation == 'relu' else ' ' + activation} b{batch} {label}", *shape)
+            for widths, activation, batch, _, _ in GEMM_BOUND
+            for label, *shape in _steps(widths, activation, batch)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

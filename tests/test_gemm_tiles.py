@@ -145,6 +145,32 @@ def test_bias_and_activation(variant, dtype, activation):
         check(a, b, rng.standard_normal(n).astype(dtype), activation=activation, alpha=0.3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_relu_and_leaky_relu_are_their_formulas_on_the_product_bit_for_bit(variant, dtype, bias):
+    """The epilogue's relu (bias added in the same pass, or ``_gemm._relu`` alone) and leaky relu give
+    exactly ``0 if z < 0 else z`` and ``z if z > 0 else alpha * z`` of the same kernel's ``z = a @ b + bias``,
+    NaN and infinities included, over whole vectors, vector tails and edge tiles, serial and multithreaded."""
+    rng = np.random.default_rng(11)
+    alpha = 0.3
+    for m, k, n in [(7, 5, 3), (13, 40, 37), (64, 200, 129), (150, 300, 70)]:
+        a, b = operands(rng, m, k, n, dtype)
+        a[0, 0], a[1, :], a[2, 0] = np.nan, 0, np.inf  # a NaN row, a zero row, an infinite row
+        c = rng.standard_normal(n).astype(dtype) if bias else None
+        z = kernels.matmul(a, b, bias=c)
+        relu = np.where(z < 0, dtype(0), z)
+        leaky = np.where(z > 0, z, dtype(alpha) * z)
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            try:
+                np.testing.assert_array_equal(kernels.matmul(a, b, bias=c, activation="relu").view(np.uint8),
+                                              relu.view(np.uint8))
+                np.testing.assert_array_equal(kernels.matmul(a, b, bias=c, activation="leaky_relu", alpha=alpha)
+                                              .view(np.uint8), leaky.view(np.uint8))
+            finally:
+                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 @given(m=st.integers(0, 40), k=st.integers(0, 40), n=st.integers(0, 70), trans_a=st.booleans(),
        trans_b=st.booleans(), f64=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_random_small_shapes(variant, m, k, n, trans_a, trans_b, f64, seed):

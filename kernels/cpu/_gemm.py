@@ -190,6 +190,33 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       MC 192). 2 threads under load, alternated: 128 x 784 x 256 62 -> 68, 128 x 256 x 256 41 -> 45.
   v23 a transposed A at a K stride of a multiple of 256 bytes is packed, PANELS_A row panels per pass over
       k (``_pack_panels``); see PACK_A_STRIDE for the figures.
+  v24 per-call costs of the training steps' products (M 64-784, 0.3-51 MFLOP), found with ``perf record -e
+      cpu-clock`` on the JIT code (samples mapped to the compiled functions, objdump of their bytes): at
+      128 x 256 x 256, x@W+b relu, the micro-kernel's loop was ~75% of one thread's time, the rest: the
+      relu loop compiled to vmaskmovps stores (LLVM drops the stores of elements left as they are; the
+      masked store is microcoded on AMD): 6%; packing B, 16 elements per ``_copy`` call: 10% (0.30-0.35
+      ns per element with B in L2); in dy W^T the B^T 8 x 8 transposes (inserts and extracts lowered to
+      broadcasts and blends): 12%; in x^T dy into 10 columns the element-by-element copy of edge tiles:
+      17%; in x^T dy at A^T strides that get packed, the load masks set up every k: 8%. Now bias + relu
+      in one pass (vmaxps), relu alone by ``_relu``; whole B panels by ``_copy_panels`` (0.13-0.15 ns);
+      ``_shuffle_transpose``; edge tiles copied row by row as vectors; ``_pack_panels`` with plain loads
+      where the operand has the rows. Kept the blocking: KC / NC 256-784 / 128K-512K swept per shape on one
+      thread, all within 5% of 384/192K. Results bitwise the same as v23 (3840 cases: both dtypes, the
+      four layouts, every activation, bias or none, 1 and 2 threads). 1 thread, thread CPU time, v23
+      imported as a second package beside this one and the two alternated per round in one process,
+      medians of 11 rounds of medians of 41 calls, us, two runs (load 1.5-1.6: other sessions' work):
+      784-256-256-10 b128: x@W+b relu 128 x 784 x 256 683 -> 636 and 765 -> 704, 128 x 256 x 256 230 ->
+      204 and 280 -> 233, x^T dy 784 x 128 x 256 675 -> 685 and 686 -> 678, 256 x 128 x 256 258 -> 238
+      and 250 -> 239, 256 x 128 x 10 23.7 -> 22.3 and 25.3 -> 22.7, dy W^T 128 x 256 x 256 244 -> 233 and
+      233 -> 230; 256-512-256-10 tanh b64: x@W+b tanh 64 x 256 x 512 306 -> 281 and 344 -> 323, 64 x 512
+      x 256 278 -> 253 and 321 -> 294, x^T dy 256 x 64 x 512 221 -> 213 and 263 -> 248, 512 x 64 x 256
+      243 -> 246 and 304 -> 285, dy W^T 64 x 256 x 512 223 -> 210 and 262 -> 248; the 16 products' sum
+      3675 -> 3496 and 4076 -> 3836 (-5%). The tanh epilogue is now 16% of 64 x 256 x 512 (1.4 ns per
+      element, ``_math.tanh``). Tried and dropped: software prefetch of B's rows in ``_copy_panels`` (4-32
+      rows ahead: no change with B in L3); copying rows then panels (r outer) instead of panel by panel
+      (slower with B in L2). Cold compile, float32, CPU s, fresh process and empty cache, three runs
+      alternated with v23: ``_block`` 6.1 / 5.4 / 5.7 -> 6.1 / 5.5 / 6.4, every GEMM piece 12.5 / 11.5
+      / 12.7 -> 13.0 / 12.2 / 13.1.
 """
 
 import ctypes
@@ -484,13 +511,44 @@ def _copy(typingctx, src, dst, n, like):
 
 
 @intrinsic
-def _pack_panels(typingctx, src, s_k, rows, dst, width, count, like):
+def _copy_panels(typingctx, src, s_r, dst, rows, width, panels, like):
+    """``panels`` whole micro-panels of ``width`` columns (a multiple of the vector lanes) of an operand whose
+    rows are contiguous: ``dst[(p * rows + r) * width + j] = src[r * s_r + p * width + j]`` (element
+    addresses and strides), panel by panel, each written in order, whole vectors: 2-3x faster than a
+    ``_copy`` per panel row (B 512 x 128 of a 512 x 256 float32: 22 -> 10 us)."""
+    lanes = LANES[np.dtype(like.dtype.name)]
+
+    def codegen(context, builder, sig, args):
+        src_, s_r_, dst_, rows_, width_, panels_, _ = args
+        fty = context.get_value_type(sig.args[6].dtype)
+        size = context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, lanes)
+        i64 = ir.IntType(64)
+        s0, d0 = builder.inttoptr(src_, fty.as_pointer()), builder.inttoptr(dst_, fty.as_pointer())
+        with cgutils.for_range(builder, panels_) as panel:
+            with cgutils.for_range(builder, rows_) as row:
+                r, p = row.index, panel.index
+                at = builder.gep(s0, [builder.add(builder.mul(r, s_r_), builder.mul(p, width_))])
+                to = builder.gep(d0, [builder.mul(builder.add(builder.mul(p, rows_), r), width_)])
+                with cgutils.for_range(builder, builder.sdiv(width_, ir.Constant(i64, lanes))) as vector:
+                    offset = builder.mul(vector.index, ir.Constant(i64, lanes))
+                    value = builder.load(builder.bitcast(builder.gep(at, [offset]), vty.as_pointer()), align=size)
+                    builder.store(value, builder.bitcast(builder.gep(to, [offset]), vty.as_pointer()), align=size)
+        return context.get_dummy_value()
+
+    return types.void(*[types.intp] * 6, like), codegen
+
+
+@intrinsic
+def _pack_panels(typingctx, src, s_k, rows, readable, dst, width, count, like):
     """Up to PANELS_A panels of ``width`` rows of an operand whose rows are contiguous for each k (A^T's of
     a transposed A): ``dst[p * panel + k * width + i] = src[p * width + i + k * s_k]`` for ``p * width + i <
-    rows``, zero for the rest of a partial panel, ``k < count``, ``panel = width * count + PANEL_SLACK``
-    (element addresses and strides). One pass over k reads each line of A^T once for all the panels:
-    masked vector loads (nothing read past ``rows``) and whole vector stores, each overwriting the spill of
-    the store before it, the last one's into the PANEL_SLACK gap after its panel (a masked store is
+    rows``, ``k < count``, ``panel = width * count + PANEL_SLACK`` (element addresses and strides); the rest
+    of a partial panel is zero, or the next rows of the operand where it has ``readable`` (>= ``rows``) of
+    them (the tile rows they feed are discarded). One pass over k reads each line of A^T once for all the
+    panels: whole vector loads, or masked ones (zero-filled) where one would reach past ``readable`` (setting
+    up a mask every k cost 8% of x^T dy at 256 x 128 x 256), and whole vector stores, each overwriting the
+    spill of the store before it, the last one's into the PANEL_SLACK gap after its panel (a masked store is
     microcoded on AMD: slower than the product).
 
     Read in place, a panel's lines are ``s_k`` apart: at a power-of-two stride (x^T dy at batch 256: 4 KiB
@@ -498,8 +556,8 @@ def _pack_panels(typingctx, src, s_k, rows, dst, width, count, like):
     lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
-        src_, s_k_, rows_, dst_, width_, count_, _ = args
-        fty = context.get_value_type(sig.args[6].dtype)
+        src_, s_k_, rows_, readable_, dst_, width_, count_, _ = args
+        fty = context.get_value_type(sig.args[7].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
         i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -511,6 +569,7 @@ def _pack_panels(typingctx, src, s_k, rows, dst, width, count, like):
         panel = builder.add(builder.mul(width_, count_), ir.Constant(i64, PANEL_SLACK))
         widest = max(tile[f64][0] for tile in TILES.values() for f64 in (0, 1))  # vectors for any variant's MR
         steps = []  # (offset in A^T's row, offset in dst, lanes to read, whether this vector is in the panel)
+        whole = ir.Constant(ir.IntType(1), 1)  # whether every vector of every panel can be read whole
         for p in range(PANELS_A):
             for v in range(_cdiv(widest, lanes)):
                 first = builder.add(builder.mul(width_, ir.Constant(i64, p)), ir.Constant(i64, v * lanes))
@@ -523,17 +582,46 @@ def _pack_panels(typingctx, src, s_k, rows, dst, width, count, like):
                                       builder.icmp_signed("<", builder.mul(width_, ir.Constant(i64, p)), rows_))
                 steps.append((first, builder.add(builder.mul(panel, ir.Constant(i64, p)), ir.Constant(i64, v * lanes)),
                               builder.icmp_signed("<", lane, splat), inside))
-        with cgutils.for_range(builder, count_) as loop:
-            k = loop.index
-            row, out = builder.gep(s0, [builder.mul(k, s_k_)]), builder.gep(d0, [builder.mul(k, width_)])
-            for first, at, mask, inside in steps:
-                with builder.if_then(inside, likely=True):
-                    value = builder.call(load, [builder.bitcast(builder.gep(row, [first]), vty.as_pointer()),
-                                                ir.Constant(i32, size), mask, ir.Constant(vty, None)])
-                    builder.store(value, builder.bitcast(builder.gep(out, [at]), vty.as_pointer()), align=size)
+                fits = builder.icmp_signed("<=", builder.add(first, ir.Constant(i64, lanes)), readable_)
+                whole = builder.and_(whole, builder.or_(builder.not_(inside), fits))
+
+        def copy(masked):
+            with cgutils.for_range(builder, count_) as loop:
+                k = loop.index
+                row, out = builder.gep(s0, [builder.mul(k, s_k_)]), builder.gep(d0, [builder.mul(k, width_)])
+                for first, at, mask, inside in steps:
+                    with builder.if_then(inside, likely=True):
+                        at_row = builder.bitcast(builder.gep(row, [first]), vty.as_pointer())
+                        value = (builder.call(load, [at_row, ir.Constant(i32, size), mask, ir.Constant(vty, None)])
+                                 if masked else builder.load(at_row, align=size))
+                        builder.store(value, builder.bitcast(builder.gep(out, [at]), vty.as_pointer()), align=size)
+
+        with builder.if_else(whole, likely=True) as (plain, masked):
+            with plain:
+                copy(False)
+            with masked:
+                copy(True)
         return context.get_dummy_value()
 
-    return types.void(*[types.intp] * 6, like), codegen
+    return types.void(*[types.intp] * 7, like), codegen
+
+
+def _shuffle_transpose(builder, rows):
+    """The columns of the square matrix whose rows are the vectors ``rows`` (4 or 8 lanes), by the unpack,
+    in-lane shuffle and 128-bit permute steps of an AVX transpose, each a two-vector shufflevector (element by
+    element inserts and extracts became broadcasts and blends: 12% of a dy W^T product's time)."""
+    def shuffle(a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(mask)), mask))
+
+    if len(rows) == 8:  # unpack pairs of rows, shuffle pairs of those, join 128-bit halves
+        t = [shuffle(rows[i & ~1], rows[i | 1], [2, 10, 3, 11, 6, 14, 7, 15] if i & 1 else [0, 8, 1, 9, 4, 12, 5, 13])
+             for i in range(8)]
+        s = [shuffle(t[i // 4 * 4 + i // 2 % 2], t[i // 4 * 4 + i // 2 % 2 + 2],
+                     [2, 3, 10, 11, 6, 7, 14, 15] if i & 1 else [0, 1, 8, 9, 4, 5, 12, 13]) for i in range(8)]
+        return [shuffle(s[i % 4], s[i % 4 + 4], [4, 5, 6, 7, 12, 13, 14, 15] if i & 4 else [0, 1, 2, 3, 8, 9, 10, 11])
+                for i in range(8)]
+    t = [shuffle(rows[i & ~1], rows[i | 1], [1, 5, 3, 7] if i & 1 else [0, 4, 2, 6]) for i in range(4)]
+    return [shuffle(t[i % 2], t[i % 2 + 2], [2, 3, 6, 7] if i & 2 else [0, 1, 4, 5]) for i in range(4)]
 
 
 @intrinsic
@@ -548,15 +636,10 @@ def _transpose(typingctx, src, src_stride, dst, dst_stride, like):
         fty = context.get_value_type(sig.args[4].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
-        i32 = ir.IntType(32)
         s0, d0 = builder.inttoptr(src_, fty.as_pointer()), builder.inttoptr(dst_, fty.as_pointer())
         cols = [builder.load(builder.bitcast(builder.gep(s0, [builder.mul(src_stride_, ir.Constant(src_stride_.type, j))]),
                                              vty.as_pointer()), align=size) for j in range(lanes)]
-        for r in range(lanes):
-            row = ir.Constant(vty, ir.Undefined)
-            for j in range(lanes):
-                row = builder.insert_element(row, builder.extract_element(cols[j], ir.Constant(i32, r)),
-                                             ir.Constant(i32, j))
+        for r, row in enumerate(_shuffle_transpose(builder, cols)):
             at = builder.gep(d0, [builder.mul(dst_stride_, ir.Constant(dst_stride_.type, r))])
             builder.store(row, builder.bitcast(at, vty.as_pointer()), align=size)
         return context.get_dummy_value()
@@ -568,9 +651,10 @@ def _transpose(typingctx, src, src_stride, dst, dst_stride, like):
 def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
     """Rows ``r0:r0+rows`` and columns ``c0:c0+cols`` of the operand at ``x_at`` (element strides s_r, s_c)
     as micro-panels of ``width`` columns, zero-padded: ``xp[panel, r, j]`` (B's K x NC block, or one edge
-    panel of A^T or B). The operand is read along its contiguous direction: row by row across all the
-    panels; when its columns are contiguous, as register-transposed square blocks; otherwise in blocks
-    of PACK_ROWS rows whose panel rows stay in L1 while the columns are read."""
+    panel of A^T or B). The operand is read along its contiguous direction: panel by panel, whole panels
+    as vectors (``_copy_panels``), a last partial one row by row; when its columns are contiguous, as
+    register-transposed square blocks; otherwise in blocks of PACK_ROWS rows whose panel rows stay in L1
+    while the columns are read."""
     item = xp.itemsize
     panels = _cdiv(cols, width)
     last = (panels - 1) * rows * width
@@ -578,10 +662,14 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
         for j in range(cols - (panels - 1) * width, width):
             xp[last + r * width + j] = 0
     xp_at = np.intp(xp.ctypes.data)
+    lanes = 32 // item  # 256-bit vectors, as in LANES
     if abs(s_c) <= abs(s_r):
+        whole = cols // width if s_c == 1 and width % lanes == 0 else 0  # panels copied as whole vectors
+        if whole > 0:
+            _copy_panels(x_at + (r0 * s_r + c0) * item, s_r, xp_at, rows, width, whole, xp)
         for r in range(rows):
             at = x_at + ((r0 + r) * s_r + c0 * s_c) * item
-            for p in range(panels):
+            for p in range(whole, panels):
                 n = min(width, cols - p * width)
                 dst = p * rows * width + r * width
                 if s_c == 1:
@@ -590,7 +678,6 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                     for j in range(n):
                         xp[dst + j] = _load(at + (p * width + j) * s_c * item, xp)
     elif s_r == 1:  # columns contiguous (B^T): lanes x lanes blocks through registers, edges one by one
-        lanes = 32 // item  # 256-bit vectors, as in LANES
         rows_v = rows // lanes * lanes
         for p in range(panels):
             n = min(width, cols - p * width)
@@ -614,21 +701,57 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
                         xp[dst + r * width + j] = _load(at + r * s_r * item, xp)
 
 
+@intrinsic
+def _relu(typingctx, at, n, like):
+    """``x = 0 if x < 0 else x`` on ``n`` elements of ``like``'s dtype at address ``at``: whole vectors, loaded,
+    selected and stored back every one. Written as a numba loop, LLVM drops the stores of the elements left as
+    they are and vectorises the rest as masked stores (vmaskmovps, microcoded on AMD: relu on 128 x 256 float32
+    took 31 us that way, bias + relu in one loop 4.7)."""
+    lanes = LANES[np.dtype(like.dtype.name)]
+
+    def codegen(context, builder, sig, args):
+        at_, n_, _ = args
+        fty = context.get_value_type(sig.args[2].dtype)
+        size = context.get_abi_sizeof(fty)
+        i64 = ir.IntType(64)
+        x0 = builder.inttoptr(at_, fty.as_pointer())
+        n_v = builder.and_(n_, ir.Constant(i64, -lanes))
+        for step, width, stop in ((lanes, lanes, n_v), (1, 1, n_)):
+            ty = ir.VectorType(fty, width) if width > 1 else fty
+            with cgutils.for_range_slice(builder, n_v if width == 1 else ir.Constant(i64, 0), stop,
+                                         ir.Constant(i64, step)) as (j, _):
+                p = builder.bitcast(builder.gep(x0, [j]), ty.as_pointer())
+                v = builder.load(p, align=size)
+                zero = ir.Constant(ty, None)
+                builder.store(builder.select(builder.fcmp_ordered("<", v, zero), zero, v), p, align=size)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.intp, like), codegen
+
+
 @jit(inline="always")
 def _epilogue(out, row, rows, col, cols, bias, has_bias, act, alpha):
     """Bias and activation, in place on ``out[row:row+rows, col:col+cols]`` (a row of tiles just written,
-    still in L1/L2): one branch per call, then one vectorisable loop per row and kind; sigmoid and tanh
-    by one call of ``_transcendental`` (compiled on first use, see ``_LAZY``)."""
+    still in L1/L2): one branch per call, then one vectorised loop per row and kind (bias and relu in one
+    pass); sigmoid and tanh by one call of ``_transcendental`` (compiled on first use, see ``_LAZY``)."""
     zero = out.dtype.type(0)
     b = bias[col:col + cols] if has_bias else bias
+    item = out.itemsize
     for i in range(row, row + rows):
         x = out[i, col:col + cols]
-        if has_bias:
+        if has_bias and act == RELU:  # the add, then the comparison, in one pass
+            for j in range(cols):
+                v = x[j] + b[j]
+                x[j] = zero if v < zero else v
+        elif has_bias and act == LEAKY_RELU:
+            for j in range(cols):
+                v = x[j] + b[j]
+                x[j] = v if v > zero else alpha * v
+        elif has_bias:
             for j in range(cols):
                 x[j] += b[j]
-        if act == RELU:
-            for j in range(cols):
-                x[j] = zero if x[j] < zero else x[j]
+        elif act == RELU:
+            _relu(np.intp(out.ctypes.data) + i * out.strides[0] + col * item, cols, out)
         elif act == LEAKY_RELU:
             for j in range(cols):
                 x[j] = x[j] if x[j] > zero else alpha * x[j]
@@ -764,7 +887,7 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
         if pack_a:
             if ir_ % PANELS_A == 0:
                 _pack_panels(a_at + (row + pc * sa_k) * item, sa_k, min(PANELS_A * mr, r0 + m - row),
-                             edge_at + a_edge * item, mr, kc, edge)
+                             out.shape[0] - row, edge_at + a_edge * item, mr, kc, edge)
             pa, si, sk = edge_at + (a_edge + ir_ % PANELS_A * panel) * item, 1, mr
         elif rows == mr:
             pa, si, sk = a_at + (row * sa_i + pc * sa_k) * item, sa_i, sa_k
@@ -784,9 +907,12 @@ def _tiles(a_at, sa_i, sa_k, b_at, sb_k, sb_j, bp, edge, tile, out, bias, has_bi
                 _micro_kernel(variant, pa, si, sk, pb, sb, kc, out_at + (row * ldo + col) * item, ldo, not first, tile)
             else:
                 _micro_kernel(variant, pa, si, sk, pb, sb, kc, tile_at, nr, False, tile)
-                for i in range(rows):  # element by element: a slice assignment drags in its error message
-                    for j in range(cols):
-                        out[row + i, col + j] = tile[i * nr + j] + (out[row + i, col + j] if not first else 0)
+                for i in range(rows):  # no slice assignment: it drags in its error message
+                    if first:  # a row copied as vectors (element by element, x^T dy into 10 columns spent 17% here)
+                        _copy(tile_at + i * nr * item, out_at + ((row + i) * ldo + col) * item, cols, out)
+                    else:
+                        for j in range(cols):
+                            out[row + i, col + j] += tile[i * nr + j]
         if epilogue:
             _epilogue(out, row, rows, c0, nc, bias, has_bias, act, alpha)
 
