@@ -91,6 +91,33 @@ def test_segment_norms_do_not_depend_on_the_thread_count():
         np.testing.assert_array_equal(r, results[0])
 
 
+@given(data=st.data(), n=st.integers(0, 300))
+def test_numba_sum_of_squares_takes_its_documented_order(data, n):
+    """``_sum_squares``: 8 x 4 float64 partial sums over blocks of 32 elements, the sums then the lanes added
+    pairwise, the rest one by one, whatever the offset. The square of a float32 is exact in float64, so an
+    FMA is the add below; any reordering (fast-math, LLVM's choice where it inlines) would show."""
+    from kernels.cpu import fused
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    lo = data.draw(st.integers(0, 40))
+    x = (rng.standard_normal(lo + n) * np.exp2(rng.integers(-20, 20, lo + n))).astype(np.float32)
+    squares = x[lo:].astype(np.float64) ** 2
+    blocks = n // fused.SQUARE_BLOCK
+    acc = np.zeros(fused.SQUARE_BLOCK)
+    for b in range(blocks):
+        acc = acc + squares[b * fused.SQUARE_BLOCK:(b + 1) * fused.SQUARE_BLOCK]
+    partial = list(acc.reshape(fused.SQUARE_SUMS, fused.SQUARE_LANES))
+    while len(partial) > 1:
+        partial = [partial[j] + partial[j + 1] for j in range(0, len(partial), 2)]
+    lanes = list(partial[0])
+    while len(lanes) > 1:
+        lanes = [lanes[j] + lanes[j + 1] for j in range(0, len(lanes), 2)]
+    total = lanes[0]
+    for v in squares[blocks * fused.SQUARE_BLOCK:]:
+        total = total + v
+    assert fused._sum_squares(x, lo, lo + n).hex() == float(total).hex()
+
+
 def test_bad_arguments_raise_naming_them():
     y = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -80,7 +80,9 @@ SQUARE_BLOCK = SQUARE_LANES * SQUARE_SUMS
 def _square_blocks(typingctx, address, blocks, like):
     """The sum of squares in float64 of ``blocks`` * SQUARE_BLOCK elements of ``like``'s dtype from byte
     ``address`` on: element i into lane i % SQUARE_LANES of vector sum (i // SQUARE_LANES) % SQUARE_SUMS,
-    then the sums and the lanes added pairwise. IR without fast-math flags, which no optimiser may reorder."""
+    then the sums and the lanes added pairwise. IR without fast-math flags, which no optimiser may reorder:
+    call it only from a function compiled without them (Numba adds them to every float operation of a
+    fast-math function, this IR included)."""
     lanes, sums = SQUARE_LANES, SQUARE_SUMS
 
     def codegen(context, builder, sig, args):
