@@ -91,6 +91,24 @@ def test_segment_norms_do_not_depend_on_the_thread_count():
         np.testing.assert_array_equal(r, results[0])
 
 
+def test_numba_segment_norms_parallel_path_is_its_serial_twin_bit_for_bit():
+    """Many segments of every kind (empty, inside one piece, across pieces and chunks, a prefix and a suffix
+    outside them): each piece's sums go only to the segments it meets, the same sums as the serial loop's."""
+    from kernels.cpu import fused
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(NORMS_PARALLEL_MIN + 5000).astype(np.float32)
+    cuts = np.sort(rng.integers(7, x.size - 7, 300))
+    offsets = np.concatenate([[7], cuts, cuts[:5], [fused.PIECE * 40, fused.PIECE * 40 + 1], [x.size - 7]])
+    offsets = np.sort(offsets).astype(np.int64)  # repeated cuts: empty segments
+    parallel, serial = np.empty(offsets.size - 1), np.empty(offsets.size - 1)
+    fused.segment_norms(x, offsets, parallel)
+    fused.segment_norms_serial(x, offsets, serial)
+    assert parallel.tobytes() == serial.tobytes()
+    expected = [np.linalg.norm(x[a:b].astype(np.float64)) for a, b in zip(offsets[:-1], offsets[1:])]
+    np.testing.assert_allclose(parallel, expected, rtol=1e-12)
+
+
 @given(data=st.data(), n=st.integers(0, 300))
 def test_numba_sum_of_squares_takes_its_documented_order(data, n):
     """``_sum_squares``: 8 x 4 float64 partial sums over blocks of 32 elements, the sums then the lanes added

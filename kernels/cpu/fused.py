@@ -166,9 +166,15 @@ def segment_norms(x, offsets, out):
     pieces, per_chunk = (x.size + PIECE - 1) // PIECE, CHUNK // PIECE
     partial = np.zeros((pieces, segments))
     for c in prange(n_chunks(x.size)):
-        for p in range(c * per_chunk, min(pieces, (c + 1) * per_chunk)):
-            for s in range(segments):
-                partial[p, s] = _piece_sum(x, p, offsets[s], offsets[s + 1])
+        first = min(pieces, c * per_chunk)
+        s = max(0, np.searchsorted(offsets, first * PIECE, side="right") - 1)  # the segments from the chunk's on
+        for p in range(first, min(pieces, (c + 1) * per_chunk)):
+            while s < segments and offsets[s + 1] <= p * PIECE:  # ended before this piece
+                s += 1
+            t = s
+            while t < segments and offsets[t] < (p + 1) * PIECE:  # the segments this piece meets
+                partial[p, t] = _piece_sum(x, p, offsets[t], offsets[t + 1])
+                t += 1
     for s in range(segments):
         total = 0.0
         for p in range(offsets[s] // PIECE, (offsets[s + 1] + PIECE - 1) // PIECE):
