@@ -160,7 +160,7 @@ def rows(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out):
     """``out = act(a @ b + bias)`` row by row: ``out[i] = sum_p a[i, p] * b[p]`` over B's rows in place (B's
     rows contiguous; A at ``a_at`` with element strides ``sa_i``, ``sa_k``), in column blocks of one-row
     register tiles (the last columns one vector, then one by one; an outer product as :func:`_outer`), then
-    the epilogue on the row while it is in L1. Each element is summed over K in order."""
+    the epilogue, if any, on the row while it is in L1. Each element is summed over K in order."""
     m, n = out.shape
     item = out.itemsize
     lanes = 32 // item  # 256-bit vectors, as in _gemm.LANES
@@ -169,23 +169,23 @@ def rows(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out):
     outer, finish = 0 < k <= 2, bias.size > 0 or act != NONE  # _outer takes one or two terms
     if outer:
         _outer(a_at, sa_i, sa_k, b_at, sb_k, k, out)
-        if not finish:
-            return
     for i in range(m):
-        pa, pc = a_at + i * sa_i * item, out_at + i * n * item
-        j = n if outer else 0
-        while j + wide <= n:
-            _row_wide(pa, sa_k, b_at + j * item, sb_k, k, pc + j * item, out)
-            j += wide
-        while j + lanes <= n:
-            _row_one(pa, sa_k, b_at + j * item, sb_k, k, pc + j * item, out)
-            j += lanes
-        for jj in range(j, n):
-            s = out.dtype.type(0)
-            for p in range(k):
-                s += _load(pa + p * sa_k * item, out) * _load(b_at + (p * sb_k + jj) * item, out)
-            out[i, jj] = s
-        _epilogue(out, i, 1, 0, n, bias, bias.size > 0, act, out.dtype.type(alpha))
+        if not outer:
+            pa, pc = a_at + i * sa_i * item, out_at + i * n * item
+            j = 0
+            while j + wide <= n:
+                _row_wide(pa, sa_k, b_at + j * item, sb_k, k, pc + j * item, out)
+                j += wide
+            while j + lanes <= n:
+                _row_one(pa, sa_k, b_at + j * item, sb_k, k, pc + j * item, out)
+                j += lanes
+            for jj in range(j, n):
+                s = out.dtype.type(0)
+                for p in range(k):
+                    s += _load(pa + p * sa_k * item, out) * _load(b_at + (p * sb_k + jj) * item, out)
+                out[i, jj] = s
+        if finish:
+            _epilogue(out, i, 1, 0, n, bias, bias.size > 0, act, out.dtype.type(alpha))
 
 
 @jit
