@@ -97,8 +97,9 @@ def _twin_results(shape, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_serial_twins_compute_what_their_parallel_kernels_compute(shape, dtype):
     """To the last bits only here: a kernel loaded from Numba's cache next to a twin compiled in this process
-    can differ in the last bit (seen: the cross-entropy's dlogits of 7 x 10, 1.2e-7 relative: the cached
-    machine code differs from what the JIT emits for the same function; README, Guarantees). Where the same bits matter
+    can differ in the last bit (seen: the cross-entropy's dlogits of 7 x 10, 1.2e-7 relative: the process
+    that compiled a kernel runs the separately compiled copies of its helpers, a later one the copies in the
+    cached object; README, Guarantees). Where the same bits matter
     (the compiled training step), the per-kernel step's own choice runs (``step._scheduled``)."""
     rtol = 8 * np.finfo(dtype).eps
     for name, kernel_results, twin_results in _twin_results(shape, dtype):
