@@ -317,7 +317,7 @@ def _loss_compiled(kernels, loss, out, targets, dout, metrics, count):
     def pointwise(kernels, loss, out, targets, dout, metrics, count):
         t = out.dtype.type
         scale = 2 / out.size if loss == MSE else 1 / out.size
-        value = _call(kernels[LOSS_K + loss], (out.reshape(-1), targets.reshape(-1), t(scale), dout.reshape(-1)), t(0))
+        value = _call(kernels[LOSS_K + loss], (_borrowed(out), _borrowed(targets), t(scale), _borrowed(dout)), t(0))
         if count:
             _call(kernels[THRESHOLDS_K], (out, targets, t(0.5 if loss == BINARY_CROSS_ENTROPY else 0), metrics), None)
         return value / t(out.size)
@@ -363,8 +363,8 @@ def _dw_rows(kernels, x, dz, lo, hi, alpha, no_bias, out):
 
 @jit(fastmath=False, inline="always")
 def _borrowed(a):
-    """``a`` as an array without a reference count, for the views taken of it piece by piece (each view of
-    a counted array costs two atomic operations: a tenth of a step at a batch of one)."""
+    """The C-contiguous ``a`` as a flat array without a reference count, for the views taken of it (each view of
+    a counted array costs two atomic operations: a tenth of a step at a batch of one; a reshape a call)."""
     return carray(_voidptr(np.intp(a.ctypes.data)), a.size, a.dtype)
 
 
@@ -396,12 +396,12 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
             if into_grads:
                 if need > done:
                     _dw_rows(kernels, x, dz, done, need, alpha, no_bias,
-                             grads[done * w_out:need * w_out].reshape((-1, w_out)))
+                             _view(grads, done * w_out, need - done, w_out))
                     done = need
             else:
                 if first < r0 or need > r1:
                     r0, r1 = first, need
-                    _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, piece[:(r1 - r0) * w_out].reshape((-1, w_out)))
+                    _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, _view(piece, 0, r1 - r0, w_out))
                 g, at = piece, r0 * w_out
                 for i in range(w_end, b):  # the bias's gradient, after W's
                     g[i - at] = grads[i]
@@ -421,8 +421,11 @@ def _dropout(kernels, x, out, seed, threshold, scale):
 
 
 @jit(fastmath=False, inline="always")
-def _view(scratch, at, rows, width):
-    return scratch[at:at + rows * width].reshape((rows, width))
+def _view(buffer, at, rows, width):
+    """``buffer.reshape(-1)[at:at + rows * width]`` as a (rows, width) C array without a reference count: the
+    driver takes a dozen views a step, and a reshape costs a library call, a counted view two atomic operations
+    (together ~6% of a step at a batch of one)."""
+    return carray(_voidptr(np.intp(buffer.ctypes.data) + at * buffer.itemsize), (rows, width), buffer.dtype)
 
 
 @jit(fastmath=False, inline="always")
@@ -455,6 +458,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
     parameter layer's W is updated with its product, before the check)."""
     n, width = order.size, X.shape[1]
+    params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
     depth = layers.shape[0]
     t = params.dtype.type
     no_bias = np.empty(0, params.dtype)
@@ -485,19 +489,19 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             if kind == DENSE and i == 0 and folded:
-                _finish(acc[:rows], params[layers[0, B_AT]:layers[0, B_AT] + w_out], code, alphas[0], y)
+                _finish(_view(acc, 0, rows, w1), params[layers[0, B_AT]:layers[0, B_AT] + w_out], code, alphas[0], y)
             elif kind == DENSE:
-                w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
+                w = _view(params, layers[i, W_AT], w_in, w_out)
                 _matmul((kernels, GEMM_CC), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
                         params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_K], (x, y), None)
             elif kind == ACTIVATION:
-                x1 = x.reshape(-1)
-                _call(kernels[2 * (code - 1)], (x1, x1, t(alphas[i] if code == LEAKY_RELU else 0), y.reshape(-1)),
+                x1 = _borrowed(x)
+                _call(kernels[2 * (code - 1)], (x1, x1, t(alphas[i] if code == LEAKY_RELU else 0), _borrowed(y)),
                       None)
             elif layers[i, Y_AT] != layers[i, X_AT]:  # dropout at a rate > 0
-                _dropout(kernels, x.reshape(-1), y.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
+                _dropout(kernels, _borrowed(x), _borrowed(y), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
         out = _view(scratch, layers[depth - 1, Y_AT], rows, layers[depth - 1, OUT_W])
         dout = _view(scratch, layers[depth - 1, DY_AT], rows, layers[depth - 1, OUT_W])
@@ -511,7 +515,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             dy = _view(scratch, layers[i, DY_AT], rows, w_out)
             dx = _view(scratch, max(layers[i, DX_AT], 0), rows if layers[i, DX_AT] >= 0 else 0, w_in)
             if kind == DENSE:
-                gw = grads[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
+                gw = _view(grads, layers[i, W_AT], w_in, w_out)
                 if code == NONE:
                     _call(_scheduled(kernels, BIAS_GRAD_K, BIAS_GRAD_SERIAL_K, dy.size, losses.PARALLEL_MIN),
                           (dy, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
@@ -522,15 +526,16 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                                      activations.PARALLEL_MIN),
                           (y, dy, t(alphas[i]), dz, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
                 if layers[i, DX_AT] >= 0:
-                    w = params[layers[i, W_AT]:layers[i, W_AT] + w_in * w_out].reshape((w_in, w_out))
+                    w = _view(params, layers[i, W_AT], w_in, w_out)
                     _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
                 if fused and layers[i, W_AT] == 0:
                     following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
-                    _gather_rows(X, order, lo + batch, x_next[:following])
-                    acc[:following] = 0
+                    following_x, following_acc = _view(x_next, 0, following, width), _view(acc, 0, following, w1)
+                    _gather_rows(X, order, lo + batch, following_x)
+                    following_acc[:] = 0
                     norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
-                                               state1, state2, alphas[i], x_next[:following], acc[:following],
+                                               state1, state2, alphas[i], following_x, following_acc,
                                                piece[:0] if s == s1 - 1 else piece)
                     folded = following > 0
                 else:
@@ -540,10 +545,10 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                 _call(kernels[SOFTMAX_BACKWARD_K], (y, dy, dx), None)
             elif kind == ACTIVATION:
                 saved = x if code == RELU or code == LEAKY_RELU else y  # what the kernel differentiates from
-                _call(kernels[2 * code - 1], (saved.reshape(-1), dy.reshape(-1),
-                                              t(alphas[i] if code == LEAKY_RELU else 0), dx.reshape(-1)), None)
+                _call(kernels[2 * code - 1], (_borrowed(saved), _borrowed(dy), t(alphas[i] if code == LEAKY_RELU else 0),
+                                              _borrowed(dx)), None)
             elif layers[i, Y_AT] != layers[i, X_AT]:
-                _dropout(kernels, dy.reshape(-1), dx.reshape(-1), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
+                _dropout(kernels, _borrowed(dy), _borrowed(dx), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
         norms_at = _scheduled(kernels, NORMS_K, NORMS_SERIAL_K, grads.size, NORMS_PARALLEL_MIN)
         if fused:  # the first segment's norm came with its product
