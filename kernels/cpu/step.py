@@ -369,7 +369,8 @@ def _borrowed(a):
 
 
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc, piece):
+def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc, piece,
+                    no_bias):
     """The first parameter layer's ``dW = x^T dz`` at a batch of one or two (an outer product), the sum of
     squares of its segment ``[0, end)`` (W, then b) and the unscaled optimizer step on W, piece by piece of
     segment_norms' pieces (``fused.PIECE`` elements): the same kernels on the same elements as the separate
@@ -377,13 +378,13 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
     PIECE + 2 rows of dW), where the sum and the update read it from L1; an empty ``piece`` writes ``grads``
     instead (the call's last step: they then hold its gradient). With ``x_next`` (rows > 0: the next step's
     input), each piece of W, once updated and still in L1, is also folded into ``acc``, the next step's
-    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. Returns the segment's
-    gradient norm."""
+    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. ``params``, ``grads`` and the
+    state come borrowed (:func:`_borrowed`), ``no_bias`` is an empty array of their dtype. Returns the
+    segment's gradient norm."""
     w_out = dz.shape[1]
     w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
-    params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
-    piece, no_bias = _borrowed(piece), np.empty(0, params.dtype)
+    piece = _borrowed(piece)
     done = 0  # the rows of dW in grads
     r0, r1 = 0, 0  # the rows of dW in piece
     total = 0.0  # the sum of squares so far
@@ -536,7 +537,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     following_acc[:] = 0
                     norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
                                                state1, state2, alphas[i], following_x, following_acc,
-                                               piece[:0] if s == s1 - 1 else piece)
+                                               piece[:0] if s == s1 - 1 else piece, no_bias)
                     folded = following > 0
                 else:
                     _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
