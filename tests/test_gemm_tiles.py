@@ -7,6 +7,7 @@ import importlib
 import os
 import subprocess
 import sys
+import types
 
 import numba
 import numpy as np
@@ -206,6 +207,36 @@ def test_result_is_bitwise_the_same_whatever_the_split(variant, dtype, monkeypat
         results.append(out)
         for y in results[1:]:
             np.testing.assert_array_equal(y, results[0])
+
+
+@pytest.mark.skipif(not _gemm.ASM_LOOP, reason="the assembly K loop needs AVX2 and FMA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assembly_and_ir_k_loops_give_the_same_bits(dtype, monkeypatch):
+    """The avx2 tile's K loop in assembly (``_gemm.ASM_LOOP``, this CPU) and the IR loop that other CPUs
+    run: the same FMAs in the same order, so identical bits. ``_block`` compiled again with the IR loop,
+    both run through ``gemm`` on K of every remainder of ASM_UNROLL and past K blocks (accumulated into
+    ``out``), row-major and transposed A, packed and in-place B, edge tiles, and the reference's bound."""
+    index = _gemm.VARIANTS.index("avx2")
+    asm_body = _gemm.body(np.dtype(dtype))  # before the switch below: compiled (or loaded) with the assembly
+    monkeypatch.setattr(_gemm, "ASM_LOOP", False)
+    options = {k: v for k, v in _gemm._tiles.targetoptions.items() if k not in ("nopython", "cache")}
+    scope = {**_gemm._block.__globals__, "_tiles": numba.njit(**options)(_gemm._tiles.py_func)}
+    ir_block = numba.cfunc(_gemm._signature(numba.from_dtype(np.dtype(dtype))), fastmath=set(_gemm.FASTMATH))(
+        types.FunctionType(_gemm._block.__code__, scope, "_block_ir"))
+    rng = np.random.default_rng(11)
+    nob = np.empty(0, dtype)
+    for kc, nc_bytes in [_cpuinfo.DEFAULT_BLOCKING["avx2"][:2], TINY[:2]]:
+        for m, k, n, trans_a in [(6, 1, 16, False), (13, 2, 40, False), (25, 3, 17, True), (37, 4, 300, False),
+                                 (64, 5, 64, True), (61, 129, 45, False), (50, 131, 200, True), (12, 16, 33, False)]:
+            a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+            a = a.T if trans_a else a
+            b = rng.standard_normal((k, n)).astype(dtype)
+            out_asm, out_ir = np.full((m, n), np.nan, dtype), np.full((m, n), np.nan, dtype)
+            _gemm.gemm(a, b, nob, 0, 0.0, out_asm, index, kc, nc_bytes, asm_body)
+            _gemm.gemm(a, b, nob, 0, 0.0, out_ir, index, kc, nc_bytes, ir_block.address)
+            np.testing.assert_array_equal(out_asm, out_ir)
+            expected, bound = expected_and_bound(a, b, None, None, 0.1)
+            assert (np.abs(out_asm - expected) <= bound).all()
 
 
 @given(m=st.integers(1, 3000), n=st.integers(1, 3000), threads=st.integers(1, 8), variant=st.sampled_from(_gemm.VARIANTS),
