@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from llvmlite import binding as llvm_binding
 
 import kernels
 from kernels.cpu import _cpuinfo, _gemm
@@ -207,6 +208,23 @@ def test_result_is_bitwise_the_same_whatever_the_split(variant, dtype, monkeypat
         results.append(out)
         for y in results[1:]:
             np.testing.assert_array_equal(y, results[0])
+
+
+def test_assembly_k_loop_only_for_a_target_with_avx2_and_fma(monkeypatch):
+    """The assembly goes into the code only where the target runs it: the host's features, or a portable
+    target's (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), whose cache other CPUs load."""
+    config = _gemm.numba_config
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    assert not _gemm._target_has_avx2_fma()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+sse4.2,+avx,+avx2,+fma")
+    assert _gemm._target_has_avx2_fma()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx,+avx2,-fma")
+    assert not _gemm._target_has_avx2_fma()
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    host = llvm_binding.get_host_cpu_features()
+    assert _gemm._target_has_avx2_fma() == (bool(host.get("avx2")) and bool(host.get("fma")))
 
 
 @pytest.mark.skipif(not _gemm.ASM_LOOP, reason="the assembly K loop needs AVX2 and FMA")

@@ -235,6 +235,7 @@ import traceback
 import numpy as np
 from llvmlite import binding, ir
 from numba import carray, cfunc, from_dtype, prange, types
+from numba.core import config as numba_config
 from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, register_jitable
@@ -401,10 +402,19 @@ def _ir_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, k
     return _close_loop(builder, k, builder.add(k, ir.Constant(i64, 1)), kc_, acc, new, entry, loop, done, start)
 
 
-# The avx2 tile's K loop as assembly where the CPU runs it (AVX2 + FMA); elsewhere the IR loop, which LLVM
-# lowers for any x86-64 CPU. Chosen when the kernels compile (Numba's cache is keyed on the CPU).
-_FEATURES = binding.get_host_cpu_features()
-ASM_LOOP = bool(_FEATURES.get("avx2")) and bool(_FEATURES.get("fma"))
+def _target_has_avx2_fma():
+    """Whether the code Numba generates may use AVX2 and FMA: the host's features, or those of the target
+    that NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name (a cache meant for other machines)."""
+    if numba_config.CPU_NAME is not None or numba_config.CPU_FEATURES is not None:
+        features = (numba_config.CPU_FEATURES or "").split(",")
+        return "+avx2" in features and "+fma" in features
+    host = binding.get_host_cpu_features()
+    return bool(host.get("avx2")) and bool(host.get("fma"))
+
+
+# The avx2 tile's K loop as assembly where the target runs it (AVX2 + FMA); elsewhere the IR loop, which
+# LLVM lowers for any x86-64 CPU. Chosen when the kernels compile (Numba's cache is keyed on the CPU).
+ASM_LOOP = _target_has_avx2_fma()
 ASM_UNROLL = 4  # k steps per pass of the assembly loop (a remainder loop first takes kc % ASM_UNROLL)
 binding.initialize_native_asmparser()  # inline assembly: Numba's JIT initialises only the target and printer
 
