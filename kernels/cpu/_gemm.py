@@ -258,6 +258,7 @@ DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
 CHUNK_MIN_PANELS = 8  # the narrowest column block of the split, in register-tile panels (each A panel used 8 times)
+PACK_PREFETCH_ROWS = 8  # _copy_panels' prefetch distance, in rows of the source (v26)
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 # A transposed A (A^T's rows contiguous) is packed when its K stride is a multiple of PACK_A_STRIDE bytes (a
@@ -600,8 +601,10 @@ def _copy(typingctx, src, dst, n, like):
 def _copy_panels(typingctx, src, s_r, dst, rows, width, panels, like):
     """``panels`` whole micro-panels of ``width`` columns (a multiple of the vector lanes) of an operand whose
     rows are contiguous: ``dst[(p * rows + r) * width + j] = src[r * s_r + p * width + j]`` (element
-    addresses and strides), panel by panel, each written in order, whole vectors: 2-3x faster than a
-    ``_copy`` per panel row (B 512 x 128 of a 512 x 256 float32: 22 -> 10 us)."""
+    addresses and strides), whole vectors: 2-3x faster than a ``_copy`` per panel row (B 512 x 128 of a
+    512 x 256 float32: 22 -> 10 us). Row by row, each source line prefetched PACK_PREFETCH_ROWS rows ahead:
+    the rows of a wide B lie on different pages, where the hardware prefetchers stop (v26; a prefetch past
+    the operand's end does not fault)."""
     lanes = LANES[np.dtype(like.dtype.name)]
 
     def codegen(context, builder, sig, args):
@@ -609,13 +612,17 @@ def _copy_panels(typingctx, src, s_r, dst, rows, width, panels, like):
         fty = context.get_value_type(sig.args[6].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
-        i64 = ir.IntType(64)
+        i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
+                                                  "llvm.prefetch.p0i8")
         s0, d0 = builder.inttoptr(src_, fty.as_pointer()), builder.inttoptr(dst_, fty.as_pointer())
-        with cgutils.for_range(builder, panels_) as panel:
-            with cgutils.for_range(builder, rows_) as row:
+        with cgutils.for_range(builder, rows_) as row:
+            with cgutils.for_range(builder, panels_) as panel:
                 r, p = row.index, panel.index
                 at = builder.gep(s0, [builder.add(builder.mul(r, s_r_), builder.mul(p, width_))])
                 to = builder.gep(d0, [builder.mul(builder.add(builder.mul(p, rows_), r), width_)])
+                ahead = builder.bitcast(builder.gep(at, [builder.mul(s_r_, ir.Constant(i64, PACK_PREFETCH_ROWS))]), i8p)
+                builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read
                 with cgutils.for_range(builder, builder.sdiv(width_, ir.Constant(i64, lanes))) as vector:
                     offset = builder.mul(vector.index, ir.Constant(i64, lanes))
                     value = builder.load(builder.bitcast(builder.gep(at, [offset]), vty.as_pointer()), align=size)
