@@ -39,8 +39,9 @@ Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, 
 either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
 loop never gets register-resident accumulators (versions 1-3). The intrinsic emits exactly the loop a
 BLAS micro-kernel is: MR x NR/VW vector accumulators as phi nodes, NR/VW vector loads of B and MR
-broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls. The ``avx2`` tile's K loop itself is inline assembly where the CPU has
-AVX2 and FMA (``ASM_LOOP``, v25), the same FMAs in the same order, so the same bits as the IR loop.
+broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls. The ``avx2`` tile's K loop itself is inline
+assembly where the target has AVX2 and FMA (``ASM_LOOP``, v25): the same FMAs in the same order, so the
+same bits as the IR loop.
 
 Register tiles (TILES), one variant chosen per CPU by _cpuinfo, all compiled behind one switch:
 - ``avx2``: float32 6 x 16, float64 6 x 8 (12 ymm accumulators + 2 B vectors + a broadcast: the 16
@@ -227,6 +228,13 @@ rounds of medians of 5). The 512-bit variant's speed was NOT measured: this mach
       128 x 256 x 256 1.06, x^T dy 784 x 128 x 256 1.05, 1024^3 1.03, 256 x 784 x 1024 1.09, x^T dy
       784 x 256 x 1024 1.20, 256 x 1024 x 1024 1.05; float64 1024^3 1.10. Tried: unrolling 8 (as 4), two
       broadcast registers, ``prefetcht0`` of B 512 bytes ahead: within the noise.
+  v26 packing B row by row, each source line prefetched PACK_PREFETCH_ROWS rows ahead (``_copy_panels``): perf
+      of 256 x 784 x 1024 after v25 put 22% of its samples there, ~2 ns an element against 0.53 for the same
+      pack alone (W's rows 4 KiB apart, on different pages, read one line per page per panel pass). Same
+      A/B, 1 thread, two runs: 256 x 784 x 1024 1.21 / 1.17, 256 x 1024 x 1024 1.18 / 1.06, 1024^3 0.97 /
+      1.10, x^T dy 784 x 256 x 1024 1.01 / 1.08, 128 x 784 x 256 0.99 / 1.07; packing then 6-7% of the
+      product. Tried: all of A packed once per K block (GotoBLAS), with and without BLIS's loop order (B's
+      micro-panel in L1): 0.91-1.06; a prefetch in the B^T transposes: 1.00-1.03.
 """
 
 import ctypes
