@@ -327,6 +327,20 @@ def _close_loop(builder, k, k_next, end, acc, new, entry, loop, done, start=None
     return result
 
 
+def _vector_at(builder, base, offset, vty):
+    """A ``vty`` pointer to element ``offset`` of the scalar pointer ``base``."""
+    return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+
+def _prefetch(builder, pointer, write):
+    """``llvm.prefetch`` of the line at ``pointer`` into every cache level, for writing or reading."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
+                                              "llvm.prefetch.p0i8")
+    builder.call(prefetch, [builder.bitcast(pointer, i8p), ir.Constant(i32, int(write)), ir.Constant(i32, 3),
+                            ir.Constant(i32, 1)])
+
+
 def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, pc_, ldc_, accumulate_,
                resume=False):
     """The IR of one MR x NR register tile over the K block (see ``_micro_kernel``), ending in a block of
@@ -335,49 +349,30 @@ def _emit_tile(builder, fty, size, mr, nr, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_,
     already hold them)."""
     nv = nr // lanes
     vty = ir.VectorType(fty, lanes)
-    i32, i64 = ir.IntType(32), ir.IntType(64)
+    i64 = ir.IntType(64)
 
     def const(v):
         return ir.Constant(i64, v)
 
-    def vector_at(base, offset):
-        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-    i8p = ir.IntType(8).as_pointer()
-    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
-                                              "llvm.prefetch.p0i8")
     c0 = builder.inttoptr(pc_, fty.as_pointer())
     c_rows = [builder.gep(c0, [builder.mul(ldc_, const(i))]) for i in range(mr)]
     for row in c_rows:  # write intent, keep in all levels: one call per 64-byte line of the row
         for offset in range(0, nr * size, 64):
-            builder.call(prefetch, [builder.bitcast(builder.gep(row, [const(offset // size)]), i8p),
-                                    ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-    start = ([[builder.load(vector_at(row, const(v * lanes)), align=size) for v in range(nv)] for row in c_rows]
-             if resume else None)
+            _prefetch(builder, builder.gep(row, [const(offset // size)]), write=True)
+    start = ([[builder.load(_vector_at(builder, row, const(v * lanes), vty), align=size) for v in range(nv)]
+              for row in c_rows] if resume else None)
     entry = builder.block
     loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
     builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
 
-    if ASM_LOOP and (mr, nv, lanes * size) == (6, 2, 32):  # the avx2 tile
-        builder.position_at_end(loop)
-        first = start or [[ir.Constant(vty, None)] * nv for _ in range(mr)]
-        final = _asm_loop(builder, vty, size, [v for row in first for v in row], pa_, sa_i_, sa_k_, pb_, sb_k_, kc_)
-        builder.branch(done)
-        builder.position_at_end(done)
-        result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-        for i in range(mr):
-            for v in range(nv):
-                result[i][v].add_incoming(first[i][v], entry)
-                result[i][v].add_incoming(final[i * nv + v], loop)
-    else:
-        result = _ir_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, entry, loop, done,
-                          start)
+    k_loop = _asm_loop if ASM_LOOP and (mr, nv, lanes * size) == (6, 2, 32) else _ir_loop  # asm: the avx2 tile
+    result = k_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, entry, loop, done, start)
     with builder.if_else(builder.icmp_signed("!=", accumulate_, const(0))) as (add, store):
         for block, adding in ((add, True), (store, False)):
             with block:
                 for i in range(mr):
                     for v in range(nv):
-                        at = vector_at(c_rows[i], const(v * lanes))
+                        at = _vector_at(builder, c_rows[i], const(v * lanes), vty)
                         value = builder.fadd(result[i][v], builder.load(at, align=size)) if adding else result[i][v]
                         builder.store(value, at, align=size)
     return builder.block
@@ -397,12 +392,9 @@ def _ir_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, k
                                          f"llvm.fma.v{lanes}f{8 * size}")
     splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
     undef = ir.Constant(vty, ir.Undefined)
-
-    def vector_at(base, offset):
-        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
     bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
-    bv = [builder.load(vector_at(b0, builder.add(bk, ir.Constant(i64, v * lanes))), align=size) for v in range(nv)]
+    bv = [builder.load(_vector_at(builder, b0, builder.add(bk, ir.Constant(i64, v * lanes)), vty), align=size)
+          for v in range(nv)]
     new = []
     for i in range(mr):
         ai = builder.load(builder.gep(rows[i], [ak]), align=size)
@@ -428,13 +420,16 @@ ASM_UNROLL = 4  # k steps per pass of the assembly loop (a remainder loop first 
 binding.initialize_native_asmparser()  # inline assembly: Numba's JIT initialises only the target and printer
 
 
-def _asm_loop(builder, vty, size, first, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_):
-    """The avx2 tile's K loop (6 x 2 ymm accumulators starting at ``first``, ``kc_`` > 0 steps) in x86
-    assembly, returning the 12 accumulators: the IR loop's FMAs in the same order, so the same bits.
+def _asm_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_, entry, loop, done, start):
+    """The avx2 tile's K loop (6 x 2 ymm accumulators) in x86 assembly, with ``_ir_loop``'s arguments and
+    result: the IR loop's FMAs in the same order, so the same bits.
     LLVM's loop strength reduction addressed A's six rows by chaining one pointer through them, six
     dependent adds per k as long as the k's twelve FMAs; here one pointer walks A and its rows are
     addressed from it through three stride registers (BLIS's Haswell kernel addresses A so)."""
+    builder.position_at_end(loop)
     i64 = ir.IntType(64)
+    vty = ir.VectorType(fty, lanes)
+    first = start or [[ir.Constant(vty, None)] * nv for _ in range(mr)]
     s = "s" if size == 4 else "d"
     acc = [f"${i}" for i in range(12)]  # operands: 12 accumulators, 3 scratch vectors, A, B, k, 5 strides
     t, b0, b1, a, b, k = "$12", "$13", "$14", "$15", "$16", "$17"
@@ -453,13 +448,21 @@ def _asm_loop(builder, vty, size, first, pa_, sa_i_, sa_k_, pb_, sb_k_, kc_):
              "3:"]
     item = ir.Constant(i64, size)
     rs_ = builder.mul(sa_i_, item)
-    operands = [*first, pa_, pb_, kc_, rs_, builder.mul(rs_, ir.Constant(i64, 3)),
+    operands = [*(v for row in first for v in row), pa_, pb_, kc_, rs_, builder.mul(rs_, ir.Constant(i64, 3)),
                 builder.mul(rs_, ir.Constant(i64, 5)), builder.mul(sa_k_, item), builder.mul(sb_k_, item)]
     constraints = ["=x"] * 12 + ["=&x"] * 3 + ["=&r"] * 3 + [str(i) for i in [*range(12), 15, 16, 17]] + ["r"] * 5
     ftype = ir.FunctionType(ir.LiteralStructType([vty] * 15 + [i64] * 3), [vty] * 12 + [i64] * 8)
     values = builder.asm(ftype, "\n".join(lines), ",".join(constraints + ["~{memory}", "~{flags}"]), operands,
                          False)
-    return [builder.extract_value(values, i) for i in range(12)]
+    final = [builder.extract_value(values, i) for i in range(mr * nv)]
+    builder.branch(done)
+    builder.position_at_end(done)
+    result = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+    for i in range(mr):
+        for v in range(nv):
+            result[i][v].add_incoming(first[i][v], entry)
+            result[i][v].add_incoming(final[i * nv + v], loop)
+    return result
 
 
 @intrinsic
@@ -620,17 +623,15 @@ def _copy_panels(typingctx, src, s_r, dst, rows, width, panels, like):
         fty = context.get_value_type(sig.args[6].dtype)
         size = context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, lanes)
-        i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
-                                                  "llvm.prefetch.p0i8")
+        i64 = ir.IntType(64)
         s0, d0 = builder.inttoptr(src_, fty.as_pointer()), builder.inttoptr(dst_, fty.as_pointer())
         with cgutils.for_range(builder, rows_) as row:
             with cgutils.for_range(builder, panels_) as panel:
                 r, p = row.index, panel.index
                 at = builder.gep(s0, [builder.add(builder.mul(r, s_r_), builder.mul(p, width_))])
                 to = builder.gep(d0, [builder.mul(builder.add(builder.mul(p, rows_), r), width_)])
-                ahead = builder.bitcast(builder.gep(at, [builder.mul(s_r_, ir.Constant(i64, PACK_PREFETCH_ROWS))]), i8p)
-                builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read
+                ahead = builder.gep(at, [builder.mul(s_r_, ir.Constant(i64, PACK_PREFETCH_ROWS))])
+                _prefetch(builder, ahead, write=False)
                 with cgutils.for_range(builder, builder.sdiv(width_, ir.Constant(i64, lanes))) as vector:
                     offset = builder.mul(vector.index, ir.Constant(i64, lanes))
                     value = builder.load(builder.bitcast(builder.gep(at, [offset]), vty.as_pointer()), align=size)
