@@ -92,12 +92,14 @@ def _job_calls(name, dtype, activations=ACTIVATIONS, large=True):
 def _training_step(dtype, activations):
     """nn's compiled epoch (``Trainer(compiled=True)``: its driver and the kernels it calls) on a tiny model."""
     import nn
+    from kernels.cpu import step
 
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((8, 4)).astype(dtype), np.arange(8) % 2
     for act in activations:
         model = nn.Sequential([nn.Dense(3, activation=act), nn.Dense(2)], input_dim=4, dtype=dtype, seed=0)
         nn.Trainer(model, compiled=True).fit(X, y, batch_size=4, verbose=0)
+    step.compile_worker(dtype)  # the first layer's second core at a batch of one or two (needs a larger model)
 
 
 def _batchnorm(k, x):

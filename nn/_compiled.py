@@ -94,7 +94,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
         return None
     from kernels.cpu import step
     from kernels.cpu._gemm import transcendental
-    from kernels.cpu._parallel import dynamic
+    from kernels.cpu._parallel import num_threads
 
     table = None  # the kernels' addresses: compiled (or loaded) only once the driver is known to run
     n, steps = len(X), math.ceil(len(X) / batch_size)
@@ -117,6 +117,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
     max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     per_call = max(1, CALL_SAMPLES // batch_size)
+    job = step.job(layers, batch_size, max_norm, num_threads())
     progress = (tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False) if verbose
                 else contextlib.nullcontext())  # a disabled bar still costs ~14 us an epoch
     with progress as bar:
@@ -133,7 +134,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
                                                model.dtype)
             args = [X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads, state1, state2,
                     segments, kind, hyper, max_norm, loss_kind, bool(trainer.metrics), segments, settings, scratch,
-                    targets, norms, metrics, scale]  # args[19]: the kernel table's place (an int64 array, as segments)
+                    targets, norms, metrics, scale, job]  # args[19]: the kernel table's place (int64, as segments)
             if table is None:
                 if compiled is None and not step.ready(*args):  # automatic: never a cold compile of the driver
                     guard.in_step = False
@@ -143,7 +144,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
                 for layer in model.layers:  # the GEMM epilogue's sigmoid/tanh, compiled here if at all
                     transcendental(model.dtype, getattr(layer, "activation", None))
             args[19] = table
-            done = dynamic(step.train_steps, *args)
+            done = step.run(*args)
             opt.t += done - s0
             for layer, _ in dropouts:
                 if layer is not None:

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -369,6 +371,80 @@ def test_batch_one_matches_where_the_per_kernel_norms_run_in_parallel(calls):
     assert runs[0][0].model.params.size >= 2 * 1 << 18
     _assert_same(*[_outcome(*run) for run in runs])
     assert calls[0] == 1
+
+
+@pytest.fixture
+def two_threads():
+    """Numba's thread count at two for the test (nn gives the first layer a worker thread only then)."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("optimizer", [lambda: nn.SGD(lr=0.01, momentum=0.9), lambda: nn.Adam(lr=1e-3)])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(monkeypatch, two_threads, optimizer,
+                                                                         batch_size):
+    """At a batch of one or two with two threads, a worker thread runs the first half of the first layer's
+    pieces (W of 300 x 128, at least TWO_CORES_MIN) while the driver runs the second: bit for bit the run on
+    one thread and the per-kernel step, the last batch odd, every step's half done by the worker."""
+    jobs = []
+    run = step.run
+
+    def spy(*args):
+        jobs.append(args[-1])
+        return run(*args)
+
+    monkeypatch.setattr(step, "run", spy)
+    rng = np.random.default_rng(6)
+    X, y = rng.standard_normal((11, 300)).astype(np.float32), rng.integers(0, 10, 11)
+
+    def layers():
+        return [nn.Dense(128, activation="relu"), nn.Dense(10)]
+
+    assert 300 * 128 >= step.TWO_CORES_MIN
+    outcomes = []
+    for threads, compiled in ((2, True), (1, True), (2, False)):
+        numba.set_num_threads(threads)
+        outcomes.append(_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=batch_size)))
+    _assert_same(outcomes[0], outcomes[1])
+    _assert_same(outcomes[0], outcomes[2])
+    assert [job.size for job in jobs] == [step.JOB_WORDS] * 2 + [0] * 2  # two epochs each
+    assert [job[step.JOB_STEPS] for job in jobs[:2]] == [-(-11 // batch_size)] * 2
+
+
+def test_a_worker_only_where_it_pays():
+    """A worker thread only at a batch of one or two, without clipping, on two threads or more, for a first
+    parameter layer (after a dropout layer too) of at least TWO_CORES_MIN weights."""
+    layers = np.zeros((3, 11), np.int64)
+    layers[:, step.KIND] = step.DROPOUT, step.DENSE, step.DENSE
+    layers[1, step.IN_W], layers[1, step.OUT_W] = 256, step.TWO_CORES_MIN // 256
+    assert step.job(layers, 1, np.inf, 2).size == step.job(layers, 2, np.inf, 16).size == step.JOB_WORDS
+    for batch, max_norm, threads in ((3, np.inf, 2), (1, 1.0, 2), (1, np.inf, 1)):
+        assert step.job(layers, batch, max_norm, threads).size == 0
+    layers[1, step.OUT_W] -= 1
+    assert step.job(layers, 1, np.inf, 2).size == 0
+
+
+def test_a_failing_worker_raises_its_error_and_leaves_no_thread(monkeypatch, two_threads):
+    """The worker's exception reaches the caller (the driver stops waiting for it), and its thread ends."""
+    worker = step.first_layer_worker
+
+    def failing(job, *args):
+        if job[step.JOB_STATE] == step.STOP:  # run's call that compiles it
+            return worker(job, *args)
+        raise MemoryError("the worker's error")
+
+    monkeypatch.setattr(step, "first_layer_worker", failing)
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((5, 300)).astype(np.float32), rng.integers(0, 10, 5)
+    with pytest.raises(MemoryError, match="the worker's error"):
+        _fit(True, lambda: [nn.Dense(128, activation="relu"), nn.Dense(10)], lambda: nn.SGD(lr=0.01), X, y,
+             batch_size=1)
+    assert not [t for t in threading.enumerate() if t.name == "kernels-first-layer"]
 
 
 def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):

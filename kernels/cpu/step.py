@@ -21,8 +21,14 @@ before the update of a step whose loss or gradient norms are not finite and retu
 the caller decides what follows.
 """
 
+import math
+import platform
+import threading
+import time
+
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
@@ -36,6 +42,7 @@ from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
 from .fused import NORMS_PARALLEL_MIN, PIECE
 from .metrics import _check_step, _count_labels, _count_thresholds
+from . import _parallel
 from ._parallel import PARALLEL_MIN, num_threads
 from ..reference.metrics import BAD_STEP
 
@@ -179,22 +186,87 @@ def _kinds(args):
                  if isinstance(a, np.ndarray) else (type(a), isinstance(a, int) and a >= 2**63) for a in args)
 
 
-def ready(*args):
-    """Whether ``train_steps(*args)`` runs without compiling: its machine code for these argument types is
-    in this process, or in Numba's on-disk cache (then loaded, as a call would). A cold compile of the
-    driver costs tens of seconds; the automatic choice (``nn._compiled``) takes the driver only when ready."""
-    kinds = _kinds(args)
+def _loaded(dispatcher, args):
+    """Whether ``dispatcher(*args)`` runs without compiling (see :func:`ready`), loading it from the cache if there."""
+    kinds = (dispatcher.py_func.__name__, _kinds(args))
     if kinds in _ready:
         return True
-    sig = tuple(train_steps.typeof_pyval(a) for a in args)
-    if sig not in train_steps.overloads:
-        cres = train_steps._cache.load_overload(sig, train_steps.targetctx)
+    sig = tuple(dispatcher.typeof_pyval(a) for a in args)
+    if sig not in dispatcher.overloads:
+        cres = dispatcher._cache.load_overload(sig, dispatcher.targetctx)
         if cres is None:
             return False
-        train_steps.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])  # as compile() does
-        train_steps.add_overload(cres)
+        dispatcher.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])  # as compile() does
+        dispatcher.add_overload(cres)
     _ready.add(kinds)
     return True
+
+
+def ready(*args):
+    """Whether :func:`run` ``(*args)`` runs without compiling: the machine code of ``train_steps`` (and of its
+    worker, when ``job`` is not empty) for these argument types is in this process, or in Numba's on-disk
+    cache (then loaded, as a call would). A cold compile of the driver costs tens of seconds; the automatic
+    choice (``nn._compiled``) takes the driver only when ready."""
+    return _loaded(train_steps, args) and (args[-1].size == 0 or _loaded(first_layer_worker, _worker_args(args)))
+
+
+def _worker_args(args):
+    """:func:`first_layer_worker`'s arguments, from :func:`train_steps`' ``args``."""
+    (_, _, _, _, _, _, layers, alphas, _, params, grads, state1, state2, segments, optimizer, hyper, _, _, _, kernels,
+     _, scratch, _, _, _, _, job) = args
+    return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments, scratch
+
+
+def job(layers, batch, max_norm, threads):
+    """The ``job`` argument of :func:`train_steps`: control words for a worker on a second core when the
+    first-layer pass at a batch of one or two has W of at least TWO_CORES_MIN elements (and ``threads`` > 1),
+    else empty (no worker)."""
+    first = np.flatnonzero(layers[:, KIND] == DENSE)[0]
+    two = (threads > 1 and batch <= ROWS_MAX_K and max_norm == math.inf
+           and layers[first, IN_W] * layers[first, OUT_W] >= TWO_CORES_MIN)
+    return np.zeros(JOB_WORDS if two else 0, np.int64)
+
+
+def compile_worker(dtype):
+    """Compile :func:`first_layer_worker` (or load it from the cache) for parameters of ``dtype``, with the
+    argument types nn passes it (told to STOP, it returns at once)."""
+    flat, ints = np.zeros(1, dtype), np.zeros(2, np.int64)
+    first_layer_worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64),
+                       np.zeros(1), flat, flat, flat, flat, ints, flat)
+
+
+def run(*args):
+    """``train_steps(*args)``, its ``prange`` loops handed out an iteration at a time (``_parallel.dynamic``),
+    with :func:`first_layer_worker` on a thread of its own for the call when ``job`` (the last argument) is
+    not empty. The worker's exception, if any, is raised here."""
+    job = args[-1]
+    if job.size == 0:
+        return _parallel.dynamic(train_steps, *args)
+    failure = []
+
+    def work():
+        try:
+            first_layer_worker(*_worker_args(args))
+        except BaseException as error:  # handed to the caller; the driver stops waiting on FAILED
+            failure.append(error)
+            job[JOB_STATE] = FAILED
+
+    job[JOB_STATE] = STOP  # the worker compiled (or loaded) here, not on its thread while the driver waits
+    first_layer_worker(*_worker_args(args))
+    job[JOB_STATE] = IDLE
+    thread = threading.Thread(target=work, name="kernels-first-layer", daemon=True)
+    thread.start()
+    try:
+        return _parallel.dynamic(train_steps, *args)
+    except RuntimeError:
+        if failure:
+            raise failure[0]
+        raise
+    finally:
+        while job[JOB_STATE] == GO:  # the driver raised while the worker ran: let it finish, then stop it
+            time.sleep(0)
+        job[JOB_STATE] = STOP
+        thread.join()
 
 
 def gemm_settings(tiling, dtype):
@@ -369,26 +441,25 @@ def _borrowed(a):
 
 
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, state2, alpha, x_next, acc, piece,
-                    no_bias):
-    """The first parameter layer's ``dW = x^T dz`` at a batch of one or two (an outer product), the sum of
-    squares of its segment ``[0, end)`` (W, then b) and the unscaled optimizer step on W, piece by piece of
-    segment_norms' pieces (``fused.PIECE`` elements): the same kernels on the same elements as the separate
-    product, norms and update, so bit for bit the same. Each piece's gradient goes into ``piece`` (at least
-    PIECE + 2 rows of dW), where the sum and the update read it from L1; an empty ``piece`` writes ``grads``
-    instead (the call's last step: they then hold its gradient). With ``x_next`` (rows > 0: the next step's
-    input), each piece of W, once updated and still in L1, is also folded into ``acc``, the next step's
-    ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not twice. ``params``, ``grads`` and the
-    state come borrowed (:func:`_borrowed`), ``no_bias`` is an empty array of their dtype. Returns the
-    segment's gradient norm."""
+def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, state2, alpha, x_next, acc, piece, sums,
+            no_bias):
+    """The pieces ``lo <= a < hi`` (multiples of PIECE) of the first parameter layer's segment ``[0, end)`` (W,
+    then b) at a batch of one or two: each piece's gradient (``dW = x^T dz``, an outer product, by the
+    ``rows`` route), its sum of squares into ``sums[a // PIECE]``, the unscaled optimizer step on its part of
+    W, and with ``x_next`` (rows > 0: the next step's input) that part of W, once updated and still in L1,
+    folded into ``acc``, the next step's ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not
+    twice. The same kernels on the same elements as the separate product, norms and update, so bit for bit
+    the same. Each piece's gradient goes into ``piece`` (at least PIECE + 2 rows of dW), where the sum and
+    the update read it from L1; an empty ``piece`` writes ``grads`` instead (the call's last step: they then
+    hold its gradient). ``params``, ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is
+    an empty array of their dtype."""
     w_out = dz.shape[1]
     w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
     piece = _borrowed(piece)
-    done = 0  # the rows of dW in grads
+    done = lo // w_out  # the rows of dW in grads
     r0, r1 = 0, 0  # the rows of dW in piece
-    total = 0.0  # the sum of squares so far
-    for a in range(0, end, PIECE):
+    for a in range(lo, hi, PIECE):
         b = min(end, a + PIECE)
         wb = min(b, w_end)
         g, at = grads, 0  # the piece's gradient: g[i - at] for its elements i
@@ -406,11 +477,145 @@ def _product_update(kernels, optimizer, h, x, dz, end, params, grads, state1, st
                 g, at = piece, r0 * w_out
                 for i in range(w_end, b):  # the bias's gradient, after W's
                     g[i - at] = grads[i]
-        total += _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
+        sums[a // PIECE] = _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
         if a < wb:
             _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False)
             if x_next.shape[0]:
                 _fold(x_next, params, a, wb, acc)
+
+
+# The first layer's pass at a batch of one or two on two cores (``first_layer_worker``): from this many elements
+# of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table, the
+# layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x_next, acc,
+# its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the steps it has done
+TWO_CORES_MIN = 1 << 15
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+(JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X_NEXT, JOB_ACC, JOB_PIECE, JOB_SUMS,
+ JOB_PIECE_SIZE, JOB_STEPS) = range(12)
+JOB_WORDS = 12
+IDLE, GO, STOP, FAILED = range(4)  # JOB_STATE: waiting (or done), work to do, return, raised
+
+
+@intrinsic
+def _load_acquire(typingctx, words, i):
+    """``words[i]`` (an int64 array), read with acquire ordering: what the writer stored before its release
+    store is visible after."""
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(array.data, [args[1]]), "acquire", 8)
+
+    return types.int64(words, i), codegen
+
+
+@intrinsic
+def _store_release(typingctx, words, i, value):
+    """``words[i] = value`` (an int64 array) with release ordering (see :func:`_load_acquire`)."""
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        builder.store_atomic(args[2], builder.gep(array.data, [args[1]]), "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(words, i, value), codegen
+
+
+@intrinsic
+def _exchange(typingctx, words, i, expected, value):
+    """``words[i] = value`` if it holds ``expected`` (an int64 array, atomically, with acquire-release
+    ordering); returns what it held."""
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        result = builder.cmpxchg(builder.gep(array.data, [args[1]]), args[2], args[3], "acq_rel", "acquire")
+        return builder.extract_value(result, 0)
+
+    return types.int64(words, i, expected, value), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """The spin-wait hint (x86 ``pause``; nothing elsewhere): a waiting core yields to its sibling."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            builder.asm(ir.FunctionType(ir.VoidType(), []), "pause", "", [], True)
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@jit(fastmath=False, inline="always")
+def _first_layer_views(job, layers, segments, scratch, dtype):
+    """The worker's x, dz, x_next, acc, piece buffer and pieces' sums for the step ``job`` describes."""
+    i, rows, following = job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING]
+    w_in, w_out = layers[i, IN_W], layers[i, OUT_W]
+    x = _view(scratch, layers[i, X_AT], rows, w_in)
+    dz = _view(scratch, layers[i, DY_AT] if layers[i, ACT] == NONE else layers[i, DZ_AT], rows, w_out)
+    x_next = carray(_voidptr(job[JOB_X_NEXT]), (following, w_in), dtype)
+    acc = carray(_voidptr(job[JOB_ACC]), (following, w_out), dtype)
+    piece = carray(_voidptr(job[JOB_PIECE]), job[JOB_PIECE_SIZE], dtype)
+    sums = carray(_voidptr(job[JOB_SUMS]), -(-segments[1] // PIECE), np.float64)
+    return x, dz, x_next, acc, piece, sums
+
+
+@jit(fastmath=False)
+def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments,
+                       scratch):
+    """The other core's half of :func:`train_steps`' first-layer pass at a batch of one or two: spins until
+    ``job[JOB_STATE]`` is GO, runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does),
+    sets it back to IDLE, until it reads STOP. Run on its own thread (it holds no GIL) for the duration of
+    a ``train_steps`` call given the same ``job`` and arrays."""
+    params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
+    no_bias = np.empty(0, params.dtype)
+    while True:
+        state = _load_acquire(job, JOB_STATE)
+        if state == STOP:
+            return
+        if state != GO:
+            _pause()
+            continue
+        x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, scratch,
+                                                                  params.dtype)
+        _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
+                state1, state2, alphas[job[JOB_LAYER]], x_next, acc, piece, sums, no_bias)
+        job[JOB_STEPS] += 1
+        _store_release(job, JOB_STATE, IDLE)
+
+
+@jit(fastmath=False, inline="always")
+def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grads, state1, state2, alpha, x_next, acc,
+                    piece, sums, job, no_bias):
+    """The first parameter layer's (layer ``i``'s) gradient, sum of squares and update at a batch of one or two
+    (:func:`_pieces` over its whole segment ``[0, end)``); returns the segment's gradient norm, the pieces'
+    sums added in order. With a worker (``job`` not empty) and W of at least TWO_CORES_MIN elements, the
+    worker runs the first half of the pieces, folding, while this thread runs the second without; this thread
+    then folds its half, continuing each column's chain of FMAs in row order: the same bits on one core or
+    two. ``piece`` holds two piece buffers when there is a worker (the second its), one otherwise."""
+    w_end = x.shape[1] * dz.shape[1]
+    pieces = -(-end // PIECE)
+    h = hyper[step]
+    if job.size and w_end >= TWO_CORES_MIN:
+        split = pieces // 2 * PIECE
+        size = piece.size // 2
+        job[JOB_STEP], job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING] = step, i, x.shape[0], x_next.shape[0]
+        job[JOB_SPLIT], job[JOB_X_NEXT], job[JOB_ACC] = split, np.intp(x_next.ctypes.data), np.intp(acc.ctypes.data)
+        job[JOB_PIECE], job[JOB_PIECE_SIZE] = np.intp(piece.ctypes.data) + size * piece.itemsize, size
+        job[JOB_SUMS] = np.intp(sums.ctypes.data)
+        if _exchange(job, JOB_STATE, IDLE, GO) != IDLE:  # FAILED: its thread raised before this step
+            raise RuntimeError("the first layer's worker thread failed")
+        _pieces(kernels, optimizer, h, x, dz, split, end, end, params, grads, state1, state2, alpha, x_next[:0], acc,
+                piece[:size], sums, no_bias)
+        state = _load_acquire(job, JOB_STATE)
+        while state == GO:
+            _pause()
+            state = _load_acquire(job, JOB_STATE)
+        if state != IDLE:
+            raise RuntimeError("the first layer's worker thread failed")
+        if x_next.shape[0]:
+            _fold(x_next, params, split, w_end, acc)
+    else:
+        _pieces(kernels, optimizer, h, x, dz, 0, end, end, params, grads, state1, state2, alpha, x_next, acc, piece,
+                sums, no_bias)
+    total = 0.0
+    for p in range(pieces):
+        total += sums[p]
     return np.sqrt(total)
 
 
@@ -446,14 +651,16 @@ def _finish(acc, bias, code, alpha, y):
 
 @jit(fastmath=False)
 def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, grads, state1, state2, segments,
-                optimizer, hyper, max_norm, loss_kind, count, kernels, settings, scratch, targets, norms, metrics, scale):
+                optimizer, hyper, max_norm, loss_kind, count, kernels, settings, scratch, targets, norms, metrics,
+                scale, job):
     """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` (class labels, or
     rows of float targets) in batches of ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
     relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0, keep threshold); ``segments``
     bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is step s's optimizer row;
     ``max_norm`` the global gradient norm to clip to (inf: none); ``loss_kind`` the loss (its code);
     ``count``: count the correct predictions;
-    ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`. The step's bookkeeping
+    ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`; ``job`` the control words of
+    :func:`first_layer_worker` when one runs beside this call (see :func:`run`), else empty. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
     the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
     ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
@@ -477,7 +684,9 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     acc = np.empty((batch if foldable else 0, w1), params.dtype)
     folded = False  # acc holds this step's x @ W1
     # the fused product's buffer for a piece of dW (the last step writes grads, which then hold its gradient)
-    piece = np.empty(PIECE + 2 * layers[first, OUT_W] if batch <= ROWS_MAX_K else 0, params.dtype)
+    piece = np.empty((PIECE + 2 * layers[first, OUT_W]) * (2 if job.size else 1) if batch <= ROWS_MAX_K else 0,
+                     params.dtype)
+    sums = np.empty(-(-segments[1] // PIECE), np.float64)  # the first layer's pieces' sums of squares
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -535,9 +744,9 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     following_x, following_acc = _view(x_next, 0, following, width), _view(acc, 0, following, w1)
                     _gather_rows(X, order, lo + batch, following_x)
                     following_acc[:] = 0
-                    norms[0] = _product_update(kernels, optimizer, hyper[s - s0], x, dz, segments[1], params, grads,
+                    norms[0] = _product_update(kernels, optimizer, hyper, s - s0, i, x, dz, segments[1], params, grads,
                                                state1, state2, alphas[i], following_x, following_acc,
-                                               piece[:0] if s == s1 - 1 else piece, no_bias)
+                                               piece[:0] if s == s1 - 1 else piece, sums, job, no_bias)
                     folded = following > 0
                 else:
                     _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
