@@ -16,19 +16,24 @@ parallel functions into a cached one (numba issue 8578) and re-optimise every ke
 driver, where their fast-math flags leave LLVM free to round differently. The addresses are arguments,
 not constants, so the driver compiles once per dtype and is cached on disk.
 
+At a batch of one or two the first layer's gradient, norm, update and the next step's forward product are
+one pass over W, piece by piece (:func:`_product_update`); with two threads a worker thread started for the
+call (:func:`run`, :func:`first_layer_worker`) takes half of the pieces each step, the same bits either way.
+
 The model arrives as tables (one row per layer) and offsets into one scratch buffer. The driver stops
 before the update of a step whose loss or gradient norms are not finite and returns that step's number;
 the caller decides what follows.
 """
 
+import ctypes
 import math
+import os
 import platform
 import threading
-import time
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
@@ -263,9 +268,7 @@ def run(*args):
             raise failure[0]
         raise
     finally:
-        while job[JOB_STATE] == GO:  # the driver raised while the worker ran: let it finish, then stop it
-            time.sleep(0)
-        job[JOB_STATE] = STOP
+        job[JOB_STATE] = STOP  # (a half it took, if the driver raised meanwhile, it finishes first)
         thread.join()
 
 
@@ -487,35 +490,29 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
 # The first layer's pass at a batch of one or two on two cores (``first_layer_worker``): from this many elements
 # of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table, the
 # layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x_next, acc,
-# its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the steps it has done
+# its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the halves it ran, the halves
+# the driver ran itself (the worker not there to take them)
 TWO_CORES_MIN = 1 << 15
+YIELD_SPINS = 1 << 12  # ~0.1 ms of pause instructions
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "posix" else None
+if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the cache)
+    binding.add_symbol("sched_yield", ctypes.cast(_SCHED_YIELD, ctypes.c_void_p).value)
 (JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X_NEXT, JOB_ACC, JOB_PIECE, JOB_SUMS,
- JOB_PIECE_SIZE, JOB_STEPS) = range(12)
-JOB_WORDS = 12
-IDLE, GO, STOP, FAILED = range(4)  # JOB_STATE: waiting (or done), work to do, return, raised
+ JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN) = range(13)
+JOB_WORDS = 13
+IDLE, GO, TAKEN, STOP, FAILED = range(5)  # JOB_STATE: nothing to do, work to take, taken, return, raised
 
 
 @intrinsic
 def _load_acquire(typingctx, words, i):
     """``words[i]`` (an int64 array), read with acquire ordering: what the writer stored before its release
-    store is visible after."""
+    (:func:`_exchange`) is visible after."""
     def codegen(context, builder, sig, args):
         array = context.make_array(sig.args[0])(context, builder, args[0])
         return builder.load_atomic(builder.gep(array.data, [args[1]]), "acquire", 8)
 
     return types.int64(words, i), codegen
-
-
-@intrinsic
-def _store_release(typingctx, words, i, value):
-    """``words[i] = value`` (an int64 array) with release ordering (see :func:`_load_acquire`)."""
-    def codegen(context, builder, sig, args):
-        array = context.make_array(sig.args[0])(context, builder, args[0])
-        builder.store_atomic(args[2], builder.gep(array.data, [args[1]]), "release", 8)
-        return context.get_dummy_value()
-
-    return types.void(words, i, value), codegen
 
 
 @intrinsic
@@ -531,14 +528,21 @@ def _exchange(typingctx, words, i, expected, value):
 
 
 @intrinsic
-def _pause(typingctx):
-    """The spin-wait hint (x86 ``pause``; nothing elsewhere): a waiting core yields to its sibling."""
+def _pause(typingctx, spins):
+    """One turn of a spin-wait, the ``spins``-th: the x86 ``pause`` hint, and every YIELD_SPINS turns (where
+    the C library has it) ``sched_yield``, so that a waiting thread lets the one it waits for run when the
+    two share a core (more threads than cores)."""
     def codegen(context, builder, sig, args):
         if _X86:
             builder.asm(ir.FunctionType(ir.VoidType(), []), "pause", "", [], True)
+        if _SCHED_YIELD:
+            mask = ir.Constant(ir.IntType(64), YIELD_SPINS - 1)
+            with builder.if_then(builder.icmp_unsigned("==", builder.and_(args[0], mask), mask), likely=False):
+                builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                            "sched_yield"), [])
         return context.get_dummy_value()
 
-    return types.void(), codegen
+    return types.void(spins), codegen
 
 
 @jit(fastmath=False, inline="always")
@@ -559,24 +563,26 @@ def _first_layer_views(job, layers, segments, scratch, dtype):
 def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments,
                        scratch):
     """The other core's half of :func:`train_steps`' first-layer pass at a batch of one or two: spins until
-    ``job[JOB_STATE]`` is GO, runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does),
-    sets it back to IDLE, until it reads STOP. Run on its own thread (it holds no GIL) for the duration of
-    a ``train_steps`` call given the same ``job`` and arrays."""
+    ``job[JOB_STATE]`` is GO, takes it (TAKEN), runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when
+    the step does), sets it back to IDLE; until it reads STOP. Run on its own thread (it holds no GIL) for
+    the duration of a ``train_steps`` call given the same ``job`` and arrays."""
     params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
     no_bias = np.empty(0, params.dtype)
+    spins = 0
     while True:
         state = _load_acquire(job, JOB_STATE)
         if state == STOP:
             return
-        if state != GO:
-            _pause()
+        if state != GO or _exchange(job, JOB_STATE, GO, TAKEN) != GO:  # nothing to do, or the driver took it
+            spins += 1
+            _pause(spins)
             continue
-        x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, scratch,
-                                                                  params.dtype)
+        spins = 0
+        x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, scratch, params.dtype)
         _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
                 state1, state2, alphas[job[JOB_LAYER]], x_next, acc, piece, sums, no_bias)
         job[JOB_STEPS] += 1
-        _store_release(job, JOB_STATE, IDLE)
+        _exchange(job, JOB_STATE, TAKEN, IDLE)  # unless told to STOP meanwhile
 
 
 @jit(fastmath=False, inline="always")
@@ -585,9 +591,10 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
     """The first parameter layer's (layer ``i``'s) gradient, sum of squares and update at a batch of one or two
     (:func:`_pieces` over its whole segment ``[0, end)``); returns the segment's gradient norm, the pieces'
     sums added in order. With a worker (``job`` not empty) and W of at least TWO_CORES_MIN elements, the
-    worker runs the first half of the pieces, folding, while this thread runs the second without; this thread
-    then folds its half, continuing each column's chain of FMAs in row order: the same bits on one core or
-    two. ``piece`` holds two piece buffers when there is a worker (the second its), one otherwise."""
+    worker takes the first half of the pieces, folding, while this thread runs the second without; this
+    thread then runs the first half too if the worker has not taken it (its core busy: no waiting on a thread
+    that is not running), and folds its half, continuing each column's chain of FMAs in row order: the same
+    bits whoever runs what. ``piece`` holds two piece buffers when there is a worker (the second its)."""
     w_end = x.shape[1] * dz.shape[1]
     pieces = -(-end // PIECE)
     h = hyper[step]
@@ -602,11 +609,17 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
             raise RuntimeError("the first layer's worker thread failed")
         _pieces(kernels, optimizer, h, x, dz, split, end, end, params, grads, state1, state2, alpha, x_next[:0], acc,
                 piece[:size], sums, no_bias)
-        state = _load_acquire(job, JOB_STATE)
-        while state == GO:
-            _pause()
+        state = _exchange(job, JOB_STATE, GO, IDLE)
+        if state == GO:  # the worker has not started it (its core busy elsewhere): this thread runs it
+            _pieces(kernels, optimizer, h, x, dz, 0, split, end, params, grads, state1, state2, alpha, x_next, acc,
+                    piece[:size], sums, no_bias)
+            job[JOB_TAKEN] += 1
+        spins = 0
+        while state == TAKEN:
+            spins += 1
+            _pause(spins)
             state = _load_acquire(job, JOB_STATE)
-        if state != IDLE:
+        if state == FAILED:
             raise RuntimeError("the first layer's worker thread failed")
         if x_next.shape[0]:
             _fold(x_next, params, split, w_end, acc)
