@@ -591,15 +591,17 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
     """The first parameter layer's (layer ``i``'s) gradient, sum of squares and update at a batch of one or two
     (:func:`_pieces` over its whole segment ``[0, end)``); returns the segment's gradient norm, the pieces'
     sums added in order. With a worker (``job`` not empty) and W of at least TWO_CORES_MIN elements, the
-    worker takes the first half of the pieces, folding, while this thread runs the second without; this
-    thread then runs the first half too if the worker has not taken it (its core busy: no waiting on a thread
-    that is not running), and folds its half, continuing each column's chain of FMAs in row order: the same
-    bits whoever runs what. ``piece`` holds two piece buffers when there is a worker (the second its)."""
+    worker takes the first pieces, folding, while this thread runs the rest without; this thread then runs the
+    worker's share too if the worker has not taken it (its core busy: no waiting on a thread that is not
+    running), and folds its own, continuing each column's chain of FMAs in row order: the same bits whoever
+    runs what, wherever the split. The split starts at half the pieces and moves a piece a step toward
+    whichever thread finished first (the worker's share folds as it goes, this thread's after the join).
+    ``piece`` holds two piece buffers when there is a worker (the second its)."""
     w_end = x.shape[1] * dz.shape[1]
     pieces = -(-end // PIECE)
     h = hyper[step]
     if job.size and w_end >= TWO_CORES_MIN:
-        split = pieces // 2 * PIECE
+        split = job[JOB_SPLIT] if 0 < job[JOB_SPLIT] < end else pieces // 2 * PIECE  # balanced from step to step
         size = piece.size // 2
         job[JOB_STEP], job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING] = step, i, x.shape[0], x_next.shape[0]
         job[JOB_SPLIT], job[JOB_X_NEXT], job[JOB_ACC] = split, np.intp(x_next.ctypes.data), np.intp(acc.ctypes.data)
@@ -614,11 +616,15 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
             _pieces(kernels, optimizer, h, x, dz, 0, split, end, params, grads, state1, state2, alpha, x_next, acc,
                     piece[:size], sums, no_bias)
             job[JOB_TAKEN] += 1
+        elif state == IDLE:  # the worker done first: a piece more for it next step (a piece less if it is not)
+            job[JOB_SPLIT] = min(split + PIECE, (pieces - 1) * PIECE)
         spins = 0
         while state == TAKEN:
             spins += 1
             _pause(spins)
             state = _load_acquire(job, JOB_STATE)
+        if spins:
+            job[JOB_SPLIT] = max(split - PIECE, PIECE)
         if state == FAILED:
             raise RuntimeError("the first layer's worker thread failed")
         if x_next.shape[0]:
