@@ -2,6 +2,7 @@
 NumPy reference over many shapes and layouts, bit-equality of the numba version with the two calls
 it replaces, the parallel paths, and the public API's argument checks."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 import kernels
 from helpers import SIZES_1D, SIZES_2D, arrays, assert_close, reference
 from kernels.cpu.activations import PARALLEL_MIN
+from kernels.cpu import _small, fused
 from kernels.cpu.fused import NORMS_PARALLEL_MIN
 
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh"]
@@ -134,6 +136,36 @@ def test_numba_sum_of_squares_takes_its_documented_order(data, n):
     for v in squares[blocks * fused.SQUARE_BLOCK:]:
         total = total + v
     assert fused._sum_squares(x, lo, lo + n).hex() == float(total).hex()
+
+
+@numba.njit(fastmath=False)
+def _outer_squares_once(x, at, rows, dz, out):
+    return fused.outer_squares(x.ctypes.data + at * x.itemsize, x.shape[1], x.shape[0], dz.ctypes.data, rows,
+                               dz.shape[1], out.ctypes.data, out)
+
+
+@numba.njit(fastmath=False)
+def _outer_then_squares(x, at, rows, dz, out):
+    _small._outer(x.ctypes.data + at * x.itemsize, 1, x.shape[1], dz.ctypes.data, dz.shape[1], x.shape[0],
+                  out[:rows * dz.shape[1]].reshape(rows, dz.shape[1]))
+    return fused._sum_squares(out, 0, rows * dz.shape[1])
+
+
+@given(data=st.data(), dtype=st.sampled_from(["float32", "float64"]), k=st.sampled_from([1, 2]),
+       rows=st.integers(0, 20), blocks=st.integers(1, 5))
+def test_outer_squares_is_the_outer_product_and_its_sum_of_squares_in_one_pass(data, dtype, k, rows, blocks):
+    """``outer_squares`` (the compiled step's batch-one product and squares of a piece): the same elements as
+    the ``rows`` route's outer product (FMA chains from zero: -0 products give +0) and the same sum as
+    ``_sum_squares`` of them, bit for bit, at K 1 and 2, both dtypes, rows of 1-5 blocks of 32."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n, width = blocks * fused.SQUARE_BLOCK, rows + 3
+    x = (rng.standard_normal((k, width)) * (rng.random((k, width)) > 0.2)).astype(dtype)  # zeros: signed products
+    dz = rng.standard_normal((k, n)).astype(dtype)
+    at = data.draw(st.integers(0, 3))  # the piece's first row of dW
+    got, expected = np.full(rows * n + 1, 7, dtype), np.full(rows * n + 1, 7, dtype)  # the last one untouched
+    total = _outer_squares_once(x, at, rows, dz, got)
+    assert total.hex() == _outer_then_squares(x, at, rows, dz, expected).hex()
+    assert got.tobytes() == expected.tobytes()
 
 
 def test_bad_arguments_raise_naming_them():

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numba
 import numpy as np
@@ -390,13 +391,15 @@ def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(monkeypat
                                                                          batch_size):
     """At a batch of one or two with two threads, a worker thread runs the first half of the first layer's
     pieces (W of 300 x 128, at least TWO_CORES_MIN) while the driver runs the second: bit for bit the run on
-    one thread and the per-kernel step, the last batch odd, whoever ran the first half (the worker, or the
-    driver when the worker had not taken it)."""
+    one thread and the per-kernel step, the last batch odd, the worker's share taken by the worker every
+    step (the driver told to wait for it)."""
     jobs = []
     run = step.run
 
     def spy(*args):
         jobs.append(args[-1])
+        if args[-1].size:
+            args[-1][step.JOB_WAIT] = 1  # the driver waits for the worker to take its share, however late
         return run(*args)
 
     monkeypatch.setattr(step, "run", spy)
@@ -414,8 +417,36 @@ def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(monkeypat
     _assert_same(outcomes[0], outcomes[1])
     _assert_same(outcomes[0], outcomes[2])
     assert [job.size for job in jobs] == [step.JOB_WORDS] * 2 + [0] * 2  # two epochs each
-    for job in jobs[:2]:  # the worker took a step's half, the driver ran the rest (the worker not there yet)
-        assert job[step.JOB_STEPS] > 0 and job[step.JOB_STEPS] + job[step.JOB_TAKEN] == -(-63 // batch_size)
+    for job in jobs[:2]:
+        assert (job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (-(-63 // batch_size), 0)
+
+
+def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, two_threads):
+    """A worker that starts late (its core busy elsewhere): the driver runs its share itself rather than
+    wait for it, with the same bits."""
+    jobs, run, worker = [], step.run, step.first_layer_worker
+
+    def spy(*args):
+        jobs.append(args[-1])
+        return run(*args)
+
+    def late(job, *args):
+        if job[step.JOB_STATE] != step.STOP:  # not run's call that compiles it
+            time.sleep(0.5)
+        return worker(job, *args)
+
+    monkeypatch.setattr(step, "run", spy)
+    monkeypatch.setattr(step, "first_layer_worker", late)
+    rng = np.random.default_rng(8)
+    X, y = rng.standard_normal((15, 300)).astype(np.float32), rng.integers(0, 10, 15)
+
+    def layers():
+        return [nn.Dense(128, activation="relu"), nn.Dense(10)]
+
+    runs = [_fit(compiled, layers, lambda: nn.Adam(lr=1e-3), X, y, batch_size=1, epochs=1)
+            for compiled in (True, False)]
+    _assert_same(*[_outcome(*run) for run in runs])
+    assert jobs[0][step.JOB_TAKEN] > 0 and jobs[0][step.JOB_STEPS] + jobs[0][step.JOB_TAKEN] == 15
 
 
 def test_a_worker_only_where_it_pays():

@@ -5,6 +5,8 @@
 the separate ``*_backward`` and ``bias_grad`` calls give, in one pass over ``dy``.
 """
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -76,6 +78,68 @@ SQUARE_LANES, SQUARE_SUMS = 4, 8  # float64 lanes of a vector, vector partial su
 SQUARE_BLOCK = SQUARE_LANES * SQUARE_SUMS
 
 
+def _sum_lanes(builder, sums):
+    """The float64 vector ``sums`` added pairwise, then their lanes pairwise (``_square_blocks``' order)."""
+    while len(sums) > 1:
+        sums = [builder.fadd(sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
+    total = [builder.extract_element(sums[0], ir.Constant(ir.IntType(32), j)) for j in range(SQUARE_LANES)]
+    while len(total) > 1:
+        total = [builder.fadd(total[j], total[j + 1]) for j in range(0, len(total), 2)]
+    return total[0]
+
+
+def _block_loop(builder, blocks, body, state=()):
+    """A loop over ``blocks`` (> 0 or not) blocks of SQUARE_BLOCK elements: ``body(i, sums, state)`` emits
+    block ``i``'s IR in one basic block and returns the SQUARE_SUMS float64 vector sums after it (from zero)
+    and the next ``state`` (loop-carried values starting at ``state``); returns the final sums' total
+    (:func:`_sum_lanes`)."""
+    i64 = ir.IntType(64)
+    vd = ir.VectorType(ir.DoubleType(), SQUARE_LANES)
+    zero = ir.Constant(vd, [0.0] * SQUARE_LANES)
+    entry = builder.block
+    loop, done = builder.append_basic_block("squares.loop"), builder.append_basic_block("squares.done")
+    builder.cbranch(builder.icmp_signed(">", blocks, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i, acc = builder.phi(i64), [builder.phi(vd) for _ in range(SQUARE_SUMS)]
+    carried = [builder.phi(v.type) for v in state]
+    new, following_state = body(i, acc, carried)
+    following = builder.add(i, ir.Constant(i64, 1))
+    for phi, start, value in [(i, ir.Constant(i64, 0), following)] + list(zip(carried, state, following_state)):
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, loop)
+    for phi, value in zip(acc, new):
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(value, loop)
+    builder.cbranch(builder.icmp_signed("<", following, blocks), loop, done)
+    builder.position_at_end(done)
+    total = []
+    for value in new:
+        phi = builder.phi(vd)
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(value, loop)
+        total.append(phi)
+    return _sum_lanes(builder, total)
+
+
+def _squares_into(builder, fty, values, acc):
+    """``acc[k] += values' elements 4k..4k+3 squared`` in float64 (one FMA each), ``values`` the block as
+    vectors of ``fty``: the sums ``_square_blocks`` keeps."""
+    dty = ir.DoubleType()
+    vd = ir.VectorType(dty, SQUARE_LANES)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd] * 3), f"llvm.fma.v{SQUARE_LANES}f64")
+    lanes = values[0].type.count
+    new = []
+    for k in range(SQUARE_SUMS):
+        v, at = values[k * SQUARE_LANES // lanes], k * SQUARE_LANES % lanes
+        if lanes != SQUARE_LANES:
+            v = builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), SQUARE_LANES),
+                                                   list(range(at, at + SQUARE_LANES))))
+        v = v if fty == dty else builder.fpext(v, vd)
+        new.append(builder.call(fma, [v, v, acc[k]]))
+    return new
+
+
 @intrinsic
 def _square_blocks(typingctx, address, blocks, like):
     """The sum of squares in float64 of ``blocks`` * SQUARE_BLOCK elements of ``like``'s dtype from byte
@@ -83,48 +147,79 @@ def _square_blocks(typingctx, address, blocks, like):
     then the sums and the lanes added pairwise. IR without fast-math flags, which no optimiser may reorder:
     call it only from a function compiled without them (Numba adds them to every float operation of a
     fast-math function, this IR included)."""
-    lanes, sums = SQUARE_LANES, SQUARE_SUMS
-
     def codegen(context, builder, sig, args):
-        fty, dty, i64 = context.get_value_type(sig.args[2].dtype), ir.DoubleType(), ir.IntType(64)
-        vin, vd = ir.VectorType(fty, lanes), ir.VectorType(dty, lanes)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd] * 3), f"llvm.fma.v{lanes}f64")
+        fty, i64 = context.get_value_type(sig.args[2].dtype), ir.IntType(64)
+        vin = ir.VectorType(fty, SQUARE_LANES)
         x = builder.inttoptr(args[0], fty.as_pointer())
-        zero = ir.Constant(vd, [0.0] * lanes)
-        entry = builder.block
-        loop, done = builder.append_basic_block("squares.loop"), builder.append_basic_block("squares.done")
-        builder.cbranch(builder.icmp_signed(">", args[1], ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        i, acc = builder.phi(i64), [builder.phi(vd) for _ in range(sums)]
-        start = builder.mul(i, ir.Constant(i64, SQUARE_BLOCK))
-        new = []
-        for k in range(sums):
-            v = builder.load(builder.bitcast(builder.gep(x, [builder.add(start, ir.Constant(i64, k * lanes))]),
-                                             vin.as_pointer()), align=context.get_abi_sizeof(fty))
-            v = v if fty == dty else builder.fpext(v, vd)
-            new.append(builder.call(fma, [v, v, acc[k]]))
-        following = builder.add(i, ir.Constant(i64, 1))
-        i.add_incoming(ir.Constant(i64, 0), entry)
-        i.add_incoming(following, loop)
-        for phi, value in zip(acc, new):
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(value, loop)
-        builder.cbranch(builder.icmp_signed("<", following, args[1]), loop, done)
-        builder.position_at_end(done)
-        total = []
-        for value in new:
-            phi = builder.phi(vd)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(value, loop)
-            total.append(phi)
-        while len(total) > 1:
-            total = [builder.fadd(total[j], total[j + 1]) for j in range(0, len(total), 2)]
-        total = [builder.extract_element(total[0], ir.Constant(ir.IntType(32), j)) for j in range(lanes)]
-        while len(total) > 1:
-            total = [builder.fadd(total[j], total[j + 1]) for j in range(0, len(total), 2)]
-        return total[0]
+
+        def body(i, acc, state):
+            start = builder.mul(i, ir.Constant(i64, SQUARE_BLOCK))
+            at = [builder.gep(x, [builder.add(start, ir.Constant(i64, k * SQUARE_LANES))]) for k in range(SQUARE_SUMS)]
+            values = [builder.load(builder.bitcast(p, vin.as_pointer()), align=context.get_abi_sizeof(fty)) for p in at]
+            return _squares_into(builder, fty, values, acc), state
+
+        return _block_loop(builder, args[1], body)
 
     return types.float64(types.intp, types.intp, like), codegen
+
+
+@intrinsic
+def outer_squares(typingctx, a_at, sa_k, k, b_at, rows, n, out_at, like):
+    """``out = a @ b`` for K ``k`` of 1 or 2 (an outer product: ``x^T dz`` at a batch of one or two, A^T's
+    row p at ``a_at`` + p * ``sa_k`` elements, B's rows of ``n`` elements one after the other at ``b_at``), its
+    ``rows`` x ``n`` elements written to ``out_at`` as the ``rows`` route computes them (the chain of FMAs from
+    zero), and returned: their sum of squares as :func:`_sum_squares` sums them, in one pass (``n`` a multiple
+    of SQUARE_BLOCK; 32-byte vectors of ``like``'s dtype). No fast-math flags, as for ``_square_blocks``."""
+    def codegen(context, builder, sig, args):
+        fty, i64 = context.get_value_type(sig.args[7].dtype), ir.IntType(64)
+        size = context.get_abi_sizeof(fty)
+        lanes = 32 // size
+        vty = ir.VectorType(fty, lanes)
+        a_at_, sa_k_, k_, b_at_, rows_, n_, out_at_ = args[:7]
+        a, b, out = (builder.inttoptr(v, fty.as_pointer()) for v in (a_at_, b_at_, out_at_))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{lanes}f{8 * size}")
+        zero = ir.Constant(vty, [0.0] * lanes)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        const = functools.partial(ir.Constant, i64)
+
+        def loop(terms):
+            def body(i, acc, state):
+                row, col = state  # the block's row of out and its first column
+                values = [zero] * (SQUARE_BLOCK // lanes)
+                for term in range(terms):
+                    x = builder.load(builder.gep(a, [builder.add(row, builder.mul(sa_k_, const(term)))]), align=size)
+                    x = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef,
+                                               splat)
+                    b_row = builder.gep(b, [builder.add(col, builder.mul(n_, const(term)))])
+                    for v in range(len(values)):
+                        bv = builder.load(builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vty.as_pointer()),
+                                          align=size)
+                        values[v] = builder.call(fma, [x, bv, values[v]])
+                base = builder.mul(i, const(SQUARE_BLOCK))
+                for v, value in enumerate(values):
+                    at = builder.gep(out, [builder.add(base, const(v * lanes))])
+                    builder.store(value, builder.bitcast(at, vty.as_pointer()), align=size)
+                col = builder.add(col, const(SQUARE_BLOCK))
+                wrap = builder.icmp_signed("==", col, n_)
+                state = builder.add(row, builder.zext(wrap, i64)), builder.select(wrap, const(0), col)
+                return _squares_into(builder, fty, values, acc), state
+
+            return _block_loop(builder, builder.mul(rows_, builder.sdiv(n_, const(SQUARE_BLOCK))), body,
+                               (const(0), const(0)))
+
+        with builder.if_else(builder.icmp_signed("==", k_, const(2))) as (two, one):
+            with two:
+                total2, end2 = loop(2), builder.block
+            with one:
+                total1, end1 = loop(1), builder.block
+        total = builder.phi(ir.DoubleType())
+        total.add_incoming(total2, end2)
+        total.add_incoming(total1, end1)
+        return total
+
+    return types.float64(*[types.intp] * 7, like), codegen
 
 
 @jit(fastmath=False)

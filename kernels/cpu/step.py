@@ -45,7 +45,7 @@ from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, RO
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
-from .fused import NORMS_PARALLEL_MIN, PIECE
+from .fused import NORMS_PARALLEL_MIN, PIECE, SQUARE_BLOCK, outer_squares
 from .metrics import _check_step, _count_labels, _count_thresholds
 from . import _parallel
 from ._parallel import PARALLEL_MIN, num_threads
@@ -243,7 +243,7 @@ def compile_worker(dtype):
 def run(*args):
     """``train_steps(*args)``, its ``prange`` loops handed out an iteration at a time (``_parallel.dynamic``),
     with :func:`first_layer_worker` on a thread of its own for the call when ``job`` (the last argument) is
-    not empty. The worker's exception, if any, is raised here."""
+    not empty. The worker's exception, if any, is raised here, once its thread has ended."""
     job = args[-1]
     if job.size == 0:
         return _parallel.dynamic(train_steps, *args)
@@ -262,14 +262,16 @@ def run(*args):
     thread = threading.Thread(target=work, name="kernels-first-layer", daemon=True)
     thread.start()
     try:
-        return _parallel.dynamic(train_steps, *args)
-    except RuntimeError:
-        if failure:
-            raise failure[0]
-        raise
+        done = _parallel.dynamic(train_steps, *args)
+    except RuntimeError:  # the driver's, when the worker failed
+        if not failure:
+            raise
     finally:
         job[JOB_STATE] = STOP  # (a half it took, if the driver raised meanwhile, it finishes first)
         thread.join()
+    if failure:  # even where the driver finished the steps without it
+        raise failure[0]
+    return done
 
 
 def gemm_settings(tiling, dtype):
@@ -452,7 +454,9 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
     W, and with ``x_next`` (rows > 0: the next step's input) that part of W, once updated and still in L1,
     folded into ``acc``, the next step's ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not
     twice. The same kernels on the same elements as the separate product, norms and update, so bit for bit
-    the same. Each piece's gradient goes into ``piece`` (at least PIECE + 2 rows of dW), where the sum and
+    the same; a piece of whole rows of whole blocks of the squares gets its product and squares from
+    ``fused.outer_squares``, the same FMAs and sums in one pass. Each piece's gradient goes into ``piece``
+    (at least PIECE + 2 rows of dW), where the sum and
     the update read it from L1; an empty ``piece`` writes ``grads`` instead (the call's last step: they then
     hold its gradient). ``params``, ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is
     an empty array of their dtype."""
@@ -466,7 +470,15 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
         b = min(end, a + PIECE)
         wb = min(b, w_end)
         g, at = grads, 0  # the piece's gradient: g[i - at] for its elements i
-        if a < w_end:
+        # whole rows of W in whole blocks of the squares: the product and its squares in one pass
+        whole = not into_grads and b <= w_end and a % w_out == 0 and b % w_out == 0 and w_out % SQUARE_BLOCK == 0
+        if whole:
+            r0, r1 = a // w_out, b // w_out
+            sums[a // PIECE] = outer_squares(np.intp(x.ctypes.data) + r0 * x.itemsize, np.intp(x.shape[1]),
+                                             np.intp(x.shape[0]), np.intp(dz.ctypes.data), np.intp(r1 - r0),
+                                             np.intp(w_out), np.intp(piece.ctypes.data), piece)
+            g, at = piece, a
+        elif a < w_end:
             first, need = a // w_out, -(-wb // w_out)  # the rows of dW the piece meets
             if into_grads:
                 if need > done:
@@ -480,7 +492,8 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
                 g, at = piece, r0 * w_out
                 for i in range(w_end, b):  # the bias's gradient, after W's
                     g[i - at] = grads[i]
-        sums[a // PIECE] = _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
+        if not whole:
+            sums[a // PIECE] = _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
         if a < wb:
             _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False)
             if x_next.shape[0]:
@@ -490,8 +503,8 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
 # The first layer's pass at a batch of one or two on two cores (``first_layer_worker``): from this many elements
 # of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table, the
 # layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x_next, acc,
-# its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the halves it ran, the halves
-# the driver ran itself (the worker not there to take them)
+# its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the shares it ran, the shares
+# the driver ran itself (the worker not there to take them), and (tests) 1 for the driver to wait for the worker
 TWO_CORES_MIN = 1 << 15
 YIELD_SPINS = 1 << 12  # ~0.1 ms of pause instructions
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -499,8 +512,8 @@ _SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "po
 if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the cache)
     binding.add_symbol("sched_yield", ctypes.cast(_SCHED_YIELD, ctypes.c_void_p).value)
 (JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X_NEXT, JOB_ACC, JOB_PIECE, JOB_SUMS,
- JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN) = range(13)
-JOB_WORDS = 13
+ JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT) = range(14)
+JOB_WORDS = 14
 IDLE, GO, TAKEN, STOP, FAILED = range(5)  # JOB_STATE: nothing to do, work to take, taken, return, raised
 
 
@@ -611,15 +624,15 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
             raise RuntimeError("the first layer's worker thread failed")
         _pieces(kernels, optimizer, h, x, dz, split, end, end, params, grads, state1, state2, alpha, x_next[:0], acc,
                 piece[:size], sums, no_bias)
-        state = _exchange(job, JOB_STATE, GO, IDLE)
-        if state == GO:  # the worker has not started it (its core busy elsewhere): this thread runs it
+        state = _load_acquire(job, JOB_STATE) if job[JOB_WAIT] else _exchange(job, JOB_STATE, GO, IDLE)
+        if state == GO and not job[JOB_WAIT]:  # the worker has not started it (its core busy elsewhere): run it
             _pieces(kernels, optimizer, h, x, dz, 0, split, end, params, grads, state1, state2, alpha, x_next, acc,
                     piece[:size], sums, no_bias)
             job[JOB_TAKEN] += 1
         elif state == IDLE:  # the worker done first: a piece more for it next step (a piece less if it is not)
             job[JOB_SPLIT] = min(split + PIECE, (pieces - 1) * PIECE)
         spins = 0
-        while state == TAKEN:
+        while state == TAKEN or (state == GO and job[JOB_WAIT]):
             spins += 1
             _pause(spins)
             state = _load_acquire(job, JOB_STATE)
