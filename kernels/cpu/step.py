@@ -218,8 +218,8 @@ def ready(*args):
 def _worker_args(args):
     """:func:`first_layer_worker`'s arguments, from :func:`train_steps`' ``args``."""
     (_, _, _, _, _, _, layers, alphas, _, params, grads, state1, state2, segments, optimizer, hyper, _, _, _, kernels,
-     _, scratch, _, _, _, _, job) = args
-    return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments, scratch
+     _, _, _, _, _, _, job) = args
+    return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments
 
 
 def job(layers, batch, max_norm, threads):
@@ -237,7 +237,7 @@ def compile_worker(dtype):
     argument types nn passes it (told to STOP, it returns at once)."""
     flat, ints = np.zeros(1, dtype), np.zeros(2, np.int64)
     first_layer_worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64),
-                       np.zeros(1), flat, flat, flat, flat, ints, flat)
+                       np.zeros(1), flat, flat, flat, flat, ints)
 
 
 def run(*args):
@@ -502,18 +502,19 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
 
 # The first layer's pass at a batch of one or two on two cores (``first_layer_worker``): from this many elements
 # of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table, the
-# layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x_next, acc,
-# its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the shares it ran, the shares
-# the driver ran itself (the worker not there to take them), and (tests) 1 for the driver to wait for the worker
+# layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x, dz,
+# x_next, acc, its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the shares it
+# ran, the shares the driver ran itself (the worker not there to take them), and (tests) 1 for the driver to
+# wait for the worker
 TWO_CORES_MIN = 1 << 15
 YIELD_SPINS = 1 << 12  # ~0.1 ms of pause instructions
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "posix" else None
 if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the cache)
     binding.add_symbol("sched_yield", ctypes.cast(_SCHED_YIELD, ctypes.c_void_p).value)
-(JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X_NEXT, JOB_ACC, JOB_PIECE, JOB_SUMS,
- JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT) = range(14)
-JOB_WORDS = 14
+(JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X, JOB_DZ, JOB_X_NEXT, JOB_ACC, JOB_PIECE,
+ JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT) = range(16)
+JOB_WORDS = 16
 IDLE, GO, TAKEN, STOP, FAILED = range(5)  # JOB_STATE: nothing to do, work to take, taken, return, raised
 
 
@@ -559,12 +560,12 @@ def _pause(typingctx, spins):
 
 
 @jit(fastmath=False, inline="always")
-def _first_layer_views(job, layers, segments, scratch, dtype):
+def _first_layer_views(job, layers, segments, dtype):
     """The worker's x, dz, x_next, acc, piece buffer and pieces' sums for the step ``job`` describes."""
     i, rows, following = job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING]
     w_in, w_out = layers[i, IN_W], layers[i, OUT_W]
-    x = _view(scratch, layers[i, X_AT], rows, w_in)
-    dz = _view(scratch, layers[i, DY_AT] if layers[i, ACT] == NONE else layers[i, DZ_AT], rows, w_out)
+    x = carray(_voidptr(job[JOB_X]), (rows, w_in), dtype)
+    dz = carray(_voidptr(job[JOB_DZ]), (rows, w_out), dtype)
     x_next = carray(_voidptr(job[JOB_X_NEXT]), (following, w_in), dtype)
     acc = carray(_voidptr(job[JOB_ACC]), (following, w_out), dtype)
     piece = carray(_voidptr(job[JOB_PIECE]), job[JOB_PIECE_SIZE], dtype)
@@ -573,8 +574,7 @@ def _first_layer_views(job, layers, segments, scratch, dtype):
 
 
 @jit(fastmath=False)
-def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments,
-                       scratch):
+def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments):
     """The other core's half of :func:`train_steps`' first-layer pass at a batch of one or two: spins until
     ``job[JOB_STATE]`` is GO, takes it (TAKEN), runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when
     the step does), sets it back to IDLE; until it reads STOP. Run on its own thread (it holds no GIL) for
@@ -591,7 +591,7 @@ def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, g
             _pause(spins)
             continue
         spins = 0
-        x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, scratch, params.dtype)
+        x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, params.dtype)
         _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
                 state1, state2, alphas[job[JOB_LAYER]], x_next, acc, piece, sums, no_bias)
         job[JOB_STEPS] += 1
@@ -617,7 +617,8 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
         split = job[JOB_SPLIT] if 0 < job[JOB_SPLIT] < end else pieces // 2 * PIECE  # balanced from step to step
         size = piece.size // 2
         job[JOB_STEP], job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING] = step, i, x.shape[0], x_next.shape[0]
-        job[JOB_SPLIT], job[JOB_X_NEXT], job[JOB_ACC] = split, np.intp(x_next.ctypes.data), np.intp(acc.ctypes.data)
+        job[JOB_SPLIT], job[JOB_X], job[JOB_DZ] = split, np.intp(x.ctypes.data), np.intp(dz.ctypes.data)
+        job[JOB_X_NEXT], job[JOB_ACC] = np.intp(x_next.ctypes.data), np.intp(acc.ctypes.data)
         job[JOB_PIECE], job[JOB_PIECE_SIZE] = np.intp(piece.ctypes.data) + size * piece.itemsize, size
         job[JOB_SUMS] = np.intp(sums.ctypes.data)
         if _exchange(job, JOB_STATE, IDLE, GO) != IDLE:  # FAILED: its thread raised before this step
