@@ -76,7 +76,7 @@ def test_rows(data, m, k, n, dtype):
     bias_, activation, alpha = _epilogue_args(data, bias, dtype)
     out = np.full((m, n), np.nan, dtype)  # every element must be written
     (sa_i, sa_k), (sb_k, _) = _strides(a), _strides(b)
-    _small.rows(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, k, bias_, _gemm.ACTIVATION_CODES[activation], alpha,
+    _small.rows(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, 1, k, bias_, _gemm.ACTIVATION_CODES[activation], alpha,
                 out)
     _check(out, a, b, bias, activation, alpha)
 
@@ -137,9 +137,30 @@ def test_outer_products_bitwise_as_the_gemm(data, m, k, n, dtype):
     code = _gemm.ACTIVATION_CODES[activation]
     (sa_i, sa_k), (sb_k, _) = _strides(a), _strides(b)
     out, expected = np.full((m, n), np.nan, dtype), np.full((m, n), np.nan, dtype)
-    _small.rows(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, k, bias_, code, alpha, out)
+    _small.rows(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, 1, k, bias_, code, alpha, out)
     _gemm.gemm(a, b, bias_, code, alpha, expected, 0, 384, 1 << 30, _gemm.body(np.dtype(dtype)))
     assert out.tobytes() == expected.tobytes()
+
+
+@given(data=st.data(), m=st.sampled_from([1, 2]), k=st.sampled_from([1, 3, 10, 63]),
+       n=st.sampled_from([1, 4, 5, 128, 131]), dtype=DTYPES)
+def test_strided_columns_bitwise_as_the_gemm(data, m, k, n, dtype):
+    """``dy @ W^T`` at a batch of one or two for a narrow W (B's columns strided, its rows along K
+    contiguous): ``rows`` reads B in place, each element the GEMM register tile's chain of FMAs from zero."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    a = _layout(rng.standard_normal((m, k)).astype(dtype), data.draw(ANY_LAYOUTS))
+    b = rng.standard_normal((n, k)).astype(dtype).T
+    bias = rng.standard_normal(n).astype(dtype) if data.draw(st.booleans()) else None
+    bias_, activation, alpha = _epilogue_args(data, bias, dtype)
+    code = _gemm.ACTIVATION_CODES[activation]
+    (sa_i, sa_k), (sb_k, sb_j) = _strides(a), _strides(b)
+    assert _small.route(m, k, n, sa_k, sb_k, sb_j, 1, _gemm.PARALLEL_MIN_FLOPS) == _small.ROWS
+    out, expected = np.full((m, n), np.nan, dtype), np.full((m, n), np.nan, dtype)
+    _small.rows(a.ctypes.data, sa_i, sa_k, b.ctypes.data, sb_k, sb_j, k, bias_, code, alpha, out)
+    _gemm.gemm(a, b, bias_, code, alpha, expected, 0, 384, 1 << 30, _gemm.body(np.dtype(dtype)))
+    _check(out, a, b, bias, activation, alpha)
+    if not _gemm.narrow(n, k, sa_k):  # the GEMM's register tiles (its dot tiles sum otherwise)
+        assert out.tobytes() == expected.tobytes()
 
 
 def test_route():
@@ -148,6 +169,7 @@ def test_route():
     route = _small.route
     flops = _gemm.PARALLEL_MIN_FLOPS
     assert route(1, 784, 128, 1, 128, 1, 2, flops) == _small.ROWS  # x @ W at batch 1: a GEMV
+    assert route(1, 10, 128, 1, 1, 10, 2, flops) == _small.ROWS  # dy @ W^T, W narrow: its columns strided
     assert route(2, 784, 128, 1, 128, 1, 2, flops) == _small.ROWS
     assert route(1, 128, 784, 1, 1, 128, 2, flops) == _small.DOTS  # dy @ W^T: W's rows in place
     assert route(8, 128, 784, 1, 1, 128, 2, flops) == _small.DOTS

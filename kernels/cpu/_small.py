@@ -4,7 +4,8 @@ where the blocked GEMM (``_gemm``) spends more on packing B and on its fixed cos
 - ``rows`` (one output row at a time as a sum of B's rows scaled by A's elements, B read in place): for
   M = 1, a GEMV streaming each of W's rows once (the blocked GEMM packs the whole of B on every call,
   400 KB for a 784 x 128 layer at batch 1); for K <= ROWS_MAX_K, the outer product ``x^T dy`` of a batch
-  of one. Memory-bound either way; each element is summed over K in order.
+  of one; for M <= 2 with B's columns strided (``dy @ W^T``, W narrow), four columns at a time on W in place.
+  Memory-bound either way; each element is summed over K in order.
 - ``dots`` (A's rows and B^T's rows contiguous along K, as in ``dy @ W^T``): ``_gemm``'s dot-product tiles
   on B^T in place, instead of packing it first.
 - ``tiles`` (B's rows contiguous): ``_gemm``'s register-tile body on B in place, one N block, instead of
@@ -46,7 +47,7 @@ def route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops):
     multithreading threshold (a small-M route is serial: ``tiles`` only below it)."""
     if m == 0 or n == 0:
         return GEMM
-    if (m <= ROWS_MAX_M or k <= ROWS_MAX_K) and sb_j == 1:
+    if (m <= ROWS_MAX_M or k <= ROWS_MAX_K) and sb_j == 1 or m <= ROWS_MAX_M and sb_k == 1 and k < DOTS_MIN_K:
         return ROWS
     if m <= DOTS_MAX_M and k >= DOTS_MIN_K and sa_k == 1 and sb_k == 1:
         return DOTS
@@ -69,7 +70,7 @@ def dispatcher(call, address):
         sa_i, sa_k, sb_k, sb_j = a.strides[0] // item, a.strides[1] // item, b.strides[0] // item, b.strides[1] // item
         way = route(m, k, n, sa_k, sb_k, sb_j, threads, min_flops)
         if way == ROWS:
-            call(target, ROWS, (_at(a), sa_i, sa_k, _at(b), sb_k, k, bias, act, alpha, out))
+            call(target, ROWS, (_at(a), sa_i, sa_k, _at(b), sb_k, sb_j, k, bias, act, alpha, out))
         elif way == DOTS:
             call(target, DOTS, (_at(a), sa_i, _at(b), sb_j, k, bias, act, alpha, out, settings[VARIANT]))
         elif way == TILES:
@@ -155,22 +156,47 @@ def _outer(a_at, sa_i, sa_k, b_at, sb_k, k, out):
                 out[i, j] = _fma(a, b1[j], out[i, j])
 
 
+@jit(inline="always")
+def _strided(pa, sa_k, pb, sb_k, sb_j, k, out, i):
+    """``out[i] = a @ b`` for B's columns strided (``sb_j`` elements apart: ``dy @ W^T`` for a narrow W, its
+    rows contiguous along K), four columns at a time, each element the chain of FMAs from zero over K in
+    order that the GEMM's register tile computes (bit for bit its sums, without packing B)."""
+    n, item = out.shape[1], out.itemsize
+    zero = out.dtype.type(0)
+    for j in range(0, n - 3, 4):
+        s0, s1, s2, s3 = zero, zero, zero, zero
+        at = pb + j * sb_j * item
+        for p in range(k):
+            a, b = _load(pa + p * sa_k * item, out), at + p * sb_k * item
+            s0, s1 = _fma(a, _load(b, out), s0), _fma(a, _load(b + sb_j * item, out), s1)
+            s2, s3 = _fma(a, _load(b + 2 * sb_j * item, out), s2), _fma(a, _load(b + 3 * sb_j * item, out), s3)
+        out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = s0, s1, s2, s3
+    for j in range(n - n % 4, n):
+        s0 = zero
+        for p in range(k):
+            s0 = _fma(_load(pa + p * sa_k * item, out), _load(pb + (p * sb_k + j * sb_j) * item, out), s0)
+        out[i, j] = s0
+
+
 @jit
-def rows(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out):
+def rows(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out):
     """``out = act(a @ b + bias)`` row by row: ``out[i] = sum_p a[i, p] * b[p]`` over B's rows in place (B's
     rows contiguous; A at ``a_at`` with element strides ``sa_i``, ``sa_k``), in column blocks of one-row
     register tiles (the last columns one vector, then one by one; an outer product as :func:`_outer`), then
-    the epilogue, if any, on the row while it is in L1. Each element is summed over K in order."""
+    the epilogue, if any, on the row while it is in L1. Each element is summed over K in order. B's columns
+    strided (``sb_j`` != 1): :func:`_strided`."""
     m, n = out.shape
     item = out.itemsize
     lanes = 32 // item  # 256-bit vectors, as in _gemm.LANES
     wide = ROW_VECTORS * lanes
     out_at = np.intp(out.ctypes.data)
-    outer, finish = 0 < k <= 2, bias.size > 0 or act != NONE  # _outer takes one or two terms
+    outer, finish = 0 < k <= 2 and sb_j == 1, bias.size > 0 or act != NONE  # _outer takes one or two terms
     if outer:
         _outer(a_at, sa_i, sa_k, b_at, sb_k, k, out)
     for i in range(m):
-        if not outer:
+        if sb_j != 1:
+            _strided(a_at + i * sa_i * item, sa_k, b_at, sb_k, sb_j, k, out, i)
+        elif not outer:
             pa, pc = a_at + i * sa_i * item, out_at + i * n * item
             j = 0
             while j + wide <= n:
@@ -222,4 +248,4 @@ def tiles(a_at, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out, variant, kc_ma
                    variant, kc_max, -(-n // nr) * nr, False, np.empty(0, out.dtype),
                    np.empty(edge_size(mr, nr, kc), out.dtype), np.empty(mr * nr, out.dtype))
     if top < m:
-        rows(a_at + top * sa_i * out.itemsize, sa_i, sa_k, b_at, sb_k, k, bias, act, alpha, out[top:])
+        rows(a_at + top * sa_i * out.itemsize, sa_i, sa_k, b_at, sb_k, 1, k, bias, act, alpha, out[top:])

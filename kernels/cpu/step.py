@@ -136,7 +136,7 @@ def _entries(dtype):
              (fused.segment_norms, (v, labels, f1)),
              (_check_step, (types.float64, types.float64, f1, types.float64, f1, v)),
              (_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop))),
-             (rows, (i64,) * 6 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
+             (rows, (i64,) * 7 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
              (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)), (fused._sum_squares, (v, i64, i64)),
              (losses.bias_grad_serial, (m, v)), (fused.segment_norms_serial, (v, labels, f1))]
     core += [(fused._BIAS_ACT_BACKWARD_SERIAL[name], (m, m, f, m, v)) for name in _BIAS_ACT]
@@ -434,7 +434,7 @@ def _dw_rows(kernels, x, dz, lo, hi, alpha, no_bias, out):
     """Rows ``lo <= p < hi`` of ``dW = x^T dz`` into ``out`` (their shape) by the ``rows`` route, as the
     per-kernel step's product takes it at a batch of one or two."""
     _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * x.itemsize, np.intp(1), np.intp(x.shape[1]),
-                            np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(x.shape[0]), no_bias,
+                            np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(1), np.intp(x.shape[0]), no_bias,
                             np.int64(NONE), alpha, out), None)
 
 
