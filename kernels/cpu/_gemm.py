@@ -332,6 +332,13 @@ def _vector_at(builder, base, offset, vty):
     return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
 
 
+def _splat(builder, value, lanes):
+    """A vector of ``lanes`` copies of the scalar ``value`` (insert into lane 0, then shuffle)."""
+    undef = ir.Constant(ir.VectorType(value.type, lanes), ir.Undefined)
+    return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)), undef,
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
 def _prefetch(builder, pointer, write):
     """``llvm.prefetch`` of the line at ``pointer`` into every cache level, for writing or reading."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
@@ -382,7 +389,7 @@ def _ir_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, k
     """The K loop of an MR x NV-vector tile in IR (``_emit_tile``'s arguments): accumulators as phis, NV
     vector loads of B and MR broadcasts of A per k; returns the final accumulators, the builder in ``done``."""
     builder.position_at_end(loop)
-    i32, i64 = ir.IntType(32), ir.IntType(64)
+    i64 = ir.IntType(64)
     vty = ir.VectorType(fty, lanes)
     k = builder.phi(i64)
     acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
@@ -390,15 +397,12 @@ def _ir_loop(builder, fty, size, mr, nv, lanes, pa_, sa_i_, sa_k_, pb_, sb_k_, k
     rows = [builder.gep(a0, [builder.mul(sa_i_, ir.Constant(i64, i))]) for i in range(mr)]
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                          f"llvm.fma.v{lanes}f{8 * size}")
-    splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-    undef = ir.Constant(vty, ir.Undefined)
     bk, ak = builder.mul(k, sb_k_), builder.mul(k, sa_k_)
     bv = [builder.load(_vector_at(builder, b0, builder.add(bk, ir.Constant(i64, v * lanes)), vty), align=size)
           for v in range(nv)]
     new = []
     for i in range(mr):
-        ai = builder.load(builder.gep(rows[i], [ak]), align=size)
-        ai = builder.shuffle_vector(builder.insert_element(undef, ai, ir.Constant(i32, 0)), undef, splat)
+        ai = _splat(builder, builder.load(builder.gep(rows[i], [ak]), align=size), lanes)
         new.append([builder.call(fma, [ai, bv[v], acc[i][v]]) for v in range(nv)])
     return _close_loop(builder, k, builder.add(k, ir.Constant(i64, 1)), kc_, acc, new, entry, loop, done, start)
 
@@ -541,9 +545,7 @@ def _dot_kernel(typingctx, variant, pa, sa_i, rows, pb, sb_j, cols, k, tile, at,
         result = _close_loop(builder, k, builder.add(k, ir.Constant(i64, lanes)), kv_, acc, new, entry, loop, done)
         lane = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
         rest = builder.sub(k_, kv_)
-        mask = builder.icmp_signed("<", lane, builder.shuffle_vector(
-            builder.insert_element(ir.Constant(lane.type, ir.Undefined), rest, ir.Constant(i32, 0)),
-            ir.Constant(lane.type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)))
+        mask = builder.icmp_signed("<", lane, _splat(builder, rest, lanes))
 
         def tail(row):
             at = builder.bitcast(builder.gep(row, [kv_]), vty.as_pointer())
@@ -676,10 +678,7 @@ def _pack_panels(typingctx, src, s_k, rows, readable, dst, width, count, like):
             for v in range(_cdiv(widest, lanes)):
                 first = builder.add(builder.mul(width_, ir.Constant(i64, p)), ir.Constant(i64, v * lanes))
                 left = builder.sub(rows_, first)
-                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(lane.type, ir.Undefined), left,
-                                                                      ir.Constant(i32, 0)),
-                                               ir.Constant(lane.type, ir.Undefined),
-                                               ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                splat = _splat(builder, left, lanes)
                 inside = builder.and_(builder.icmp_signed("<", ir.Constant(i64, v * lanes), width_),
                                       builder.icmp_signed("<", builder.mul(width_, ir.Constant(i64, p)), rows_))
                 steps.append((first, builder.add(builder.mul(panel, ir.Constant(i64, p)), ir.Constant(i64, v * lanes)),

@@ -14,6 +14,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import activations as act
+from ._gemm import _splat
 from ._jit import jit, serial
 from ._math import _fma
 from ._parallel import CHUNK, n_chunks, scheduled
@@ -180,8 +181,6 @@ def outer_squares(typingctx, a_at, sa_k, k, b_at, rows, n, out_at, like):
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                              f"llvm.fma.v{lanes}f{8 * size}")
         zero = ir.Constant(vty, [0.0] * lanes)
-        undef = ir.Constant(vty, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
         const = functools.partial(ir.Constant, i64)
 
         def loop(terms):
@@ -189,9 +188,8 @@ def outer_squares(typingctx, a_at, sa_k, k, b_at, rows, n, out_at, like):
                 row, col = state  # the block's row of out and its first column
                 values = [zero] * (SQUARE_BLOCK // lanes)
                 for term in range(terms):
-                    x = builder.load(builder.gep(a, [builder.add(row, builder.mul(sa_k_, const(term)))]), align=size)
-                    x = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)), undef,
-                                               splat)
+                    at = builder.gep(a, [builder.add(row, builder.mul(sa_k_, const(term)))])
+                    x = _splat(builder, builder.load(at, align=size), lanes)
                     b_row = builder.gep(b, [builder.add(col, builder.mul(n_, const(term)))])
                     for v in range(len(values)):
                         bv = builder.load(builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vty.as_pointer()),
