@@ -251,10 +251,10 @@ def _hyper_table(trainer, kind, count):
     from kernels.cpu import step
 
     opt, schedule = trainer.optimizer, trainer.schedule
-    h, steps = opt.hyper, range(opt.t + 1, opt.t + count + 1)
+    h, steps = opt.hyper, np.arange(opt.t + 1, opt.t + count + 1)
     if schedule is not None and schedule.per == "step":
         lrs = []
-        for t in steps:
+        for t in steps.tolist():
             try:
                 opt.lr = schedule(opt.base_lr, t - 1)
             except ValueError:
@@ -266,11 +266,12 @@ def _hyper_table(trainer, kind, count):
     table = np.zeros((count, 8))
     if kind in (step.SGD, step.SGD_MOMENTUM):
         table[:, 1:5] = (h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"])
-        table[:, 5] = np.array(steps) == 1
+        table[:, 5] = steps == 1
     elif kind in (step.ADAM, step.ADAMW):
         table[:] = (0, h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"], 0, 0, h["eps"])
-        table[:, 5] = lr / (1 - np.array([h["beta1"] ** t for t in steps]))
-        table[:, 6] = np.sqrt(1 - np.array([h["beta2"] ** t for t in steps]))
+        b1, b2 = h["beta1"], h["beta2"]
+        table[:, 5] = lr / (1 - np.array([b1 ** t for t in steps.tolist()]))
+        table[:, 6] = np.sqrt(1 - np.array([b2 ** t for t in steps.tolist()]))
         lr = 1 - lr * h["weight_decay"]
     elif kind in (step.RMSPROP, step.RMSPROP_MOMENTUM):
         table[:, 1:6] = (h["alpha"], 1 - h["alpha"], h["eps"], h["weight_decay"], h["momentum"])

@@ -462,8 +462,9 @@ def test_a_worker_only_where_it_pays():
     assert step.job(layers, 1, np.inf, 2).size == 0
 
 
-def test_a_failing_worker_raises_its_error_and_leaves_no_thread(monkeypatch, two_threads):
-    """The worker's exception reaches the caller (the driver stops waiting for it), and its thread ends."""
+def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(monkeypatch, two_threads):
+    """The worker's exception reaches the caller (the driver stops waiting for it); the pool's one thread
+    is kept, idle, and runs the next call's worker."""
     worker = step.first_layer_worker
 
     def failing(job, *args):
@@ -471,13 +472,28 @@ def test_a_failing_worker_raises_its_error_and_leaves_no_thread(monkeypatch, two
             return worker(job, *args)
         raise MemoryError("the worker's error")
 
-    monkeypatch.setattr(step, "first_layer_worker", failing)
     rng = np.random.default_rng(7)
     X, y = rng.standard_normal((5, 300)).astype(np.float32), rng.integers(0, 10, 5)
-    with pytest.raises(MemoryError, match="the worker's error"):
-        _fit(True, lambda: [nn.Dense(128, activation="relu"), nn.Dense(10)], lambda: nn.SGD(lr=0.01), X, y,
-             batch_size=1)
-    assert not [t for t in threading.enumerate() if t.name == "kernels-first-layer"]
+
+    def fit():
+        return _fit(True, lambda: [nn.Dense(128, activation="relu"), nn.Dense(10)], lambda: nn.SGD(lr=0.01), X, y,
+                    batch_size=1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(step, "first_layer_worker", failing)
+        with pytest.raises(MemoryError, match="the worker's error"):
+            fit()
+    jobs, run = [], step.run
+
+    def waiting(*args):
+        jobs.append(args[-1])
+        args[-1][step.JOB_WAIT] = 1  # the driver waits for the worker to take its share, however late
+        return run(*args)
+
+    monkeypatch.setattr(step, "run", waiting)
+    fit()
+    assert len(jobs) == 2 and all((job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (5, 0) for job in jobs)
+    assert 1 <= len([t for t in threading.enumerate() if t.name.startswith("kernels-first-layer")]) <= os.cpu_count()
 
 
 def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
