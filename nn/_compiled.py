@@ -94,7 +94,6 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
         return None
     from kernels.cpu import step
     from kernels.cpu._gemm import transcendental
-    from kernels.cpu._parallel import num_threads
 
     table = None  # the kernels' addresses: compiled (or loaded) only once the driver is known to run
     n, steps = len(X), math.ceil(len(X) / batch_size)
@@ -102,22 +101,15 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
         opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
-    layers, alphas, dropouts, size = _layer_table(model, batch_size)
-    scratch = _scratch(trainer, size, model.dtype)
-    loss_kind = getattr(step, _LOSSES[type(trainer.loss)])
-    if loss_kind == step.CROSS_ENTROPY:
-        targets = _scratch(trainer, batch_size, np.int64)
-    else:  # float targets shaped like the outputs
-        targets = _scratch(trainer, batch_size * model.output_dim, model.dtype).reshape(batch_size, model.output_dim)
+    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
+    plan = _plan(trainer, batch_size, max_norm)
+    layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, job_words, ready = plan
     parameter_layers = model.parameter_layers()
-    segments = np.array([s.start for _, s in parameter_layers] + [parameter_layers[-1][1].stop], np.int64)
     state1, state2 = ([opt.state[name] for name in opt.buffers] + [model.params[:0]] * 2)[:2]
-    kind = _optimizer_kind(opt)
     norms, scale = np.empty(len(parameter_layers)), np.empty(1, model.dtype)
     metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
-    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     per_call = max(1, CALL_SAMPLES // batch_size)
-    job = step.job(layers, batch_size, max_norm, num_threads())
+    job = np.zeros(job_words, np.int64)
     progress = (tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False) if verbose
                 else contextlib.nullcontext())  # a disabled bar still costs ~14 us an epoch
     with progress as bar:
@@ -136,7 +128,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
                     segments, kind, hyper, max_norm, loss_kind, bool(trainer.metrics), segments, settings, scratch,
                     targets, norms, metrics, scale, job]  # args[19]: the kernel table's place (int64, as segments)
             if table is None:
-                if compiled is None and not step.ready(*args):  # automatic: never a cold compile of the driver
+                inputs = step.kinds((X, y))  # what else the driver's types depend on is the plan's
+                if compiled is None and inputs not in ready and not step.ready(*args):  # never a cold compile
                     guard.in_step = False
                     _restore(model, opt, snapshot)
                     return None
@@ -145,6 +138,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
                     transcendental(model.dtype, getattr(layer, "activation", None))
             args[19] = table
             done = step.run(*args)
+            ready.add(inputs)
             opt.t += done - s0
             for layer, _ in dropouts:
                 if layer is not None:
@@ -165,6 +159,39 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
         logs["accuracy"] = float(values["correct"]) / n
     logs["lr"] = opt.lr
     return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, values["norm_sums"])}
+
+
+def _plan(trainer, batch, max_norm):
+    """The compiled epoch's arguments that depend only on the layers, the loss, the optimizer's kind,
+    clipping, the thread count and the batch size: the layer table, alphas, (dropout layer, threshold)
+    pairs, scratch and targets buffers, segments, loss and optimizer codes, the worker's job size, and the
+    input kinds the driver is known to be ready for. Built when one of those changed, else reused."""
+    from kernels.cpu import step
+    from kernels.cpu._parallel import num_threads
+
+    model = trainer.model
+    kind = _optimizer_kind(trainer.optimizer)
+    key = (batch, model.dtype, kind, type(trainer.loss), max_norm, num_threads(),
+           tuple((id(layer), layer.input_dim, layer.output_dim) + tuple(getattr(layer, a, None) for a in _LAYER_FIELDS)
+                 for layer in model.layers))
+    cached = trainer.__dict__.get("_compiled_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers, alphas, dropouts, size = _layer_table(model, batch)
+    loss_kind = getattr(step, _LOSSES[type(trainer.loss)])
+    if loss_kind == step.CROSS_ENTROPY:
+        targets = _scratch(trainer, batch, np.int64)
+    else:  # float targets shaped like the outputs
+        targets = _scratch(trainer, batch * model.output_dim, model.dtype).reshape(batch, model.output_dim)
+    parameter_layers = model.parameter_layers()
+    segments = np.array([s.start for _, s in parameter_layers] + [parameter_layers[-1][1].stop], np.int64)
+    plan = (layers, alphas, dropouts, _scratch(trainer, size, model.dtype), targets, segments, loss_kind, kind,
+            step.job(layers, batch, max_norm, num_threads()).size, set())
+    trainer.__dict__["_compiled_plan"] = key, plan
+    return plan
+
+
+_LAYER_FIELDS = ("activation", "alpha", "kind", "rate", "units")  # what _layer_table reads of a layer
 
 
 def _layer_table(model, batch):

@@ -545,6 +545,30 @@ def test_the_loss_gradient_may_start_just_after_the_output():
         assert len(results) == 1
 
 
+def test_the_plan_is_rebuilt_when_what_it_holds_changes(calls):
+    """The layer table, buffers and worker choice kept from epoch to epoch (``_compiled._plan``) follow
+    what they depend on between fits: the batch size, clipping, a dropout rate, an activation; each
+    sequence of fits gives the per-kernel step's bits."""
+    rng = np.random.default_rng(11)
+    X, y = rng.standard_normal((21, 300)).astype(np.float32), rng.integers(0, 4, 21)
+    outcomes = []
+    for compiled in (True, False):
+        model = nn.Sequential([nn.Dense(128, activation="relu"), nn.Dropout(0.25), nn.Dense(4)], seed=3)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.01, momentum=0.9), compiled=compiled)
+        histories = []
+        for change, batch in (("", 1), ("", 4), ("rate", 4), ("activation", 4), ("", 1), ("clip_norm", 1)):
+            if change == "rate":  # one change from one fit to the next
+                model.layers[1].rate = 0.5
+            elif change == "activation":
+                model.layers[2].activation = "tanh"
+            elif change == "clip_norm":
+                trainer.clip_norm = 0.5
+            histories.append(trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0))
+        outcomes.append(_outcome(trainer, histories))
+    assert calls[0] == 6
+    _assert_same(*outcomes)
+
+
 def test_ready_is_remembered_by_what_the_argument_types_depend_on():
     """``step.ready`` remembers a ready driver by the kinds of its arguments (typing them costs ~10 us each,
     every epoch): every property Numba's type depends on (dtype, rank, layout, writeability, an int's
@@ -553,12 +577,12 @@ def test_ready_is_remembered_by_what_the_argument_types_depend_on():
 
     X = np.zeros((4, 3), np.float32)
     kinds = [(X,), (X.astype(np.float64),), (np.asfortranarray(X),), (X[:, :2],), (1,), (2**63,), (1.0,), (True,)]
-    keys = {step._kinds(args) for args in kinds}
+    keys = {step.kinds(args) for args in kinds}
     assert len(keys) == len(kinds)  # each kind its own key
-    assert step._kinds((X + 1,)) == step._kinds((X,))  # values do not matter
+    assert step.kinds((X + 1,)) == step.kinds((X,))  # values do not matter
     readonly = X.copy()
     readonly.flags.writeable = False
-    assert step._kinds((readonly,)) != step._kinds((X,))
+    assert step.kinds((readonly,)) != step.kinds((X,))
 
 
 def test_the_driver_runs_what_the_per_kernel_step_runs_below_and_above_each_threshold():

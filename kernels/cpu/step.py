@@ -182,10 +182,10 @@ def kernel_table(dtype, optimizer=SGD, loss=CROSS_ENTROPY):
     return table
 
 
-_ready = set()  # the argument kinds (_kinds) of the signatures known to be ready
+_ready = set()  # the argument kinds (:func:`kinds`) of the signatures known to be ready
 
 
-def _kinds(args):
+def kinds(args):
     """What Numba's type of each argument depends on, read in ~1 us an array (``typeof`` takes ~10)."""
     return tuple((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.f_contiguous, a.flags.writeable, a.flags.aligned)
                  if isinstance(a, np.ndarray) else (type(a), isinstance(a, int) and a >= 2**63) for a in args)
@@ -193,8 +193,8 @@ def _kinds(args):
 
 def _loaded(dispatcher, args):
     """Whether ``dispatcher(*args)`` runs without compiling (see :func:`ready`), loading it from the cache if there."""
-    kinds = (dispatcher.py_func.__name__, _kinds(args))
-    if kinds in _ready:
+    key = (dispatcher.py_func.__name__, kinds(args))
+    if key in _ready:
         return True
     sig = tuple(dispatcher.typeof_pyval(a) for a in args)
     if sig not in dispatcher.overloads:
@@ -203,7 +203,7 @@ def _loaded(dispatcher, args):
             return False
         dispatcher.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])  # as compile() does
         dispatcher.add_overload(cres)
-    _ready.add(kinds)
+    _ready.add(key)
     return True
 
 
