@@ -103,13 +103,13 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
     max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     plan = _plan(trainer, batch_size, max_norm)
-    layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, job_words, ready = plan
+    layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, empty_job, ready = plan
     parameter_layers = model.parameter_layers()
     state1, state2 = ([opt.state[name] for name in opt.buffers] + [model.params[:0]] * 2)[:2]
     norms, scale = np.empty(len(parameter_layers)), np.empty(1, model.dtype)
     metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
     per_call = max(1, CALL_SAMPLES // batch_size)
-    job = np.zeros(job_words, np.int64)
+    job = empty_job.copy()  # its counters and split start afresh each epoch
     progress = (tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False) if verbose
                 else contextlib.nullcontext())  # a disabled bar still costs ~14 us an epoch
     with progress as bar:
@@ -164,7 +164,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
 def _plan(trainer, batch, max_norm):
     """The compiled epoch's arguments that depend only on the layers, the loss, the optimizer's kind,
     clipping, the thread count and the batch size: the layer table, alphas, (dropout layer, threshold)
-    pairs, scratch and targets buffers, segments, loss and optimizer codes, the worker's job size, and the
+    pairs, scratch and targets buffers, segments, loss and optimizer codes, the worker's job words, and the
     input kinds the driver is known to be ready for. Built when one of those changed, else reused."""
     from kernels.cpu import step
     from kernels.cpu._parallel import num_threads
@@ -186,7 +186,7 @@ def _plan(trainer, batch, max_norm):
     parameter_layers = model.parameter_layers()
     segments = np.array([s.start for _, s in parameter_layers] + [parameter_layers[-1][1].stop], np.int64)
     plan = (layers, alphas, dropouts, _scratch(trainer, size, model.dtype), targets, segments, loss_kind, kind,
-            step.job(layers, batch, max_norm, num_threads()).size, set())
+            step.job(layers, batch, max_norm, num_threads()), set())
     trainer.__dict__["_compiled_plan"] = key, plan
     return plan
 
@@ -278,10 +278,10 @@ def _hyper_table(trainer, kind, count):
     from kernels.cpu import step
 
     opt, schedule = trainer.optimizer, trainer.schedule
-    h, steps = opt.hyper, np.arange(opt.t + 1, opt.t + count + 1)
+    h, steps = opt.hyper, range(opt.t + 1, opt.t + count + 1)
     if schedule is not None and schedule.per == "step":
         lrs = []
-        for t in steps.tolist():
+        for t in steps:
             try:
                 opt.lr = schedule(opt.base_lr, t - 1)
             except ValueError:
@@ -293,12 +293,12 @@ def _hyper_table(trainer, kind, count):
     table = np.zeros((count, 8))
     if kind in (step.SGD, step.SGD_MOMENTUM):
         table[:, 1:5] = (h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"])
-        table[:, 5] = steps == 1
+        table[0, 5] = steps[0] == 1  # the first step of the run: torch starts the velocity at the gradient
     elif kind in (step.ADAM, step.ADAMW):
         table[:] = (0, h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"], 0, 0, h["eps"])
         b1, b2 = h["beta1"], h["beta2"]
-        table[:, 5] = lr / (1 - np.array([b1 ** t for t in steps.tolist()]))
-        table[:, 6] = np.sqrt(1 - np.array([b2 ** t for t in steps.tolist()]))
+        table[:, 5] = lr / (1 - np.array([b1 ** t for t in steps]))
+        table[:, 6] = np.sqrt(1 - np.array([b2 ** t for t in steps]))
         lr = 1 - lr * h["weight_decay"]
     elif kind in (step.RMSPROP, step.RMSPROP_MOMENTUM):
         table[:, 1:6] = (h["alpha"], 1 - h["alpha"], h["eps"], h["weight_decay"], h["momentum"])
