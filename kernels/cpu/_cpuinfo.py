@@ -17,9 +17,9 @@ Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
   port 5); where only one exists the zmm tile still matches the ymm one's flops. Not measured.
 - ``znver3`` and every other CPU with AVX2 but no AVX-512: ``avx2``, the 6 x 16 tile of 16 ymm
   registers (the 6 x 32 tile spills half its accumulators to the stack there). Blocking measured on
-  Zen 3 (L1d 32 KiB, L2 512 KiB per core), see ``_gemm``'s notes (v20): KC 384 and 192 KiB of packed B
-  there; other AVX2 CPUs keep the smaller default blocks (KC 128, 128 KiB: a 256 KiB L2 holds them).
-  Row blocks of at least 192 rows on both (v22: a 128-row x @ W split into 2 x 2 chunks packed W twice).
+  Zen 3 (L1d 32 KiB, L2 512 KiB per core; 2 threads, blockings alternated call by call): KC 384 and
+  192 KiB of packed B there; other AVX2 CPUs keep the smaller default blocks (KC 128, 128 KiB: a 256 KiB L2 holds them).
+  Row blocks of at least 192 rows on both (a 128-row x @ W split into 2 x 2 chunks packed W twice).
 - any other CPU: with AVX-512VL ``avx512vl`` (safe: no frequency licence, 32 registers), else ``avx2``,
   the smallest register tile, correct on any x86-64 CPU (LLVM splits the vectors where it must).
 

@@ -1,240 +1,41 @@
 """GEMM machinery for kernels.cpu.matmul: a register-tile micro-kernel, BLIS-style blocking and packing.
 
-``out = act(a @ b + bias)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transpose is just a
-strided view, read in place). The structure is GotoBLAS/BLIS, adapted to two cores:
+``out = act(a @ b + bias)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transpose is a
+strided view, read in place). GotoBLAS/BLIS, adapted to two cores:
 
-- K is cut into blocks of at most ``KC`` (balanced: 784 -> 2 x 392), N into blocks of at most ``NC``;
-- B's (K, N) block is packed into zero-padded micro-panels of ``NR`` columns (``bp[panel, k, j]``), so
-  the micro-kernel streams it contiguously from L2; a small row-major B (at most PACK_B_MIN elements)
-  is read in place instead, only its last partial panel packed;
-- A is never packed: the micro-kernel broadcasts A's elements through its two strides, so a row-major A
-  and a transposed view cost the same; only a last partial row panel is copied, zero-padded;
-- tiles are taken row of tiles by row of tiles (a thread keeps MR rows of A in L1 while B's panels
-  stream from L2); the micro-kernel computes one MR x NR tile over the K block with all accumulators
-  in vector registers;
-- the micro-kernel stores its tile straight from the accumulator registers into ``out`` (adding to it
-  after the first K block), having prefetched those lines for writing before its K loop; edge tiles go
-  through a small buffer; after the last K block, bias + activation are applied in place to each row of
-  tiles while it is in L1/L2 (one vectorised loop per row and activation kind; sigmoid and tanh, most of
-  the bodies' compile time, in a function of their own compiled on a product's first use of them);
-- a narrow ``out`` (N <= DOT_MAX_N, the output layer of a classifier) whose A rows are contiguous takes
-  another route: B^T is packed (N x K, in L1) and each MR x NR tile (DOT_TILES) is dot products along
-  K, vectors of A and B^T multiplied lane by lane and summed across lanes once at the end, so no lane
-  is padding (the register tile pads N = 10 to 16 or 32 columns);
-- products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (balanced, tile-aligned N
-  blocks, as many as give CHUNKS_PER_THREAD chunks per thread down to CHUNK_MIN_PANELS panels, then as
-  few row blocks of at least MC rows as make up that count: a row block packs its B block again);
-  each thread takes the next chunk from an atomic counter as it frees up and runs the serial loops
-  above on it: one fork-join per call, and a thread whose core is busy elsewhere takes fewer chunks
-  instead of stalling the others. Every element is computed by one thread over the same K blocks in
-  the same order, so the result is bitwise the same whatever the split or the thread count;
-- the operands reach the compiled kernel as addresses and element strides, and the serial loops
-  (``_block``, and ``_dots`` for narrow outputs) are each compiled once per dtype as a C function
-  (``body``) that both entry points call
-  through its address: ``gemm``, the thin serial wrapper specialised per operand layout, and
-  ``gemm_parallel`` each compile in a fraction of a second instead of linking and optimising the whole
-  GEMM again (Numba re-optimises and re-generates every callee linked into a caller).
+- K is cut into blocks of at most ``KC`` (balanced: 784 -> 2 x 392), N into blocks of at most ``NC``.
+  B's (K, N) block is packed into zero-padded micro-panels of ``NR`` columns, streamed from L2 (a small
+  row-major B, at most PACK_B_MIN elements, is read in place). A is read in place through its two
+  strides (a transposed A at an L1-aliasing stride is packed: PACK_A_STRIDE); the micro-kernel computes
+  one MR x NR tile over the K block with every accumulator in a vector register and stores it straight
+  into ``out`` (C's lines prefetched for writing first). After the last K block, bias + activation are
+  applied to each row of tiles while it is in cache (sigmoid and tanh, most of the compile time, in a C
+  function of their own compiled on first use: ``_transcendental``).
+- A narrow ``out`` (N <= DOT_MAX_N: a classifier's output layer) with A's rows contiguous is computed as
+  dot products along K (DOT_TILES), so no lane is padding.
+- Products of at least PARALLEL_MIN_FLOPS are cut into chunks of ``out`` (``split``: column blocks first,
+  since a row block packs its B block again); threads take chunks from an atomic counter, so a thread
+  whose core is busy elsewhere takes fewer. Each element is computed by one thread over the same K
+  blocks in the same order: the result is bitwise the same for any split or thread count.
+- The serial loops (``_block``; ``_dots`` for narrow outputs) are compiled once per dtype as C functions
+  called through their address (``body``), so the entry points (``gemm``, ``gemm_parallel``, the compiled
+  epoch) compile in a fraction of a second instead of re-optimising the whole GEMM each.
 
 Why the micro-kernel is an LLVM intrinsic: Numba leaves the SLP vectoriser off, and its loop vectoriser
-either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile
-loop never gets register-resident accumulators (versions 1-3). The intrinsic emits exactly the loop a
-BLAS micro-kernel is: MR x NR/VW vector accumulators as phi nodes, NR/VW vector loads of B and MR
-broadcasts of A per k, MR * NR/VW ``llvm.fma`` calls. The ``avx2`` tile's K loop itself is inline
-assembly where the target has AVX2 and FMA (``ASM_LOOP``, v25): the same FMAs in the same order, so the
-same bits as the IR loop.
+either vectorises the K loop (gathers) or keeps the accumulators in memory, so a plain @njit tile loop
+never gets register-resident accumulators. The intrinsic emits the loop a BLAS micro-kernel is: MR x
+NR/VW vector accumulators as phi nodes, NR/VW vector loads of B and MR broadcasts of A per k. Where the
+target has AVX2 and FMA, the ``avx2`` tile's K loop is inline assembly (``ASM_LOOP``: LLVM's addressing
+of A's rows chained six dependent adds per k), the same FMAs in the same order as the IR loop.
 
-Register tiles (TILES), one variant chosen per CPU by _cpuinfo, all compiled behind one switch:
-- ``avx2``: float32 6 x 16, float64 6 x 8 (12 ymm accumulators + 2 B vectors + a broadcast: the 16
-  registers of AVX2, BLIS's Haswell shape);
-- ``avx512vl``: 6 x 32 / 6 x 16 in ymm (24 accumulators: needs AVX-512VL's 32 registers; Zen 4's tile);
-- ``avx512``: 12 x 32 / 12 x 16 in zmm (24 accumulators + 2 B vectors + broadcasts of 32 registers;
-  BLIS's Skylake-X sgemm shape, transposed).
-``inspect_asm`` of the K loop (LLVM unrolls it twice; counts per loop, float32 and float64 alike), the
-micro-kernel's IR compiled by llvmlite for each target CPU: ``avx2`` 24 vfmadd231 on ymm, no stack
-access, on znver3..znver5 and Intel; ``avx512vl`` 48 on ymm, no stack access on znver4/znver5/
-skylake-avx512/sapphirerapids, but 76 stack loads/stores on znver3 (16 registers: the spills that held
-the old kernel to half speed here); ``avx512`` 24 vfmadd231 on zmm, no stack access, on znver4, znver5,
-skylake-avx512 and sapphirerapids (explicit 512-bit IR is kept 512-bit despite those CPUs' 256-bit
-preference), split into ymm pairs with spills on znver3 (correct, slow: tests only).
+Register tiles (TILES), one variant chosen per CPU by _cpuinfo, all compiled behind one switch: ``avx2``
+6 x 16 float32 (12 ymm accumulators: BLIS's Haswell shape), ``avx512vl`` 6 x 32 in ymm (needs AVX-512VL's
+32 registers), ``avx512`` 12 x 32 in zmm (BLIS's Skylake-X shape, transposed). A variant compiled for a
+CPU without its registers is correct but spills (tests only).
 
-Versions v1-v14, float32 GFLOP/s on a Zen 4 machine (lscpu: AMD EPYC Zen 4, 2 cores; OpenBLAS 160 at 1024^3 when
-the machine was quiet; the machine was shared with load 4-14 during this work, so figures are noisy;
-"1 core" figures use thread CPU time):
-  v1  @njit tile loop over a local accumulator array, fastmath: LLVM vectorised the K loop into
-      gathers/scatters: 17 GFLOP/s for an L1-resident tile, 1 core.
-  v2  code-generated scalar accumulators (192 locals), fastmath 'contract' only: scalar FMAs (SLP off):
-      5-6, 1 core.
-  v3  stack-allocated accumulator array (alloca): gathers again, 1.7, 1 core.
-  v4  the intrinsic: 24 ymm accumulators: 50-100 for an L1-resident tile, 1 core (6x32: 53-72, 4x48:
-      58-100, 12x16: 45-92, 6x64 zmm: 53-59; Zen 4 peak is about 110 per core).
-  v5  v4 + packing both operands per (K, N) block, tiles split over prange chunks with three parallel
-      regions per block: 33 at 1024^3 on 1 thread, 7 on 2 (the fork-joins stall under load).
-  v6  one stripe of ``out`` per thread, each with its own packing (one fork-join per call): 1024^3
-      23.6 vs NumPy 27.6 in the same loaded run (0.85x); 1 core 52-66 (ir-outer tile order beat
-      jr-outer with B's micro-panel in L1: 54-66 vs 51, f64 35-38 vs 30).
-  v7  A read in place through its strides, B read in place when small, epilogue as per-kind loops
-      over the whole tile: 64^3 from 17.9 to 11.8 us (NumPy 5.6), fused 64^3 tanh from 39 to 16 us.
-  v8  operands passed as (address, element strides): the kernel compiles once per dtype instead of
-      once per layout combination (36 before); stripes by columns when there are enough (each thread
-      packs half of B); PARALLEL_MIN_FLOPS 2^22 -> 2^21: (256, 512, 10) from 96 to 57 us (NumPy 29).
-      Quiet-moment figures (load ~1.5, medians of 15): 1024^3 1 thread 60-68, 2 threads 114-115 vs
-      NumPy 190-194 (0.6x); 2048^3 2 threads 116-133 vs 155-202; x^T dy (784, 256, 512) 2 threads 137
-      vs 202; dy W^T (256, 512, 784) 121 vs 122. Not reached: the per-core rate of the full GEMM (60-70)
-      stays well below the micro-kernel's (90-100 on an L1-resident tile); packing A as well (tried)
-      did not change it.
-  v9  KC 256 -> 512 (1 thread, thread CPU time, two paired runs): 1024^3 69 -> 72-80, 2048^3 71-72 ->
-      83, (128, 784, 512) 44-66 -> 74-77, (256, 512, 784) 52-55 -> 69-72. Tried and dropped: B's
-      micro-panel in L1 with tiles column by column and KC 128: 50 at 1024^3.
-  v10 the micro-kernel writes C itself (vector loads/adds/stores of the accumulators into ``out``,
-      after ``prefetchw`` of the C tile issued before the K loop) instead of storing to a tile buffer
-      that a numba loop then added to ``out``. A micro-benchmark had shown the micro-kernel alone at
-      115-118 per core with B from L2 or even L3, while the whole GEMM ran 73-80: removing the write-back
-      measured 92, prefetching the C lines alone 83. 1 thread, interleaved in one process: 1024^3
-      80 -> 91-96, 2048^3 -> 99 (OpenBLAS 97 on 1 thread); 2 threads: 1024^3 125 -> 156 (NumPy 186),
-      (128, 784, 512) 93 -> 119 (NumPy 155). Tried and dropped: software prefetch of the next A row
-      panel, spread over the current row of tiles (no change; the A panel's first touch costs ~5%).
-  v11 packing read the operand through scalar loads at computed addresses (1.2 G elements/s, a quarter
-      of a plain copy: 330 us for a 784 x 512 B, a third of the product's time at M = 128); now each
-      source row (or, for B^T, each column within a block of 64 rows) is a typed view, panels filled
-      row by row: 200 us. And B was read in place when packing did not pay (M <= 256, or B within
-      L2; dropped again in v14, once packing was fast). 1 thread:
-      (128, 784, 512) 63-81 -> 99, (256, 512, 784) 76 -> 102, (784, 256, 512) 95 -> 107, 1024^3 93 -> 95;
-      2 threads, NumPy alongside: 1024^3 193 -> 203 (NumPy 196), 2048^3 194 -> 197 (193),
-      (784, 256, 512) 176 -> 188 (202), (256, 512, 784) 147 -> 165 (194), (128, 784, 512) 140 -> 144 (176).
-  v12 narrow outputs (N <= 16, A's rows contiguous) as 5 x 5 tiles of dot products along K (A's rows
-      and B^T's in vectors, the last K % lanes terms one masked vector step, one horizontal sum per
-      element), stored and given the epilogue per 5 x N row block. Interleaved with NumPy, 2 threads:
-      (2000, 300, 10) 68 -> 106 (NumPy 78), (256, 512, 10) 36 -> 75 (71). Tried: a 12 x 16 register
-      tile for N <= 16 (same 24 accumulators, N = 10 padded to 16): (256, 512, 10) 123 -> 63 us on one
-      thread, where the dot tiles take 31-41; the K remainder as a scalar loop: (2000, 300, 10) 68.
-  v13 bias + activation once per row of tiles instead of per tile (a row view per tile row cost more
-      than the activation at 64 x 64), and a wrapper with 7 plain arguments (a NumPy float32 scalar
-      argument alone cost 0.45 us of dispatch): direct call, us, 64^3 7.2 -> 6.6 (np.matmul 5.7),
-      dense+relu 64^3 10.0 -> 7.6, dense+tanh 12.4 -> 9.4.
-  v14 packing through two small intrinsics: a vector copy per panel row (a numba loop over typed views
-      stays scalar: signed indices carry a wraparound select per access) and, for a B^T whose columns
-      are contiguous, 8 x 8 (float64 4 x 4) blocks transposed in registers. Packing a 784 x 512 B:
-      row-major 316 -> 64 us, column-major 313 -> 86 us (a plain copy: 40). dy W^T, 2 threads,
-      interleaved with NumPy: (128, 512, 512) 122 -> 142 (NumPy 148), (256, 512, 784) 96 -> 162 (172).
-      Packing B now pays even for M = 128 (1 thread: (128, 784, 512) 66 -> 77 packed, (256, 512, 784)
-      75 -> 87), so v11's read-in-place rules went: B is packed unless it is small.
-  The full GEMM figures, side by side with NumPy and PyTorch, are in bench/bench_matmul.py.
-
-Versions on a Zen 3 (lscpu family 25 model 1, LLVM host ``znver3``: AVX2 and FMA, 16 ymm registers, L1d
-32 KiB and L2 512 KiB per core), 2 vCPUs shared with five other sessions' work (load 3-7): wall-clock
-figures swing 2x from one minute to the next; "1 thread" figures use thread CPU time (best of three
-rounds of medians of 5). The 512-bit variant's speed was NOT measured: this machine has no AVX-512
-(its correctness is tested here, LLVM splitting its vectors; its code was checked with inspect_asm).
-  v15 register-tile variants chosen per CPU (_cpuinfo), compiled behind one switch: the 6 x 32 ymm tile
-      above needs AVX-512VL's 32 registers and on Zen 3 spilled (76 stack accesses per K loop); the
-      6 x 16 ``avx2`` tile fits 16. 1 thread, float32: 1024^3 31 -> 71, (256, 784, 1024) 24 -> 60,
-      128^3 29 -> 77; float64 1024^3 28.
-  v16 blocking re-measured for Zen 3 with the avx2 tile, 1 thread, KC / NC bytes 128/128K, 128/256K,
-      192/192K, 256/128K, 256/256K, 384/192K, 384/384K, 512/256K, 512/512K: 1024^3 63-66 and
-      (256, 784, 1024), (784, 256, 1024), 128^3 52-70 for all of them (within the noise), but dy W^T
-      (256, 1024, 784), B^T packed: 53.6 at 128/128K, 52 at 128/256K, 43-47 at KC >= 256: KC 128,
-      NC 128 KiB (256 float32 columns) for znver3.
-  v17 the dot tiles: 5 x 5 needs 30 registers (80 stack accesses per loop on Zen 3); 2 x 5 for avx2
-      (no stack access). 1 thread, us per call (thread CPU time), old tiles (6 x 32, 5 x 5) -> avx2:
-      16^3 2.6 -> 2.4, 32^3 5.6 -> 4.2, 64^3 34 -> 12.7, 128^3 156 -> 85, (2000, 300, 10) 813 -> 285,
-      (256, 512, 10) 161 -> 95, (256, 784, 16) 445 -> 228.
-  v18 the multithreaded split: a static stripe per thread waited for the slower thread (a busy core
-      halves the call); now chunks from an atomic counter, so a late thread takes fewer. Tried: chunks
-      of a fixed MC rows (24-96) by one N block: every row block packs its B block again, and x@W
-      (256, 784, 1024) on 2 threads fell from 139-145 (MC 192 or one row block) to 50-88: now as few row
-      blocks as give 4 chunks per thread. 768^3 / 1024^3 float32 through kernels.matmul, medians of 15 calls
-      each isolated (0.3 s pause) and right after an OpenBLAS 1024^3 call, two runs (load 3-7), old code
-      (static stripes, 6 x 32) -> this one (chunks, avx2): 768^3 isolated 34 / 55 -> 20 / 15 ms, after
-      OpenBLAS 70 / 112 -> 41 / 20 ms; 1024^3 isolated 76 / 222 -> 89 / 60 ms, after OpenBLAS 102 / 241
-      -> 140 / 95 ms; two more runs, old and new alternating (load 2.6-4.6): 768^3 isolated 22 / 35 ->
-      20 / 24 ms, after OpenBLAS 35 / 70 -> 27 / 33 ms; 1024^3 isolated 65 / 106 -> 41 / 71 ms, after
-      OpenBLAS 92 / 137 -> 62 / 99 ms. Wall figures at load 6-15 say little; work per CPU-second (process time) of the
-      2-thread call is steadier: 2048^3 32 -> 47, 1024^3 32 -> 52, (256, 784, 1024) 27 -> 51.
-  v19 compile time, not speed: ``_block`` as one C function per dtype called through its address (before,
-      each layout's ``gemm`` and ``gemm_parallel`` linked it and LLVM optimised and generated it again),
-      no slice assignments (their shape-mismatch message compiled int-to-str code), one ``_pack``
-      specialisation. Cold compile of nn's four GEMM calls (a @ b with the fused epilogue, a.T @ b,
-      a @ b.T, the multithreaded driver), float32, CPU seconds, load 3-4.5, two rounds:
-      51.2 / 54.9 -> 20.9 / 21.5 (a @ b 27 -> 16, the other layouts 3.4-4.7 -> 0.5-1.0, the
-      multithreaded driver 16-19 -> 3.3). Then ``_dots`` as a C function of its own (the two routes compile
-      in parallel processes in warmup). Tried: non-inlined ``_cdiv`` / ``_epilogue``, one variant
-      instead of three behind the switch, no sigmoid/tanh in the epilogue: each within the noise (the
-      time is mostly Numba's typing and lowering, spread over the functions).
-  v20 Zen 3 blocking re-measured, 2 threads (the issue's target), wall time, the blockings alternating
-      call by call in one process (medians of 15 calls each; load 1.8-2.1 from other sessions' work):
-      KC / NC bytes 128/128K (the avx2 default) -> 384/192K: 1024^3 107 -> 121 and 83 -> 94, x@W
-      (256, 784, 1024) 70 -> 86 and 77 -> 85, x^T dy (784, 256, 1024) 76 -> 84 and 95 -> 100, dy W^T
-      (256, 1024, 784) 75 -> 84 and 95 -> 97, 2048^3 85 -> 96 and 91 -> 96 (two runs); a third run: 105 -> 113,
-      98 -> 106, 105 -> 107, 98 -> 104, 106 -> 119, float64 1024^3 56 -> 59. Also tried:
-      256/256K, 384/288K, 384/384K (2048^3 best, 105-109, the training shapes 2-6% below 384/192K) and
-      512/256K (as good as 384/192K in one run, not confirmed; a KC of 512 puts a transposed A's panel,
-      a line per k, over L1). Fewer K blocks means fewer passes over C and fewer tile set-ups; the
-      micro-kernel with C streaming over 4 MB, B from L2 and A in L1 runs 85 (KC 128) -> 89 (KC 384) on
-      one core, its L1-resident peak 96-99 (about 32 flops x 3.1 GHz). Tried and dropped: software
-      prefetch of the next A row panel spread over the current row of tiles (2 threads, alternating:
-      1024^3 113 -> 100, x^T dy 102 -> 88 with it), packing every A panel through ``_pack`` (its scalar
-      path for a 6-wide panel: 1024^3 77 -> 48, one thread), B panels 64-byte aligned (no change).
-      ``inspect_asm`` on znver3 re-checked: the avx2 K loop has 24 vfmadd231ps on ymm (unrolled twice),
-      16 loads, no stack access. Compile time unchanged (no code changed; the one-variant switch tried
-      again: _block float32 9.8-10.2 s CPU vs 9.6-10.4 s with all three).
-  v21 compile time, not speed: the epilogue's sigmoid and tanh loops were most of the bodies' compile (their
-      vectorisable exp and tanh are Numba overloads inlined and typed again at every call site). They are
-      now ``_transcendental``, a C function per dtype that the epilogue calls through a table of
-      addresses found by symbol name, compiled on the first call that needs it (2.7-3.6 CPU-s); only
-      linked into every caller instead, it saved 1.3 of the 6 CPU-s (tried). gemm_parallel's ``np.zeros``
-      counter was a second parallel loop (a gufunc of its own). Cold, float32, CPU seconds of a fresh
-      process, load ~2.5, alternated with v20, medians of 3: ``_block`` 6.2 -> 3.9, ``_dots`` 2.5 -> 1.3,
-      gemm_parallel 2.2 -> 1.8, _small's ``rows`` 1.4 -> 0.7 and ``dots`` 1.3 -> 0.9; every GEMM piece
-      nn.train compiles 15.3 -> 10.1. Results bitwise the same (every activation, bias or none, both
-      dtypes, every route and variant, cold and cached).
-  v22 the multithreaded split cuts columns first (``split``): x @ W at 128 x 784 x 256 went to 2 x 2 chunks
-      of 64 x 128, each row block packing its half of W again; now 2 chunks of 128 x 128 (CHUNK_MIN_PANELS,
-      MC 192). 2 threads under load, alternated: 128 x 784 x 256 62 -> 68, 128 x 256 x 256 41 -> 45.
-  v23 a transposed A at a K stride of a multiple of 256 bytes is packed, PANELS_A row panels per pass over
-      k (``_pack_panels``); see PACK_A_STRIDE for the figures.
-  v24 per-call costs of the training steps' products (M 64-784, 0.3-51 MFLOP), found with ``perf record -e
-      cpu-clock`` on the JIT code (samples mapped to the compiled functions, objdump of their bytes): at
-      128 x 256 x 256, x@W+b relu, the micro-kernel's loop was ~75% of one thread's time, the rest: the
-      relu loop compiled to vmaskmovps stores (LLVM drops the stores of elements left as they are; the
-      masked store is microcoded on AMD): 6%; packing B, 16 elements per ``_copy`` call: 10% (0.30-0.35
-      ns per element with B in L2); in dy W^T the B^T 8 x 8 transposes (inserts and extracts lowered to
-      broadcasts and blends): 12%; in x^T dy into 10 columns the element-by-element copy of edge tiles:
-      17%; in x^T dy at A^T strides that get packed, the load masks set up every k: 8%. Now bias + relu
-      in one pass (vmaxps), relu alone by ``_relu``; whole B panels by ``_copy_panels`` (0.13-0.15 ns);
-      ``_shuffle_transpose``; edge tiles copied row by row as vectors; ``_pack_panels`` with plain loads
-      where the operand has the rows. Kept the blocking: KC / NC 256-784 / 128K-512K swept per shape on one
-      thread, all within 5% of 384/192K. Results bitwise the same as v23 (3840 cases: both dtypes, the
-      four layouts, every activation, bias or none, 1 and 2 threads). 1 thread, thread CPU time, v23
-      imported as a second package beside this one and the two alternated per round in one process,
-      medians of 11 rounds of medians of 41 calls, us, two runs (load 1.5-1.6: other sessions' work):
-      784-256-256-10 b128: x@W+b relu 128 x 784 x 256 683 -> 636 and 765 -> 704, 128 x 256 x 256 230 ->
-      204 and 280 -> 233, x^T dy 784 x 128 x 256 675 -> 685 and 686 -> 678, 256 x 128 x 256 258 -> 238
-      and 250 -> 239, 256 x 128 x 10 23.7 -> 22.3 and 25.3 -> 22.7, dy W^T 128 x 256 x 256 244 -> 233 and
-      233 -> 230; 256-512-256-10 tanh b64: x@W+b tanh 64 x 256 x 512 306 -> 281 and 344 -> 323, 64 x 512
-      x 256 278 -> 253 and 321 -> 294, x^T dy 256 x 64 x 512 221 -> 213 and 263 -> 248, 512 x 64 x 256
-      243 -> 246 and 304 -> 285, dy W^T 64 x 256 x 512 223 -> 210 and 262 -> 248; the 16 products' sum
-      3675 -> 3496 and 4076 -> 3836 (-5%). The tanh epilogue is now 16% of 64 x 256 x 512 (1.4 ns per
-      element, ``_math.tanh``). Tried and dropped: software prefetch of B's rows in ``_copy_panels`` (4-32
-      rows ahead: no change with B in L3); copying rows then panels (r outer) instead of panel by panel
-      (slower with B in L2). Cold compile, float32, CPU s, fresh process and empty cache, three runs
-      alternated with v23: ``_block`` 6.1 / 5.4 / 5.7 -> 6.1 / 5.5 / 6.4, every GEMM piece 12.5 / 11.5
-      / 12.7 -> 13.0 / 12.2 / 13.1.
-  v25 the avx2 K loop in inline assembly (``_asm_loop``). Read from the live process, LLVM's loop strength
-      reduction had addressed A's six rows by chaining one pointer through them (``add %r8,%r15`` before
-      each broadcast): six dependent adds per k, as long as the k's twelve FMAs. Now one pointer walks A,
-      its rows addressed through three stride registers (BLIS's Haswell kernel), four k per pass.
-      1 thread, the IR and assembly bodies compiled side by side and alternated call by call in one
-      process (same bits asserted), median per-pair speedup, float32: 64^3 1.12, 128 x 784 x 256 1.07,
-      128 x 256 x 256 1.06, x^T dy 784 x 128 x 256 1.05, 1024^3 1.03, 256 x 784 x 1024 1.09, x^T dy
-      784 x 256 x 1024 1.20, 256 x 1024 x 1024 1.05; float64 1024^3 1.10. Tried: unrolling 8 (as 4), two
-      broadcast registers, ``prefetcht0`` of B 512 bytes ahead: within the noise.
-  v26 packing B row by row, each source line prefetched PACK_PREFETCH_ROWS rows ahead (``_copy_panels``): perf
-      of 256 x 784 x 1024 after v25 put 22% of its samples there, ~2 ns an element against 0.53 for the same
-      pack alone (W's rows 4 KiB apart, on different pages, read one line per page per panel pass). Same
-      A/B, 1 thread, two runs: 256 x 784 x 1024 1.21 / 1.17, 256 x 1024 x 1024 1.18 / 1.06, 1024^3 0.97 /
-      1.10, x^T dy 784 x 256 x 1024 1.01 / 1.08, 128 x 784 x 256 0.99 / 1.07; packing then 6-7% of the
-      product. Tried: all of A packed once per K block (GotoBLAS), with and without BLIS's loop order (B's
-      micro-panel in L1): 0.91-1.06; a prefetch in the B^T transposes: 1.00-1.03.
+Each choice here (tiles, blocking per CPU, the split, packing, the assembly loop) was measured against
+its alternatives; the figures and what was tried and dropped are in the commit messages
+(``git log kernels/cpu/_gemm.py``) and the GEMM benchmarks in bench/bench_matmul.py.
 """
 
 import ctypes
@@ -266,7 +67,7 @@ DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
 CHUNK_MIN_PANELS = 8  # the narrowest column block of the split, in register-tile panels (each A panel used 8 times)
-PACK_PREFETCH_ROWS = 8  # _copy_panels' prefetch distance, in rows of the source (v26)
+PACK_PREFETCH_ROWS = 8  # _copy_panels' prefetch distance, in rows of the source
 PACK_ROWS = 64  # rows per block when packing an operand strided both ways (the block stays in L1)
 PACK_B_MIN = 128 * 128  # a row-major B up to this many elements is read in place (it stays in L1/L2)
 # A transposed A (A^T's rows contiguous) is packed when its K stride is a multiple of PACK_A_STRIDE bytes (a
@@ -616,7 +417,7 @@ def _copy_panels(typingctx, src, s_r, dst, rows, width, panels, like):
     rows are contiguous: ``dst[(p * rows + r) * width + j] = src[r * s_r + p * width + j]`` (element
     addresses and strides), whole vectors: 2-3x faster than a ``_copy`` per panel row (B 512 x 128 of a
     512 x 256 float32: 22 -> 10 us). Row by row, each source line prefetched PACK_PREFETCH_ROWS rows ahead:
-    the rows of a wide B lie on different pages, where the hardware prefetchers stop (v26; a prefetch past
+    the rows of a wide B lie on different pages, where the hardware prefetchers stop (a prefetch past
     the operand's end does not fault)."""
     lanes = LANES[np.dtype(like.dtype.name)]
 
