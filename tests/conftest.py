@@ -4,6 +4,7 @@ The simulator must be switched on before numba.cuda is first imported, so it is 
 collection, from whether an NVIDIA device node exists. Nothing in ``import kernels`` imports numba.cuda.
 """
 
+import importlib
 import os
 
 if not os.path.exists("/dev/nvidia0"):
@@ -31,7 +32,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 def _cuda_available():
     try:
         from numba import cuda
-        import kernels.cuda  # noqa: F401
+        importlib.import_module("kernels.cuda")
     except ImportError:
         return False
     return cuda.is_available()
@@ -47,10 +48,22 @@ class Backend:
         self.simulated = self.is_cuda and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
     def to(self, x):
+        """``x`` on the device in the same layout: a non-contiguous host view (transposed, strided, negative or
+        zero strides) becomes a device view with the same strides, into a copy of the memory it spans."""
         if not self.is_cuda or x is None:
             return x
         from numba import cuda
-        return cuda.to_device(np.ascontiguousarray(x))
+        if not isinstance(x, np.ndarray) or x.flags.c_contiguous or x.size == 0:
+            return cuda.to_device(np.ascontiguousarray(x))
+        # the memory x spans: from its lowest-addressed element (the last index along a negative stride)
+        first = x[tuple(slice(n - 1, n) if s < 0 else slice(0, 1) for n, s in zip(x.shape, x.strides))]
+        low = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s < 0)  # first - x[0, ...], in bytes
+        span = sum((n - 1) * abs(s) for n, s in zip(x.shape, x.strides)) + x.itemsize
+        assert low % x.itemsize == 0 == span % x.itemsize, x.strides
+        region = cuda.to_device(np.lib.stride_tricks.as_strided(first, (span // x.itemsize,), (x.itemsize,)).copy())
+        if self.simulated:  # the simulator's device array wraps a NumPy array
+            return type(region)(np.ndarray(x.shape, x.dtype, region._ary, -low, x.strides))
+        return type(region)(x.shape, x.strides, x.dtype, gpu_data=region.gpu_data.view(-low))
 
     def get(self, x):
         if hasattr(x, "copy_to_host"):  # Numba device array (real or simulated)
@@ -79,6 +92,12 @@ def fast_backend(request):
     """The compiled backends only: for tests that compare a backend with the reference."""
     with kernels.use_backend(request.param):
         yield Backend(request.param)
+
+
+@pytest.fixture
+def cuda_backend():
+    """The cuda backend alone: for the cuda-only tests (tests/test_cuda.py), which move arrays with ``to``."""
+    return Backend("cuda")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kernels
-from helpers import DTYPES, TOL, assert_close, reference
+from helpers import DTYPES, TOL, assert_close, reference, with_layout
 
 cuda = pytest.importorskip("numba").cuda
 if not cuda.is_available():
@@ -86,6 +86,38 @@ def test_non_contiguous_device_views_are_copied_on_the_device(view):
     assert not dev.is_c_contiguous()
     assert_close(kernels.tanh(dev).copy_to_host(), np.tanh(host))
     assert_close(kernels.relu_backward(dev, dev).copy_to_host(), np.where(host > 0, host, 0))
+
+
+@pytest.mark.parametrize("layout", ["F", "strided", "negative", "zero"])
+def test_every_kernel_family_reads_non_contiguous_device_views(cuda_backend, layout):
+    """The tests' ``to`` keeps a host view's layout on the device; each family gets such views (and refuses a
+    non-contiguous ``out``, as on the host). Batch normalisation's are in test_batchnorm.py."""
+    to = cuda_backend.to
+    x, dy = (with_layout(_rand((5, 7), np.float64, seed), layout) for seed in (11, 12))
+    y = with_layout(reference(kernels.softmax, x), layout)
+    sign = with_layout(np.sign(_rand((5, 7), np.float64, 13)), layout)
+    labels, offsets = (with_layout(a, layout) for a in (np.arange(5) * 3 % 7, np.array([0, 3, 3, 11, 20])))
+    flat = with_layout(_rand(20, np.float64, 14), layout)  # 1-D: "F" is C-contiguous, the others are not
+    assert not to(x).is_c_contiguous()
+    for host in (x, labels, offsets):
+        dev = to(host)
+        assert dev.is_c_contiguous() == host.flags.c_contiguous and dev.strides == host.strides
+        # copied on the device first: Numba's copy_to_host assumes the view starts at its lowest address
+        np.testing.assert_array_equal(kernels.cuda.ascontiguous(dev).copy_to_host(), host)
+    calls = [(kernels.softmax, x), (kernels.softmax_backward, y, dy), (kernels.softmax_cross_entropy, x, labels),
+             (kernels.mse, x, dy), (kernels.binary_cross_entropy, x, np.abs(sign)), (kernels.hinge, x, sign),
+             (kernels.bias_grad, dy), (kernels.dropout, x, 0.4, 7), (kernels.bias_act_backward, y, dy, "tanh"),
+             (kernels.bias_act_backward, x, dy, "leaky_relu"), (kernels.segment_norms, flat, offsets)]
+    for fn, *args in calls:
+        got = fn(*(to(a) if isinstance(a, np.ndarray) else a for a in args))
+        for g, e in zip(*((r if isinstance(r, tuple) else (r,)) for r in (got, reference(fn, *args)))):
+            assert_close(g.copy_to_host(), e, err_msg=fn.__name__)
+    metrics, expected = to(np.zeros(kernels.metrics_size(0))), np.zeros(kernels.metrics_size(0))
+    kernels.count_correct(to(x), to(labels), metrics)
+    reference(kernels.count_correct, x, labels, expected)
+    np.testing.assert_array_equal(metrics.copy_to_host(), expected)
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        kernels.softmax(to(x), out=to(with_layout(np.zeros((5, 7)), layout)))
 
 
 @given(m=st.integers(1, 2 * LARGE_TILES[0] + 1), n=st.integers(1, 2 * LARGE_TILES[1] + 1),
