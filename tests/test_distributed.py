@@ -3,6 +3,7 @@ rounding, identical bit for bit on every rank; a failing rank ends the job; chec
 counts. The MPI runs launch this file under ``mpiexec`` (``python tests/test_distributed.py JOB OUT``)."""
 
 import errno
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,6 @@ import pytest
 
 import kernels
 import nn
-from kernels.reference.dropout import keep_threshold, random_bits
 from nn import distributed
 from nn._device import to_host
 from nn.distributed import Communicator
@@ -413,11 +413,30 @@ def test_dropout_offset_draws_the_whole_batchs_mask(backend, shape, start):
     assert part.tobytes() == whole[start:].tobytes()
 
 
-def test_dropout_offset_wraps_like_the_reference(backend):
+def _splitmix_keep(seed, p, first, n):
+    """Whether elements first..first+n-1 are kept, from the definition in kernels/reference/dropout.py's
+    docstring, in Python integers: SplitMix64 started at mix(seed) draws element j with counter j + 1 (mod
+    2**64); the element stays when the output's top 24 bits are >= ceil(p * 2**24)."""
+    mask64 = 2**64 - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        return z ^ (z >> 31)
+
+    start = mix(seed)
+    return np.array([mix((start + (first + i + 1) * 0x9E3779B97F4A7C15) & mask64) >> 40 >= math.ceil(p * 2**24)
+                     for i in range(n)])
+
+
+def test_dropout_offset_wraps_modulo_2_to_the_64(backend):
+    """Offsets count modulo 2**64: from 2**64 - 100, element 100 draws the mask of element 0."""
     x = np.ones(300, np.float64)
-    expected = random_bits(5, 300, 2**64 - 100) >= keep_threshold(0.5)
     y = backend.get(kernels.dropout(backend.to(x), 0.5, 5, offset=2**64 - 100))
-    np.testing.assert_array_equal(y != 0, expected)
+    np.testing.assert_array_equal(y != 0, _splitmix_keep(5, 0.5, 2**64 - 100, 300))
+    start = backend.get(kernels.dropout(backend.to(x[:200]), 0.5, 5))
+    np.testing.assert_array_equal(y[100:], start)
+    assert 0 < np.count_nonzero(y) < y.size
 
 
 @pytest.mark.parametrize("offset, error, message", [(-1, ValueError, r"offset must be in \[0, 2\*\*64\), got -1"),

@@ -35,33 +35,55 @@ LOSSES = ("softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge")
 CASES = [("dense-activations-batchnorm", loss) for loss in LOSSES] + [("softmax-layer", "mse")]
 
 
-@pytest.mark.parametrize("arch, loss", CASES)
-def test_whole_model_gradient_matches_finite_differences(nn_backend, arch, loss):
+def _model_and_trainer(arch, loss):
     rng = np.random.default_rng(3)
     X, y = rng.standard_normal((7, 4)), _targets(loss, 7, 3, rng)
     model = nn.Sequential(MODELS[arch](), input_dim=4, dtype="float64", seed=5)
     trainer = nn.Trainer(model, loss=loss, optimizer="sgd")
+    return model, trainer, X, trainer.loss.prepare_targets(y, 3, np.float64)
+
+
+def _backprop(model, trainer, X, targets):
+    """The model's gradient by backpropagation, as a host array."""
     xp = model.xp
-    Xd, yd = xp.asarray(X), xp.asarray(trainer.loss.prepare_targets(y, 3, np.float64))
+    model.backward(trainer.loss(model.forward(xp.asarray(X), training=True), xp.asarray(targets))[1])
+    return model.grads
+
+
+@pytest.mark.parametrize("arch, loss", CASES)
+def test_whole_model_gradient_matches_finite_differences(nn_backend, arch, loss):
+    """Backpropagation against central differences of the loss (the cuda simulator is too slow for the
+    many forward passes: it is checked against the reference's backpropagation below)."""
+    if nn_backend.simulated:
+        pytest.skip("too many forward passes for the cuda simulator")
+    model, trainer, X, targets = _model_and_trainer(arch, loss)
+    xp = model.xp
+    Xd, yd = xp.asarray(X), xp.asarray(targets)
 
     def loss_at(flat):
         model.params[...] = xp.asarray(flat)
         return float(trainer.loss(model.forward(Xd, training=True), yd)[0])
 
     start = nn_backend.get(model.params).copy()
-    if nn_backend.simulated:  # too many forward passes for the simulator: the reference's gradient (checked here)
-        def reference_grads():
-            twin = nn.Sequential(MODELS[arch](), input_dim=4, dtype="float64", seed=5)
-            targets = trainer.loss.prepare_targets(y, 3, np.float64)
-            twin.backward(trainer.loss(twin.forward(X, training=True), targets)[1])
-            return twin.grads
-
-        expected = reference(reference_grads)
-    else:
-        expected = numeric_grad(loss_at, start)
+    expected = numeric_grad(loss_at, start)
     model.params[...] = xp.asarray(start)
-    model.backward(trainer.loss(model.forward(Xd, training=True), yd)[1])
-    np.testing.assert_allclose(nn_backend.get(model.grads), expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(nn_backend.get(_backprop(model, trainer, X, targets)), expected, rtol=1e-6, atol=1e-8)
+    assert np.abs(expected).max() > 1e-3  # the check has something to compare
+
+
+@pytest.mark.parametrize("arch, loss", CASES)
+def test_whole_model_gradient_matches_reference_backprop(fast_backend, arch, loss):
+    """The compiled backends' backpropagation against the NumPy reference's (whose gradient the test above
+    checks against finite differences), same model and seed."""
+    model, trainer, X, targets = _model_and_trainer(arch, loss)
+    got = fast_backend.get(_backprop(model, trainer, X, targets))
+
+    def reference_grads():
+        twin, twin_trainer, _, _ = _model_and_trainer(arch, loss)
+        return _backprop(twin, twin_trainer, X, targets)
+
+    expected = reference(reference_grads)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
     assert np.abs(expected).max() > 1e-3  # the check has something to compare
 
 
