@@ -2,7 +2,9 @@
 
 A record is one implementation in one group: ``group``, ``impl``, ``median`` (seconds) and what
 bench/conftest.py stored in ``extra_info``: ``bytes`` / ``flops`` per call, ``dtype``, the memory roof
-measured for that working set, ``gemm_peak`` (the group's peers set the GEMM roof) and ``samples/s``.
+measured for that working set, ``gemm_peak`` (the group's peers set the GEMM roof), ``samples/s``,
+``min_side`` (the smallest product side: no GEMM roof below :data:`GEMM_MIN_SIDE`) and ``unlike`` (the
+implementations do different work: no speed ratio and no chart bars for the group, a note instead).
 The GEMM roof of each dtype is the best peer (any implementation but numba) in the run's peak groups,
 via :func:`kernels.profile.gemm_roof`: the same roofs as the profiler.
 """
@@ -13,6 +15,9 @@ import platform
 from kernels.profile import gemm_roof
 
 OURS = "numba"
+# Below this smallest product side (a matmul's min(M, K, N), a training step's batch) the products are
+# matrix-vector-like and the square-GEMM roof says more about the shape than the kernel: no roof is given.
+GEMM_MIN_SIDE = 16
 ORDER = ["numpy", "numba", "numba-per-kernel", "torch", "torch-foreach", "torch.compile", "jax", "jax-scan"]
 
 
@@ -110,17 +115,22 @@ def rows(records):
     result = []
     for group, impls in groups(records).items():
         ours = impls.get(OURS)
+        unlike = next((r["unlike"] for r in impls.values() if r.get("unlike")), None)
         peers = {k: v["median"] for k, v in impls.items() if not k.startswith(OURS)}  # not our other forms
-        best = min(peers, key=peers.get) if peers else None
+        best = min(peers, key=peers.get) if peers and not unlike else None
         row = dict(group=group, medians={k: v["median"] for k, v in impls.items()}, best_peer=best,
                    vs_best=peers[best] / ours["median"] if ours and best else None, rate=None, unit="",
                    roof=None, roof_what="", ratios={k: (peers[best] / v["median"] if best else None)
-                                                    for k, v in impls.items()})
+                                                    for k, v in impls.items()} if best else {})
+        if unlike:
+            row["unlike"] = unlike
         if ours:
             row["rate"], row["unit"] = _rate(ours)
             if row["unit"] == "GB/s" and ours.get("memory_roof"):
                 row["roof"], row["roof_what"] = row["rate"] / ours["memory_roof"], (
                     f"{ours['memory_roof']:.0f} GB/s, {ours.get('memory_roof_what', 'copy')}")
+            elif row["unit"] == "GFLOP/s" and ours.get("min_side", GEMM_MIN_SIDE) < GEMM_MIN_SIDE:
+                row["roof_what"] = f"none: smallest side {ours['min_side']} < {GEMM_MIN_SIDE}"
             elif row["unit"] == "GFLOP/s" and roofs.get(ours.get("dtype")):
                 roof = roofs[ours["dtype"]]
                 row["roof"], row["roof_what"] = row["rate"] / roof.value, f"{roof.value:.0f} GFLOP/s {ours['dtype']}"
@@ -144,8 +154,8 @@ def table(records, info=None):
     for dtype, roof in sorted(gemm_roofs(records).items(), key=lambda kv: str(kv[0])):
         if roof:
             lines.append(f"GEMM roof {dtype}: {roof.value:.0f} GFLOP/s, {roof.what}")
-    lines += ["Memory roofs: a copy with the kernel's thread count and working set, measured in the same run "
-              "(an in-place update skips the copy's write-allocate read: it can reach ~1.5x of it).",
+    lines += ["Memory roofs: a copy with the kernel's thread count and working set (in-place kernels: an in-place "
+              f"read-modify-write), measured in the same run; no GEMM roof below a side of {GEMM_MIN_SIDE}.",
               "", "| kernel or model, shape | " + " | ".join(f"{i} ms" for i in impls)
               + " | numba vs best peer | numba throughput | of roof | roof |",
               "|---|" + "---:|" * len(impls) + "---:|---:|---:|---|"]
@@ -156,8 +166,11 @@ def table(records, info=None):
         if row.get("samples/s"):
             rate += f", {row['samples/s'] / 1e3:.1f}k samples/s"
         roof = f"{row['roof']:.0%}" if row["roof"] is not None else ""
+        if row.get("unlike"):
+            vs = "not like-for-like"
         lines.append(f"| {row['group']} | " + " | ".join(cells) + f" | {vs} | {rate} | {roof} | {row['roof_what']} |")
-    return "\n".join(lines)
+    notes = [f"- {row['group']}: not like-for-like, {row['unlike']}." for row in rows(records) if row.get("unlike")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def plot(records, path):
@@ -168,7 +181,7 @@ def plot(records, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = rows(records)
+    data = [row for row in rows(records) if not row.get("unlike")]  # no ratio where the work differs
     impls = [i for i in ORDER if any(i in row["ratios"] for row in data)]
     impls += sorted({i for row in data for i in row["ratios"]} - set(impls))
     height = 0.8 / max(len(impls), 1)

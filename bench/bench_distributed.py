@@ -15,8 +15,10 @@ timed; a run's figure is the median of its timed epochs ("best epoch": the faste
 disturbed on a shared machine), and the table gives the median over ``--repeats`` rounds of all layouts,
 with each round's 2-rank/1-rank ratio. "optimizer ms" is the optimizer step per training step, work every
 rank repeats in full (the paper model below keeps it out of the part divided by N). "CPU % of wall" is
-rank 0's process CPU time over its wall time: below ~100% the rank was descheduled (other processes on
-the cores), which is what makes the 2-rank figures swing. ``--batchnorm`` puts a BatchNorm after each
+rank 0's process CPU time (all its threads) over its wall time, not divided by the thread count: up to
+100% per thread, so 200% for 1x2; below threads x 100% the rank was descheduled (other processes on the
+cores) or a thread waited, which is what makes the 2-rank figures swing. The overlap variant is a layout
+of every table, not a flag. ``--batchnorm`` puts a BatchNorm after each
 hidden layer and adds its allgathers' share of the step and one allgather against one barrier alone.
 All layouts run the same global batches (the same samples, steps and epochs). ``pytest
 bench/bench_distributed.py`` runs a short smoke version.

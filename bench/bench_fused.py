@@ -10,6 +10,7 @@ scale by the optimizer kernel against a separate scaling pass.
 Run: ``flock /tmp/kernels-bench.lock python -m pytest bench/bench_fused.py --benchmark-enable``.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -98,25 +99,45 @@ def test_step_bookkeeping(benchmark, impl):
     benchmark(fn)
 
 
+@functools.cache
+def _scale_kernel():
+    """``scale(src, factor, dst)``: dst = factor * src over the numba backend's threads, scheduled as its
+    elementwise kernels are (serial below the parallel threshold, dynamic CHUNK-sized tasks above)."""
+    from kernels.cpu._jit import jit
+    from kernels.cpu._parallel import chunked, run
+
+    @jit
+    def body(lo, hi, src, factor, dst):
+        for i in range(lo, hi):
+            dst[i] = factor * src[i]
+
+    body_chunks = chunked(body)
+    return lambda src, factor, dst: run(body, body_chunks, src.size, src, factor, dst)
+
+
 @pytest.mark.parametrize("impl", ["scale", "separate"])
 def test_clipped_adam_step(benchmark, impl):
     """Adam on the 784-256-256-10 parameter buffer with the gradient clipped by 0.5: the scale read by the
-    optimizer kernel against a separate pass over the gradient before it (backend functions)."""
+    optimizer kernel against a separate pass over the gradient before it, a parallel numba scale on the
+    same threads (backend functions), so that the two differ only in the fusion."""
     from kernels import cpu
 
     n = 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     rng = np.random.default_rng(0)
     param, grad = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     m, v, half, clipped = np.zeros_like(param), np.zeros_like(param), np.array([0.5], np.float32), np.empty_like(grad)
+    scale_pass = _scale_kernel()
 
     def scale():
         cpu.adam_step(param, grad, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, half)
 
     def separate():  # (into a scratch buffer, so that repeating it does not shrink grad towards zero)
-        np.multiply(grad, half[0], out=clipped)
+        scale_pass(grad, half[0], clipped)
         cpu.adam_step(param, clipped, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
 
     fn = scale if impl == "scale" else separate
     fn()
+    if impl == "separate":
+        np.testing.assert_array_equal(clipped, grad * half[0])
     benchmark.group = f"adam step, clipped, {n} f32"
     benchmark(fn)

@@ -8,8 +8,13 @@ Implementations, each in its fastest form with the same thread count (bench/conf
   ``compiled=False``, the step as a Python loop over kernel calls (not a peer in the report);
 - ``torch``: the equivalent torch.nn model and loop, eager, with the fused CPU optimizer
   (``Adam(fused=True)``, ``SGD(fused=True)``);
-- ``torch.compile``: the same loop with the whole step (forward, backward, optimizer) in one
-  ``torch.compile``d function; skipped in smoke runs (it compiles for ~10 s per model);
+- ``torch.compile``: the same loop with the step function (zero_grad, forward, backward, optimizer)
+  passed to ``torch.compile``. Dynamo breaks the graph at ``loss.backward()`` (and torch's optimizer
+  breaks it around ``step()`` on purpose), so it runs as two compiled graphs: the forward with its
+  AOTAutograd-compiled backward (run by the autograd engine) and the optimizer step, with eager glue
+  between them (``torch._dynamo.explain``: 2 graphs, 1 break, torch 2.13). ``trace_autograd_ops`` puts
+  the backward into the first graph but keeps the optimizer's break and was no faster; compiled autograd
+  was slower: the default is kept. Skipped in smoke runs (it compiles for ~10 s per model);
 - ``jax``: the step (``value_and_grad`` + the update written in jax.numpy, as optax does it) in one
   ``jax.jit`` with the parameters and optimizer state donated, one call per mini-batch;
 - ``jax-scan``: the whole epoch in one ``jax.jit`` (``lax.scan`` over the mini-batches).
@@ -61,9 +66,8 @@ def _nn_epoch(config, X, y, backend, compiled=None):
     if backend == "numba" and compiled is None:  # the compiled epoch's driver, as a warm cache has it
         kernels.warmup("numba", dtypes=("float32",), only=["training step"], verbose=0)
 
-    def epoch():
-        with kernels.use_backend(backend):
-            trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
+    def epoch():  # measure selects the backend around it (outside the timed call)
+        trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
 
     return epoch
 
@@ -128,12 +132,17 @@ def _jax_model(config):
             params = jax.tree_util.tree_map(
                 lambda p, m, v: p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps), params, m, v)
             return params, (m, v)
-    else:
+    elif hyper["momentum"]:
         state, (lr, mu) = zeros(), (hyper["lr"], hyper["momentum"])
 
         def apply(params, velocity, grads, t):
             velocity = jax.tree_util.tree_map(lambda v, g: mu * v + g, velocity, grads)
             return jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity), velocity
+    else:  # plain SGD keeps no state, as nn.SGD(momentum=0) and torch's SGD do not
+        state, lr = (), hyper["lr"]
+
+        def apply(params, state, grads, t):
+            return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), state
 
     def update(params, state, xb, yb, t):
         grads = jax.grad(loss)(params, xb, yb)
@@ -143,7 +152,7 @@ def _jax_model(config):
 
 
 def _jax_epoch(config, X, y, scan):
-    import jax
+    jax = pytest.importorskip("jax")
 
     widths, _, batch, _, n = config
     params, state, update = _jax_model(config)
@@ -203,4 +212,5 @@ def test_training_epoch(measure, request, impl, config):
         fn = _nn_epoch(config, X, y, impl)
     macs = [a * b for a, b in zip(widths[:-1], widths[1:])]
     flops = 2 * n * (2 * sum(macs) + sum(macs[1:]))  # forward and dW for every layer, dx for all but the first
-    measure(fn, group=_label(config), impl=impl, flops=flops, samples=n, steps=n // batch, rounds=5)
+    measure(fn, group=_label(config), impl=impl, flops=flops, samples=n, steps=n // batch, rounds=5, min_side=batch,
+            backend="numba" if impl.startswith("numba") else "numpy" if impl == "numpy" else None)

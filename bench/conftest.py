@@ -5,7 +5,9 @@ reference, the numba backend, PyTorch CPU, JAX, ...). :func:`measure` warms the 
 compile and page faults stay out of the timings), then times it for several rounds, and stores in
 ``extra_info`` what the report needs: the implementation, one call's bytes or flops, the dtype and, for a
 memory-bound group, the roof measured now for its working set (:func:`kernels.profile.memory_roof`: a
-copy with the same threads and working set). The GEMM roof is the best peer in the run's square-GEMM
+copy with the same threads and working set, or an in-place read-modify-write for in-place kernels), before
+the settle pause that precedes each implementation. The kernels backend (numpy, numba) is selected around
+the timed rounds, not inside the timed call. The GEMM roof is the best peer in the run's square-GEMM
 groups (``gemm_peak=True``), found by the report. The summary at the end prints the report's table.
 
 Thread counts are set alike for every library: ``THREADS`` (the CPUs this process may use) for Numba,
@@ -16,6 +18,7 @@ Plain ``pytest`` runs each benchmark once as a smoke test (``--benchmark-disable
 ``BENCH_QUICK=1`` caps every benchmark at 3 rounds (``python -m bench --quick``).
 """
 
+import contextlib
 import os
 import time
 
@@ -23,6 +26,7 @@ import numba
 import numpy as np
 import pytest
 
+import kernels
 from kernels.profile import memory_roof
 
 from . import _report
@@ -64,14 +68,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def measure(benchmark, request):
     """``measure(fn, group=..., impl=..., bytes=..., flops=..., dtype=..., rounds=..., gemm_peak=...)`` times
     ``fn`` in ``group``. ``bytes`` is one call's memory traffic (reads + writes), ``flops`` its arithmetic
-    (only the products computed); the one given decides the roof. ``gemm_peak``: this group's peers set
-    the GEMM roof of ``dtype``; ``samples`` / ``steps`` per call (training): samples/s and us/step."""
+    (only the products computed); the one given decides the roof. ``working_set``: the bytes of the distinct
+    arrays touched (the memory roof's size; default ``bytes``); ``in_place``: the kernel updates its
+    buffers in place, so its roof is an in-place read-modify-write, not a copy. ``backend``: the kernels
+    backend selected around the warm-up and the timed rounds, outside ``fn`` (so its selection is not
+    timed). ``gemm_peak``: this group's peers set the GEMM roof of ``dtype``; ``samples`` / ``steps`` per
+    call (training): samples/s and us/step; ``min_side``: the smallest side of the products (a matmul's
+    min(M, K, N), a training step's batch), below which the report gives no GEMM roof; ``unlike``: why the
+    implementations do different work (the report then gives no speed ratio for the group)."""
 
     def run(fn, *, group, impl, bytes=None, flops=None, dtype="float32", rounds=10, gemm_peak=False, samples=None,
-            steps=None):
-        if not smoke(request.config):
-            time.sleep(SETTLE_S)  # the previous implementation's thread pools go idle
-        fn()  # warm-up: compile, fault pages in, fill caches the way a training loop would
+            steps=None, working_set=None, in_place=False, backend=None, unlike=None, min_side=None):
+        timed = not smoke(request.config)
         benchmark.group = group
         extra = benchmark.extra_info
         extra.update(impl=impl, dtype=np.dtype(dtype).name, threads=THREADS)
@@ -81,10 +89,19 @@ def measure(benchmark, request):
             extra["flops"] = int(flops)
         if gemm_peak:
             extra["gemm_peak"] = True
-        if bytes and not flops and not smoke(request.config):
-            roof = memory_roof(int(bytes))
+        if unlike:
+            extra["unlike"] = unlike
+        if min_side:
+            extra["min_side"] = int(min_side)
+        if bytes and not flops and timed:  # before the pause, not right before the timed rounds
+            roof = memory_roof(int(working_set or bytes), in_place=in_place)
             extra.update(memory_roof=roof.value, memory_roof_what=roof.what)
-        result = benchmark.pedantic(fn, rounds=min(rounds, 3) if QUICK else rounds, iterations=1, warmup_rounds=1)
+        if timed:
+            time.sleep(SETTLE_S)  # the previous implementation's (and the roof's) thread pools go idle
+        with kernels.use_backend(backend) if backend else contextlib.nullcontext():
+            fn()  # warm-up: compile, fault pages in, fill caches the way a training loop would
+            result = benchmark.pedantic(fn, rounds=min(rounds, 3) if QUICK else rounds, iterations=1,
+                                        warmup_rounds=1)
         if benchmark.stats is not None:
             median = benchmark.stats.stats.median
             if samples:

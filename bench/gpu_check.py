@@ -49,7 +49,7 @@ def no_gpu_reason():
     except Exception as error:  # noqa: BLE001 - any import or driver failure means no GPU here
         return f"numba.cuda failed: {error!r}"
     try:
-        import cupy  # noqa: F401
+        __import__("cupy")  # only whether it imports
     except ImportError:
         return "CuPy is not installed (pip install -e '.[cuda]'): the checks run on CuPy arrays"
     return None

@@ -5,9 +5,9 @@ the median of the steady-state calls, the achieved GB/s (memory traffic: bytes r
 GFLOP/s for matmul, and the percentage of a roof measured in the same run: on a GPU the device-to-device
 copy bandwidth and cuBLAS (through CuPy, when installed) for matmul; on the CPU a copy with the kernel's
 thread count and working set (:func:`memory_roof`: cache-resident kernels against a cache-resident copy,
-large ones against DRAM) and the best GEMM among NumPy's BLAS, PyTorch and XLA (:func:`gemm_roof`).
-The bench suites and ``python -m bench`` read their results against the same roofs. GPU times come from
-CUDA events.
+large ones against DRAM) and the best GEMM among NumPy's BLAS, PyTorch and XLA (:func:`gemm_roof`). The
+bench suites and ``python -m bench`` read their results against the same roofs (and an in-place one for
+in-place kernels). GPU times come from CUDA events.
 
 For Nsight: every kernel call sits in an NVTX range named after the kernel (when the ``nvtx`` package is
 installed), and the steady state is bracketed by ``cudaProfilerStart/Stop``, so
@@ -19,7 +19,6 @@ its timings mean nothing; it only shows that every kernel runs.
 import argparse
 import contextlib
 import functools
-import os
 import statistics
 import sys
 import time
@@ -42,13 +41,17 @@ SIZES = {
 
 @dataclass
 class Case:
-    """One kernel call to time: ``call()`` runs it; ``bytes``/``flops`` are one call's traffic and work."""
+    """One kernel call to time: ``call()`` runs it; ``bytes``/``flops`` are one call's traffic and work;
+    ``working_set`` the bytes of the distinct arrays it touches (its roof's size; default ``bytes``);
+    ``in_place``: it updates its arrays in place (its roof an in-place update, no copy's write-allocate read)."""
 
     kernel: str
     shape: str
     call: object
     bytes: int
     flops: int = 0
+    working_set: int = 0
+    in_place: bool = False
 
 
 def _nvtx_range(name):
@@ -78,47 +81,62 @@ def l3_bytes():
 
 
 @functools.lru_cache(maxsize=None)
-def _copy_kernel():
-    from numba import prange
-
+def _roof_kernels():
+    """``(copy, update)``: ``copy(src, dst)`` (dst = src) and ``update(x)`` (x = -x, in place), run the way
+    the elementwise kernels run (``cpu._parallel.run``: one serial call below the parallel threshold, else
+    CHUNK-sized tasks handed out dynamically over Numba's threads, loops on unsigned bounds)."""
     from .cpu._jit import jit
-    from .cpu._parallel import CHUNK
+    from .cpu._parallel import chunked, run
 
-    @jit(parallel=True)
-    def parallel_copy(src, dst):
-        """dst[:] = src[:] in CHUNK-sized tasks over Numba's threads, like the elementwise kernels."""
-        n = src.size
-        for c in prange((n + CHUNK - 1) // CHUNK):
-            dst[c * CHUNK:min(n, (c + 1) * CHUNK)] = src[c * CHUNK:min(n, (c + 1) * CHUNK)]
+    @jit
+    def roof_copy(lo, hi, src, dst):
+        for i in range(lo, hi):
+            dst[i] = src[i]
 
-    return parallel_copy
+    @jit
+    def roof_update(lo, hi, x):
+        for i in range(lo, hi):
+            x[i] = -x[i]
+
+    copy_chunks, update_chunks = chunked(roof_copy), chunked(roof_update)
+    return (lambda src, dst: run(roof_copy, copy_chunks, src.size, src, dst),
+            lambda x: run(roof_update, update_chunks, x.size, x))
 
 
 @functools.lru_cache(maxsize=None)
-def memory_roof(nbytes, threads=None):
-    """The bandwidth of a float32 copy that moves ``nbytes`` (read + written) on ``threads`` threads, the way
-    a kernel with that traffic would: by default Numba's thread count, or one thread below the kernels'
-    parallel threshold (where they stay on the calling thread). A working set that fits the L3 is timed
-    warm (the roof of a cache-resident kernel), a larger one comes from DRAM. The fastest of enough calls
-    to last ~0.2 s (at least 5): a roof is the best the machine does, not its median under load."""
+def memory_roof(nbytes, threads=None, in_place=False):
+    """The bandwidth of a float32 pass over a working set of ``nbytes`` on ``threads`` threads, the way a
+    kernel with that working set would: by default Numba's thread count, or one thread below the kernels'
+    parallel threshold (where they stay on the calling thread). A copy (half the bytes read, half written)
+    by default; with ``in_place``, a read-modify-write of one ``nbytes`` array (an in-place kernel: its
+    writes need no write-allocate read, which a copy's destination costs uncounted), counted as ``nbytes``
+    read and written. A working set that fits the L3 is timed warm (the roof of a cache-resident kernel), a
+    larger one comes from DRAM. The fastest of enough calls to last ~0.2 s (at least 5): a roof is the best
+    the machine does, not its median under load."""
     import numba
 
     from .cpu._parallel import PARALLEL_MIN
 
-    src = np.ones(max(nbytes // 8, 1024), np.float32)
-    dst = np.empty_like(src)
-    threads = threads or (numba.get_num_threads() if src.size >= PARALLEL_MIN else 1)
-    copy, previous = _copy_kernel(), numba.get_num_threads()
+    if in_place:
+        x = np.ones(max(nbytes // 4, 2048), np.float32)
+        size, moved, kind = x.size, 2 * x.nbytes, "in-place update"
+        kernel, args = _roof_kernels()[1], (x,)
+    else:
+        src = np.ones(max(nbytes // 8, 1024), np.float32)
+        size, moved, kind = src.size, 2 * src.nbytes, "copy"
+        kernel, args = _roof_kernels()[0], (src, np.empty_like(src))
+    working_set = moved if not in_place else moved // 2
+    threads = threads or (numba.get_num_threads() if size >= PARALLEL_MIN else 1)
+    previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        copy(src, dst)
-        once = _time(lambda: copy(src, dst))
-        times = [_time(lambda: copy(src, dst)) for _ in range(max(5, min(200, int(0.2 / once))))]
+        kernel(*args)
+        once = _time(lambda: kernel(*args))
+        times = [_time(lambda: kernel(*args)) for _ in range(max(5, min(200, int(0.2 / once))))]
     finally:
         numba.set_num_threads(previous)
-    where = "cache-resident" if 2 * src.nbytes <= l3_bytes() else "DRAM"
-    return Roof(2 * src.nbytes / min(times) / 1e9,
-                f"{threads}-thread copy of {_size(2 * src.nbytes)} ({where})")
+    where = "cache-resident" if working_set <= l3_bytes() else "DRAM"
+    return Roof(moved / min(times) / 1e9, f"{threads}-thread {kind} of {_size(working_set)} ({where})")
 
 
 def gemm_roof(rates):
@@ -183,8 +201,8 @@ class _Host:
     def time(self, fn):
         return _time(fn)
 
-    def copy_roof(self, nbytes):
-        return memory_roof(nbytes)
+    def copy_roof(self, nbytes, in_place=False):
+        return memory_roof(nbytes, in_place=in_place)
 
     def gemm_roof(self, n, dtype):
         return measured_gemm_roof(n, dtype)
@@ -226,7 +244,9 @@ class _Device:
             self.busy_out = self.cuda.to_device(np.zeros(1, np.float32))
         _busy_kernel()[1, 1](steps, self.busy_out)
 
-    def copy_roof(self, nbytes):
+    def copy_roof(self, nbytes, in_place=False):
+        """A device-to-device copy of ``nbytes`` (an in-place kernel is held to it too: a device has no
+        write-allocate read to spare)."""
         src = self.cuda.to_device(np.ones(max(nbytes // 8, 1024), np.float32))
         dst = self.cuda.device_array_like(src)
         return Roof(2 * src.nbytes / _median([self.time(lambda: dst.copy_to_device(src)) for _ in range(5)]) / 1e9,
@@ -334,12 +354,19 @@ def cases(dev, size, dtype):
         Case("hinge", ew, lambda: kernels.hinge(x, target, out=out), 3 * n * item),
         Case("bias_grad", f"{bg_rows}x{bg_cols}", lambda: kernels.bias_grad(cols), (bg_rows + 1) * bg_cols * item),
         Case("dropout", ew, lambda: kernels.dropout(x, 0.5, 1, out=out), 2 * n * item),
+        # the optimizers: working set param, grad and state, updated in place (against an in-place roof: a
+        # copy's uncounted write-allocate read would let them pass 100%)
         Case("sgd_step (momentum)", f"{p}",
-             lambda: kernels.sgd_step(param, grad, lr=1e-3, momentum=0.9, velocity=s1), 5 * p * item),
-        Case("adam_step", f"{p}", lambda: kernels.adam_step(param, grad, s1, s2, step=10), 7 * p * item),
-        Case("rmsprop_step", f"{p}", lambda: kernels.rmsprop_step(param, grad, s1), 5 * p * item),
-        Case("adagrad_step", f"{p}", lambda: kernels.adagrad_step(param, grad, s1), 5 * p * item),
-        Case("adadelta_step", f"{p}", lambda: kernels.adadelta_step(param, grad, s1, s2), 7 * p * item),
+             lambda: kernels.sgd_step(param, grad, lr=1e-3, momentum=0.9, velocity=s1), 5 * p * item,
+             working_set=3 * p * item, in_place=True),
+        Case("adam_step", f"{p}", lambda: kernels.adam_step(param, grad, s1, s2, step=10), 7 * p * item,
+             working_set=4 * p * item, in_place=True),
+        Case("rmsprop_step", f"{p}", lambda: kernels.rmsprop_step(param, grad, s1), 5 * p * item,
+             working_set=3 * p * item, in_place=True),
+        Case("adagrad_step", f"{p}", lambda: kernels.adagrad_step(param, grad, s1), 5 * p * item,
+             working_set=3 * p * item, in_place=True),
+        Case("adadelta_step", f"{p}", lambda: kernels.adadelta_step(param, grad, s1, s2), 7 * p * item,
+             working_set=4 * p * item, in_place=True),
     ]
     # the training step's fused kernels: bias + activation backward, per-layer norms, batch normalisation
     cols_dy = dev.to(_rand((bg_rows, bg_cols), dtype, 17))
@@ -355,18 +382,21 @@ def cases(dev, size, dtype):
         Case("bias_act_backward", table, lambda: kernels.bias_act_backward(cols, cols_dy, "relu", out=dz, bias_out=db),
              (3 * bg_rows + 1) * bg_cols * item),
         Case("segment_norms", f"{p} in 4", lambda: kernels.segment_norms(param, offsets), p * item),
-        Case("count_correct", rw, lambda: kernels.count_correct(logits, labels, metrics), rows * classes * item + rows * 8),
+        Case("count_correct", rw, lambda: kernels.count_correct(logits, labels, metrics),
+             rows * classes * item + rows * 8),
         Case("check_step", "4 norms", lambda: kernels.check_step(loss, norms, metrics, scale, rows=rows, max_norm=1.0),
              (4 + metrics.size) * 8),
         Case("batchnorm_stats", table, lambda: kernels.batchnorm_stats(cols), 2 * bg_rows * bg_cols * item),
+        # the statistics (two passes), then normalise: read x, write xhat and y
         Case("batchnorm_forward", table, lambda: kernels.batchnorm_forward(cols, gamma, beta, mean, var),
-             5 * bg_rows * bg_cols * item),  # the statistics (two passes), then normalise: read x, write xhat and y
+             5 * bg_rows * bg_cols * item, working_set=3 * bg_rows * bg_cols * item),
         Case("batchnorm_eval", table, lambda: kernels.batchnorm_eval(cols, gamma, beta, mean, var),
              2 * bg_rows * bg_cols * item),
         Case("batchnorm_backward_sums", table, lambda: kernels.batchnorm_backward_sums(cols_dy, xhat),
              2 * bg_rows * bg_cols * item),
+        # the sums, then dx: read dy and xhat twice, write dx
         Case("batchnorm_backward", table, lambda: kernels.batchnorm_backward(cols_dy, xhat, gamma, inv_std),
-             5 * bg_rows * bg_cols * item),  # the sums, then dx: read dy and xhat twice, write dx
+             5 * bg_rows * bg_cols * item, working_set=3 * bg_rows * bg_cols * item),
     ]
     return result
 
@@ -384,10 +414,12 @@ def profile(backend="numba", size="quick", dtype="float32", only=None, file=sys.
         s = SIZES[size]
         g = s["gemm"]
         gemm = dev.gemm_roof(g, dtype)
+        gemm_what = (f"; GEMM {gemm.value:.1f} GFLOP/s at {g}^3, {gemm.what}" if gemm else
+                     "; no GEMM roof (CuPy not installed)")
         print(f"backend {backend}, {np.dtype(dtype)}, shapes '{size}'; roofs: a copy with each kernel's threads "
-              f"and working set" + (f"; GEMM {gemm.value:.1f} GFLOP/s at {g}^3, {gemm.what}" if gemm else
-                                    "; no GEMM roof (CuPy not installed)"), file=file)
-        memory = {case.kernel: dev.copy_roof(case.bytes) for case in todo if not case.flops}
+              f"and working set (an in-place update for the optimizers){gemm_what}", file=file)
+        memory = {case.kernel: dev.copy_roof(case.working_set or case.bytes, case.in_place) for case in todo
+                  if not case.flops}
         first = {}
         for case in todo:  # first calls: compilation (or loading the cache), kept out of the capture range
             with _nvtx_range(case.kernel + " (first call)"):
