@@ -484,7 +484,21 @@ def _batchnorm_parts(backend, name, parts, x, x_name):
         raise ValueError(f"{name} must have shape (3, {x.shape[1]}) or (parts, 3, {x.shape[1]}) (three rows per "
                          f"column of {x_name}, for each part of the batch), got {shape}")
     select(**{x_name: x}, **{name: parts})
-    return backend.ascontiguous(parts).reshape((-1, 3, x.shape[1]))
+    return backend.ascontiguous(parts).reshape(shape if len(shape) == 3 else (1, *shape))
+
+
+def _training_rows(x, stats, parts):
+    """Refuse a training batch of fewer than 2 rows (torch.nn.BatchNorm1d does too: its variance needs two
+    values per column): ``x``'s rows, or with ``stats`` the counts they hold (host arrays only: device
+    ones are not read, which would cost a synchronisation, and with no columns there are no counts)."""
+    if stats is None and x.shape[0] < 2:
+        raise ValueError(f"x must have at least 2 rows in training (a batch's variance needs 2 values per "
+                         f"column; batchnorm_eval takes any number), got shape {tuple(x.shape)}")
+    if stats is not None and isinstance(parts, np.ndarray) and parts.shape[2]:
+        rows = parts[:, 0, :].sum(axis=0).min()
+        if rows < 2:
+            raise ValueError(f"stats must count at least 2 rows in training (a batch's variance needs 2 values "
+                             f"per column), got {rows:g} rows")
 
 
 def batchnorm_stats(x):
@@ -503,14 +517,17 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1
     ``y = gamma * xhat + beta``, ``xhat = (x - mean) * inv_std`` from the batch's mean and biased
     variance, and updates ``running_mean``/``running_var`` in place (unbiased variance, ``momentum``).
     ``stats``: the batch's statistics (:func:`batchnorm_stats` of each part, stacked), when ``x`` is
-    only a part of it; default: ``x``'s own."""
+    only a part of it (which may have no rows); default: ``x``'s own. The batch needs at least 2 rows
+    (``ValueError`` otherwise, as torch; the counts of device ``stats`` are not read)."""
     momentum = check.scalar("momentum", momentum, low=0.0, high=1.0)
     eps = check.scalar("eps", eps, low=0.0, low_open=True)
     backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     check.inplace("running_mean", running_mean)
     check.inplace("running_var", running_var)
-    stats = batchnorm_stats(x) if stats is None else stats
-    parts = _batchnorm_parts(backend, "stats", stats, x, "x")
+    parts = None if stats is None else _batchnorm_parts(backend, "stats", stats, x, "x")
+    _training_rows(x, stats, parts)
+    if stats is None:
+        parts = _batchnorm_parts(backend, "stats", batchnorm_stats(x), x, "x")
     y, xhat = backend.empty(x.shape, x.dtype, x), backend.empty(x.shape, x.dtype, x)
     inv_std = backend.empty((x.shape[1],), x.dtype, x)
     backend.batchnorm_forward(backend.ascontiguous(x), backend.ascontiguous(gamma), backend.ascontiguous(beta),
@@ -519,7 +536,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1
 
 
 def batchnorm_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-5):
-    """Batch normalisation in evaluation: ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
+    """Batch normalisation in evaluation: ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``,
+    for any number of rows."""
     eps = check.scalar("eps", eps, low=0.0, low_open=True)
     backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     y = backend.empty(x.shape, x.dtype, x)
@@ -555,7 +573,7 @@ def batchnorm_backward(dy, xhat, gamma, inv_std, *, sums=None):
     """Gradients of batch normalisation in training from the forward pass's ``xhat`` and ``inv_std``:
     returns ``(dx, dgamma, dbeta)``, the gradients from ``dy``'s rows. ``sums``: the whole batch's
     (:func:`batchnorm_backward_sums` of each part, stacked), when ``dy`` is only a part of it; default:
-    ``dy``'s own."""
+    ``dy``'s own (no rows: an empty ``dx``, zero ``dgamma`` and ``dbeta``)."""
     backend = _backward_inputs(dy, xhat, gamma=gamma, inv_std=inv_std)
     local, dgamma, dbeta = _local_sums(backend, dy, xhat)
     parts = _batchnorm_parts(backend, "sums", local if sums is None else sums, dy, "dy")

@@ -3,10 +3,13 @@
 One thread per column walks down the rows (neighbouring threads read neighbouring columns), with
 float64 accumulators in the same order as the numba backend: mean, then squared deviations (the
 statistics), then the parts' statistics merged and the normalised outputs. Deterministic, no atomics.
+The float64 accumulators and operands are NumPy float64 so that the simulator computes in float64 as a
+GPU does (NumPy 2 rounds a float32 plus a Python float to float32).
 """
 
 import math
 
+import numpy as np
 from numba import cuda
 
 from ..reference.batchnorm import merge_column
@@ -19,11 +22,11 @@ _merge_column = cuda.jit(device=True)(merge_column)
 def _stats(x, stats):
     n = x.shape[0]
     for j in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
-        mean = 0.0
+        mean = np.float64(0.0)
         for r in range(n):
             mean += x[r, j]
         mean /= max(n, 1)
-        m2 = 0.0
+        m2 = np.float64(0.0)
         for r in range(n):
             d = x[r, j] - mean
             m2 += d * d
@@ -37,8 +40,8 @@ def _forward(x, gamma, beta, running_mean, running_var, stats, momentum, eps, y,
     for j in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
         count, mean, m2 = _merge_column(stats, j)
         var = m2 / max(count, 1.0)
-        running_mean[j] = (1 - momentum) * running_mean[j] + momentum * mean
-        running_var[j] = (1 - momentum) * running_var[j] + momentum * count / max(count - 1, 1.0) * var
+        running_mean[j] = (1 - momentum) * np.float64(running_mean[j]) + momentum * mean
+        running_var[j] = (1 - momentum) * np.float64(running_var[j]) + momentum * count / max(count - 1, 1.0) * var
         s = 1 / math.sqrt(var + eps)
         inv_std[j] = s
         for r in range(x.shape[0]):
@@ -50,7 +53,7 @@ def _forward(x, gamma, beta, running_mean, running_var, stats, momentum, eps, y,
 @kernel
 def _eval(x, gamma, beta, running_mean, running_var, eps, y):
     for j in range(cuda.grid(1), x.shape[1], cuda.gridsize(1)):
-        scale = gamma[j] / math.sqrt(running_var[j] + eps)
+        scale = np.float64(gamma[j]) / math.sqrt(np.float64(running_var[j]) + eps)
         for r in range(x.shape[0]):
             y[r, j] = (x[r, j] - running_mean[j]) * scale + beta[j]
 
@@ -58,8 +61,8 @@ def _eval(x, gamma, beta, running_mean, running_var, eps, y):
 @kernel
 def _backward_sums(dy, xhat, sums, dgamma, dbeta):
     for j in range(cuda.grid(1), dy.shape[1], cuda.gridsize(1)):
-        sum_dy = 0.0
-        sum_dy_xhat = 0.0
+        sum_dy = np.float64(0.0)
+        sum_dy_xhat = np.float64(0.0)
         for r in range(dy.shape[0]):
             sum_dy += dy[r, j]
             sum_dy_xhat += dy[r, j] * xhat[r, j]
@@ -107,4 +110,5 @@ def batchnorm_backward_sums(dy, xhat, sums, dgamma, dbeta):
 
 
 def batchnorm_backward(dy, xhat, gamma, inv_std, sums, dx):
-    _columns(_backward, dy, xhat, gamma, inv_std, sums, dx)
+    if dy.shape[0]:  # no rows here: nothing to compute, and the batch may count none (a division by 0)
+        _columns(_backward, dy, xhat, gamma, inv_std, sums, dx)

@@ -63,6 +63,8 @@ def batchnorm_backward_sums(dy, xhat, sums, dgamma, dbeta):
 
 
 def batchnorm_backward(dy, xhat, gamma, inv_std, sums, dx):
+    if dy.size == 0:  # no rows (or columns) here: nothing to compute, and the batch may count none
+        return
     count, dbeta, dgamma = (a.astype(dy.dtype) for a in sums.sum(axis=0))
-    n = int(count[0]) if count.size else 1
+    n = int(count[0])
     np.multiply(gamma * inv_std / n, n * dy - dbeta - xhat * dgamma, out=dx)
