@@ -356,13 +356,15 @@ def segment_norms(x, offsets, *, out=None):
     import numpy as np
 
     check.float_array("x", x, ndim=1)
-    if not hasattr(offsets, "dtype") or len(offsets.shape) != 1 or offsets.dtype.kind not in "iu":
-        raise TypeError(f"offsets must be a 1-D integer array, got {getattr(offsets, 'dtype', type(offsets).__name__)}")
+    if not hasattr(offsets, "dtype") or offsets.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be an integer array, got {getattr(offsets, 'dtype', type(offsets).__name__)}")
+    if len(offsets.shape) != 1:
+        raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
     if offsets.shape[0] < 1:
         raise ValueError("offsets must hold at least one boundary (0)")
     backend = select(x=x, offsets=offsets, out=out)
     if isinstance(offsets, np.ndarray):
-        if offsets[0] < 0 or offsets[-1] > x.shape[0] or np.any(np.diff(offsets) < 0):
+        if offsets[0] < 0 or offsets[-1] > x.shape[0] or np.any(offsets[1:] < offsets[:-1]):
             raise ValueError(f"offsets must be non-decreasing within [0, {x.shape[0]}], got {offsets.tolist()}")
         offsets = offsets.astype(np.int64)
     out = check.out(out, (offsets.shape[0] - 1,), np.float64, backend, like=x, reads=dict(x=x, offsets=offsets))
@@ -454,6 +456,8 @@ def check_step(loss, norms, metrics, scale, *, rows, max_norm=None):
         loss = loss if on_device else np.asarray(loss).reshape(())[()]
     elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):
         raise TypeError(f"loss must be a real number or a 1-element array, got {type(loss).__name__}")
+    check.no_overlap("metrics", metrics, norms=norms, scale=scale, loss=loss if on_device else None)
+    check.no_overlap("scale", scale, norms=norms, loss=loss if on_device else None)
     backend = select(loss=loss if on_device else None, norms=norms, metrics=metrics, scale=scale)
     if backend.name == "cuda" and not on_device:
         raise TypeError("loss must be a device array (as the cuda loss kernels return it) when norms, metrics "
@@ -524,6 +528,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, *, momentum=0.1
     backend = _batchnorm_columns(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     check.inplace("running_mean", running_mean)
     check.inplace("running_var", running_var)
+    check.no_overlap("running_mean", running_mean, x=x, gamma=gamma, beta=beta, running_var=running_var, stats=stats)
+    check.no_overlap("running_var", running_var, x=x, gamma=gamma, beta=beta, stats=stats)
     parts = None if stats is None else _batchnorm_parts(backend, "stats", stats, x, "x")
     _training_rows(x, stats, parts)
     if stats is None:

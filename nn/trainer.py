@@ -27,7 +27,7 @@ from . import losses as losses_
 from . import optim
 from ._device import to_host
 from .health import GradientHealth, NonFiniteError
-from .layers import Sequential
+from .layers import BatchNorm, Sequential
 from .losses import check_finite
 
 
@@ -209,6 +209,11 @@ class Trainer:
         batch_size = len(X) if batch_size is None else batch_size
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if epochs and any(isinstance(layer, BatchNorm) for layer in self.model.layers) and (
+                min(batch_size, len(X)) < 2 or len(X) % batch_size == 1):
+            raise ValueError(f"batch_size={batch_size} leaves a training step of 1 row (of {len(X)} rows): "
+                             "BatchNorm needs at least 2 (a batch variance), as torch's does; choose one that "
+                             "leaves none or 2 or more")
         if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, (int, np.integer))
                                        or sync_every < 1):
             raise ValueError(f"sync_every must be a positive integer or None, got {sync_every!r}")

@@ -205,7 +205,7 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="^out must not share memory with y"):
         kernels.bias_act_backward(y, y.copy(), "relu", out=y)
     x = np.ones(10, np.float32)
-    with pytest.raises(TypeError, match="^offsets must be a 1-D integer array"):
+    with pytest.raises(TypeError, match="^offsets must be an integer array"):
         kernels.segment_norms(x, np.array([0.0, 10.0]))
     with pytest.raises(ValueError, match=r"^offsets must be non-decreasing within \[0, 10\]"):
         kernels.segment_norms(x, np.array([0, 11]))

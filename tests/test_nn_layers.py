@@ -158,6 +158,22 @@ def test_batchnorm_matches_torch_in_training_and_evaluation(nn_backend):
     assert not np.allclose(evaluated, trained)  # training normalises with the batch's own statistics
 
 
+@pytest.mark.parametrize("rows, batch_size", [(9, 1), (9, 4), (1, 32)])
+def test_batchnorm_refuses_a_training_step_of_one_row(rows, batch_size):
+    """A step of one row (batch_size 1, or the epoch's last) would update the running variance as if the
+    batch variance were 0: fit refuses it naming batch_size, before any step, as torch's BatchNorm1d does."""
+    model = nn.Sequential([nn.Dense(3), nn.BatchNorm(), nn.Dense(2)], input_dim=4, seed=0)
+    trainer = nn.Trainer(model, compiled=False)
+    X, y = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32), np.zeros(rows, np.int64)
+    before = model.params.copy()
+    with pytest.raises(ValueError, match=rf"^batch_size={batch_size} leaves a training step of 1 row"):
+        trainer.fit(X, y, epochs=1, batch_size=batch_size, verbose=0)
+    np.testing.assert_array_equal(model.params, before)
+    if rows > 1:
+        trainer.fit(X[:8], y[:8], epochs=1, batch_size=4, verbose=0)  # two steps of 4 rows: trained
+        assert not np.array_equal(model.params, before)
+
+
 def test_parameters_and_gradients_are_views_of_one_flat_buffer():
     model = nn.Sequential([nn.Dense(4, activation="relu"), nn.BatchNorm(), nn.Dense(3)], input_dim=5, seed=0)
     assert model.params.size == 5 * 4 + 4 + 2 * 4 + 4 * 3 + 3
