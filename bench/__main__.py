@@ -3,8 +3,8 @@
 Runs pytest on bench/ with ``--benchmark-enable --benchmark-json`` (the suites are the only definition
 of what is measured), reads the JSON back and prints a markdown table (bench/_report.py): per group the
 median of every implementation, numba's speed against the best peer, its GB/s or GFLOP/s and the
-fraction of the roof measured in the same run, with the machine it ran on. ``--quick`` caps every
-benchmark at 3 rounds and leaves out the 2048^3 and float64 products, most of the small and fused
+fraction of the roof measured in the same run, with the machine it ran on. ``--quick`` takes 3
+rounds (at least 0.25 s) per benchmark and leaves out the 2048^3 and float64 products, most of the small and fused
 matmul shapes, the 784-1024-1024-10 model and torch.compile (a few minutes on a quiet machine).
 """
 
@@ -25,7 +25,7 @@ SUITES = ("activations", "dropout", "losses", "matmul", "optim", "training")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds each, the big products and models left out")
+    parser.add_argument("--quick", action="store_true", help="3 rounds (0.25 s) each; big products and models left out")
     parser.add_argument("--plot", metavar="FILE", help="write the chart (PNG) here")
     parser.add_argument("--json", metavar="FILE", help="keep pytest-benchmark's JSON here")
     parser.add_argument("-k", metavar="EXPR", help="only the benchmarks matching this pytest -k expression")

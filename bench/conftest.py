@@ -15,10 +15,11 @@ PyTorch and NumPy's OpenBLAS (threadpoolctl); XLA's CPU pool uses every core by 
 
 Plain ``pytest`` runs each benchmark once as a smoke test (``--benchmark-disable`` in setup.cfg);
 ``pytest bench --benchmark-enable`` times them; ``python -m bench`` runs them and prints the report.
-``BENCH_QUICK=1`` caps every benchmark at 3 rounds (``python -m bench --quick``).
+``BENCH_QUICK=1`` takes 3 rounds (at least ROUNDS_S) per benchmark (``python -m bench --quick``).
 """
 
 import contextlib
+import math
 import os
 import time
 
@@ -38,6 +39,11 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 # slices (~8 ms medians seen for sub-millisecond products; batch-1 training epochs timed 1.5x slower right
 # after the NumPy reference's). Not in smoke runs, which time nothing.
 SETTLE_S = 0.3
+# Each implementation is timed for at least this long: a call shorter than ROUNDS_S / rounds gets more rounds
+# (up to MAX_ROUNDS), so a median spans more than one of the shared host's slow or fast moments (a batch-1
+# epoch of ~15 ms times 5 rounds was 75 ms: quick runs read b1 SGD at 0.6x and 1.5x of JAX an hour apart).
+ROUNDS_S = 0.25 if QUICK else 0.6
+MAX_ROUNDS = 1000
 numba.set_num_threads(THREADS)
 try:
     import torch
@@ -100,8 +106,13 @@ def measure(benchmark, request):
             time.sleep(SETTLE_S)  # the previous implementation's (and the roof's) thread pools go idle
         with kernels.use_backend(backend) if backend else contextlib.nullcontext():
             fn()  # warm-up: compile, fault pages in, fill caches the way a training loop would
-            result = benchmark.pedantic(fn, rounds=min(rounds, 3) if QUICK else rounds, iterations=1,
-                                        warmup_rounds=1)
+            start = time.perf_counter()
+            fn()  # the second warm-up call, timed: how many rounds fill ROUNDS_S
+            once = time.perf_counter() - start
+            rounds = min(rounds, 3) if QUICK else rounds
+            if timed:
+                rounds = max(rounds, min(MAX_ROUNDS, math.ceil(ROUNDS_S / max(once, 1e-6))))
+            result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
         if benchmark.stats is not None:
             median = benchmark.stats.stats.median
             if samples:
