@@ -269,8 +269,8 @@ def _train():
     import nn
 
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((12, 4)).astype(np.float32)
-    for loss, y in (("softmax_cross_entropy", rng.integers(0, 3, 12)), ("mse", rng.standard_normal((12, 3)))):
+    X = rng.standard_normal((16, 4)).astype(np.float32)
+    for loss, y in (("softmax_cross_entropy", rng.integers(0, 3, 16)), ("mse", rng.standard_normal((16, 3)))):
         model = nn.Sequential([nn.Dense(8, activation="relu"), nn.Dropout(0.2), nn.BatchNorm(), nn.Dense(3)],
                               seed=0)
         trainer = nn.Trainer(model, loss=loss, optimizer="adam", clip_norm=1.0)
