@@ -106,12 +106,11 @@ def measure(benchmark, request):
             time.sleep(SETTLE_S)  # the previous implementation's (and the roof's) thread pools go idle
         with kernels.use_backend(backend) if backend else contextlib.nullcontext():
             fn()  # warm-up: compile, fault pages in, fill caches the way a training loop would
-            start = time.perf_counter()
-            fn()  # the second warm-up call, timed: how many rounds fill ROUNDS_S
-            once = time.perf_counter() - start
             rounds = min(rounds, 3) if QUICK else rounds
-            if timed:
-                rounds = max(rounds, min(MAX_ROUNDS, math.ceil(ROUNDS_S / max(once, 1e-6))))
+            if timed:  # a second warm-up call, timed: how many rounds fill ROUNDS_S
+                start = time.perf_counter()
+                fn()
+                rounds = max(rounds, min(MAX_ROUNDS, math.ceil(ROUNDS_S / max(time.perf_counter() - start, 1e-6))))
             result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
         if benchmark.stats is not None:
             median = benchmark.stats.stats.median
