@@ -70,14 +70,21 @@ def machine_line(info):
             f"{info.get('llvm cpu')}), {info.get('cores')} cores, {info.get('vector bits')}-bit vectors; {libs}")
 
 
+def records_of(group, median, extra, name=None):
+    """The records of one timed benchmark: its own (``impl`` from ``extra``, else ``name``), then one per
+    implementation timed alongside it (``extra["peers"]``: bench/conftest.py's ``alternate``)."""
+    own = {k: v for k, v in extra.items() if k != "peers"}
+    shared = {k: v for k, v in own.items() if k not in ("impl", "samples/s", "us/step")}
+    return [dict(own, group=group, impl=extra.get("impl", name), median=median)] + [
+        dict(shared, group=group, impl=impl, median=peer["median"]) for impl, peer in extra.get("peers", {}).items()]
+
+
 def records_from_json(data):
     """The records of a pytest-benchmark JSON document (timed benchmarks only) and its machine info."""
     records = []
     for b in data.get("benchmarks", []):
         if b.get("stats") and b["stats"].get("median"):
-            extra = b.get("extra_info", {})
-            records.append(dict(extra, group=b["group"], impl=extra.get("impl", b["name"]),
-                                median=b["stats"]["median"]))
+            records += records_of(b["group"], b["stats"]["median"], b.get("extra_info", {}), b["name"])
     return records, data.get("machine_info", {}).get("kernels", {})
 
 

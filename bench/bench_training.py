@@ -19,7 +19,9 @@ Implementations, each in its fastest form with the same thread count (bench/conf
   ``jax.jit`` with the parameters and optimizer state donated, one call per mini-batch;
 - ``jax-scan``: the whole epoch in one ``jax.jit`` (``lax.scan`` over the mini-batches).
 
-Every peer shuffles once per epoch. ``flops`` counts only the products computed: forward ``x @ W``,
+The implementations' epochs are timed in turn, in blocks of at least 0.1 s (bench/conftest.py's
+``alternate``): timed back to back, one implementation after the other, they met different moments of the
+shared host (the same code read 188 and 227 ms in neighbouring slots). Every peer shuffles once per epoch. ``flops`` counts only the products computed: forward ``x @ W``,
 backward ``dW = x^T dy`` for every layer and ``dx = dy W^T`` for all but the first (whose input needs no
 gradient). ``extra_info`` holds samples/s and us/step.
 """
@@ -195,22 +197,32 @@ def _jax_epoch(config, X, y, scan):
     return epoch
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _implementations(config, X, y, timed):
+    """``{impl: (epoch, backend)}`` for ``alternate``; peers whose library is missing are left out, and
+    torch.compile in smoke runs (it compiles for ~10 s per model)."""
+    impls = {}
+    for impl in IMPLS:
+        try:
+            if impl.startswith("torch"):
+                if impl == "torch.compile" and not timed:
+                    continue
+                fn = _torch_epoch(config, X, y, compiled=impl == "torch.compile")
+            elif impl.startswith("jax"):
+                fn = _jax_epoch(config, X, y, scan=impl == "jax-scan")
+            else:
+                fn = _nn_epoch(config, X, y, "numba" if impl.startswith("numba") else impl,
+                               compiled=False if impl == "numba-per-kernel" else None)
+        except pytest.skip.Exception:
+            continue
+        impls[impl] = fn, "numba" if impl.startswith("numba") else "numpy" if impl == "numpy" else None
+    return impls
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[_label(c).removeprefix("train ").replace(" ", "-") for c in CONFIGS])
-def test_training_epoch(measure, request, impl, config):
+def test_training_epoch(alternate, request, config):
     widths, _, batch, _, n = config
     X, y = _data(widths, n)
-    if impl == "torch.compile" and smoke(request.config):
-        pytest.skip("torch.compile compiles for ~10 s per model: timed runs only")
-    if impl.startswith("torch"):
-        fn = _torch_epoch(config, X, y, compiled=impl == "torch.compile")
-    elif impl.startswith("jax"):
-        fn = _jax_epoch(config, X, y, scan=impl == "jax-scan")
-    elif impl == "numba-per-kernel":
-        fn = _nn_epoch(config, X, y, "numba", compiled=False)
-    else:
-        fn = _nn_epoch(config, X, y, impl)
+    impls = _implementations(config, X, y, timed=not smoke(request.config))
     macs = [a * b for a, b in zip(widths[:-1], widths[1:])]
     flops = 2 * n * (2 * sum(macs) + sum(macs[1:]))  # forward and dW for every layer, dx for all but the first
-    measure(fn, group=_label(config), impl=impl, flops=flops, samples=n, steps=n // batch, rounds=5, min_side=batch,
-            backend="numba" if impl.startswith("numba") else "numpy" if impl == "numpy" else None)
+    alternate(impls, group=_label(config), flops=flops, samples=n, steps=n // batch, min_side=batch)

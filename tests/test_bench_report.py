@@ -37,6 +37,22 @@ def test_parses_timed_benchmarks_and_the_machine():
     assert records[0]["impl"] == "numpy" and records[0]["median"] == pytest.approx(2 * 1024**3 / 250e9)
 
 
+def test_peers_timed_alongside_become_records_of_their_own():
+    """bench/conftest.py's ``alternate`` stores the peers' medians in the timed benchmark's extra_info."""
+    peers = {"jax-scan": {"median": 0.25, "rounds": 12, "min": 0.2, "max": 0.3},
+             "numba-per-kernel": {"median": 0.75, "rounds": 4, "min": 0.7, "max": 0.8}}
+    doc = {"benchmarks": [_bench("train b1", "numba", 0.5, flops=1e9, min_side=1, peers=peers,
+                                 **{"samples/s": 512.0, "us/step": 10.0})]}
+    records, _ = _report.records_from_json(doc)
+    assert [(r["impl"], r["median"]) for r in records] == [("numba", 0.5), ("jax-scan", 0.25),
+                                                           ("numba-per-kernel", 0.75)]
+    assert all(r["group"] == "train b1" and r["flops"] == 1e9 and r["min_side"] == 1 and "peers" not in r
+               for r in records)
+    assert records[0]["samples/s"] == 512.0 and "samples/s" not in records[1]  # ours' rate is not a peer's
+    (row,) = _report.rows(records)
+    assert row["best_peer"] == "jax-scan" and row["vs_best"] == pytest.approx(0.5)  # not our other form
+
+
 def test_gemm_roof_is_the_best_peer_never_numba():
     records, _ = _report.records_from_json(_doc())
     roof = _report.gemm_roofs(records)["float32"]
