@@ -21,9 +21,10 @@ Implementations, each in its fastest form with the same thread count (bench/conf
 
 The implementations' epochs are timed in turn, in blocks of at least 0.1 s (bench/conftest.py's
 ``alternate``): timed back to back, one implementation after the other, they met different moments of the
-shared host (the same code read 188 and 227 ms in neighbouring slots). Every peer shuffles once per epoch. ``flops`` counts only the products computed: forward ``x @ W``,
-backward ``dW = x^T dy`` for every layer and ``dx = dy W^T`` for all but the first (whose input needs no
-gradient). ``extra_info`` holds samples/s and us/step.
+shared host (the same code read 188 and 227 ms in neighbouring slots). Every peer shuffles once per epoch.
+``flops`` counts only the products computed: forward ``x @ W``, backward ``dW = x^T dy`` for every layer and
+``dx = dy W^T`` for all but the first (whose input needs no gradient). ``extra_info`` holds samples/s and
+us/step.
 """
 
 import numpy as np

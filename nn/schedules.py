@@ -3,11 +3,21 @@ the default) or optimizer steps (``per="step"``) from 0. The trainer sets the op
 them before each epoch or step, so a resumed run follows the same schedule."""
 
 import math
+import numbers
+
+from kernels._checks import scalar
+
+
+def _count(name, value):
+    """A whole number of epochs or steps, at least 1 (1.5 or True is refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 class Schedule:
     def __init__(self, per="epoch"):
-        if per not in ("epoch", "step"):
+        if not isinstance(per, str) or per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
         self.per = per
 
@@ -17,9 +27,8 @@ class StepDecay(Schedule):
 
     def __init__(self, step_size, gamma=0.1, per="epoch"):
         super().__init__(per)
-        if step_size < 1 or not 0 < gamma <= 1:
-            raise ValueError(f"need step_size >= 1 and gamma in (0, 1], got {step_size}, {gamma}")
-        self.step_size, self.gamma = int(step_size), float(gamma)
+        self.step_size = _count("step_size", step_size)
+        self.gamma = scalar("gamma", gamma, low=0, high=1, low_open=True)
 
     def __call__(self, base_lr, t):
         return base_lr * self.gamma ** (t // self.step_size)
@@ -30,9 +39,7 @@ class CosineDecay(Schedule):
 
     def __init__(self, total, min_lr=0.0, per="epoch"):
         super().__init__(per)
-        if total < 1 or min_lr < 0:
-            raise ValueError(f"need total >= 1 and min_lr >= 0, got {total}, {min_lr}")
-        self.total, self.min_lr = int(total), float(min_lr)
+        self.total, self.min_lr = _count("total", total), scalar("min_lr", min_lr, low=0)
 
     def __call__(self, base_lr, t):
         progress = min(t, self.total) / self.total

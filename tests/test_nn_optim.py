@@ -147,6 +147,18 @@ def test_schedules():
     assert cosine(0.1, 5) == pytest.approx(0.055) and cosine(0.1, 50) == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("make, name", [
+    (lambda: nn.StepDecay(1.5), "step_size"), (lambda: nn.StepDecay(True), "step_size"),
+    (lambda: nn.StepDecay(0), "step_size"), (lambda: nn.StepDecay(2, gamma=0), "gamma"),
+    (lambda: nn.StepDecay(2, gamma=1.5), "gamma"), (lambda: nn.StepDecay(2, gamma=math.nan), "gamma"),
+    (lambda: nn.CosineDecay(2.5), "total"), (lambda: nn.CosineDecay(10, min_lr=-1), "min_lr"),
+    (lambda: nn.CosineDecay(10, per="batch"), "per"), (lambda: nn.CosineDecay(10, per=["step"]), "per")])
+def test_schedules_refuse_bad_settings_naming_them(make, name):
+    """A fractional count is refused, not truncated (StepDecay(1.5) used to decay every epoch)."""
+    with pytest.raises((ValueError, TypeError), match=rf"^{name}\b"):
+        make()
+
+
 def test_trainer_applies_schedules_per_epoch_and_per_step():
     X, y = make_moons(40, noise=0.1, random_state=0)
     trainer = nn.Trainer(_moons_model(), optimizer=nn.SGD(lr=0.4), schedule=nn.StepDecay(2, gamma=0.5))
