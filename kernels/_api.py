@@ -85,6 +85,12 @@ def tanh_backward(y, dy, *, out=None):
     return _elementwise_backward("tanh_backward", "y", y, dy, out)
 
 
+def _output_slope(alpha):
+    """leaky_relu's ``alpha`` where its gradient is read from the forward output: ``y > 0`` exactly where
+    ``x > 0`` only for ``alpha >= 0``, so a negative slope is refused."""
+    return check.scalar("alpha", alpha, low=0.0)
+
+
 def _rows(kernel, arrays, out):
     (first, x), *_ = arrays.items()
     for name, a in arrays.items():
@@ -113,9 +119,10 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, activation=None, al
     """``activation(op(a) @ op(b) + bias)`` where op transposes when ``trans_a``/``trans_b`` is set.
 
     a is (M, K), or (K, M) with trans_a; b is (K, N), or (N, K) with trans_b; bias is (N,); the
-    result is (M, N). ``activation`` is None or one of relu, leaky_relu (slope ``alpha``), sigmoid,
-    tanh, applied in the same pass as the bias. The transposed forms read the arrays as they are
-    (any strides): ``matmul(x, dy, trans_a=True)`` is dW and ``matmul(dy, w, trans_b=True)`` is dx.
+    result is (M, N). ``activation`` is None or one of relu, leaky_relu (slope ``alpha`` >= 0, as
+    :func:`bias_act_backward` needs), sigmoid, tanh, applied in the same pass as the bias. The transposed
+    forms read the arrays as they are (any strides): ``matmul(x, dy, trans_a=True)`` is dW and
+    ``matmul(dy, w, trans_b=True)`` is dx.
     """
     check.float_array("a", a, ndim=2)
     check.float_array("b", b, ndim=2)
@@ -134,7 +141,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, activation=None, al
         check.shape("bias", bias, (n,), "one value per output column")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
-    alpha = check.scalar("alpha", alpha)
+    alpha = _output_slope(alpha)
     backend = select(a=a, b=b, bias=bias, out=out)
     out = check.out(out, (m, n), dtype, backend, like=a, reads=dict(a=a, b=b, bias=bias))
     backend.matmul(a, b, trans_a, trans_b, bias, activation, alpha, out)
@@ -190,7 +197,9 @@ def binary_cross_entropy(logits, target, *, out=None):
 
 
 def hinge(scores, target, *, out=None):
-    """Mean hinge loss max(0, 1 - target * scores), target in {-1, +1}; returns ``(loss, dscores)``."""
+    """Mean hinge loss max(0, 1 - target * scores), target in {-1, +1}; returns ``(loss, dscores)``. Host
+    targets are checked; device ones are not (a hidden copy): any other value makes its loss term and
+    gradient NaN, as an out-of-range device label does in :func:`softmax_cross_entropy`."""
     return _pointwise_loss("hinge", "scores", scores, target, out, check.sign_targets)
 
 
@@ -331,14 +340,14 @@ def bias_act_backward(y, dy, activation, *, alpha=0.01, out=None, bias_out=None)
     """A Dense layer's backward pass around its matmul, in one pass over ``dy``: returns
     ``(dz, db)`` with ``dz = dy * activation'`` (read from the forward output ``y``) and ``db`` the
     column sums of ``dz`` (the bias gradient). Same results as ``<activation>_backward`` then
-    ``bias_grad``; ``activation`` is one of relu, leaky_relu (slope ``alpha``), sigmoid, tanh."""
+    ``bias_grad``; ``activation`` is one of relu, leaky_relu (slope ``alpha`` >= 0), sigmoid, tanh."""
     check.float_array("y", y, ndim=2)
     check.float_array("dy", dy, ndim=2)
     check.same_dtype(y=y, dy=dy)
     check.shape("dy", dy, y.shape, "the shape of y")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    alpha = check.scalar("alpha", alpha)
+    alpha = _output_slope(alpha)
     backend = select(y=y, dy=dy, out=out, bias_out=bias_out)
     out = check.out(out, y.shape, y.dtype, backend, like=y, reads=dict(y=y, dy=dy))
     bias_out = check.out(bias_out, (y.shape[1],), y.dtype, backend, like=y, reads=dict(y=y, dy=dy),

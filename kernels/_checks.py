@@ -171,12 +171,13 @@ def disjoint(**buffers):
 
 def _check_pairs(written, read, same_ok=False, why=None):
     """Each (name, array) of ``written`` against each different one of ``read``. Runs on every call:
-    arrays that NumPy allocated separately (the common case) are told apart by their owners alone."""
+    arrays that NumPy allocated separately (the common case) are told apart by their owners alone; a pair
+    with an unknown owner (device arrays, ``as_strided`` views, foreign buffers) gets the exact test."""
     read = [(n, a, _owner(a)) for n, a in read if a is not None]
     for name, buf in written:
         owner = _owner(buf)
         for n, a, a_owner in read:
-            if a is buf and same_ok or owner is not None and a_owner is not owner:
+            if a is buf and same_ok or owner is not None and a_owner is not None and a_owner is not owner:
                 continue
             shared = _shared(buf, a)
             if shared is None or shared == "same" and same_ok:

@@ -182,6 +182,39 @@ def test_out_of_range_device_labels_make_the_loss_and_their_row_nan(bad):
     assert_close(grad[[0, 2]], expected * 2 / 3)  # the mean is over all 3 rows
 
 
+@pytest.mark.parametrize("bad", [0.0, 3.0, 0.5, np.nan])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_device_hinge_targets_other_than_plus_or_minus_one_make_the_loss_and_their_gradient_nan(bad, dtype):
+    """As out-of-range labels: device targets are not checked on the host (targets {0, 3} gave a finite loss)."""
+    scores, target = np.array([0.5, -0.2, 2.0], dtype), np.array([1.0, bad, -1.0], dtype)
+    loss, grad = kernels.hinge(cuda.to_device(scores), cuda.to_device(target))
+    grad = grad.copy_to_host()
+    assert np.isnan(loss.copy_to_host()) and np.isnan(grad[1])
+    _, expected = reference(kernels.hinge, scores[[0, 2]], target[[0, 2]])
+    assert_close(grad[[0, 2]], expected * 2 / 3)  # the mean is over all 3 elements
+
+
+def test_scratch_buffers_of_a_recorded_step_are_kept_with_it(monkeypatch):
+    """A captured graph replays the pointers of the scratch buffers it recorded: they must outlive the
+    scratch cache's eviction. Recording is simulated by a capture stream (the default one, 0)."""
+    import gc
+    import weakref
+
+    from kernels.cuda import _launch
+
+    scores, target = cuda.to_device(np.array([0.5, -0.2], np.float32)), cuda.to_device(np.ones(2, np.float32))
+    kernels.hinge(scores, target)  # the eager first call allocates the scratch buffers
+    blocks = _launch.grid(2)[0]
+    cached = weakref.ref(_launch._scratch("numba", "partials", (blocks,), np.dtype(np.float32)))
+    monkeypatch.setattr(_launch, "_capture_stream", [0])
+    monkeypatch.setattr(_launch, "_capture_kept", [])
+    kernels.hinge(scores, target)
+    kept = _launch._capture_kept
+    _launch._scratch.cache_clear()  # as an eviction would
+    gc.collect()
+    assert cached() is not None and any(a is cached() for a in kept)
+
+
 @pytest.mark.parametrize("size", [1, 33, 1000, 4099])
 def test_bias_grad_and_pointwise_losses_across_block_counts(size):
     dy = _rand((size, 3), np.float64, 9)

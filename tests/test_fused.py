@@ -215,6 +215,20 @@ def test_bad_arguments_raise_naming_them():
         kernels.segment_norms(np.ones((2, 5), np.float32), np.array([0, 10]))
 
 
+def test_leaky_relu_slope_read_from_the_output_must_not_be_negative(backend):
+    """bias_act_backward reads leaky_relu's derivative from y > 0, which is x > 0 only for alpha >= 0 (with
+    alpha = -0.5 it gave dz [1, 1] for x = [-2, 3], not [-0.5, 1]): a negative slope is refused there and
+    in the matmul epilogue it is the backward of; leaky_relu_backward, from x, takes any slope."""
+    x, dy = backend.to(np.array([[-2.0, 3.0]], np.float32)), backend.to(np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match=r"^alpha must be a finite number in \[0, inf\), got -0.5"):
+        kernels.bias_act_backward(kernels.leaky_relu(x, -0.5), dy, "leaky_relu", alpha=-0.5)
+    with pytest.raises(ValueError, match=r"^alpha must be a finite number in \[0, inf\)"):
+        kernels.matmul(x, backend.to(np.eye(2, dtype=np.float32)), activation="leaky_relu", alpha=-0.5)
+    np.testing.assert_array_equal(backend.get(kernels.leaky_relu_backward(x, dy, -0.5)), [[-0.5, 1.0]])
+    dz, _ = kernels.bias_act_backward(kernels.leaky_relu(x, 0.0), dy, "leaky_relu", alpha=0.0)
+    np.testing.assert_array_equal(backend.get(dz), [[0.0, 1.0]])
+
+
 def test_parallel_kernels_thread_only_their_pranges():
     """``_jit.jit(parallel=True)`` makes a parallel loop of each ``prange`` and of nothing else, for every signature:
     an array expression or slice assignment made parallel would run one element per task under

@@ -154,7 +154,7 @@ def device_view(x):
 
 
 _capture_stream = [None]  # the Numba stream a CapturedStep records on, while it records
-_capture_kept = []  # the arrays allocated while recording: the graph writes them on every replay
+_capture_kept = []  # the arrays allocated or used as scratch while recording: the graph replays their pointers
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,8 +338,9 @@ def _scratch(kind, name, shape, dtype):
 def scratch(name, shape, dtype, like):
     """A long-lived zeroed device buffer, one per (name, shape, dtype) and array kind, reused by every call
     (never allocated inside a captured step after its first, eager run). Kernels that use one on the same
-    stream follow each other, so sharing it is safe; it is not for concurrent streams."""
-    return _scratch("cupy" if is_cupy(like) else "numba", name, tuple(shape), np.dtype(dtype))
+    stream follow each other, so sharing it is safe; it is not for concurrent streams. One used while a
+    step is recorded is kept with its graph, which replays its pointer after the cache may have dropped it."""
+    return _kept(_scratch("cupy" if is_cupy(like) else "numba", name, tuple(shape), np.dtype(dtype)))
 
 
 @functools.cache
@@ -523,8 +524,9 @@ class CapturedStep:
     the graph on CuPy's current stream; later calls only launch the graph. A graph replays fixed pointers,
     so ``fn`` must work on long-lived buffers: copy each step's inputs into the same arrays, and read the
     outputs from the arrays it returns: the value the recorded call returned is returned by every replay,
-    refreshed. Arrays the kernels allocate while recording are kept with the graph; arrays ``fn`` itself
-    allocates must be returned or otherwise kept alive. ``fn`` must not read device data on the host.
+    refreshed. Arrays the kernels allocate or take from the scratch cache while recording are kept with the
+    graph; arrays ``fn`` itself allocates must be returned or otherwise kept alive. ``fn`` must not read
+    device data on the host.
 
     Where capture is unavailable (no CuPy, the Numba CUDA simulator, ``capture=False``) or fails, every
     call runs ``fn()`` with plain launches; ``fallback`` says why (``None`` when capturing).
@@ -572,7 +574,8 @@ def _capture_unavailable():
 
 
 def _record(fn):
-    """``fn()``'s launches recorded into a CuPy graph: (graph, fn's result, arrays allocated meanwhile)."""
+    """``fn()``'s launches recorded into a CuPy graph: (graph, fn's result, arrays allocated or used as
+    scratch meanwhile)."""
     import cupy
 
     stream = cupy.cuda.Stream(non_blocking=True)

@@ -8,7 +8,8 @@ are long-lived scratch buffers (``_launch.scratch``).
 
 Out-of-range labels: device labels are not checked on the host (that would be a hidden copy). A row
 whose label is outside [0, classes) gets a NaN loss term and a NaN gradient row, so the returned loss is
-NaN and training cannot go on silently.
+NaN and training cannot go on silently. Hinge targets likewise: one that is not exactly -1 or +1 gives its
+element a NaN loss term and a NaN gradient.
 """
 
 import functools
@@ -98,8 +99,13 @@ def _bce_terms(x, target, scale):
     return (ZERO if x <= ZERO else x) - x * target + log1p(z), (sigmoid - target) * scale
 
 
+NAN = np.float32(np.nan)  # float32: NAN * x is NaN in x's type, and never promotes a float32 kernel
+
+
 @cuda.jit(device=True)
 def _hinge_terms(score, target, scale):
+    if target != ONE and target != -ONE:  # not checked on the host (see the module's docstring)
+        return NAN * score, NAN * scale
     margin = ONE - target * score  # "<= 0", not max(): a NaN margin stays NaN (GPU fmax would drop it)
     return (ZERO if margin <= ZERO else margin), (-target * scale if margin > ZERO else ZERO * scale)
 
