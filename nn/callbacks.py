@@ -21,7 +21,8 @@ class EarlyStopping(Callback):
 
     ``mode`` is ``min`` or ``max`` (``auto``: max for accuracies, min otherwise). With
     ``restore_best_weights`` the model gets back the weights (and BatchNorm statistics) of its best
-    epoch when training ends, whether it stopped early or ran out of epochs.
+    epoch when training ends, whether it stopped early or ran out of epochs; the dropout counters run on,
+    so a later fit draws new masks.
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import optim
 from ._device import to_host
-from .layers import LAYERS, Sequential
+from .layers import Sequential
 
 FORMAT = "nn-checkpoint/1"
 
@@ -67,17 +67,29 @@ def _optimizer_state(data):
 
 
 def _check_matches(path, data, model):
+    """Raise unless the checkpoint's layers have the model's types, settings and shapes, layer by layer.
+
+    Each saved layer is rebuilt with the model's own layer class (so custom layers are checked too; their
+    ``config`` must give their constructor arguments, as :meth:`Layer.config` asks)."""
     spec = json.loads(str(data["architecture"]))
     if len(spec["layers"]) != len(model.layers):
         raise ValueError(f"{path} holds a model with {len(spec['layers'])} layers, this model has {len(model.layers)}")
     dim = spec["input_dim"]
     for mine, (kind, args) in zip(model.layers, spec["layers"]):
-        theirs = LAYERS[kind](**args)
+        if type(mine).__name__ != kind:
+            raise ValueError(f"{path} does not match the model at layer {mine.name}: the checkpoint has a {kind} "
+                             f"there, the model a {type(mine).__name__}")
+        theirs = type(mine)(**args)
         theirs.build(dim, np, model.dtype)
         dim = theirs.output_dim
-        if type(mine) is not type(theirs) or mine.param_shapes != theirs.param_shapes:
+        if mine.param_shapes != theirs.param_shapes:
             raise ValueError(f"{path} does not match the model at layer {mine.name}: the checkpoint has {theirs!r} "
                              f"with parameters {theirs.param_shapes}, the model {mine!r} with {mine.param_shapes}")
+        ours = json.loads(json.dumps(mine.config()))  # as the checkpoint stores it: tuples become lists
+        for key in sorted(set(args) | set(ours)):
+            if args.get(key) != ours.get(key):
+                raise ValueError(f"{path} does not match the model at layer {mine.name}: {key} is "
+                                 f"{args.get(key)!r} in the checkpoint, {ours.get(key)!r} in the model")
     if data["params"].shape != model.params.shape or data["params"].dtype != model.dtype:
         raise ValueError(f"{path} has parameters {data['params'].shape} {data['params'].dtype}, the model "
                          f"{model.params.shape} {model.dtype}")
@@ -91,21 +103,24 @@ def _check_matches(path, data, model):
 def restore(path, model, optimizer=None):
     """Load ``path`` into ``model`` (building it if needed) and ``optimizer``; returns the saved meta dict.
 
-    Everything is read and checked first: a truncated file or any shape mismatch raises ``ValueError``
-    and leaves the model and optimizer as they were.
+    The model adopts the checkpoint's seed (shuffling, dropout masks), so training resumes as the saved
+    run would have gone on. Everything is read and checked first: a truncated file or any mismatch of
+    layer types, settings or shapes raises ``ValueError`` and leaves the model and optimizer as they were.
     """
     return _restore(path, _read(path), model, optimizer)
 
 
 def _restore(path, data, model, optimizer):
+    spec = json.loads(str(data["architecture"]))
     if not model.built:
-        model.build(json.loads(str(data["architecture"]))["input_dim"])
+        model.build(spec["input_dim"])
     _check_matches(path, data, model)
     sd = _optimizer_state(data)
     if optimizer is not None and sd is not None:
         if optimizer.params is None:
             optimizer.bind(model.params, model.grads)
         optimizer.load_state_dict(sd)  # validates before it changes anything
+    model.reseed(spec["seed"])
     model.set_weights(data["params"], {k[len("state/"):]: v for k, v in data.items() if k.startswith("state/")})
     return json.loads(str(data["meta"]))
 

@@ -1,8 +1,9 @@
 """Datasets for the main job: scikit-learn's handwritten digits (ships inside the package, no
 download), or an MNIST-format dataset from disk (IDX files, optionally gzipped, or an ``.npz``).
 
-Every loader returns ``(X, y)`` or a train/test pair of them with ``X`` as float32 rows scaled to
-[0, 1] and ``y`` as int64 class ids.
+Every loader returns ``(X, y)`` or a train/test pair of them with ``X`` as float32 rows and ``y`` as
+int64 class ids. Integer pixels are divided by the train split's largest value, the test split's by the
+same number (so a pixel value means the same feature in both): the train split lies in [0, 1].
 """
 
 import gzip
@@ -14,12 +15,18 @@ import numpy as np
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _features(X):
-    """Flatten images to rows; scale integer pixels by the largest value so features lie in [0, 1]."""
+def _features(X, what, scale=None):
+    """Images flattened to float32 rows, and the scale used: integer pixels are divided by ``scale``
+    (None: by their largest value, so they lie in [0, 1]; pass the train split's for a test split)."""
     X = np.asarray(X)
     X = X.reshape(len(X), -1)
-    scale = max(float(X.max()), 1.0) if X.dtype.kind in "iu" and X.size else 1.0
-    return (X / scale).astype(np.float32)
+    if X.dtype.kind not in "iu" or not X.size:
+        return X.astype(np.float32), scale
+    if X.min() < 0:
+        raise ValueError(f"{what} holds negative integers (minimum {X.min()}), but integer data is read as pixel "
+                         "intensities from 0 up: store signed features as floats, scaled as they should be")
+    scale = max(float(X.max()), 1.0) if scale is None else scale
+    return (X / scale).astype(np.float32), scale
 
 
 def _labels(y, what):
@@ -72,7 +79,7 @@ def _find(directory, stem):
 def load_mnist_dir(directory):
     """``train-images-idx3-ubyte``/``train-labels-idx1-ubyte`` (and the ``t10k-`` test pair when present)
     from ``directory``: returns ``((X_train, y_train), (X_test, y_test) or None)``."""
-    splits = []
+    splits, scale = [], None
     for prefix in ("train", "t10k"):
         images = _find(directory, f"{prefix}-images-idx3-ubyte")
         labels = _find(directory, f"{prefix}-labels-idx1-ubyte")
@@ -80,7 +87,8 @@ def load_mnist_dir(directory):
             X, y = read_idx(images), _labels(read_idx(labels), labels)
             if len(X) != len(y):
                 raise ValueError(f"{images} has {len(X)} images but {labels} has {len(y)} labels")
-            splits.append((_features(X), y))
+            X, scale = _features(X, images, scale)
+            splits.append((X, y))
         elif prefix == "train":
             raise FileNotFoundError(f"{directory} has no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]")
         else:
@@ -99,7 +107,7 @@ def load_npz(path):
             pairs = [("x_train", "y_train"), ("x_test", "y_test") if {"x_test", "y_test"} <= keys else None]
         else:
             raise ValueError(f"{path} must hold arrays x and y (or x_train, y_train), found {sorted(keys)}")
-        out = []
+        out, scale = [], None
         for pair in pairs:
             if pair is None:
                 out.append(None)
@@ -107,7 +115,8 @@ def load_npz(path):
             X, y = f[pair[0]], _labels(f[pair[1]], f"{path}:{pair[1]}")
             if len(X) != len(y):
                 raise ValueError(f"{path}: {pair[0]} has {len(X)} rows but {pair[1]} has {len(y)}")
-            out.append((_features(X), y))
+            X, scale = _features(X, f"{path}:{pair[0]}", scale)
+            out.append((X, y))
     return out[0], out[1]
 
 

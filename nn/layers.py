@@ -27,6 +27,7 @@ class Layer:
     """Base class. Subclasses set ``param_shapes`` in ``build`` and implement forward/backward."""
 
     k = None  # the backend module whose kernels the layer calls, set by Sequential
+    counters = ()  # keys of ``state`` that count random draws (not weights: early stopping keeps them)
     comm = Communicator()  # distributed: the trainer's communicator (Dropout and BatchNorm use it)
 
     def __init__(self):
@@ -68,7 +69,10 @@ class Layer:
         return {}
 
     def load_state(self, state):
-        """Set the state returned by :meth:`state`."""
+        """Set the state returned by :meth:`state`; keys in ``counters`` may be missing (then they stay)."""
+
+    def reset_state(self):
+        """Set the state to what a newly built layer has (``reset_parameters`` calls it)."""
 
     def config(self):
         """Constructor arguments, JSON-serialisable: ``type(self)(**self.config())`` rebuilds the layer."""
@@ -226,13 +230,15 @@ class Dropout(Layer):
     layer's position and a call counter (saved in checkpoints), so training is reproducible and a
     resumed run draws the same masks; the backward pass reapplies the same mask to ``dy``."""
 
+    counters = ("calls",)
+
     def __init__(self, rate):
         super().__init__()
         rate = float(rate)
         if not 0 <= rate < 1:
             raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
         self.rate = rate
-        self.seed_base = 0
+        self.seed_base = 0  # set from the model's seed and the layer's position by Sequential.reseed
         self.calls = 0
         self._seed = None
 
@@ -259,6 +265,9 @@ class Dropout(Layer):
 
     def load_state(self, state):
         self.calls = int(state["calls"])
+
+    def reset_state(self):
+        self.calls = 0
 
     def config(self):
         return {"rate": self.rate}
@@ -288,8 +297,9 @@ class BatchNorm(Layer):
     def build(self, input_dim, xp, dtype):
         super().build(input_dim, xp, dtype)
         self.param_shapes = {"gamma": (input_dim,), "beta": (input_dim,)}
-        self.running_mean = xp.zeros(input_dim, dtype)
-        self.running_var = xp.ones(input_dim, dtype)
+        self.running_mean = xp.empty(input_dim, dtype)
+        self.running_var = xp.empty(input_dim, dtype)
+        self.reset_state()
         self.sums = xp.empty((3, input_dim), np.float64)  # this rank's batch statistics, then backward sums
 
     def init_params(self, rng):
@@ -328,6 +338,10 @@ class BatchNorm(Layer):
     def load_state(self, state):
         self.running_mean[...] = self.xp.asarray(state["running_mean"], self.dtype)
         self.running_var[...] = self.xp.asarray(state["running_var"], self.dtype)
+
+    def reset_state(self):
+        self.running_mean[...] = self.xp.zeros(self.input_dim, self.dtype)
+        self.running_var[...] = self.xp.ones(self.input_dim, self.dtype)
 
     def config(self):
         return {"momentum": self.momentum, "eps": self.eps}
@@ -405,14 +419,21 @@ class Sequential:
         return self
 
     def reset_parameters(self):
-        """Initialise every parameter from the model's seed (the same seed gives the same weights)."""
+        """Initialise every parameter from the model's seed (the same seed gives the same weights) and
+        reset the layers' state (BatchNorm running statistics, Dropout counters), as in a new model."""
         for i, layer in enumerate(self.layers):
-            seq = np.random.SeedSequence([self.seed, i])
-            for name, value in layer.init_params(np.random.default_rng(seq)).items():
+            for name, value in layer.init_params(np.random.default_rng([self.seed, i])).items():
                 layer.params[name][...] = self.xp.asarray(value.astype(self.dtype))
+            layer.reset_state()
+        self.reseed(self.seed)
+
+    def reseed(self, seed):
+        """Adopt ``seed`` for the dropout masks and the trainer's shuffling, keeping the weights (a restored
+        checkpoint's seed: the resumed run then draws what the saved one would have drawn)."""
+        self.seed = int(seed)
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, Dropout):
-                layer.seed_base = int(seq.generate_state(1, np.uint64)[0])
-                layer.calls = 0
+                layer.seed_base = int(np.random.SeedSequence([self.seed, i]).generate_state(1, np.uint64)[0])
 
     def forward(self, x, training=False):
         """The model's output for a batch ``x`` of shape (n, input_dim) on the model's device (a new array)."""
@@ -471,21 +492,27 @@ class Sequential:
         """Names of the layers that own parameters, bottom to top, with their slices of the flat buffers."""
         return [(name, s) for name, s in self.slices.items() if s.stop > s.start]
 
-    def state(self):
-        """Every layer's non-trainable state as ``{"<layer>.<key>": host array}``."""
-        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.state().items()}
+    def state(self, counters=True):
+        """Every layer's non-trainable state as ``{"<layer>.<key>": host array}``; without the RNG
+        ``counters`` (Dropout's) when ``counters`` is False."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.state().items()
+                if counters or k not in layer.counters}
 
     def load_state(self, state):
+        """Set :meth:`state` output; the RNG counters it lacks keep their values."""
         for layer in self.layers:
-            keys = layer.state()
+            keys = [k for k in layer.state() if k not in layer.counters or f"{layer.name}.{k}" in state]
             if keys:
                 layer.load_state({k: state[f"{layer.name}.{k}"] for k in keys})
 
     def get_weights(self):
-        """A host copy of the flat parameters and the layer state (for early stopping, checkpoints)."""
-        return to_host(self.params).copy(), {k: v.copy() for k, v in self.state().items()}
+        """A host copy of the flat parameters and the layer state that belongs with them (BatchNorm
+        statistics), for early stopping: restoring them leaves the Dropout counters running, so the
+        next epochs draw new masks instead of replaying the ones already used."""
+        return to_host(self.params).copy(), {k: v.copy() for k, v in self.state(counters=False).items()}
 
     def set_weights(self, params, state):
+        """Set the flat parameters and :meth:`state` output (from :meth:`get_weights` or a checkpoint)."""
         self.params[...] = self.xp.asarray(params, self.dtype)
         self.load_state(state)
 
@@ -498,6 +525,11 @@ class Sequential:
     def from_config(cls, text, backend=None):
         """Rebuild (unbuilt when ``input_dim`` is None) the model :meth:`config` describes."""
         spec = json.loads(text)
+        for name, _ in spec["layers"]:
+            if name not in LAYERS:
+                raise ValueError(f"layer type {name!r} is not one of nn's {sorted(LAYERS)}: a custom layer cannot be "
+                                 "rebuilt from a config; build the model with it and restore the weights into that "
+                                 "model (checkpoint.restore or Trainer.restore)")
         model = cls([LAYERS[name](**args) for name, args in spec["layers"]], dtype=spec["dtype"],
                     seed=spec["seed"])
         if spec["input_dim"] is not None:

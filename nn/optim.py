@@ -87,11 +87,15 @@ class Optimizer:
                 "buffers": {k: to_host(v).copy() for k, v in self.state.items()}}
 
     def load_state_dict(self, sd):
-        """Restore :meth:`state_dict` output (hyperparameters included); validates before changing anything."""
+        """Restore :meth:`state_dict` output (hyperparameters included); validates before changing anything.
+
+        The state of an optimizer not yet bound (saved before the first step: no buffers, ``t`` 0) restores
+        as a fresh one: every buffer zero."""
         if sd["class"] != type(self).__name__:
             raise ValueError(f"optimizer state is for {sd['class']}, not {type(self).__name__}")
         template = type(self)(**sd["hyper"])  # validates the hyperparameters; its buffers follow from them
-        if set(sd["buffers"]) != set(template.buffers):
+        fresh = not sd["buffers"] and int(sd["t"]) == 0
+        if not fresh and set(sd["buffers"]) != set(template.buffers):
             raise ValueError(f"optimizer state has buffers {sorted(sd['buffers'])}, "
                              f"expected {sorted(template.buffers)}")
         if self.params is not None:
@@ -103,7 +107,8 @@ class Optimizer:
         self.base_lr, self.t = float(sd["base_lr"]), int(sd["t"])
         if self.params is not None:
             xp = namespace_of(self.params)
-            self.state = {k: xp.array(v, dtype=self.params.dtype) for k, v in sd["buffers"].items()}
+            self.state = ({k: xp.zeros_like(self.params) for k in self.buffers} if fresh else
+                          {k: xp.array(v, dtype=self.params.dtype) for k, v in sd["buffers"].items()})
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hyper.items())})"

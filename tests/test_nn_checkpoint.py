@@ -134,3 +134,90 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_saving_an_unbuilt_model_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not built"):
         checkpoint.save(tmp_path / "m.npz", _model())
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_resuming_into_a_model_built_with_another_seed_equals_never_stopping(tmp_path, seed):
+    """The restored model adopts the checkpoint's seed: shuffling and dropout masks go on as saved."""
+    X, y = _data()
+    straight = _trainer(_model())
+    straight.fit(X, y, epochs=4, batch_size=16, verbose=0)
+    first = _trainer(_model())
+    first.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    first.save(tmp_path / "ckpt.npz")
+    resumed = _trainer(_model(seed=seed))
+    resumed.restore(tmp_path / "ckpt.npz")
+    assert resumed.model.seed == 0
+    resumed.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+
+
+def _saved(tmp_path, layers, name="m.npz"):
+    X, y = _data()
+    trainer = nn.Trainer(nn.Sequential(layers, seed=0))
+    trainer.fit(X, y, epochs=1, verbose=0)
+    trainer.save(tmp_path / name)
+    return trainer, tmp_path / name
+
+
+def test_restoring_into_a_model_with_other_layer_settings_raises_naming_the_setting(tmp_path):
+    _, path = _saved(tmp_path, [nn.Dense(8, activation="relu"), nn.Dropout(0.5), nn.Dense(2)])
+    for layers, message in (([nn.Dense(8, activation="sigmoid"), nn.Dropout(0.1), nn.Dense(2)],
+                             "layer dense_0: activation is 'relu' in the checkpoint, 'sigmoid' in the model"),
+                            ([nn.Dense(8, activation="relu"), nn.Dropout(0.1), nn.Dense(2)],
+                             "layer dropout_0: rate is 0.5 in the checkpoint, 0.1 in the model"),
+                            ([nn.Dense(8, activation="relu"), nn.BatchNorm(), nn.Dense(2)],
+                             "layer batchnorm_0: the checkpoint has a Dropout there, the model a BatchNorm")):
+        other = nn.Trainer(nn.Sequential(layers, input_dim=2, seed=0))
+        params = other.model.params.copy()
+        with pytest.raises(ValueError, match=message):
+            other.restore(path)
+        np.testing.assert_array_equal(other.model.params, params)
+
+
+class Scale(nn.Layer):
+    """A custom layer: multiplies each feature by a learnt factor."""
+
+    def build(self, input_dim, xp, dtype):
+        super().build(input_dim, xp, dtype)
+        self.param_shapes = {"s": (input_dim,)}
+
+    def init_params(self, rng):
+        return {"s": rng.uniform(0.5, 1.5, self.input_dim)}
+
+    def forward(self, x, training):
+        self.x = x
+        return x * self.params["s"]
+
+    def backward(self, dy, need_dx=True):
+        self.grads["s"][...] = (dy * self.x).sum(0)
+        return dy * self.params["s"]
+
+
+def test_a_model_with_custom_layers_restores_into_a_built_model_and_load_explains(tmp_path):
+    X, _ = _data()
+    saved, path = _saved(tmp_path, [nn.Dense(4), Scale(), nn.Dense(2)])
+    again = nn.Trainer(nn.Sequential([nn.Dense(4), Scale(), nn.Dense(2)], seed=3))
+    again.restore(path)
+    np.testing.assert_array_equal(again.predict(X), saved.predict(X))
+    assert again.optimizer.t == saved.optimizer.t
+    with pytest.raises(ValueError, match="layer dropout_0: the checkpoint has a Scale there, the model a Dropout"):
+        nn.Trainer(nn.Sequential([nn.Dense(4), nn.Dropout(0.1), nn.Dense(2)], input_dim=2)).restore(path)
+    with pytest.raises(ValueError, match="'Scale' is not one of nn's .*restore the weights into that model"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_saved_before_the_first_fit_restores_and_trains_on(tmp_path):
+    X, y = _data()
+    trainer = _trainer(_model())
+    trainer.model.build(2)
+    trainer.save(tmp_path / "new.npz")
+    straight = _trainer(_model())
+    straight.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    resumed = _trainer(_model(seed=1))
+    resumed.restore(tmp_path / "new.npz")
+    resumed.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    model, optimizer, meta = checkpoint.load(tmp_path / "new.npz")
+    assert meta == {"epoch": 0} and optimizer.t == 0
+    assert all(not np.any(buf) for buf in optimizer.state.values()) and set(optimizer.state) == {"m", "v"}

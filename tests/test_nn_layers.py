@@ -7,6 +7,7 @@ import torch
 from helpers import numeric_grad, reference
 from hypothesis import given
 from hypothesis import strategies as st
+from sklearn.datasets import make_moons
 
 import nn
 
@@ -183,6 +184,38 @@ def test_parameters_and_gradients_are_views_of_one_flat_buffer():
     model.params[...] = 7
     assert np.all(model.layers[2].params["W"] == 7)
     assert [name for name, _ in model.parameter_layers()] == ["dense_0", "batchnorm_0", "dense_1"]
+
+
+def _stateful_layers():
+    return [nn.Dense(16, activation="relu"), nn.BatchNorm(), nn.Dropout(0.3), nn.Dense(2)]
+
+
+def test_restoring_best_weights_keeps_the_dropout_counter_running():
+    """Early stopping restores the best epoch's weights and BatchNorm statistics, not the dropout counter:
+    the next fit draws new masks instead of replaying the ones already used."""
+    X, y = make_moons(100, noise=0.1, random_state=0)
+    model = nn.Sequential(_stateful_layers(), seed=0)
+    trainer = nn.Trainer(model, optimizer=nn.Adam(lr=0.01))
+    stop = nn.EarlyStopping(patience=2)
+    trainer.fit(X, y, epochs=30, batch_size=20, validation_data=(X, 1 - y), callbacks=[stop], verbose=0)
+    assert stop.best_epoch < trainer.epoch
+    params, state = stop.best_weights
+    np.testing.assert_array_equal(model.params, params)
+    np.testing.assert_array_equal(model.layers[1].running_mean, state["batchnorm_0.running_mean"])
+    assert model.layers[2].calls == trainer.optimizer.t  # one mask per step taken, none rewound
+
+
+def test_reset_parameters_gives_the_model_a_new_one_has():
+    """Weights, BatchNorm running statistics and dropout counters all start over."""
+    X, y = make_moons(100, noise=0.1, random_state=0)
+    X = (X * 5 + 3).astype(np.float32)
+    model = nn.Sequential(_stateful_layers(), seed=0)
+    nn.Trainer(model).fit(X, y, epochs=2, verbose=0)
+    model.reset_parameters()
+    fresh = nn.Sequential(_stateful_layers(), input_dim=2, seed=0)
+    for key, value in fresh.state().items():
+        np.testing.assert_array_equal(model.state()[key], value)
+    np.testing.assert_array_equal(model(X), fresh(X))
 
 
 def test_config_round_trip_rebuilds_the_same_model():

@@ -103,3 +103,18 @@ def test_digits_read_without_sklearn_match_its_loader(monkeypatch):
     for got in (direct, fallback):
         assert got[0].dtype == np.float32 and got[1].dtype == np.int64
         assert np.array_equal(got[0], (X / 16).astype(np.float32)) and np.array_equal(got[1], y)
+
+
+def test_every_split_is_scaled_by_the_train_splits_largest_value(tmp_path):
+    """A pixel value is the same feature in the train and the test split, whatever each split's brightest pixel."""
+    rng = np.random.default_rng(0)
+    x_train = rng.integers(0, 251, (10, 4, 4)).astype(np.uint8)
+    x_train[0, 0, 0] = 250
+    x_test = np.minimum(x_train[:3], 200)
+    np.savez(tmp_path / "m.npz", x_train=x_train, y_train=np.arange(10) % 3, x_test=x_test, y_test=np.arange(3))
+    (X, _), (X_test, _) = data.load(str(tmp_path / "m.npz"))
+    np.testing.assert_array_equal(X, (x_train.reshape(10, -1) / 250).astype(np.float32))
+    np.testing.assert_array_equal(X_test, (x_test.reshape(3, -1) / 250).astype(np.float32))
+    np.savez(tmp_path / "signed.npz", x=np.array([[3, -4], [1, 2]]), y=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"signed.npz:x holds negative integers \(minimum -4\)"):
+        data.load(str(tmp_path / "signed.npz"))
