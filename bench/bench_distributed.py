@@ -59,11 +59,12 @@ def overlap_model(model, comm):
 
         layer.backward = backward
 
-    def reduce_gradients(grads):
+    def reduce_gradients(buffer):
         if not requests:
             raise RuntimeError("overlap: no gradient slice was reduced in this step")
         MPI.Request.Waitall(requests)
         requests.clear()
+        comm.comm.Allreduce(MPI.IN_PLACE, buffer[model.grads.size:])  # the loss slot after them (reduce_step)
 
     comm.reduce_gradients = reduce_gradients
 

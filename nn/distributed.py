@@ -4,15 +4,19 @@ The trainer and the layers talk to a communicator through a few calls, and a run
 depend on the number of ranks beyond float rounding:
 
 - ``setup(model, n, batch_size, optimizer)`` at the start of ``fit``: rank 0's seed, weights and layer
-  state go to every rank, and the layers (Dropout, BatchNorm) get the communicator; on one machine the
-  gradient buffer moves into shared memory (the model's, its layers' and the optimizer's views of it);
+  state go to every rank, and the layers (Dropout, BatchNorm) get the communicator; on several ranks the
+  gradient buffer moves to the head of one a slot longer (the model's, its layers' and the optimizer's
+  views of it), in shared memory on one machine;
 - ``share(rows, n)``: this rank's rows of a global batch (rank r of N takes rows ``r*m//N`` to
   ``(r+1)*m//N`` of its m); it remembers where they start, so Dropout draws the masks of the global
   sample index, and the rank's weight ``m_r / m``;
 - ``weigh(dloss)``: scales the loss gradient (a mean over the rank's rows) by that weight, so that after
   backward every rank holds its part of the gradient of the global batch's mean loss;
-- ``reduce_gradients(grads)``: sums the flat gradient buffer over ranks, in place (in shared memory on
-  one machine, else one allreduce);
+- ``reduce_step(grads, loss)``: sums the flat gradient buffer over ranks, in place, with the loss in its
+  slot, and returns the global batch's mean loss: every rank then sees the same loss and gradient norms,
+  and clips or skips a non-finite step as the others do (one reduction, no host read);
+- ``reduce_gradients(buffer)``: sums a flat buffer over ranks, in place (in shared memory on one machine,
+  else one allreduce);
 - ``sum(*values)``: sums host numbers over ranks (loss totals, accuracy counts);
 - ``gather(array)``: every rank's copy of a small array, stacked in rank order (BatchNorm's statistics
   and backward sums, which its kernels merge: the same bits on every rank);
@@ -50,6 +54,7 @@ class Communicator:
         self.rows = 0  # size of the current global batch
         self.offset = 0  # row of this rank's first sample in it
         self.weight = 1.0  # this rank's share of it
+        self._slotted = {}  # id(a model's gradient buffer) -> (that buffer, the buffer it heads, a slot longer)
 
     @property
     def is_root(self):
@@ -94,7 +99,40 @@ class Communicator:
         """Give every rank rank 0's seed (which draws Dropout's masks), weights and layer state."""
 
     def place_gradients(self, model, optimizer):
-        """Move the model's flat gradient buffer to where :meth:`reduce_gradients` sums it fastest."""
+        """On several ranks, move the model's flat gradient buffer to the head of one a slot longer, where
+        :meth:`reduce_step` sums the loss with the gradients."""
+        if self.size > 1 and self._with_slot(model.grads) is None:
+            self._adopt(model, optimizer, namespace_of(model.grads).empty(model.grads.size + 1, model.grads.dtype))
+
+    def _with_slot(self, grads):
+        """The buffer that ``grads`` heads (one element longer: the loss slot), or None."""
+        entry = self._slotted.get(id(grads))
+        return entry[1] if entry is not None and entry[0] is grads else None
+
+    def _adopt(self, model, optimizer, full):
+        """Move the model's gradients to the head of ``full`` (its layers' and ``optimizer``'s views too)."""
+        old, new = model.grads, full[:-1]
+        new[...] = old
+        for layer in model.layers:
+            for name, view in layer.grads.items():
+                start = (_address(view) - _address(old)) // old.itemsize
+                layer.grads[name] = new[start:start + view.size].reshape(view.shape)
+        model.grads = new
+        if optimizer is not None and optimizer.grads is old:
+            optimizer.grads = new
+        self._slotted[id(new)] = (new, full)
+
+    def reduce_step(self, grads, loss):
+        """Sum the model's flat gradient buffer ``grads`` over ranks, in place, and return the global batch's
+        mean loss: this rank's loss, weighted by its share, is summed in the slot after the gradients (the same
+        reduction), so every rank checks the same loss and norms and skips a non-finite step with the others
+        (a decision per rank would let the ranks' weights part and their collectives hang)."""
+        if self.size == 1:
+            return loss
+        full = self._with_slot(grads)
+        namespace_of(full).multiply(loss, self.weight, out=full[-1:])
+        self.reduce_gradients(full)
+        return full[-1]
 
     def weigh(self, dloss):
         """The loss gradient of the rank's rows weighted for the global batch (in place)."""
@@ -103,7 +141,7 @@ class Communicator:
         return dloss
 
     def reduce_gradients(self, grads):
-        """Sum the flat gradient buffer over ranks, in place."""
+        """Sum the flat buffer ``grads`` over ranks, in place."""
 
     def sum(self, *values):
         """Each of ``values`` (host numbers) summed over ranks, as floats."""
@@ -164,29 +202,19 @@ class MPICommunicator(Communicator):
         model.set_weights(params, self.comm.bcast(model.state()))
 
     def place_gradients(self, model, optimizer):
-        if not self.shared_memory or kernels.is_device_array(model.grads):
-            return
+        """In shared memory when every rank runs on this machine (host arrays), else as any communicator."""
         old = model.grads
-        summer = self._shared.get(id(old))
-        if summer is not None and summer.buffer is old:
-            return
+        if not self.shared_memory or kernels.is_device_array(old) or self._with_slot(old) is not None:
+            return super().place_gradients(model, optimizer)
         try:
-            summer = _SharedSum(self.comm, self.MPI, old.size, old.dtype)
+            summer = _SharedSum(self.comm, self.MPI, old.size + 1, old.dtype)  # + the loss slot
         except _NoSharedMemory as exc:  # raised on every rank at once: all of them keep Allreduce
             self.shared_memory = False
             if self.is_root:
                 warnings.warn(_fallback_message(exc, self.size, old.nbytes), RuntimeWarning, stacklevel=2)
-            return
-        new = summer.buffer
-        new[...] = old
-        for layer in model.layers:
-            for name, view in layer.grads.items():
-                start = (view.__array_interface__["data"][0] - old.__array_interface__["data"][0]) // old.itemsize
-                layer.grads[name] = new[start:start + view.size].reshape(view.shape)
-        model.grads = new
-        if optimizer is not None and optimizer.grads is old:
-            optimizer.grads = new
-        self._shared[id(new)] = summer  # kept for the process's life: the model's buffer is its memory
+            return super().place_gradients(model, optimizer)
+        self._shared[id(summer.buffer)] = summer  # kept for the process's life: the model's buffer is its memory
+        self._adopt(model, optimizer, summer.buffer)
 
     def reduce_gradients(self, grads):
         summer = self._shared.get(id(grads))
@@ -366,6 +394,12 @@ class NCCLCommunicator(MPICommunicator):
     @staticmethod
     def _stream():
         return namespace("cuda").cuda.get_current_stream().ptr
+
+
+def _address(array):
+    """Where ``array``'s first element is, in host or device memory."""
+    interface = array.__cuda_array_interface__ if kernels.is_device_array(array) else array.__array_interface__
+    return interface["data"][0]
 
 
 def _abort_on_uncaught_exception(comm, rank):

@@ -1,7 +1,8 @@
 """The trainer: ``fit`` (full-batch, mini-batch or stochastic gradient descent), ``evaluate``, ``predict``.
 
 Every input is validated before any training; batches are moved to the model's device once; each step
-is forward, fused loss (and the correct count), backward into the flat gradient buffer, per-layer
+is forward, fused loss (and the correct count), backward into the flat gradient buffer (distributed:
+summed over ranks with the loss, so that every rank decides alike whether to skip the step), per-layer
 gradient norms (one kernel pass over that buffer), the step's bookkeeping (``check_step``: the loss and
 norms summed into a device metrics buffer, NaN/Inf detected, the clipping scale computed), then ONE fused
 optimizer call that clips, or skips a non-finite step, on the device. Nothing is read back to the host
@@ -102,6 +103,22 @@ class _SyncClock:
         return True
 
 
+def _batch_size(batch_size, n):
+    """``batch_size`` checked, as rows per step over ``n`` rows (None: all of them)."""
+    return _count("batch_size", batch_size, 1, none=True) or n
+
+
+def _count(name, value, minimum, none=False):
+    """``value`` as an int: an integer (not a bool) of at least ``minimum``, or None when ``none`` allows it;
+    else a ValueError naming ``name`` (every count argument of the trainer is checked here)."""
+    if value is None and none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a {'non-negative' if minimum == 0 else 'positive'} integer"
+                         f"{' or None' if none else ''}, got {value!r}")
+    return int(value)
+
+
 class Trainer:
     """Trains a :class:`~nn.layers.Sequential` model.
 
@@ -112,6 +129,11 @@ class Trainer:
     training, see :func:`nn.distributed.get` (``"auto"``: over MPI when launched by mpiexec/srun on
     several ranks; ``"off"``; or a communicator); ``compiled``: run each epoch of a small model in one
     compiled call, bitwise the same (None: where it wins; True; False), see :mod:`nn._compiled`.
+
+    The optimizer follows the trainer's model: one bound to other parameters (it trained another model,
+    or the model was built again) is rebound to this model's when the trainer first uses it, with a fresh
+    state, as a new torch optimizer would be; its state is kept while it stays bound to this model (a
+    checkpoint restored with :meth:`restore` included).
     """
 
     def __init__(self, model, loss="softmax_cross_entropy", optimizer="adam", metrics=None, clip_norm=None,
@@ -123,9 +145,10 @@ class Trainer:
         self.optimizer = optim.get(optimizer)
         if metrics is None:
             metrics = ("accuracy",) if self.loss.classification else ()
+        metrics = (metrics,) if isinstance(metrics, str) else metrics  # one metric by its name
         for metric in metrics:
             if metric != "accuracy" or not self.loss.classification:
-                raise ValueError(f"unsupported metric {metric!r} for loss {self.loss.name}; "
+                raise ValueError(f"metrics: unsupported metric {metric!r} for loss {self.loss.name}; "
                                  "accuracy is available for classification losses")
         self.metrics = tuple(metrics)
         if clip_norm is not None and not clip_norm > 0:
@@ -141,9 +164,9 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------------
 
-    def _prepare(self, X, y=None, what="X", y_what="y"):
-        """Validate host inputs (shape, lengths, feature count, finiteness, targets); build the model if
-        needed; return X in the model's dtype and the targets as the loss wants them."""
+    def _prepare(self, X, y=None, what="X", y_what="y", targets=True):
+        """Validate host inputs (shape, lengths, feature count, finiteness, targets unless ``targets`` is
+        False); build the model if needed; return X in the model's dtype and the targets as the loss wants."""
         X = np.asarray(X)
         if X.dtype.kind not in "biuf":
             raise TypeError(f"{what} must be numeric, got dtype {X.dtype}")
@@ -151,7 +174,9 @@ class Trainer:
             raise ValueError(f"{what} must be 2-D (samples, features), got shape {X.shape}")
         if X.shape[0] == 0:
             raise ValueError(f"{what} is empty (shape {X.shape}): there is nothing to train or evaluate on")
-        if y is not None and len(y) != X.shape[0]:
+        if targets and np.ndim(y) == 0:
+            raise ValueError(f"{y_what} must be an array of targets, one per sample of {what}, got {y!r}")
+        if targets and len(y) != X.shape[0]:
             raise ValueError(f"{what} has {X.shape[0]} samples but {y_what} has {len(y)}; they must match")
         model = self.model
         if not model.built:
@@ -159,12 +184,28 @@ class Trainer:
         elif X.shape[1] != model.input_dim:
             raise ValueError(f"{what} has {X.shape[1]} features, but the first layer ({model.layers[0].name}) "
                              f"expects {model.input_dim}")
-        check_finite(X, what)
-        if self.optimizer.params is None:
-            self.optimizer.bind(model.params, model.grads)
-        X = np.ascontiguousarray(X, model.dtype)
-        return X if y is None else (X, np.ascontiguousarray(
+        X = self._in_model_dtype(X, what)
+        self._bind_optimizer()
+        return X if not targets else (X, np.ascontiguousarray(
             self.loss.prepare_targets(y, model.output_dim, model.dtype, y_what)))
+
+    def _in_model_dtype(self, X, what):
+        """``X`` as a C-contiguous array of the model's dtype, checked after the cast: NaN/Inf are refused,
+        and so are values beyond that dtype's range (1e39 becomes inf in float32)."""
+        dtype = self.model.dtype
+        with np.errstate(over="ignore"):
+            cast = np.ascontiguousarray(X, dtype)
+        if not np.isfinite(cast).all():
+            check_finite(X, what)  # NaN/Inf as given
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(cast))[0])
+            raise ValueError(f"{what} has {X[where]} at index {where}, beyond the range of the model's dtype {dtype} "
+                             f"(largest {np.finfo(dtype).max:.3g}); rescale the data or use a float64 model")
+        return cast
+
+    def _bind_optimizer(self):
+        """Bind the optimizer to the model's buffers (a fresh state) unless it is bound to them already."""
+        if self.optimizer.params is not self.model.params:
+            self.optimizer.bind(self.model.params, self.model.grads)
 
     def _validation(self, X, y, validation_data, validation_split):
         if validation_data is not None and validation_split:
@@ -203,49 +244,49 @@ class Trainer:
         keeps the forward passes of the skipped steps.
         """
         X, y = self._prepare(X, y)
+        if not self.model.parameter_layers():
+            raise ValueError(f"model has no parameters to train (layers: "
+                             f"{', '.join(layer.name for layer in self.model.layers)}); add a Dense layer")
         X, y, val = self._validation(X, y, validation_data, validation_split)
-        if not isinstance(epochs, (int, np.integer)) or epochs < 0:
-            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-        batch_size = len(X) if batch_size is None else batch_size
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        epochs = _count("epochs", epochs, 0)
+        batch_size = _batch_size(batch_size, len(X))
         if epochs and any(isinstance(layer, BatchNorm) for layer in self.model.layers) and (
                 min(batch_size, len(X)) < 2 or len(X) % batch_size == 1):
             raise ValueError(f"batch_size={batch_size} leaves a training step of 1 row (of {len(X)} rows): "
                              "BatchNorm needs at least 2 (a batch variance), as torch's does; choose one that "
                              "leaves none or 2 or more")
-        if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, (int, np.integer))
-                                       or sync_every < 1):
-            raise ValueError(f"sync_every must be a positive integer or None, got {sync_every!r}")
+        sync_every = _count("sync_every", sync_every, 1, none=True)
+        seed = self.model.seed if seed is None else _count("seed", seed, 0)
         self.comm.setup(self.model, len(X), min(batch_size, len(X)), self.optimizer)  # distributed: rank 0's state
         verbose = verbose if self.comm.is_root else 0  # distributed: rank 0 prints
-        seed = self.model.seed if seed is None else int(seed)
         history = History()
         self.stop_training = False
         self.health.reset()
         for cb in callbacks:
             cb.on_train_begin(self)
         last = self.epoch + epochs
-        with _StepGuard() as guard:
-            for _ in range(epochs):
-                start = time.perf_counter()
-                logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose, guard,
-                                                sync_every)
-                if val is not None:
-                    logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
-                self.epoch += 1
-                history.append(self.epoch, logs, norms)
-                if verbose:
-                    tqdm.write(f"epoch {self.epoch}/{last}: " + "  ".join(
-                        f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" for k, v in logs.items())
-                        + f"  ({time.perf_counter() - start:.2f}s)")
-                self.health.check(norms, self.epoch)
-                for cb in callbacks:
-                    cb.on_epoch_end(self, self.epoch, logs)
-                if self.stop_training:
-                    break
-        for cb in callbacks:
-            cb.on_train_end(self)
+        try:
+            with _StepGuard() as guard:
+                for _ in range(epochs):
+                    start = time.perf_counter()
+                    logs, norms = self._train_epoch(X, y, min(batch_size, len(X)), shuffle, seed, last, verbose, guard,
+                                                    sync_every)
+                    if val is not None:
+                        logs.update({f"val_{k}": v for k, v in self._evaluate(*val).items()})
+                    self.epoch += 1
+                    history.append(self.epoch, logs, norms)
+                    if verbose:
+                        tqdm.write(f"epoch {self.epoch}/{last}: " + "  ".join(
+                            f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" for k, v in logs.items())
+                            + f"  ({time.perf_counter() - start:.2f}s)")
+                    self.health.check(norms, self.epoch)
+                    for cb in callbacks:
+                        cb.on_epoch_end(self, self.epoch, logs)
+                    if self.stop_training:
+                        break
+        finally:  # also when training raises (NonFiniteError, an interrupt): EarlyStopping restores its best
+            for cb in callbacks:
+                cb.on_train_end(self)
         return history
 
     def _buffer(self, key, shape, dtype):
@@ -315,7 +356,7 @@ class Trainer:
                 if self.metrics:
                     self.loss.count_correct(k, out, yb, metrics)
                 model.run_backward(self.comm.weigh(dout))  # distributed: weighted for the global batch
-                self.comm.reduce_gradients(model.grads)  # distributed: sum over ranks
+                loss = self.comm.reduce_step(model.grads, loss)  # distributed: sums and the global loss, one call
                 k.segment_norms(model.grads, offsets, norms)
                 k.check_step(loss, len(xb), norms, max_norm, metrics, scale)  # scale 0: skip, on the device
                 opt.step(k, scale)
@@ -377,8 +418,10 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self, X, y, batch_size=256):
-        """Mean loss (and metrics) over ``X``, ``y`` in evaluation mode: ``{"loss": ..., "accuracy": ...}``."""
-        return self._evaluate(*self._prepare(X, y), batch_size)
+        """Mean loss (and metrics) over ``X``, ``y`` in evaluation mode: ``{"loss": ..., "accuracy": ...}``;
+        ``batch_size``: rows per forward pass (None: all)."""
+        X, y = self._prepare(X, y)
+        return self._evaluate(X, y, _batch_size(batch_size, len(X)))
 
     def _evaluate(self, X, y, batch_size=256):
         model, n = self.model, len(X)
@@ -404,8 +447,10 @@ class Trainer:
         return logs
 
     def predict(self, X, batch_size=256):
-        """The model's outputs for ``X`` (evaluation mode), as a host NumPy array."""
-        X, model = self._prepare(X), self.model
+        """The model's outputs for ``X`` (evaluation mode), as a host NumPy array; ``batch_size``: rows per
+        forward pass (None: all)."""
+        X, model = self._prepare(X, targets=False), self.model
+        batch_size = _batch_size(batch_size, len(X))
         model.bind_kernels()
         out = np.empty((len(X), model.output_dim), model.dtype)
         for i in range(0, len(X), batch_size):
@@ -426,6 +471,8 @@ class Trainer:
 
         Shapes are checked first: on a mismatch or an unreadable file the model stays as it was.
         """
+        if self.model.built:
+            self._bind_optimizer()  # the restored state is this model's, kept by the next fit
         meta = checkpoint.restore(path, self.model, self.optimizer)
         self.epoch = int(meta.get("epoch", 0))
         return self

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numba
@@ -178,7 +179,7 @@ def job(name, out):
              **{f"state/{k}": v for k, v in trainer.model.state().items()},
              **{f"history/{k}": np.array(v) for k, v in history.history.items()}, size=trainer.comm.size,
              threads=numba.get_num_threads(), optimizer_bound=trainer.optimizer.grads is trainer.model.grads,
-             shared=id(trainer.model.grads) in trainer.comm._shared)
+             shared=id(trainer.comm._with_slot(trainer.model.grads)) in trainer.comm._shared)
 
 
 def mpirun(ranks, name, out, timeout=600):  # a fresh clone compiles the kernels first (cached after)
@@ -354,6 +355,99 @@ def ranks(size, rank):
     comm = Communicator()
     comm.rank, comm.size = rank, size
     return comm
+
+
+class ThreadRank(Communicator):
+    """Rank ``rank`` of ``len(board)`` threads of this process: reductions go through ``board`` (one slot per
+    rank) between two barriers, summed in rank order as MPI would; ``reductions`` counts the gradient sums."""
+
+    def __init__(self, rank, board, barrier):
+        super().__init__()
+        self.rank, self.size, self.board, self.wait = rank, len(board), board, barrier.wait
+        self.reductions = 0
+
+    def _everyone(self, value):
+        self.board[self.rank] = value
+        self.wait()
+        values = list(self.board)
+        self.wait()
+        return values
+
+    def reduce_gradients(self, grads):
+        self.reductions += 1
+        parts = self._everyone(grads.copy())
+        grads[...] = parts[0]
+        for part in parts[1:]:
+            grads += part
+
+    def sum(self, *values):
+        return tuple(float(np.sum(v)) for v in zip(*self._everyone(values)))
+
+    def gather(self, array):
+        return np.stack(self._everyone(array.copy()))
+
+    def barrier(self):
+        self._everyone(None)
+
+
+def on_thread_ranks(size, run):
+    """``run(comm)`` on ``size`` thread ranks (numpy backend): each rank's (result or exception, comm)."""
+    board, barrier, results = [None] * size, threading.Barrier(size, timeout=20), [None] * size
+
+    def rank(r):
+        comm = ThreadRank(r, board, barrier)
+        with kernels.use_backend("numpy"):
+            try:
+                results[r] = run(comm), comm
+            except BaseException as exc:  # noqa: BLE001 - returned to the test (pytest's failures too)
+                barrier.abort()  # the other ranks stop waiting instead of hanging
+                results[r] = exc, comm
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_a_loss_non_finite_on_one_rank_skips_the_step_on_every_rank():
+    """Rank 1's rows overflow the float32 loss, every gradient stays finite: the loss is summed with the
+    gradients (one reduction per step), so both ranks skip the step, raise the same error and keep the same
+    weights (a decision per rank would apply the step on rank 0 alone)."""
+    X = np.array([[1, 0], [0, 1], [1, 1], [0.5, 0.5]], np.float32)
+    y = np.array([[0.0], [1.0], [2.0], [2e19]], np.float32)  # rank 1's rows: 2..3; (pred - 2e19)**2 overflows
+
+    def run(comm):
+        trainer = nn.Trainer(nn.Sequential([nn.Dense(1)], seed=0), loss="mse", optimizer=nn.SGD(lr=1e-22),
+                             distributed=comm)
+        with pytest.raises(nn.NonFiniteError, match="epoch 1, step 1: the loss became inf") as error:
+            trainer.fit(X, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
+        return str(error.value).split(" (")[0], trainer.model.params.copy(), trainer.optimizer.t
+
+    results = on_thread_ranks(2, run)
+    for result, comm in results:
+        assert not isinstance(result, BaseException), result
+        assert comm.reductions == 1
+    (error0, params0, t0), (error1, params1, t1) = (result for result, _ in results)
+    assert error0 == error1 and t0 == t1 == 0
+    assert params0.tobytes() == params1.tobytes()
+    np.testing.assert_array_equal(params0, nn.Sequential([nn.Dense(1)], seed=0, input_dim=2).params)
+
+
+def test_thread_ranks_train_the_one_rank_model_with_one_reduction_per_step():
+    X, y = dataset()
+
+    def run(comm):
+        trainer = make_trainer("plain", comm)
+        return trainer.fit(X[:180], y[:180], epochs=2, batch_size=BATCH, seed=3, verbose=0), trainer.model.params
+
+    results = on_thread_ranks(3, run)
+    one, = on_thread_ranks(1, run)
+    for (history, params), comm in results:
+        assert comm.reductions == 2 * -(-180 // BATCH)
+        assert params.tobytes() == results[0][0][1].tobytes()
+        np.testing.assert_allclose(history["loss"], one[0][0]["loss"], rtol=1e-5)
+        assert relative(params, one[0][1]) < 1e-5
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])

@@ -340,3 +340,108 @@ def test_an_epoch_copies_device_data_to_the_host_only_when_it_reads_the_metrics(
     assert len(reads_made) == len(copies)  # every copy is a read of the metrics buffer
     assert set(copies) == {(kernels.metrics_size(2),)}
     assert np.isfinite(history["loss"][0]) and 0 <= history["accuracy"][0] <= 1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_reused_optimizer_trains_the_new_model_with_a_fresh_state(compiled):
+    """An optimizer bound to another model (or to buffers the model replaced by building again) is rebound to
+    the trainer's model with a fresh state: the first model stays as it was, the second trains exactly as
+    with a new optimizer (the compiled epoch included: its state has the new model's size)."""
+    X, y = _moons()
+    opt = nn.Adam(lr=0.05)
+    first = nn.Sequential([nn.Dense(2)], seed=0)
+    nn.Trainer(first, optimizer=opt).fit(X, y, epochs=1, verbose=0)
+    kept = first.params.copy()
+    second, fresh = _model(seed=1), _model(seed=1)
+    nn.Trainer(second, optimizer=opt, compiled=compiled).fit(X, y, epochs=2, verbose=0)
+    nn.Trainer(fresh, optimizer=nn.Adam(lr=0.05), compiled=compiled).fit(X, y, epochs=2, verbose=0)
+    np.testing.assert_array_equal(first.params, kept)
+    np.testing.assert_array_equal(second.params, fresh.params)
+    assert opt.params is second.params and {v.size for v in opt.state.values()} == {second.params.size}
+    second.build(2)  # new buffers: the optimizer follows them, from a fresh state
+    trainer = nn.Trainer(second, optimizer=opt, compiled=compiled)
+    trainer.fit(X, y, epochs=1, verbose=0)
+    assert opt.params is second.params and opt.t == trainer.optimizer.t == -(-len(X) // 32)
+
+
+def test_a_restored_optimizer_keeps_its_state_even_when_it_was_bound_to_another_model(tmp_path):
+    X, y = _moons()
+    saved = nn.Trainer(_model(), optimizer=nn.Adam(lr=0.01))
+    saved.fit(X, y, epochs=1, verbose=0)
+    saved.save(tmp_path / "ckpt.npz")
+    opt = nn.Adam(lr=0.01)
+    nn.Trainer(nn.Sequential([nn.Dense(2)], seed=0), optimizer=opt).fit(X, y, epochs=1, verbose=0)
+    resumed = nn.Trainer(_model(seed=5, input_dim=2), optimizer=opt).restore(tmp_path / "ckpt.npz")
+    np.testing.assert_array_equal(resumed.fit(X, y, epochs=1, verbose=0)["loss"],
+                                  saved.fit(X, y, epochs=1, verbose=0)["loss"])
+    np.testing.assert_array_equal(resumed.model.params, saved.model.params)
+
+
+def test_callbacks_end_training_also_when_it_raises():
+    """A NaN gradient in epoch 4 stops fit with NonFiniteError; EarlyStopping still puts back the best
+    epoch's weights (its on_train_end runs in a finally)."""
+    X, y = _moons(100)
+    model = nn.Sequential([nn.Dense(16, activation="relu"), NaNAfter(40), nn.Dense(2)], seed=0)
+    trainer, recorder = nn.Trainer(model, optimizer=nn.Adam(lr=0.01)), Recorder()
+    stopper = nn.EarlyStopping(patience=100)
+    with pytest.raises(nn.NonFiniteError, match="epoch 4, step 10"):
+        trainer.fit(X, y, epochs=20, batch_size=10, validation_data=_val_flipped(), callbacks=[recorder, stopper],
+                    verbose=0)
+    assert trainer.epoch == 3 and stopper.best_epoch < 3
+    np.testing.assert_array_equal(model.params, recorder.weights[stopper.best_epoch - 1])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "8"])
+def test_evaluate_and_predict_check_batch_size(batch_size):
+    X, y = _moons()
+    trainer = nn.Trainer(_model(input_dim=2))
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive integer or None"):
+        trainer.evaluate(X, y, batch_size=batch_size)
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive integer or None"):
+        trainer.predict(X, batch_size=batch_size)
+    np.testing.assert_allclose(trainer.predict(X, batch_size=None), trainer.predict(X, batch_size=7), rtol=1e-5)
+    assert trainer.evaluate(X, y, batch_size=None)["loss"] == pytest.approx(trainer.evaluate(X, y)["loss"], rel=1e-6)
+
+
+def test_inputs_beyond_the_model_dtype_are_refused_before_training():
+    """1e39 is finite in float64 but inf in the model's float32: checked after the cast."""
+    X, y = _moons()
+    X = X.astype(np.float64)
+    X[5, 0] = 1e39
+    trainer = nn.Trainer(_model())
+    message = r"^X has 1e\+39 at index \(5, 0\), beyond the range of the model's dtype float32"
+    for call in (lambda: trainer.fit(X, y, verbose=0), lambda: trainer.evaluate(X, y), lambda: trainer.predict(X)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"^validation_data X has 1e\+39 at index \(5, 0\), beyond the range"):
+        trainer.fit(X[:4], y[:4], validation_data=(X, y), verbose=0)
+    assert trainer.optimizer.t == 0
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(y=None), "y"), (dict(y=3), "y"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
+    (dict(epochs=True), "epochs"), (dict(batch_size=True), "batch_size"), (dict(sync_every=np.True_), "sync_every"),
+])
+def test_bad_fit_arguments_raise_errors_naming_them(kwargs, name):
+    X, y = _moons()
+    trainer = nn.Trainer(_model())
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        trainer.fit(X, **{"y": y, "verbose": 0, **kwargs})
+    assert trainer.optimizer.t == 0
+
+
+def test_metrics_take_one_name_or_a_list():
+    assert nn.Trainer(_model(), metrics="accuracy").metrics == ("accuracy",)
+    assert nn.Trainer(_model(), metrics=["accuracy"]).metrics == ("accuracy",)
+    with pytest.raises(ValueError, match=r"^metrics\b.*'f1'"):
+        nn.Trainer(_model(), metrics="f1")
+    with pytest.raises(ValueError, match=r"^metrics\b.*'accuracy' for loss mse"):
+        nn.Trainer(_model(), loss="mse", metrics=("accuracy",))
+
+
+def test_a_model_without_parameters_is_refused_by_fit():
+    X = np.random.default_rng(0).standard_normal((20, 3))
+    trainer = nn.Trainer(nn.Sequential([nn.Tanh()], seed=0), loss="mse")
+    with pytest.raises(ValueError, match=r"^model has no parameters to train \(layers: tanh_0\)"):
+        trainer.fit(X, X, verbose=0)
+    np.testing.assert_allclose(trainer.predict(X), np.tanh(X), rtol=1e-6)  # evaluation still works
