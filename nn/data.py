@@ -132,8 +132,13 @@ def load(path=None):
 
 
 def split(X, y, fraction, seed):
-    """Shuffle with ``seed`` and split off ``fraction`` of the rows: ``(X_rest, y_rest), (X_part, y_part)``."""
+    """Shuffle with ``seed`` and split off ``fraction`` of the rows: ``(X_rest, y_rest), (X_part, y_part)``,
+    both with at least one row."""
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}; they must match")
+    if not 0 < fraction < 1 or len(X) < 2:
+        raise ValueError(f"fraction must be in (0, 1) of at least 2 rows, got {fraction!r} of {len(X)}")
     order = np.random.default_rng(seed).permutation(len(X))
-    n_part = max(1, int(round(len(X) * fraction)))
+    n_part = min(len(X) - 1, max(1, int(round(len(X) * fraction))))
     rest, part = order[n_part:], order[:n_part]
     return (X[rest], y[rest]), (X[part], y[part])

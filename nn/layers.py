@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 import kernels
+from kernels import _checks as check
 from kernels import _dispatch
 
 from ._device import namespace, to_host
@@ -372,7 +373,7 @@ class Sequential:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
-        self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else int(seed)
+        self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else check.seed(seed)
         counts = {}
         for layer in self.layers:
             kind = getattr(layer, "kind", type(layer).__name__.lower())

@@ -235,3 +235,10 @@ def test_config_round_trip_rebuilds_the_same_model():
 def test_bad_layer_arguments_raise_naming_them(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError),
+                                         ("7", TypeError)])
+def test_model_seed_must_be_a_non_negative_integer(seed, error):
+    with pytest.raises(error, match=r"^seed\b"):
+        nn.Sequential([nn.Dense(2)], input_dim=3, seed=seed)

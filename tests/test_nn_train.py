@@ -118,3 +118,16 @@ def test_every_split_is_scaled_by_the_train_splits_largest_value(tmp_path):
     np.savez(tmp_path / "signed.npz", x=np.array([[3, -4], [1, 2]]), y=np.array([0, 1]))
     with pytest.raises(ValueError, match=r"signed.npz:x holds negative integers \(minimum -4\)"):
         data.load(str(tmp_path / "signed.npz"))
+
+
+@pytest.mark.parametrize("fraction, rows", [(0, 10), (1, 10), (1.5, 10), (-0.1, 10), (0.5, 1)])
+def test_split_refuses_a_fraction_that_leaves_a_side_empty(fraction, rows):
+    X, y = np.zeros((rows, 2), np.float32), np.zeros(rows, np.int64)
+    with pytest.raises(ValueError, match=r"^fraction\b"):
+        data.split(X, y, fraction, seed=0)
+
+
+def test_split_keeps_a_row_on_each_side():
+    X, y = np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10)
+    (X_rest, y_rest), (X_part, y_part) = data.split(X, y, 0.99, seed=0)
+    assert len(X_rest) == 1 and len(X_part) == 9 and sorted(np.concatenate([y_rest, y_part])) == list(range(10))
