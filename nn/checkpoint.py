@@ -106,6 +106,8 @@ def restore(path, model, optimizer=None):
     The model adopts the checkpoint's seed (shuffling, dropout masks), so training resumes as the saved
     run would have gone on. Everything is read and checked first: a truncated file or any mismatch of
     layer types, settings or shapes raises ``ValueError`` and leaves the model and optimizer as they were.
+    A checkpoint saved without optimizer state gives ``optimizer`` a fresh state (zeros, ``t`` 0) bound to
+    ``model``: moments and a step count of another run would not fit the loaded weights.
     """
     return _restore(path, _read(path), model, optimizer)
 
@@ -116,9 +118,9 @@ def _restore(path, data, model, optimizer):
         model.build(spec["input_dim"])
     _check_matches(path, data, model)
     sd = _optimizer_state(data)
+    if optimizer is not None and (sd is None or optimizer.params is None):
+        optimizer.bind(model.params, model.grads)  # no saved state: a fresh one, not another run's
     if optimizer is not None and sd is not None:
-        if optimizer.params is None:
-            optimizer.bind(model.params, model.grads)
         optimizer.load_state_dict(sd)  # validates before it changes anything
     model.reseed(spec["seed"])
     model.set_weights(data["params"], {k[len("state/"):]: v for k, v in data.items() if k.startswith("state/")})

@@ -3,10 +3,11 @@
 The trainer and the layers talk to a communicator through a few calls, and a run's result does not
 depend on the number of ranks beyond float rounding:
 
-- ``setup(model, n, batch_size, optimizer)`` at the start of ``fit``: rank 0's seed, weights and layer
-  state go to every rank, and the layers (Dropout, BatchNorm) get the communicator; on several ranks the
-  gradient buffer moves to the head of one a slot longer (the model's, its layers' and the optimizer's
-  views of it), in shared memory on one machine;
+- ``setup(model, n, batch_size, optimizer, **settings)`` at the start of ``fit``: every rank checks that
+  all run alike (rows, batch size, fit's settings, parameters; one allgather), rank 0's seed, weights,
+  layer state and optimizer state go to every rank, and the layers (Dropout, BatchNorm) get the
+  communicator; on several ranks the gradient buffer moves to the head of one a slot longer (the model's,
+  its layers' and the optimizer's views of it), in shared memory on one machine;
 - ``share(rows, n)``: this rank's rows of a global batch (rank r of N takes rows ``r*m//N`` to
   ``(r+1)*m//N`` of its m); it remembers where they start, so Dropout draws the masks of the global
   sample index, and the rank's weight ``m_r / m``;
@@ -77,10 +78,14 @@ class Communicator:
         self.weight = (part.stop - part.start) / self.rows
         return slice(start + part.start, start + part.stop)
 
-    def setup(self, model, n, batch_size, optimizer=None):
-        """Before training on ``n`` rows in global batches of ``batch_size``: check that every batch
-        gives each rank a row, give the model's layers this communicator, broadcast rank 0's state, and
-        place the gradient buffer where the reduction wants it (``optimizer``'s view included)."""
+    def setup(self, model, n, batch_size, optimizer=None, **settings):
+        """Before training on ``n`` rows in global batches of ``batch_size``: check that every rank runs
+        alike (:meth:`check_agreement`: ``n``, ``batch_size``, the other ``settings`` such as fit's epochs,
+        shuffle and seed, the parameter count, dtype and optimizer), and that every batch gives each rank a
+        row; give the model's layers this communicator, broadcast rank 0's state (``optimizer``'s included),
+        and place the gradient buffer where the reduction wants it (``optimizer``'s view included)."""
+        self.check_agreement(n=n, batch_size=batch_size, **settings, parameters=model.params.size,
+                             dtype=model.dtype.name, optimizer=type(optimizer).__name__)
         last = n % batch_size
         if batch_size < self.size:
             raise ValueError(f"{self.size} ranks share each global batch, but batch_size={batch_size} is smaller: "
@@ -92,11 +97,54 @@ class Communicator:
                              f"{last} ranks")
         for layer in model.layers:
             layer.comm = self
-        self.broadcast_model(model)
+        self.broadcast_model(model, optimizer)
         self.place_gradients(model, optimizer)
 
-    def broadcast_model(self, model):
-        """Give every rank rank 0's seed (which draws Dropout's masks), weights and layer state."""
+    def check_agreement(self, **values):
+        """Raise the same ValueError on every rank, naming each setting and every rank's value, unless all
+        ranks give the same ``values`` (one allgather): different step counts would hang the collectives,
+        different settings would train different models silently."""
+        every = self.allgather(values)
+        differ = [name for name in values if any(other[name] != every[0][name] for other in every[1:])]
+        if differ:
+            raise ValueError("; ".join(f"{name} differs between ranks (" + ", ".join(
+                f"rank {rank}: {other[name]!r}" for rank, other in enumerate(every)) + ")" for name in differ)
+                + "; every rank must call fit with the same data length, arguments and model")
+
+    def broadcast_model(self, model, optimizer=None):
+        """Give every rank rank 0's seed (which draws Dropout's masks), weights and layer state, and the
+        state of ``optimizer`` when it is bound to the model (buffers, step count, hyperparameters: a
+        checkpoint restored on rank 0 alone must not leave the ranks' moments apart)."""
+        if self.size == 1:
+            return
+        seed = self.bcast(model.seed)
+        if seed != model.seed:
+            model.seed = seed
+            model.reset_parameters()
+        params = to_host(model.params).copy()
+        self.bcast_array(params)
+        model.set_weights(params, self.bcast(model.state()))
+        if optimizer is None or optimizer.params is not model.params:
+            return
+        sd = optimizer.state_dict()
+        sd.update(self.bcast({key: sd[key] for key in ("class", "hyper", "base_lr", "t")}))
+        names = self.bcast(sorted(sd["buffers"]))
+        sd["buffers"] = {name: sd["buffers"].get(name, np.empty(params.shape, params.dtype)) for name in names}
+        for name in names:
+            self.bcast_array(sd["buffers"][name])
+        if not self.is_root:
+            optimizer.load_state_dict(sd)
+
+    def allgather(self, value):
+        """Every rank's ``value`` (a picklable object), in rank order."""
+        return [value]
+
+    def bcast(self, value):
+        """Rank 0's ``value`` (a picklable object)."""
+        return value
+
+    def bcast_array(self, array):
+        """Rank 0's contiguous host ``array``, in place."""
 
     def place_gradients(self, model, optimizer):
         """On several ranks, move the model's flat gradient buffer to the head of one a slot longer, where
@@ -192,14 +240,14 @@ class MPICommunicator(Communicator):
             numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
                                              len(os.sched_getaffinity(0)) // self.local_size)))
 
-    def broadcast_model(self, model):
-        seed = self.comm.bcast(model.seed)
-        if seed != model.seed:
-            model.seed = seed
-            model.reset_parameters()
-        params = to_host(model.params).copy()
-        self.comm.Bcast(params)
-        model.set_weights(params, self.comm.bcast(model.state()))
+    def allgather(self, value):
+        return self.comm.allgather(value)
+
+    def bcast(self, value):
+        return self.comm.bcast(value)
+
+    def bcast_array(self, array):
+        self.comm.Bcast(array)
 
     def place_gradients(self, model, optimizer):
         """In shared memory when every rank runs on this machine (host arrays), else as any communicator."""

@@ -256,8 +256,10 @@ class Trainer:
                              "BatchNorm needs at least 2 (a batch variance), as torch's does; choose one that "
                              "leaves none or 2 or more")
         sync_every = _count("sync_every", sync_every, 1, none=True)
-        seed = self.model.seed if seed is None else _count("seed", seed, 0)
-        self.comm.setup(self.model, len(X), min(batch_size, len(X)), self.optimizer)  # distributed: rank 0's state
+        seed = _count("seed", seed, 0, none=True)
+        self.comm.setup(self.model, len(X), min(batch_size, len(X)), self.optimizer,  # distributed: rank 0's state
+                        epochs=epochs, shuffle=bool(shuffle), seed=seed)  # ranks must agree on these
+        seed = self.model.seed if seed is None else seed  # after setup: rank 0's model seed on every rank
         verbose = verbose if self.comm.is_root else 0  # distributed: rank 0 prints
         history = History()
         self.stop_training = False
@@ -290,9 +292,13 @@ class Trainer:
         return history
 
     def _buffer(self, key, shape, dtype):
-        """A scratch array on the model's device, allocated once per (key, shape, dtype)."""
+        """A scratch array on the model's device, allocated once per (key, shape, dtype); capped as
+        :meth:`Layer.buffer <nn.layers.Layer.buffer>` caps its own, so many last-batch shapes (evaluate or
+        predict on inputs of many lengths) do not grow it without bound."""
         buf = self._scratch.get((key, shape, dtype))
         if buf is None:
+            if len(self._scratch) > 64:  # many batch shapes seen: start over, as a layer does
+                self._scratch.clear()
             buf = self._scratch[key, shape, dtype] = self.model.xp.empty(shape, dtype)
         return buf
 
@@ -469,7 +475,8 @@ class Trainer:
     def restore(self, path):
         """Load a checkpoint saved by :meth:`save` into this trainer's model and optimizer, to resume.
 
-        Shapes are checked first: on a mismatch or an unreadable file the model stays as it was.
+        Shapes are checked first: on a mismatch or an unreadable file the model stays as it was. A checkpoint
+        saved without optimizer state leaves the optimizer a fresh state (zeros, ``t`` 0), not the one it had.
         """
         if self.model.built:
             self._bind_optimizer()  # the restored state is this model's, kept by the next fit

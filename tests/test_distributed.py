@@ -389,6 +389,15 @@ class ThreadRank(Communicator):
     def barrier(self):
         self._everyone(None)
 
+    def allgather(self, value):
+        return self._everyone(value)
+
+    def bcast(self, value):
+        return self._everyone(value)[0]
+
+    def bcast_array(self, array):
+        array[...] = self._everyone(array.copy())[0]
+
 
 def on_thread_ranks(size, run):
     """``run(comm)`` on ``size`` thread ranks (numpy backend): each rank's (result or exception, comm)."""
@@ -448,6 +457,64 @@ def test_thread_ranks_train_the_one_rank_model_with_one_reduction_per_step():
         assert params.tobytes() == results[0][0][1].tobytes()
         np.testing.assert_allclose(history["loss"], one[0][0]["loss"], rtol=1e-5)
         assert relative(params, one[0][1]) < 1e-5
+
+
+@pytest.mark.parametrize("rank1, message", [
+    (dict(rows=150), r"^n differs between ranks \(rank 0: 180, rank 1: 150\)"),
+    (dict(batch_size=16), r"^batch_size differs between ranks \(rank 0: 32, rank 1: 16\)"),
+    (dict(seed=4), r"^seed differs between ranks \(rank 0: 3, rank 1: 4\)"),
+    (dict(shuffle=False, epochs=2), r"^epochs differs between ranks \(rank 0: 1, rank 1: 2\); "
+                                    r"shuffle differs between ranks \(rank 0: True, rank 1: False\)"),
+    (dict(kind="wide"), r"^parameters differs between ranks \(rank 0: 387, rank 1: 65539\)"),
+])
+def test_ranks_that_disagree_on_the_run_raise_the_same_error_on_every_rank(rank1, message):
+    """Rows, batch size, epochs, shuffling, seed or model differing on one rank would hang the collectives or
+    train different models: setup's one allgather makes every rank raise the same error, before any step."""
+    X, y = dataset()
+
+    def run(comm):
+        args = dict(rows=180, batch_size=BATCH, seed=3, shuffle=True, epochs=1, kind="plain")
+        args.update(rank1 if comm.rank == 1 else {})
+        trainer = make_trainer(args.pop("kind"), comm)
+        rows = args.pop("rows")
+        with pytest.raises(ValueError, match=message) as error:  # caught here: no rank aborts the others' wait
+            trainer.fit(X[:rows], y[:rows], verbose=0, **args)
+        return str(error.value)
+
+    results = on_thread_ranks(2, run)
+    for result, comm in results:
+        assert not isinstance(result, BaseException), result
+        assert comm.reductions == 0
+    assert results[0][0] == results[1][0]
+
+
+def test_a_checkpoint_restored_on_rank_0_gives_every_rank_its_optimizer_state(tmp_path):
+    """Rank 0 alone restores a checkpoint: setup broadcasts its optimizer state (moments, step count) with the
+    weights, so every rank trains on as the one-rank run restored from it does."""
+    X, y = dataset()
+    saved = make_trainer("plain", "off")
+    saved.fit(X[:180], y[:180], epochs=1, batch_size=BATCH, seed=3, verbose=0)
+    saved.save(tmp_path / "ckpt.npz")
+
+    def run(comm):
+        trainer = make_trainer("plain", comm)
+        trainer.fit(X[:64], y[:64], epochs=1, batch_size=BATCH, seed=5, verbose=0)  # another state on every rank
+        if comm.rank == 0:
+            trainer.restore(tmp_path / "ckpt.npz")
+        trainer.fit(X[:180], y[:180], epochs=1, batch_size=BATCH, seed=3, verbose=0)
+        opt = trainer.optimizer
+        return trainer.model.params.copy(), opt.t, {k: v.copy() for k, v in opt.state.items()}
+
+    results = on_thread_ranks(2, run)
+    for result, _ in results:
+        assert not isinstance(result, BaseException), result
+    (params0, t0, state0), (params1, t1, state1) = (result for result, _ in results)
+    assert t0 == t1 == 2 * -(-180 // BATCH)
+    assert params0.tobytes() == params1.tobytes()
+    assert all(state0[k].tobytes() == state1[k].tobytes() for k in state0)
+    resumed = make_trainer("plain", "off").restore(tmp_path / "ckpt.npz")
+    resumed.fit(X[:180], y[:180], epochs=1, batch_size=BATCH, seed=3, verbose=0)
+    assert relative(params0, resumed.model.params) < 1e-5
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])

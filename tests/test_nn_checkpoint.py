@@ -221,3 +221,21 @@ def test_a_checkpoint_saved_before_the_first_fit_restores_and_trains_on(tmp_path
     model, optimizer, meta = checkpoint.load(tmp_path / "new.npz")
     assert meta == {"epoch": 0} and optimizer.t == 0
     assert all(not np.any(buf) for buf in optimizer.state.values()) and set(optimizer.state) == {"m", "v"}
+
+
+def test_a_checkpoint_without_optimizer_state_gives_the_optimizer_a_fresh_state(tmp_path):
+    """Weights saved without an optimizer restore next to a fresh optimizer state (zeros, t 0), not the
+    moments and step count the trainer's optimizer had from its own run."""
+    X, y = _data()
+    source = _trainer(_model())
+    source.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    checkpoint.save(tmp_path / "weights.npz", source.model)
+    for restore in (lambda t: t.restore(tmp_path / "weights.npz"),
+                    lambda t: checkpoint.restore(tmp_path / "weights.npz", t.model, t.optimizer)):
+        trainer = _trainer(_model(seed=1))
+        trainer.fit(X, y, epochs=1, batch_size=16, verbose=0)
+        restore(trainer)
+        opt = trainer.optimizer
+        assert opt.t == 0 and opt.params is trainer.model.params and opt.grads is trainer.model.grads
+        assert set(opt.state) == {"m", "v"} and all(not np.any(buf) for buf in opt.state.values())
+        np.testing.assert_array_equal(trainer.model.params, source.model.params)

@@ -445,3 +445,14 @@ def test_a_model_without_parameters_is_refused_by_fit():
     with pytest.raises(ValueError, match=r"^model has no parameters to train \(layers: tanh_0\)"):
         trainer.fit(X, X, verbose=0)
     np.testing.assert_allclose(trainer.predict(X), np.tanh(X), rtol=1e-6)  # evaluation still works
+
+
+def test_scratch_buffers_stay_bounded_over_many_input_lengths():
+    """evaluate on inputs of many lengths allocates a buffer per last-batch shape; the trainer's scratch is
+    capped as a layer's buffers are, so it does not grow without bound."""
+    X, y = _moons(300)
+    trainer = nn.Trainer(_model(input_dim=2))
+    for n in range(1, 200):
+        trainer.evaluate(X[:n], y[:n])
+    assert len(trainer._scratch) <= 65
+    assert trainer.evaluate(X, y)["loss"] == pytest.approx(trainer.evaluate(X, y, batch_size=None)["loss"], rel=1e-6)
