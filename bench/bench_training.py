@@ -14,7 +14,7 @@ Implementations, each in its fastest form with the same thread count (bench/conf
   AOTAutograd-compiled backward (run by the autograd engine) and the optimizer step, with eager glue
   between them (``torch._dynamo.explain``: 2 graphs, 1 break, torch 2.13). ``trace_autograd_ops`` puts
   the backward into the first graph but keeps the optimizer's break and was no faster; compiled autograd
-  was slower: the default is kept. Skipped in smoke runs (it compiles for ~10 s per model);
+  was slower: the default is kept. Left out of smoke and quick runs (it compiles for ~10 s per model);
 - ``jax``: the step (``value_and_grad`` + the update written in jax.numpy, as optax does it) in one
   ``jax.jit`` with the parameters and optimizer state donated, one call per mini-batch;
 - ``jax-scan``: the whole epoch in one ``jax.jit`` (``lax.scan`` over the mini-batches).
@@ -33,7 +33,7 @@ import pytest
 import kernels
 import nn
 
-from .conftest import jax_jit, smoke
+from .conftest import QUICK, jax_jit, smoke
 
 # widths, hidden activation, batch size, optimizer (name, hyperparameters), samples per epoch
 CONFIGS = [
@@ -200,12 +200,12 @@ def _jax_epoch(config, X, y, scan):
 
 def _implementations(config, X, y, timed):
     """``{impl: (epoch, backend)}`` for ``alternate``; peers whose library is missing are left out, and
-    torch.compile in smoke runs (it compiles for ~10 s per model)."""
+    torch.compile in smoke and quick runs (it compiles for ~10 s per model)."""
     impls = {}
     for impl in IMPLS:
         try:
             if impl.startswith("torch"):
-                if impl == "torch.compile" and not timed:
+                if impl == "torch.compile" and (QUICK or not timed):
                     continue
                 fn = _torch_epoch(config, X, y, compiled=impl == "torch.compile")
             elif impl.startswith("jax"):
