@@ -252,6 +252,17 @@ def scalar(name, value, *, low=None, high=None, low_open=False, high_open=False)
     return value
 
 
+def count(name, value, minimum, none=False):
+    """A count of epochs, steps, rows...: an integer (not a bool) of at least ``minimum``, or None when
+    ``none`` allows it; 1.5 or True is refused, not truncated."""
+    if value is None and none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a {'non-negative' if minimum == 0 else 'positive'} integer"
+                         f"{' or None' if none else ''}, got {value!r}")
+    return int(value)
+
+
 def step(value):
     """Optimizer step counter: an integer >= 1 (step counts from 1, as in torch.optim)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

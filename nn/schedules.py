@@ -3,16 +3,8 @@ the default) or optimizer steps (``per="step"``) from 0. The trainer sets the op
 them before each epoch or step, so a resumed run follows the same schedule."""
 
 import math
-import numbers
 
-from kernels._checks import scalar
-
-
-def _count(name, value):
-    """A whole number of epochs or steps, at least 1 (1.5 or True is refused, not truncated)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+from kernels._checks import count, scalar
 
 
 class Schedule:
@@ -27,7 +19,7 @@ class StepDecay(Schedule):
 
     def __init__(self, step_size, gamma=0.1, per="epoch"):
         super().__init__(per)
-        self.step_size = _count("step_size", step_size)
+        self.step_size = count("step_size", step_size, 1)
         self.gamma = scalar("gamma", gamma, low=0, high=1, low_open=True)
 
     def __call__(self, base_lr, t):
@@ -39,7 +31,7 @@ class CosineDecay(Schedule):
 
     def __init__(self, total, min_lr=0.0, per="epoch"):
         super().__init__(per)
-        self.total, self.min_lr = _count("total", total), scalar("min_lr", min_lr, low=0)
+        self.total, self.min_lr = count("total", total, 1), scalar("min_lr", min_lr, low=0)
 
     def __call__(self, base_lr, t):
         progress = min(t, self.total) / self.total

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import kernels
+from kernels import _checks as check
 
 from . import _compiled, checkpoint
 from . import distributed as distributed_
@@ -105,18 +106,7 @@ class _SyncClock:
 
 def _batch_size(batch_size, n):
     """``batch_size`` checked, as rows per step over ``n`` rows (None: all of them)."""
-    return _count("batch_size", batch_size, 1, none=True) or n
-
-
-def _count(name, value, minimum, none=False):
-    """``value`` as an int: an integer (not a bool) of at least ``minimum``, or None when ``none`` allows it;
-    else a ValueError naming ``name`` (every count argument of the trainer is checked here)."""
-    if value is None and none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be a {'non-negative' if minimum == 0 else 'positive'} integer"
-                         f"{' or None' if none else ''}, got {value!r}")
-    return int(value)
+    return check.count("batch_size", batch_size, 1, none=True) or n
 
 
 class Trainer:
@@ -248,15 +238,15 @@ class Trainer:
             raise ValueError(f"model has no parameters to train (layers: "
                              f"{', '.join(layer.name for layer in self.model.layers)}); add a Dense layer")
         X, y, val = self._validation(X, y, validation_data, validation_split)
-        epochs = _count("epochs", epochs, 0)
+        epochs = check.count("epochs", epochs, 0)
         batch_size = _batch_size(batch_size, len(X))
         if epochs and any(isinstance(layer, BatchNorm) for layer in self.model.layers) and (
                 min(batch_size, len(X)) < 2 or len(X) % batch_size == 1):
             raise ValueError(f"batch_size={batch_size} leaves a training step of 1 row (of {len(X)} rows): "
                              "BatchNorm needs at least 2 (a batch variance), as torch's does; choose one that "
                              "leaves none or 2 or more")
-        sync_every = _count("sync_every", sync_every, 1, none=True)
-        seed = _count("seed", seed, 0, none=True)
+        sync_every = check.count("sync_every", sync_every, 1, none=True)
+        seed = check.count("seed", seed, 0, none=True)
         self.comm.setup(self.model, len(X), min(batch_size, len(X)), self.optimizer,  # distributed: rank 0's state
                         epochs=epochs, shuffle=bool(shuffle), seed=seed)  # ranks must agree on these
         seed = self.model.seed if seed is None else seed  # after setup: rank 0's model seed on every rank
