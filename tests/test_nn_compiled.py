@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import kernels
 import nn
 from kernels.cpu import _parallel, fused, step
+from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
 from nn import _compiled
 
 from test_nn_trajectory import CONFIGS, DATA, _data
@@ -424,7 +425,7 @@ def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(monkeypat
 def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, two_threads):
     """A worker that starts late (its core busy elsewhere): the driver runs its share itself rather than
     wait for it, with the same bits."""
-    jobs, run, worker = [], step.run, step.first_layer_worker
+    jobs, run, worker = [], step.run, step.worker
 
     def spy(*args):
         jobs.append(args[-1])
@@ -436,7 +437,7 @@ def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, tw
         return worker(job, *args)
 
     monkeypatch.setattr(step, "run", spy)
-    monkeypatch.setattr(step, "first_layer_worker", late)
+    monkeypatch.setattr(step, "worker", late)
     rng = np.random.default_rng(8)
     X, y = rng.standard_normal((15, 300)).astype(np.float32), rng.integers(0, 10, 15)
 
@@ -460,12 +461,61 @@ def test_a_worker_only_where_it_pays():
         assert step.job(layers, batch, max_norm, threads).size == 0
     layers[1, step.OUT_W] -= 1
     assert step.job(layers, 1, np.inf, 2).size == 0
+    # products: on exactly two threads, once a Dense layer's product reaches PARALLEL_MIN_FLOPS
+    batch = -(-PARALLEL_MIN_FLOPS // (2 * 256 * layers[1, step.OUT_W]))
+    words = step.job(layers, batch, 1.0, 2)
+    assert words.size == step.JOB_WORDS and (words[step.JOB_FIRST], words[step.JOB_PRODUCTS]) == (0, 1)
+    for batch, threads in ((batch - 1, 2), (batch, 1), (batch, 3)):
+        assert step.job(layers, batch, 1.0, threads).size == 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("late", [False, True])
+def test_products_shared_with_the_worker_give_the_thread_pool_bits(monkeypatch, two_threads, activation, late):
+    """On two threads the worker shares each multithreaded product (x @ W1 and dW1 of the 300 x 128 layer at a
+    batch of 32: 2.5 MFLOP each, over PARALLEL_MIN_FLOPS), chunk by chunk: bit for bit the per-kernel step
+    (Numba's thread pool) and one thread, the last batch short, whether the worker joins every product (the
+    driver told to wait for it) or never runs meanwhile (the driver takes every chunk, waiting for no one)."""
+    jobs, run, worker = [], step.run, step.worker
+
+    def spy(*args):
+        jobs.append(args[-1])
+        if args[-1].size and not late:
+            args[-1][step.JOB_WAIT] = 1
+        return run(*args)
+
+    def absent(job, *args):  # starts only once the driver, done, tells it to stop
+        while job[step.JOB_STATE] != step.STOP:
+            time.sleep(0.001)
+        return worker(job, *args)
+
+    monkeypatch.setattr(step, "run", spy)
+    if late:
+        monkeypatch.setattr(step, "worker", absent)
+    rng = np.random.default_rng(9)
+    X, y = rng.standard_normal((75, 300)).astype(np.float32), rng.integers(0, 10, 75)
+
+    def layers():
+        return [nn.Dense(128, activation=activation), nn.Dense(64, activation=activation), nn.Dense(10)]
+
+    outcomes = []
+    for threads, compiled in ((2, True), (1, True), (2, False)):
+        numba.set_num_threads(threads)
+        outcomes.append(_outcome(*_fit(compiled, layers, lambda: nn.Adam(lr=1e-3), X, y, batch_size=32, epochs=1)))
+    _assert_same(outcomes[0], outcomes[1])
+    _assert_same(outcomes[0], outcomes[2])
+    assert [job.size for job in jobs] == [step.JOB_WORDS, 0]
+    job = jobs[0]
+    assert (job[step.JOB_FIRST], job[step.JOB_PRODUCTS]) == (0, 1)
+    # two full batches of x @ W1 and dW1 (the 128 x 64 layer's products: 0.5 MFLOP, one thread; the last batch of
+    # 11 rows: 0.8 MFLOP)
+    assert job[step.P_JOINED] == (0 if late else 2 * 2)
 
 
 def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(monkeypatch, two_threads):
     """The worker's exception reaches the caller (the driver stops waiting for it); the pool's one thread
     is kept, idle, and runs the next call's worker."""
-    worker = step.first_layer_worker
+    worker = step.worker
 
     def failing(job, *args):
         if job[step.JOB_STATE] == step.STOP:  # run's call that compiles it
@@ -480,7 +530,7 @@ def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(m
                     batch_size=1)
 
     with monkeypatch.context() as patch:
-        patch.setattr(step, "first_layer_worker", failing)
+        patch.setattr(step, "worker", failing)
         with pytest.raises(MemoryError, match="the worker's error"):
             fit()
     jobs, run = [], step.run
@@ -493,7 +543,7 @@ def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(m
     monkeypatch.setattr(step, "run", waiting)
     fit()
     assert len(jobs) == 2 and all((job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (5, 0) for job in jobs)
-    assert 1 <= len([t for t in threading.enumerate() if t.name.startswith("kernels-first-layer")]) <= os.cpu_count()
+    assert 1 <= len([t for t in threading.enumerate() if t.name.startswith("kernels-step-worker")]) <= os.cpu_count()
 
 
 def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):

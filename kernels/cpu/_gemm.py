@@ -1031,21 +1031,39 @@ def gemm_parallel(a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, 
     m, n = out.shape
     if m == 0 or n == 0:
         return
-    mr, nr, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
-                                                                          nc_bytes)
-    rows, cols = split(m, n, threads, _DOT_MR[variant] if dots else mr, nr, nc_max, mc, dots)
-    col_blocks = _cdiv(n, cols)
-    chunks = _cdiv(m, rows) * col_blocks
+    rows, cols = chunk_shape(m, n, k, sb_k, sb_j, out, threads, variant, kc_max, nc_bytes, mc, dots)
+    chunks = _cdiv(m, rows) * _cdiv(n, cols)
     if act == SIGMOID or act == TANH:  # compiled, on its first use, by this thread rather than a worker
         _call_transcendental(out, 0, 0, 0, 0, act)
     counter = np.zeros(1, np.intp)
     for _ in prange(min(threads, chunks)):
-        bp = np.empty(b_size, out.dtype)
-        edge = np.empty(edge_size, out.dtype)
-        tile = np.empty(tile_size, out.dtype)
+        take_chunks(counter, body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, variant, kc_max,
+                    nc_bytes, rows, cols)
+
+
+@jit(inline="always")
+def chunk_shape(m, n, k, sb_k, sb_j, out, threads, variant, kc_max, nc_bytes, mc, dots):
+    """``split``'s chunk for ``gemm_parallel``'s arguments."""
+    mr, nr, nc_max, _, _, _, _, _ = _setup(k, sb_k, sb_j, 0.0, out, variant, kc_max, nc_bytes)
+    return split(m, n, threads, _DOT_MR[variant] if dots else mr, nr, nc_max, mc, dots)
+
+
+@jit(inline="always")
+def take_chunks(counter, body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, variant, kc_max,
+                nc_bytes, rows, cols):
+    """One thread's part of a multithreaded ``gemm``: the chunks of ``rows x cols`` (``split``) it takes from
+    ``counter`` (an intp array, its first element the next chunk) until there are none left."""
+    m, n = out.shape
+    _, _, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
+                                                                        nc_bytes)
+    col_blocks = _cdiv(n, cols)
+    chunks = _cdiv(m, rows) * col_blocks
+    bp = np.empty(b_size, out.dtype)
+    edge = np.empty(edge_size, out.dtype)
+    tile = np.empty(tile_size, out.dtype)
+    c = _take(counter)
+    while c < chunks:
+        r0, c0 = c // col_blocks * rows, c % col_blocks * cols
+        _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
+                   min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
         c = _take(counter)
-        while c < chunks:
-            r0, c0 = c // col_blocks * rows, c % col_blocks * cols
-            _run_block(body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha_, out, r0, min(m, r0 + rows), c0,
-                       min(n, c0 + cols), variant, kc_max, nc_max, pack_b, bp, edge, tile)
-            c = _take(counter)

@@ -18,7 +18,8 @@ not constants, so the driver compiles once per dtype and is cached on disk.
 
 At a batch of one or two the first layer's gradient, norm, update and the next step's forward product are
 one pass over W, piece by piece (:func:`_product_update`); with two threads a worker on a pooled thread
-(:func:`run`, :func:`first_layer_worker`) takes half of the pieces each step, the same bits either way.
+(:func:`run`, :func:`worker`) takes half of the pieces each step, the same bits either way. On exactly two
+threads the same worker shares the multithreaded products (:func:`_shared_product`).
 
 The model arrives as tables (one row per layer) and offsets into one scratch buffer. The driver stops
 before the update of a step whose loss or gradient norms are not finite and returns that step's number;
@@ -39,7 +40,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
-from ._gemm import PARALLEL_MIN_FLOPS, body, gemm, gemm_parallel
+from ._gemm import (PARALLEL_MIN_FLOPS, SIGMOID as GEMM_SIGMOID, TANH as GEMM_TANH, _call_transcendental, body,
+                    chunk_shape, gemm, gemm_parallel, take_chunks)
 from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
                      _resume_one, _resume_wide, _voidptr, dispatcher, dots, rows, tiles)
 from ._jit import jit
@@ -212,11 +214,11 @@ def ready(*args):
     worker, when ``job`` is not empty) for these argument types is in this process, or in Numba's on-disk
     cache (then loaded, as a call would). A cold compile of the driver costs tens of seconds; the automatic
     choice (``nn._compiled``) takes the driver only when ready."""
-    return _loaded(train_steps, args) and (args[-1].size == 0 or _loaded(first_layer_worker, _worker_args(args)))
+    return _loaded(train_steps, args) and (args[-1].size == 0 or _loaded(worker, _worker_args(args)))
 
 
 def _worker_args(args):
-    """:func:`first_layer_worker`'s arguments, from :func:`train_steps`' ``args``."""
+    """:func:`worker`'s arguments, from :func:`train_steps`' ``args``."""
     (_, _, _, _, _, _, layers, alphas, _, params, grads, state1, state2, segments, optimizer, hyper, _, _, _, kernels,
      _, _, _, _, _, _, job) = args
     return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments
@@ -225,36 +227,41 @@ def _worker_args(args):
 def job(layers, batch, max_norm, threads):
     """The ``job`` argument of :func:`train_steps`: control words for a worker on a second core when the
     first-layer pass at a batch of one or two has W of at least TWO_CORES_MIN elements (and ``threads`` > 1),
-    else empty (no worker)."""
-    first = np.flatnonzero(layers[:, KIND] == DENSE)[0]
-    two = (threads > 1 and batch <= ROWS_MAX_K and max_norm == math.inf
-           and layers[first, IN_W] * layers[first, OUT_W] >= TWO_CORES_MIN)
-    return np.zeros(JOB_WORDS if two else 0, np.int64)
+    or when on exactly two threads a product goes multithreaded (a Dense layer's reaches PARALLEL_MIN_FLOPS);
+    else empty (no worker: one would only spin)."""
+    dense = layers[layers[:, KIND] == DENSE]
+    first = (threads > 1 and batch <= ROWS_MAX_K and max_norm == math.inf
+             and dense[0, IN_W] * dense[0, OUT_W] >= TWO_CORES_MIN)
+    products = threads == 2 and 2 * batch * int((dense[:, IN_W] * dense[:, OUT_W]).max()) >= PARALLEL_MIN_FLOPS
+    words = np.zeros(JOB_WORDS if first or products else 0, np.int64)
+    if words.size:
+        words[JOB_FIRST], words[JOB_PRODUCTS] = first, products
+    return words
 
 
 def compile_worker(dtype):
-    """Compile :func:`first_layer_worker` (or load it from the cache) for parameters of ``dtype``, with the
+    """Compile :func:`worker` (or load it from the cache) for parameters of ``dtype``, with the
     argument types nn passes it (told to STOP, it returns at once)."""
     flat, ints = np.zeros(1, dtype), np.zeros(2, np.int64)
-    first_layer_worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64),
+    worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64),
                        np.zeros(1), flat, flat, flat, flat, ints)
 
 
-_workers = None  # (pid, executor): the threads that run first_layer_worker, kept from call to call
+_workers = None  # (pid, executor): the threads that run worker, kept from call to call
 
 
 def _executor():
-    """The pool that runs :func:`first_layer_worker`: one idle thread reused by every call (starting a thread
+    """The pool that runs :func:`worker`: one idle thread reused by every call (starting a thread
     costs ~130 us a call, a submit ~30), more only while calls overlap; made anew in a forked child."""
     global _workers
     if _workers is None or _workers[0] != os.getpid():
-        _workers = os.getpid(), ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="kernels-first-layer")
+        _workers = os.getpid(), ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="kernels-step-worker")
     return _workers[1]
 
 
 def run(*args):
     """``train_steps(*args)``, its ``prange`` loops handed out an iteration at a time (``_parallel.dynamic``),
-    with :func:`first_layer_worker` on a thread of the :func:`_executor` for the call when ``job`` (the last
+    with :func:`worker` on a thread of the :func:`_executor` for the call when ``job`` (the last
     argument) is not empty. The worker's exception, if any, is raised here, once it has returned."""
     job = args[-1]
     if job.size == 0:
@@ -264,13 +271,13 @@ def run(*args):
 
     def work():
         try:
-            first_layer_worker(*_worker_args(args))
+            worker(*_worker_args(args))
         except BaseException as error:  # handed to the caller; the driver stops waiting on FAILED or EXITED
             failure.append(error)
             job[JOB_STATE], job[JOB_EXITED] = FAILED, 1
 
     job[JOB_STATE] = STOP  # the worker compiled (or loaded) here, not on its thread while the driver waits
-    first_layer_worker(*_worker_args(args))
+    worker(*_worker_args(args))
     job[JOB_STATE], job[JOB_EXITED] = IDLE, 0
     future = _executor().submit(work)
     try:
@@ -297,8 +304,12 @@ def gemm_settings(tiling, dtype):
 @jit(fastmath=False, inline="always")
 def _by_address(target, way, args):
     """``_small.dispatcher``'s call: route ``way``'s kernel from the table ``target[0]``, the serial GEMM at
-    slot ``target[1]`` (compiled for the call site's layouts)."""
-    kernels, serial = target
+    slot ``target[1]`` (compiled for the call site's layouts); a multithreaded product shared with the worker
+    when the job ``target[2]`` says so (:func:`_shared_product`)."""
+    kernels, serial, job = target
+    if way == PARALLEL and job.size and job[JOB_PRODUCTS]:
+        _shared_product(job, args)
+        return
     if way == GEMM:
         slot = serial
     elif way == PARALLEL:
@@ -313,7 +324,7 @@ def _body_address(target, settings, dtype, dots):
     return settings[DOTS_BODY] if dots else settings[BODY]
 
 
-# kernels.cpu.matmul's choice and call, on addresses: _matmul((kernels, serial slot), settings, threads, min_flops,
+# kernels.cpu.matmul's choice and call, on addresses: _matmul((kernels, serial slot, job), settings, threads, min_flops,
 # a, b, bias, act, alpha, out)
 _matmul = jit(fastmath=False, inline="always")(dispatcher(_by_address, _body_address))
 
@@ -513,12 +524,15 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
                 _fold(x_next, params, a, wb, acc)
 
 
-# The first layer's pass at a batch of one or two on two cores (``first_layer_worker``): from this many elements
-# of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table, the
-# layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x, dz,
+# The worker on a second core (``worker``): the first layer's pass at a batch of one or two from this many
+# elements of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table,
+# the layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x, dz,
 # x_next, acc, its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the shares it
 # ran, the shares the driver ran itself (the worker not there to take them), (tests) 1 for the driver to
-# wait for the worker, and 1 once the worker, told to STOP, has returned
+# wait for the worker, 1 once the worker, told to STOP, has returned; whether it shares the first layer's pass,
+# whether it shares the multithreaded products; for a shared product (``_shared_product``) the next chunk,
+# ``gemm_parallel``'s arguments (the arrays as addresses and sizes, alpha's bits), the chunk's shape, and the
+# products the worker joined
 TWO_CORES_MIN = 1 << 15
 YIELD_SPINS = 1 << 12  # ~0.1 ms of pause instructions
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -526,9 +540,12 @@ _SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "po
 if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the cache)
     binding.add_symbol("sched_yield", ctypes.cast(_SCHED_YIELD, ctypes.c_void_p).value)
 (JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X, JOB_DZ, JOB_X_NEXT, JOB_ACC, JOB_PIECE,
- JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED) = range(17)
-JOB_WORDS = 17
-IDLE, GO, TAKEN, STOP, FAILED = range(5)  # JOB_STATE: nothing to do, work to take, taken, return, raised
+ JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED, JOB_FIRST, JOB_PRODUCTS,
+ P_NEXT, P_A, P_SA_I, P_SA_K, P_B, P_SB_K, P_SB_J, P_K, P_BIAS, P_BIAS_N, P_ACT, P_ALPHA, P_OUT, P_M, P_N, P_VARIANT,
+ P_KC, P_NC_BYTES, P_BODY, P_ROWS, P_COLS, P_JOINED) = range(41)
+JOB_WORDS = 41
+# JOB_STATE: nothing to do, first-layer work to take, taken, return, raised, a product to share
+IDLE, GO, TAKEN, STOP, FAILED, PRODUCT = range(6)
 
 
 @intrinsic
@@ -587,12 +604,13 @@ def _first_layer_views(job, layers, segments, dtype):
 
 
 @jit(fastmath=False)
-def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments):
-    """The other core's half of :func:`train_steps`' first-layer pass at a batch of one or two: spins until
-    ``job[JOB_STATE]`` is GO, takes it (TAKEN), runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when
-    the step does), sets it back to IDLE; until it reads STOP, which it acknowledges in ``job[JOB_EXITED]``.
-    Run on a thread of its own (it holds no GIL) for the duration of a ``train_steps`` call given the same
-    ``job`` and arrays."""
+def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments):
+    """The other core's share of :func:`train_steps`' work: spins until ``job[JOB_STATE]`` is GO (the first
+    layer's pass at a batch of one or two) or PRODUCT (a multithreaded product), takes it (TAKEN), runs
+    :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does) or the product's chunks it can
+    take (:func:`_product_chunks`), sets it back to IDLE; until it reads STOP, which it acknowledges in
+    ``job[JOB_EXITED]``. Run on a thread of its own (it holds no GIL) for the duration of a ``train_steps``
+    call given the same ``job`` and arrays."""
     params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
     no_bias = np.empty(0, params.dtype)
     spins = 0
@@ -601,16 +619,64 @@ def first_layer_worker(job, kernels, optimizer, hyper, layers, alphas, params, g
         if state == STOP:
             _exchange(job, JOB_EXITED, 0, 1)
             return
-        if state != GO or _exchange(job, JOB_STATE, GO, TAKEN) != GO:  # nothing to do, or the driver took it
+        if state != GO and state != PRODUCT or _exchange(job, JOB_STATE, state, TAKEN) != state:  # none, or gone
             spins += 1
             _pause(spins)
             continue
         spins = 0
-        x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, params.dtype)
-        _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
-                state1, state2, alphas[job[JOB_LAYER]], x_next, acc, piece, sums, no_bias)
-        job[JOB_STEPS] += 1
+        if state == PRODUCT:
+            _product_chunks(job, params.dtype)
+            job[P_JOINED] += 1
+        else:
+            x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, params.dtype)
+            _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
+                    state1, state2, alphas[job[JOB_LAYER]], x_next, acc, piece, sums, no_bias)
+            job[JOB_STEPS] += 1
         _exchange(job, JOB_STATE, TAKEN, IDLE)  # unless told to STOP meanwhile
+
+
+@jit(fastmath=False, inline="always")
+def _product_chunks(job, dtype):
+    """The chunks of the product described in ``job`` that this thread can take (``_gemm.take_chunks``)."""
+    out = carray(_voidptr(job[P_OUT]), (job[P_M], job[P_N]), dtype)
+    bias = carray(_voidptr(job[P_BIAS]), job[P_BIAS_N], dtype)
+    take_chunks(job[P_NEXT:P_NEXT + 1], job[P_BODY], job[P_A], job[P_SA_I], job[P_SA_K], job[P_B], job[P_SB_K],
+                job[P_SB_J], job[P_K], bias, job[P_ACT], job.view(np.float64)[P_ALPHA], out, job[P_VARIANT],
+                job[P_KC], job[P_NC_BYTES], job[P_ROWS], job[P_COLS])
+
+
+@jit(fastmath=False, inline="always")
+def _shared_product(job, args):
+    """``gemm_parallel(*args)`` on this thread and the worker: the product's chunks (the same as
+    ``gemm_parallel``'s, each computed whole by one thread: the same bits) taken from one counter by whichever
+    thread is free. A worker spinning on its core takes its first chunk within a microsecond, where a thread
+    pool's sleeping thread takes tens (and at 128 x 256 x 256, 2 threads, most of the gain was lost to that);
+    if it is not running (its core busy), this thread takes every chunk and waits for no one."""
+    (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes, mc, body,
+     dots) = args
+    m, n = out.shape
+    if m == 0 or n == 0:
+        return
+    rows, cols = chunk_shape(m, n, k, sb_k, sb_j, out, threads, variant, kc_max, nc_bytes, mc, dots)
+    if act == GEMM_SIGMOID or act == GEMM_TANH:  # compiled, on its first use, by this thread
+        _call_transcendental(out, 0, 0, 0, 0, act)
+    job[P_A], job[P_SA_I], job[P_SA_K], job[P_B], job[P_SB_K], job[P_SB_J] = a_at, sa_i, sa_k, b_at, sb_k, sb_j
+    job[P_K], job[P_BIAS], job[P_BIAS_N], job[P_ACT] = k, np.intp(bias.ctypes.data), bias.size, act
+    job.view(np.float64)[P_ALPHA] = alpha
+    job[P_OUT], job[P_M], job[P_N], job[P_VARIANT], job[P_KC] = np.intp(out.ctypes.data), m, n, variant, kc_max
+    job[P_NC_BYTES], job[P_BODY], job[P_ROWS], job[P_COLS], job[P_NEXT] = nc_bytes, body, rows, cols, 0
+    if _exchange(job, JOB_STATE, IDLE, PRODUCT) != IDLE:  # FAILED: its thread raised before this product
+        raise RuntimeError("the training step's worker thread failed")
+    take_chunks(job[P_NEXT:P_NEXT + 1], body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, variant,
+                kc_max, nc_bytes, rows, cols)
+    state = _load_acquire(job, JOB_STATE) if job[JOB_WAIT] else _exchange(job, JOB_STATE, PRODUCT, IDLE)
+    spins = 0
+    while state == TAKEN or (state == PRODUCT and job[JOB_WAIT]):  # the worker's chunks are not done yet
+        spins += 1
+        _pause(spins)
+        state = _load_acquire(job, JOB_STATE)
+    if state == FAILED:
+        raise RuntimeError("the training step's worker thread failed")
 
 
 @jit(fastmath=False, inline="always")
@@ -628,7 +694,7 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
     w_end = x.shape[1] * dz.shape[1]
     pieces = -(-end // PIECE)
     h = hyper[step]
-    if job.size and w_end >= TWO_CORES_MIN:
+    if job.size and job[JOB_FIRST] and w_end >= TWO_CORES_MIN:
         split = job[JOB_SPLIT] if 0 < job[JOB_SPLIT] < end else pieces // 2 * PIECE  # balanced from step to step
         size = piece.size // 2
         job[JOB_STEP], job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING] = step, i, x.shape[0], x_next.shape[0]
@@ -637,7 +703,7 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
         job[JOB_PIECE], job[JOB_PIECE_SIZE] = np.intp(piece.ctypes.data) + size * piece.itemsize, size
         job[JOB_SUMS] = np.intp(sums.ctypes.data)
         if _exchange(job, JOB_STATE, IDLE, GO) != IDLE:  # FAILED: its thread raised before this step
-            raise RuntimeError("the first layer's worker thread failed")
+            raise RuntimeError("the training step's worker thread failed")
         _pieces(kernels, optimizer, h, x, dz, split, end, end, params, grads, state1, state2, alpha, x_next[:0], acc,
                 piece[:size], sums, no_bias)
         state = _load_acquire(job, JOB_STATE) if job[JOB_WAIT] else _exchange(job, JOB_STATE, GO, IDLE)
@@ -655,7 +721,7 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
         if spins:
             job[JOB_SPLIT] = max(split - PIECE, PIECE)
         if state == FAILED:
-            raise RuntimeError("the first layer's worker thread failed")
+            raise RuntimeError("the training step's worker thread failed")
         if x_next.shape[0]:
             _fold(x_next, params, split, w_end, acc)
     else:
@@ -719,7 +785,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     ``max_norm`` the global gradient norm to clip to (inf: none); ``loss_kind`` the loss (its code);
     ``count``: count the correct predictions;
     ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`; ``job`` the control words of
-    :func:`first_layer_worker` when one runs beside this call (see :func:`run`), else empty. The step's bookkeeping
+    :func:`worker` when one runs beside this call (see :func:`run`), else empty. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
     the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
     ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
@@ -761,7 +827,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                 _finish(_view(acc, 0, rows, w1), params[layers[0, B_AT]:layers[0, B_AT] + w_out], code, alphas[0], y)
             elif kind == DENSE:
                 w = _view(params, layers[i, W_AT], w_in, w_out)
-                _matmul((kernels, GEMM_CC), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
+                _matmul((kernels, GEMM_CC, job), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
                         params[layers[i, B_AT]:layers[i, B_AT] + w_out], code, alphas[i], y)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_K], (x, y), None)
@@ -796,7 +862,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                           (y, dy, t(alphas[i]), dz, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
                 if layers[i, DX_AT] >= 0:
                     w = _view(params, layers[i, W_AT], w_in, w_out)
-                    _matmul((kernels, GEMM_CT), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
+                    _matmul((kernels, GEMM_CT, job), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
                 if fused and layers[i, W_AT] == 0:
                     following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
@@ -808,7 +874,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                                                piece[:0] if s == s1 - 1 else piece, sums, job, no_bias)
                     folded = following > 0
                 else:
-                    _matmul((kernels, GEMM_TC), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
+                    _matmul((kernels, GEMM_TC, job), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
                             no_activation, alphas[i], gw)
             elif kind == ACTIVATION and code == SOFTMAX:
                 _call(kernels[SOFTMAX_BACKWARD_K], (y, dy, dx), None)
