@@ -36,7 +36,9 @@ from . import optim
 from .layers import Activation, Dense, Dropout
 
 # The per-kernel step's overhead that the compiled one saves is ~50-100 us per step, the time a copy of
-# about this many bytes takes
+# about this many bytes takes; on two threads each product it shares with its worker (kernels.cpu.step) saves
+# about as much again (Numba's thread pool woken: 784-1024-1024-10 b256, 8 such products a step, 242 -> 220 ms
+# an epoch)
 SNAPSHOT_BYTES_PER_STEP = 1 << 19
 CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the progress bar and Ctrl-C
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
@@ -74,10 +76,24 @@ def unsupported(trainer):
 
 
 def wins(model, opt, n, batch_size):
-    """True when the per-step overhead saved outweighs the epoch's copy of the parameters and optimizer
-    state: at most SNAPSHOT_BYTES_PER_STEP of them per step of the epoch."""
+    """True when the time saved outweighs the epoch's copy of the parameters and optimizer state: at most
+    SNAPSHOT_BYTES_PER_STEP of them per step of the epoch, and as much per product shared with the worker."""
     state = model.params.nbytes * (1 + len(opt.buffers))
-    return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP
+    return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP * (1 + shared_products(model, batch_size))
+
+
+def shared_products(model, batch):
+    """How many products of a step at ``batch`` rows the compiled epoch shares with its worker: on exactly two
+    threads, each Dense layer's ``x @ W``, ``dW`` and (after the first) ``dx`` of at least the GEMM's
+    multithreading threshold in flops (``kernels.cpu.step.job``)."""
+    from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
+    from kernels.cpu._parallel import num_threads
+
+    if num_threads() != 2:
+        return 0
+    dense = [layer for layer in model.layers if isinstance(layer, Dense)]
+    return sum((2 if i == 0 else 3) for i, layer in enumerate(dense)
+               if 2 * batch * layer.input_dim * layer.output_dim >= PARALLEL_MIN_FLOPS)
 
 
 def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):

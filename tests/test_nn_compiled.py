@@ -469,13 +469,15 @@ def test_a_worker_only_where_it_pays():
         assert step.job(layers, batch, 1.0, threads).size == 0
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation, clip_norm", [("relu", None), ("tanh", 1e-3)])  # 1e-3: every update scaled
 @pytest.mark.parametrize("late", [False, True])
-def test_products_shared_with_the_worker_give_the_thread_pool_bits(monkeypatch, two_threads, activation, late):
-    """On two threads the worker shares each multithreaded product (x @ W1 and dW1 of the 300 x 128 layer at a
-    batch of 32: 2.5 MFLOP each, over PARALLEL_MIN_FLOPS), chunk by chunk: bit for bit the per-kernel step
-    (Numba's thread pool) and one thread, the last batch short, whether the worker joins every product (the
-    driver told to wait for it) or never runs meanwhile (the driver takes every chunk, waiting for no one)."""
+def test_products_and_updates_shared_with_the_worker_give_the_thread_pool_bits(monkeypatch, two_threads, activation,
+                                                                               clip_norm, late):
+    """On two threads the worker shares each multithreaded product (x @ W1 and dW1 of the 300 x 256 layer at a
+    batch of 32: 4.9 MFLOP each, over PARALLEL_MIN_FLOPS) and update (94K parameters, over PARALLEL_MIN; with
+    clipping, scaled), chunk by chunk: bit for bit the per-kernel step (Numba's thread pool) and one thread,
+    the last batch short, whether the worker joins each (the driver told to wait for it) or never runs
+    meanwhile (the driver takes every chunk, waiting for no one)."""
     jobs, run, worker = [], step.run, step.worker
 
     def spy(*args):
@@ -496,20 +498,21 @@ def test_products_shared_with_the_worker_give_the_thread_pool_bits(monkeypatch, 
     X, y = rng.standard_normal((75, 300)).astype(np.float32), rng.integers(0, 10, 75)
 
     def layers():
-        return [nn.Dense(128, activation=activation), nn.Dense(64, activation=activation), nn.Dense(10)]
+        return [nn.Dense(256, activation=activation), nn.Dense(64, activation=activation), nn.Dense(10)]
 
     outcomes = []
     for threads, compiled in ((2, True), (1, True), (2, False)):
         numba.set_num_threads(threads)
-        outcomes.append(_outcome(*_fit(compiled, layers, lambda: nn.Adam(lr=1e-3), X, y, batch_size=32, epochs=1)))
+        outcomes.append(_outcome(*_fit(compiled, layers, lambda: nn.Adam(lr=1e-3), X, y, batch_size=32, epochs=1,
+                                       clip_norm=clip_norm)))
     _assert_same(outcomes[0], outcomes[1])
     _assert_same(outcomes[0], outcomes[2])
     assert [job.size for job in jobs] == [step.JOB_WORDS, 0]
     job = jobs[0]
     assert (job[step.JOB_FIRST], job[step.JOB_PRODUCTS]) == (0, 1)
-    # two full batches of x @ W1 and dW1 (the 128 x 64 layer's products: 0.5 MFLOP, one thread; the last batch of
-    # 11 rows: 0.8 MFLOP)
-    assert job[step.P_JOINED] == (0 if late else 2 * 2)
+    # x @ W1 and dW1 of the two full batches (the 256 x 64 layer's products: 1 MFLOP, one thread; the last batch
+    # of 11 rows: 1.7 MFLOP), the update of every step
+    assert (job[step.P_JOINED], job[step.U_JOINED]) == ((0, 0) if late else (2 * 2, 3))
 
 
 def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(monkeypatch, two_threads):
@@ -655,3 +658,17 @@ def test_the_driver_runs_what_the_per_kernel_step_runs_below_and_above_each_thre
         for size in (0, minimum - 1, minimum, minimum + 1):
             picked = step._scheduled.py_func(table, slot, twin, size, minimum)
             assert picked == table[twin if size < wrapper.minimum else slot]
+
+
+def test_the_automatic_choice_counts_the_products_shared_with_the_worker(two_threads):
+    """784-1024-1024-10 at a batch of 256 (Adam: 22 MB of state to copy per epoch of 8 steps) runs compiled on
+    two threads, where its 8 products a step each save a wake-up of Numba's thread pool, and per kernel on
+    one."""
+    model = nn.Sequential([nn.Dense(1024, activation="relu"), nn.Dense(1024, activation="relu"), nn.Dense(10)],
+                          input_dim=784)
+    opt = nn.Adam()
+    assert _compiled.shared_products(model, 256) == 8
+    assert _compiled.wins(model, opt, 2048, 256)
+    numba.set_num_threads(1)
+    assert _compiled.shared_products(model, 256) == 0
+    assert not _compiled.wins(model, opt, 2048, 256)

@@ -40,8 +40,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
-from ._gemm import (PARALLEL_MIN_FLOPS, SIGMOID as GEMM_SIGMOID, TANH as GEMM_TANH, _call_transcendental, body,
-                    chunk_shape, gemm, gemm_parallel, take_chunks)
+from ._gemm import (PARALLEL_MIN_FLOPS, SIGMOID as GEMM_SIGMOID, TANH as GEMM_TANH, _call_transcendental, _take,
+                    body, chunk_shape, gemm, gemm_parallel, take_chunks)
 from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
                      _resume_one, _resume_wide, _voidptr, dispatcher, dots, rows, tiles)
 from ._jit import jit
@@ -347,30 +347,46 @@ def _run(kernels, slot, n, args):
 
 
 @jit(fastmath=False, inline="always")
-def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled):
+def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled, shared):
     """One optimizer step as ``kernels.cpu.optim`` makes it, ``h`` its row of the per-step table, ``gscale``
-    the gradient scale (None: 1; ``scaled`` says which, selecting the kernels compiled for it)."""
+    the gradient scale (None: 1; ``scaled`` says which, selecting the kernels compiled for it); ``shared``
+    None, or the job whose counter hands out the chunks of the update to this thread and the worker
+    (:func:`_shared_update`)."""
     t = params.dtype.type
     slot = OPTIMIZER_K + 4 * optimizer_group(optimizer) + (2 if scaled else 0)
     n = params.size
     if optimizer == SGD:
-        _run(kernels, slot, n, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0, gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0, gscale))
     elif optimizer == SGD_MOMENTUM:
-        _run(kernels, slot, n, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0,
+        _run_update(kernels, slot, n, shared, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0,
                                 gscale))
     elif optimizer == ADAM or optimizer == ADAMW:
-        _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
+        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
                                 t(h[6]), t(h[7]), optimizer == ADAMW, gscale))
     elif optimizer == RMSPROP:
-        _run(kernels, slot, n, (params, grads, state1, None, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
+        _run_update(kernels, slot, n, shared, (params, grads, state1, None, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
                                 gscale))
     elif optimizer == RMSPROP_MOMENTUM:
-        _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
+        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
                                 gscale))
     elif optimizer == ADAGRAD:
-        _run(kernels, slot, n, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), gscale))
     else:
-        _run(kernels, slot, n, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), gscale))
+
+
+@jit(fastmath=False, inline="always")
+def _run_update(kernels, slot, n, shared, args):
+    """``_run(kernels, slot, n, args)``, or (``shared`` a job) the chunks it takes from the job's counter."""
+    if shared is None:
+        _run(kernels, slot, n, args)
+    else:
+        address, chunks = kernels[slot], _parallel.n_chunks(n)
+        c = _take(shared[P_NEXT:P_NEXT + 1])
+        while c < chunks:
+            lo, hi = _parallel.chunk(c, n)
+            _call(address, (lo, hi) + args, None)
+            c = _take(shared[P_NEXT:P_NEXT + 1])
 
 
 @jit(fastmath=False, inline="always")
@@ -519,7 +535,8 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
         if not whole:
             sums[a // PIECE] = _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
         if a < wb:
-            _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False)
+            _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False,
+                    None)
             if x_next.shape[0]:
                 _fold(x_next, params, a, wb, acc)
 
@@ -530,9 +547,10 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, st
 # x_next, acc, its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the shares it
 # ran, the shares the driver ran itself (the worker not there to take them), (tests) 1 for the driver to
 # wait for the worker, 1 once the worker, told to STOP, has returned; whether it shares the first layer's pass,
-# whether it shares the multithreaded products; for a shared product (``_shared_product``) the next chunk,
-# ``gemm_parallel``'s arguments (the arrays as addresses and sizes, alpha's bits), the chunk's shape, and the
-# products the worker joined
+# whether it shares the multithreaded products and updates; the next chunk of a shared product or update; for
+# a product (``_shared_product``) ``gemm_parallel``'s arguments (the arrays as addresses and sizes, alpha's
+# bits), the chunk's shape, the products the worker joined; for an update (``_shared_update``) the step, where
+# it starts, whether the gradient is scaled and the scale's bits, the updates the worker joined
 TWO_CORES_MIN = 1 << 15
 YIELD_SPINS = 1 << 12  # ~0.1 ms of pause instructions
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -542,10 +560,10 @@ if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the c
 (JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X, JOB_DZ, JOB_X_NEXT, JOB_ACC, JOB_PIECE,
  JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED, JOB_FIRST, JOB_PRODUCTS,
  P_NEXT, P_A, P_SA_I, P_SA_K, P_B, P_SB_K, P_SB_J, P_K, P_BIAS, P_BIAS_N, P_ACT, P_ALPHA, P_OUT, P_M, P_N, P_VARIANT,
- P_KC, P_NC_BYTES, P_BODY, P_ROWS, P_COLS, P_JOINED) = range(41)
-JOB_WORDS = 41
-# JOB_STATE: nothing to do, first-layer work to take, taken, return, raised, a product to share
-IDLE, GO, TAKEN, STOP, FAILED, PRODUCT = range(6)
+ P_KC, P_NC_BYTES, P_BODY, P_ROWS, P_COLS, P_JOINED, U_STEP, U_AT, U_SCALED, U_SCALE, U_JOINED) = range(46)
+JOB_WORDS = 46
+# JOB_STATE: nothing to do, first-layer work to take, taken, return, raised, a product or an update to share
+IDLE, GO, TAKEN, STOP, FAILED, PRODUCT, UPDATE = range(7)
 
 
 @intrinsic
@@ -619,14 +637,22 @@ def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1
         if state == STOP:
             _exchange(job, JOB_EXITED, 0, 1)
             return
-        if state != GO and state != PRODUCT or _exchange(job, JOB_STATE, state, TAKEN) != state:  # none, or gone
-            spins += 1
+        if state != GO and state != PRODUCT and state != UPDATE or _exchange(job, JOB_STATE, state, TAKEN) != state:
+            spins += 1  # nothing to do, or the driver took it back
             _pause(spins)
             continue
         spins = 0
         if state == PRODUCT:
             _product_chunks(job, params.dtype)
             job[P_JOINED] += 1
+        elif state == UPDATE:
+            h, at = hyper[job[U_STEP]], job[U_AT]
+            if job[U_SCALED]:
+                _update(kernels, optimizer, h, params[at:], grads[at:], state1[at:], state2[at:],
+                        params.dtype.type(job.view(np.float64)[U_SCALE]), True, job)
+            else:
+                _update(kernels, optimizer, h, params[at:], grads[at:], state1[at:], state2[at:], None, False, job)
+            job[U_JOINED] += 1
         else:
             x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, params.dtype)
             _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
@@ -664,14 +690,54 @@ def _shared_product(job, args):
     job[P_K], job[P_BIAS], job[P_BIAS_N], job[P_ACT] = k, np.intp(bias.ctypes.data), bias.size, act
     job.view(np.float64)[P_ALPHA] = alpha
     job[P_OUT], job[P_M], job[P_N], job[P_VARIANT], job[P_KC] = np.intp(out.ctypes.data), m, n, variant, kc_max
-    job[P_NC_BYTES], job[P_BODY], job[P_ROWS], job[P_COLS], job[P_NEXT] = nc_bytes, body, rows, cols, 0
-    if _exchange(job, JOB_STATE, IDLE, PRODUCT) != IDLE:  # FAILED: its thread raised before this product
-        raise RuntimeError("the training step's worker thread failed")
+    job[P_NC_BYTES], job[P_BODY], job[P_ROWS], job[P_COLS] = nc_bytes, body, rows, cols
+    _publish(job, PRODUCT)
     take_chunks(job[P_NEXT:P_NEXT + 1], body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, variant,
                 kc_max, nc_bytes, rows, cols)
-    state = _load_acquire(job, JOB_STATE) if job[JOB_WAIT] else _exchange(job, JOB_STATE, PRODUCT, IDLE)
+    _join(job, PRODUCT)
+
+
+@jit(fastmath=False, inline="always")
+def _shared_update(kernels, optimizer, hyper, step, at, params, grads, state1, state2, gscale, job):
+    """``_update`` of ``params[at:]`` for ``step`` (``gscale`` None: unscaled), its chunks shared with the worker
+    as :func:`_shared_product` shares a product's when the job says so and the update is multithreaded
+    (PARALLEL_MIN elements): elementwise, the same bits however they are shared."""
+    scaled = gscale is not None
+    if job.size == 0 or not job[JOB_PRODUCTS] or params.size - at < PARALLEL_MIN:
+        _update(kernels, optimizer, hyper[step], params[at:], grads[at:], state1[at:], state2[at:], gscale, scaled, None)
+        return
+    job[U_STEP], job[U_AT], job[U_SCALED] = step, at, scaled
+    job.view(np.float64)[U_SCALE] = _float_or_zero(gscale)
+    _publish(job, UPDATE)
+    _update(kernels, optimizer, hyper[step], params[at:], grads[at:], state1[at:], state2[at:], gscale, scaled, job)
+    _join(job, UPDATE)
+
+
+def _float_or_zero(x):
+    """``x`` as a float64, None as 0 (compiled only)."""
+
+
+@overload(_float_or_zero)
+def _float_or_zero_compiled(x):
+    return (lambda x: 0.0) if isinstance(x, types.NoneType) else (lambda x: np.float64(x))
+
+
+@jit(fastmath=False, inline="always")
+def _publish(job, work):
+    """Offer the worker ``work`` (PRODUCT or UPDATE), its arguments written in ``job``, from chunk 0."""
+    job[P_NEXT] = 0
+    if _exchange(job, JOB_STATE, IDLE, work) != IDLE:  # FAILED: its thread raised before this
+        raise RuntimeError("the training step's worker thread failed")
+
+
+@jit(fastmath=False, inline="always")
+def _join(job, work):
+    """Once this thread has run out of chunks of the ``work`` it published: take the offer back if the worker
+    has not taken it, else wait until the worker's chunks are done (tests: ``JOB_WAIT``, wait for the worker
+    to take it first)."""
+    state = _load_acquire(job, JOB_STATE) if job[JOB_WAIT] else _exchange(job, JOB_STATE, work, IDLE)
     spins = 0
-    while state == TAKEN or (state == PRODUCT and job[JOB_WAIT]):  # the worker's chunks are not done yet
+    while state == TAKEN or (state == work and job[JOB_WAIT]):
         spins += 1
         _pause(spins)
         state = _load_acquire(job, JOB_STATE)
@@ -896,9 +962,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             return s
         if scale[0] == 1:
             done = layers[first, IN_W] * layers[first, OUT_W] if fused else 0  # W updated with its product
-            _update(kernels, optimizer, hyper[s - s0], params[done:], grads[done:], state1[done:], state2[done:], None,
-                    False)
+            _shared_update(kernels, optimizer, hyper, s - s0, done, params, grads, state1, state2, None, job)
         elif scale[0] != 0:  # 0: a clipping scale that underflowed, the step skipped as the kernels skip it
-            _update(kernels, optimizer, hyper[s - s0], params, grads, state1, state2, scale[0], True)
+            _shared_update(kernels, optimizer, hyper, s - s0, 0, params, grads, state1, state2, scale[0], job)
     _stop(job)
     return s1
