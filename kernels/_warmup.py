@@ -100,7 +100,7 @@ def _training_step(dtype, activations):
     for act in activations:
         model = nn.Sequential([nn.Dense(3, activation=act), nn.Dense(2)], input_dim=4, dtype=dtype, seed=0)
         nn.Trainer(model, compiled=True).fit(X, y, batch_size=4, verbose=0)
-    step.compile_worker(dtype)  # the first layer's second core at a batch of one or two (needs a larger model)
+    step.compile_worker(dtype)  # the step's worker on a second core (not run by these small models)
 
 
 def _batchnorm(k, x):

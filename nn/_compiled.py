@@ -75,25 +75,16 @@ def unsupported(trainer):
     return None
 
 
-def wins(model, opt, n, batch_size):
+def wins(model, opt, n, batch_size, max_norm):
     """True when the time saved outweighs the epoch's copy of the parameters and optimizer state: at most
-    SNAPSHOT_BYTES_PER_STEP of them per step of the epoch, and as much per product shared with the worker."""
-    state = model.params.nbytes * (1 + len(opt.buffers))
-    return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP * (1 + shared_products(model, batch_size))
-
-
-def shared_products(model, batch):
-    """How many products of a step at ``batch`` rows the compiled epoch shares with its worker: on exactly two
-    threads, each Dense layer's ``x @ W``, ``dW`` and (after the first) ``dx`` of at least the GEMM's
-    multithreading threshold in flops (``kernels.cpu.step.job``)."""
-    from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
+    SNAPSHOT_BYTES_PER_STEP of them per step of the epoch, and as much per product shared with the worker
+    (``kernels.cpu.step.shared_products``)."""
+    from kernels.cpu import step
     from kernels.cpu._parallel import num_threads
 
-    if num_threads() != 2:
-        return 0
-    dense = [layer for layer in model.layers if isinstance(layer, Dense)]
-    return sum((2 if i == 0 else 3) for i, layer in enumerate(dense)
-               if 2 * batch * layer.input_dim * layer.output_dim >= PARALLEL_MIN_FLOPS)
+    state = model.params.nbytes * (1 + len(opt.buffers))
+    shared = step.shared_products(_layer_table(model, batch_size)[0], batch_size, max_norm, num_threads())
+    return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP * (1 + shared)
 
 
 def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
@@ -107,7 +98,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     why = unsupported(trainer)
     if why is not None and compiled:
         raise ValueError(f"compiled=True, but {why}; use compiled=None to choose automatically")
-    if why is not None or (compiled is None and not wins(model, opt, len(X), batch_size)):
+    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
+    if why is not None or (compiled is None and not wins(model, opt, len(X), batch_size, max_norm)):
         return None
     from kernels.cpu import step
     from kernels.cpu._gemm import transcendental
@@ -118,7 +110,6 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
         opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
-    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     plan = _plan(trainer, batch_size, max_norm)
     layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, empty_job, ready = plan
     parameter_layers = model.parameter_layers()

@@ -464,9 +464,15 @@ def test_a_worker_only_where_it_pays():
     # products: on exactly two threads, once a Dense layer's product reaches PARALLEL_MIN_FLOPS
     batch = -(-PARALLEL_MIN_FLOPS // (2 * 256 * layers[1, step.OUT_W]))
     words = step.job(layers, batch, 1.0, 2)
-    assert words.size == step.JOB_WORDS and (words[step.JOB_FIRST], words[step.JOB_PRODUCTS]) == (0, 1)
+    assert words.size == step.JOB_WORDS and (words[step.JOB_FIRST], words[step.JOB_SHARES]) == (0, 1)
+    assert step.shared_products(layers, batch, 1.0, 2) == 3  # x @ W, dW, dx (the table asks for dx)
+    layers[1, step.DX_AT] = -1
+    assert step.shared_products(layers, batch, 1.0, 2) == 2
     for batch, threads in ((batch - 1, 2), (batch, 1), (batch, 3)):
         assert step.job(layers, batch, 1.0, threads).size == 0
+    # over the threshold in flops, but routed to the one-thread row kernels at a batch of one
+    layers[1, step.IN_W], layers[1, step.OUT_W] = 1024, 1024
+    assert step.shared_products(layers, 1, 1.0, 2) == 0 and step.job(layers, 1, 1.0, 2).size == 0
 
 
 @pytest.mark.parametrize("activation, clip_norm", [("relu", None), ("tanh", 1e-3)])  # 1e-3: every update scaled
@@ -509,10 +515,38 @@ def test_products_and_updates_shared_with_the_worker_give_the_thread_pool_bits(m
     _assert_same(outcomes[0], outcomes[2])
     assert [job.size for job in jobs] == [step.JOB_WORDS, 0]
     job = jobs[0]
-    assert (job[step.JOB_FIRST], job[step.JOB_PRODUCTS]) == (0, 1)
+    assert (job[step.JOB_FIRST], job[step.JOB_SHARES]) == (0, 1)
     # x @ W1 and dW1 of the two full batches (the 256 x 64 layer's products: 1 MFLOP, one thread; the last batch
     # of 11 rows: 1.7 MFLOP), the update of every step
     assert (job[step.P_JOINED], job[step.U_JOINED]) == ((0, 0) if late else (2 * 2, 3))
+
+
+@pytest.mark.parametrize("optimizer, dtype", [
+    (lambda: nn.SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3), "float32"),
+    (lambda: nn.RMSProp(lr=1e-3, momentum=0.9), "float32"), (lambda: nn.Adagrad(lr=0.01), "float32"),
+    (lambda: nn.Adadelta(), "float32"), (lambda: nn.AdamW(lr=1e-3), "float64")])
+def test_every_optimizer_shared_with_the_worker_gives_the_thread_pool_bits(monkeypatch, two_threads, optimizer,
+                                                                             dtype):
+    """The update's chunks, run by the body itself on each thread, are bit for bit those of the optimizer's chunked
+    kernel under Numba's pool (the per-kernel step), for every optimizer and both dtypes."""
+    jobs, run = [], step.run
+
+    def spy(*args):
+        jobs.append(args[-1])
+        args[-1][step.JOB_WAIT] = 1
+        return run(*args)
+
+    monkeypatch.setattr(step, "run", spy)
+    rng = np.random.default_rng(10)
+    X, y = rng.standard_normal((64, 300)), rng.integers(0, 10, 64)
+
+    def layers():
+        return [nn.Dense(256, activation="relu"), nn.Dense(10)]
+
+    outcomes = [_outcome(*_fit(compiled, layers, optimizer, X, y, batch_size=32, epochs=1, dtype=dtype))
+                for compiled in (True, False)]
+    _assert_same(*outcomes)
+    assert jobs[0][step.U_JOINED] == 2 and jobs[0][step.P_JOINED] == 2 * 2
 
 
 def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(monkeypatch, two_threads):
@@ -666,9 +700,9 @@ def test_the_automatic_choice_counts_the_products_shared_with_the_worker(two_thr
     one."""
     model = nn.Sequential([nn.Dense(1024, activation="relu"), nn.Dense(1024, activation="relu"), nn.Dense(10)],
                           input_dim=784)
-    opt = nn.Adam()
-    assert _compiled.shared_products(model, 256) == 8
-    assert _compiled.wins(model, opt, 2048, 256)
+    opt, layers = nn.Adam(), _compiled._layer_table(model, 256)[0]
+    assert step.shared_products(layers, 256, np.inf, 2) == 8
+    assert _compiled.wins(model, opt, 2048, 256, np.inf)
     numba.set_num_threads(1)
-    assert _compiled.shared_products(model, 256) == 0
-    assert not _compiled.wins(model, opt, 2048, 256)
+    assert step.shared_products(layers, 256, np.inf, 1) == 0
+    assert not _compiled.wins(model, opt, 2048, 256, np.inf)

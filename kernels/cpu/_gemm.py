@@ -1052,7 +1052,9 @@ def chunk_shape(m, n, k, sb_k, sb_j, out, threads, variant, kc_max, nc_bytes, mc
 def take_chunks(counter, body, a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, variant, kc_max,
                 nc_bytes, rows, cols):
     """One thread's part of a multithreaded ``gemm``: the chunks of ``rows x cols`` (``split``) it takes from
-    ``counter`` (an intp array, its first element the next chunk) until there are none left."""
+    ``counter`` (an intp array, its first element the next chunk) until there are none left. Inlined into
+    ``kernels.cpu.step``'s cached driver and worker too, whose cache does not see edits here: clear
+    ``kernels/cpu/__pycache__`` after changing this, ``chunk_shape``, ``split`` or ``_setup``."""
     m, n = out.shape
     _, _, nc_max, pack_b, alpha_, b_size, edge_size, tile_size = _setup(k, sb_k, sb_j, alpha, out, variant, kc_max,
                                                                         nc_bytes)

@@ -19,7 +19,8 @@ not constants, so the driver compiles once per dtype and is cached on disk.
 At a batch of one or two the first layer's gradient, norm, update and the next step's forward product are
 one pass over W, piece by piece (:func:`_product_update`); with two threads a worker on a pooled thread
 (:func:`run`, :func:`worker`) takes half of the pieces each step, the same bits either way. On exactly two
-threads the same worker shares the multithreaded products (:func:`_shared_product`).
+threads the same worker shares the multithreaded products and optimizer updates (:func:`_shared_product`,
+:func:`_shared_update`), chunk by chunk.
 
 The model arrives as tables (one row per layer) and offsets into one scratch buffer. The driver stops
 before the update of a step whose loss or gradient norms are not finite and returns that step's number;
@@ -43,7 +44,7 @@ from . import activations, fused, losses, optim
 from ._gemm import (PARALLEL_MIN_FLOPS, SIGMOID as GEMM_SIGMOID, TANH as GEMM_TANH, _call_transcendental, _take,
                     body, chunk_shape, gemm, gemm_parallel, take_chunks)
 from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
-                     _resume_one, _resume_wide, _voidptr, dispatcher, dots, rows, tiles)
+                     _resume_one, _resume_wide, _voidptr, dispatcher, dots, route, rows, tiles)
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
@@ -227,24 +228,44 @@ def _worker_args(args):
 def job(layers, batch, max_norm, threads):
     """The ``job`` argument of :func:`train_steps`: control words for a worker on a second core when the
     first-layer pass at a batch of one or two has W of at least TWO_CORES_MIN elements (and ``threads`` > 1),
-    or when on exactly two threads a product goes multithreaded (a Dense layer's reaches PARALLEL_MIN_FLOPS);
+    or when a step has products to share with it (:func:`shared_products`; its updates are then shared too);
     else empty (no worker: one would only spin)."""
     dense = layers[layers[:, KIND] == DENSE]
     first = (threads > 1 and batch <= ROWS_MAX_K and max_norm == math.inf
              and dense[0, IN_W] * dense[0, OUT_W] >= TWO_CORES_MIN)
-    products = threads == 2 and 2 * batch * int((dense[:, IN_W] * dense[:, OUT_W]).max()) >= PARALLEL_MIN_FLOPS
-    words = np.zeros(JOB_WORDS if first or products else 0, np.int64)
+    shares = shared_products(layers, batch, max_norm, threads) > 0
+    words = np.zeros(JOB_WORDS if first or shares else 0, np.int64)
     if words.size:
-        words[JOB_FIRST], words[JOB_PRODUCTS] = first, products
+        words[JOB_FIRST], words[JOB_SHARES] = first, shares
     return words
+
+
+def shared_products(layers, batch, max_norm, threads):
+    """How many products of a step at ``batch`` rows :func:`train_steps` shares with its worker: on exactly two
+    threads (more are left to Numba's pool), those ``_small.route`` sends to the multithreaded GEMM: each Dense
+    layer's ``x @ W``, ``dW = x^T dz`` (unless the first layer's fused pass at a batch of one or two makes it)
+    and ``dx = dz W^T`` where the layer table asks for it."""
+    if threads != 2:
+        return 0
+    count, first = 0, True
+    for row in layers[layers[:, KIND] == DENSE]:
+        w_in, w_out = int(row[IN_W]), int(row[OUT_W])
+        shapes = [(batch, w_in, w_out, 1, w_out, 1)]  # m, k, n and the strides route reads: x @ W
+        if not (first and batch <= ROWS_MAX_K and max_norm == math.inf):
+            shapes.append((w_in, batch, w_out, w_in, w_out, 1))  # x^T dz
+        if row[DX_AT] >= 0:
+            shapes.append((batch, w_out, w_in, 1, 1, w_out))  # dz W^T
+        count += sum(route(*shape, threads, PARALLEL_MIN_FLOPS) == PARALLEL for shape in shapes)
+        first = False
+    return count
 
 
 def compile_worker(dtype):
     """Compile :func:`worker` (or load it from the cache) for parameters of ``dtype``, with the
     argument types nn passes it (told to STOP, it returns at once)."""
     flat, ints = np.zeros(1, dtype), np.zeros(2, np.int64)
-    worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64),
-                       np.zeros(1), flat, flat, flat, flat, ints)
+    worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64), np.zeros(1),
+           flat, flat, flat, flat, ints)
 
 
 _workers = None  # (pid, executor): the threads that run worker, kept from call to call
@@ -307,7 +328,7 @@ def _by_address(target, way, args):
     slot ``target[1]`` (compiled for the call site's layouts); a multithreaded product shared with the worker
     when the job ``target[2]`` says so (:func:`_shared_product`)."""
     kernels, serial, job = target
-    if way == PARALLEL and job.size and job[JOB_PRODUCTS]:
+    if way == PARALLEL and job.size and job[JOB_SHARES]:
         _shared_product(job, args)
         return
     if way == GEMM:
@@ -558,10 +579,10 @@ _SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "po
 if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the cache)
     binding.add_symbol("sched_yield", ctypes.cast(_SCHED_YIELD, ctypes.c_void_p).value)
 (JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X, JOB_DZ, JOB_X_NEXT, JOB_ACC, JOB_PIECE,
- JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED, JOB_FIRST, JOB_PRODUCTS,
+ JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED, JOB_FIRST, JOB_SHARES,
  P_NEXT, P_A, P_SA_I, P_SA_K, P_B, P_SB_K, P_SB_J, P_K, P_BIAS, P_BIAS_N, P_ACT, P_ALPHA, P_OUT, P_M, P_N, P_VARIANT,
  P_KC, P_NC_BYTES, P_BODY, P_ROWS, P_COLS, P_JOINED, U_STEP, U_AT, U_SCALED, U_SCALE, U_JOINED) = range(46)
-JOB_WORDS = 46
+JOB_WORDS = U_JOINED + 1
 # JOB_STATE: nothing to do, first-layer work to take, taken, return, raised, a product or an update to share
 IDLE, GO, TAKEN, STOP, FAILED, PRODUCT, UPDATE = range(7)
 
@@ -624,9 +645,9 @@ def _first_layer_views(job, layers, segments, dtype):
 @jit(fastmath=False)
 def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments):
     """The other core's share of :func:`train_steps`' work: spins until ``job[JOB_STATE]`` is GO (the first
-    layer's pass at a batch of one or two) or PRODUCT (a multithreaded product), takes it (TAKEN), runs
-    :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does) or the product's chunks it can
-    take (:func:`_product_chunks`), sets it back to IDLE; until it reads STOP, which it acknowledges in
+    layer's pass at a batch of one or two), PRODUCT (a multithreaded product) or UPDATE (the optimizer's),
+    takes it (TAKEN), runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does) or the
+    chunks of the product (:func:`_product_chunks`) or update it can take, sets it back to IDLE; until it reads STOP, which it acknowledges in
     ``job[JOB_EXITED]``. Run on a thread of its own (it holds no GIL) for the duration of a ``train_steps``
     call given the same ``job`` and arrays."""
     params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
@@ -677,7 +698,8 @@ def _shared_product(job, args):
     ``gemm_parallel``'s, each computed whole by one thread: the same bits) taken from one counter by whichever
     thread is free. A worker spinning on its core takes its first chunk within a microsecond, where a thread
     pool's sleeping thread takes tens (and at 128 x 256 x 256, 2 threads, most of the gain was lost to that);
-    if it is not running (its core busy), this thread takes every chunk and waits for no one."""
+    if it is not running (its core busy), this thread takes every chunk and waits for no one (but for the
+    chunk the worker holds, if it took the offer and then lost its core)."""
     (a_at, sa_i, sa_k, b_at, sb_k, sb_j, k, bias, act, alpha, out, threads, variant, kc_max, nc_bytes, mc, body,
      dots) = args
     m, n = out.shape
@@ -703,7 +725,7 @@ def _shared_update(kernels, optimizer, hyper, step, at, params, grads, state1, s
     as :func:`_shared_product` shares a product's when the job says so and the update is multithreaded
     (PARALLEL_MIN elements): elementwise, the same bits however they are shared."""
     scaled = gscale is not None
-    if job.size == 0 or not job[JOB_PRODUCTS] or params.size - at < PARALLEL_MIN:
+    if job.size == 0 or not job[JOB_SHARES] or params.size - at < PARALLEL_MIN:
         _update(kernels, optimizer, hyper[step], params[at:], grads[at:], state1[at:], state2[at:], gscale, scaled, None)
         return
     job[U_STEP], job[U_AT], job[U_SCALED] = step, at, scaled
