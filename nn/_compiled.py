@@ -4,7 +4,7 @@
 Python loop over kernel calls); ``True`` runs the compiled one wherever the model is supported and raises
 ``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported, wins
 (:func:`wins`) and is compiled already (in this process or Numba's on-disk cache: a cold compile of the
-driver and its kernels takes ~30 s, more than a short run saves; ``True`` once, or
+driver and its kernels takes minutes, more than a short run saves; ``True`` once, or
 ``kernels.warmup(only="training step")``, compiles it). Both make the same kernel calls with the same
 arguments, so they give bit for bit the same results; the compiled one saves the per-step Python overhead
 (~15 calls of a few us each).

@@ -664,15 +664,10 @@ def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1
             continue
         spins = 0
         if state == PRODUCT:
-            _product_chunks(job, params.dtype)
+            _product_chunks(job, params)
             job[P_JOINED] += 1
         elif state == UPDATE:
-            h, at = hyper[job[U_STEP]], job[U_AT]
-            if job[U_SCALED]:
-                _update(kernels, optimizer, h, params[at:], grads[at:], state1[at:], state2[at:],
-                        params.dtype.type(job.view(np.float64)[U_SCALE]), True, job)
-            else:
-                _update(kernels, optimizer, h, params[at:], grads[at:], state1[at:], state2[at:], None, False, job)
+            _worker_update(kernels, optimizer, hyper, job, params, grads, state1, state2)
             job[U_JOINED] += 1
         else:
             x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, params.dtype)
@@ -682,9 +677,11 @@ def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1
         _exchange(job, JOB_STATE, TAKEN, IDLE)  # unless told to STOP meanwhile
 
 
-@jit(fastmath=False, inline="always")
-def _product_chunks(job, dtype):
-    """The chunks of the product described in ``job`` that this thread can take (``_gemm.take_chunks``)."""
+@jit(fastmath=False)
+def _product_chunks(job, like):
+    """The chunks of the product described in ``job`` (of ``like``'s dtype) that this thread can take
+    (``_gemm.take_chunks``)."""
+    dtype = like.dtype
     out = carray(_voidptr(job[P_OUT]), (job[P_M], job[P_N]), dtype)
     bias = carray(_voidptr(job[P_BIAS]), job[P_BIAS_N], dtype)
     take_chunks(job[P_NEXT:P_NEXT + 1], job[P_BODY], job[P_A], job[P_SA_I], job[P_SA_K], job[P_B], job[P_SB_K],
@@ -692,7 +689,20 @@ def _product_chunks(job, dtype):
                 job[P_KC], job[P_NC_BYTES], job[P_ROWS], job[P_COLS])
 
 
-@jit(fastmath=False, inline="always")
+@jit(fastmath=False)
+def _worker_update(kernels, optimizer, hyper, job, params, grads, state1, state2):
+    """The worker's chunks of the update the job describes (:func:`_shared_update`)."""
+    h, at = hyper[job[U_STEP]], job[U_AT]
+    if job[U_SCALED]:
+        _update(kernels, optimizer, h, params[at:], grads[at:], state1[at:], state2[at:],
+                params.dtype.type(job.view(np.float64)[U_SCALE]), True, job)
+    else:
+        _update(kernels, optimizer, h, params[at:], grads[at:], state1[at:], state2[at:], None, False, job)
+
+
+# Not inlined (nor _shared_update, _product_chunks, _worker_update): inlined at the driver's three product and two
+# update call sites they took the cold compile of the float32 training step from 76 s to 276 s (148 s as calls)
+@jit(fastmath=False)
 def _shared_product(job, args):
     """``gemm_parallel(*args)`` on this thread and the worker: the product's chunks (the same as
     ``gemm_parallel``'s, each computed whole by one thread: the same bits) taken from one counter by whichever
@@ -719,7 +729,7 @@ def _shared_product(job, args):
     _join(job, PRODUCT)
 
 
-@jit(fastmath=False, inline="always")
+@jit(fastmath=False)
 def _shared_update(kernels, optimizer, hyper, step, at, params, grads, state1, state2, gscale, job):
     """``_update`` of ``params[at:]`` for ``step`` (``gscale`` None: unscaled), its chunks shared with the worker
     as :func:`_shared_product` shares a product's when the job says so and the update is multithreaded
