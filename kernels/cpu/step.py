@@ -377,23 +377,25 @@ def _update(kernels, optimizer, h, params, grads, state1, state2, gscale, scaled
     slot = OPTIMIZER_K + 4 * optimizer_group(optimizer) + (2 if scaled else 0)
     n = params.size
     if optimizer == SGD:
-        _run_update(kernels, slot, n, shared, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0, gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, None, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]),
+                                               h[5] != 0, gscale))
     elif optimizer == SGD_MOMENTUM:
-        _run_update(kernels, slot, n, shared, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0,
-                                gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]),
+                                               h[5] != 0, gscale))
     elif optimizer == ADAM or optimizer == ADAMW:
-        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
-                                t(h[6]), t(h[7]), optimizer == ADAMW, gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]),
+                                               t(h[4]), t(h[5]), t(h[6]), t(h[7]), optimizer == ADAMW, gscale))
     elif optimizer == RMSPROP:
-        _run_update(kernels, slot, n, shared, (params, grads, state1, None, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
-                                gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, None, t(h[0]), t(h[1]), t(h[2]), t(h[3]),
+                                               t(h[4]), t(h[5]), gscale))
     elif optimizer == RMSPROP_MOMENTUM:
-        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), t(h[5]),
-                                gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]),
+                                               t(h[4]), t(h[5]), gscale))
     elif optimizer == ADAGRAD:
         _run_update(kernels, slot, n, shared, (params, grads, state1, t(h[0]), t(h[1]), t(h[2]), gscale))
     else:
-        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]), t(h[4]), gscale))
+        _run_update(kernels, slot, n, shared, (params, grads, state1, state2, t(h[0]), t(h[1]), t(h[2]), t(h[3]),
+                                               t(h[4]), gscale))
 
 
 @jit(fastmath=False, inline="always")
@@ -647,9 +649,9 @@ def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1
     """The other core's share of :func:`train_steps`' work: spins until ``job[JOB_STATE]`` is GO (the first
     layer's pass at a batch of one or two), PRODUCT (a multithreaded product) or UPDATE (the optimizer's),
     takes it (TAKEN), runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does) or the
-    chunks of the product (:func:`_product_chunks`) or update it can take, sets it back to IDLE; until it reads STOP, which it acknowledges in
-    ``job[JOB_EXITED]``. Run on a thread of its own (it holds no GIL) for the duration of a ``train_steps``
-    call given the same ``job`` and arrays."""
+    chunks of the product (:func:`_product_chunks`) or update it can take, sets it back to IDLE; until it reads
+    STOP, which it acknowledges in ``job[JOB_EXITED]``. Run on a thread of its own (it holds no GIL) for the
+    duration of a ``train_steps`` call given the same ``job`` and arrays."""
     params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
     no_bias = np.empty(0, params.dtype)
     spins = 0
@@ -736,7 +738,8 @@ def _shared_update(kernels, optimizer, hyper, step, at, params, grads, state1, s
     (PARALLEL_MIN elements): elementwise, the same bits however they are shared."""
     scaled = gscale is not None
     if job.size == 0 or not job[JOB_SHARES] or params.size - at < PARALLEL_MIN:
-        _update(kernels, optimizer, hyper[step], params[at:], grads[at:], state1[at:], state2[at:], gscale, scaled, None)
+        _update(kernels, optimizer, hyper[step], params[at:], grads[at:], state1[at:], state2[at:], gscale, scaled,
+                None)
         return
     job[U_STEP], job[U_AT], job[U_SCALED] = step, at, scaled
     job.view(np.float64)[U_SCALE] = _float_or_zero(gscale)
