@@ -386,24 +386,47 @@ def two_threads():
     numba.set_num_threads(previous)
 
 
+class _Jobs(list):
+    wait = False
+
+
+@pytest.fixture
+def jobs(monkeypatch):
+    """The job words (``step.run``'s last argument) of every compiled call, in order; ``jobs.wait = True``: the
+    driver of each later call with a worker waits for it to take its share, however late (``JOB_WAIT``)."""
+    recorded, run = _Jobs(), step.run
+
+    def spy(*args):
+        recorded.append(args[-1])
+        if recorded.wait and args[-1].size:
+            args[-1][step.JOB_WAIT] = 1
+        return run(*args)
+
+    monkeypatch.setattr(step, "run", spy)
+    return recorded
+
+
+def _absent_worker(monkeypatch):
+    """Make the worker absent from each call (its core busy elsewhere): it starts only once the driver, done,
+    tells it to STOP (it returns at once from run's call that compiles it)."""
+    worker = step.worker
+
+    def absent(job, *args):
+        while job[step.JOB_STATE] != step.STOP:
+            time.sleep(0.001)
+        return worker(job, *args)
+
+    monkeypatch.setattr(step, "worker", absent)
+
+
 @pytest.mark.parametrize("optimizer", [lambda: nn.SGD(lr=0.01, momentum=0.9), lambda: nn.Adam(lr=1e-3)])
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(monkeypatch, two_threads, optimizer,
-                                                                         batch_size):
+def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(jobs, two_threads, optimizer, batch_size):
     """At a batch of one or two with two threads, a worker thread runs the first half of the first layer's
     pieces (W of 300 x 128, at least TWO_CORES_MIN) while the driver runs the second: bit for bit the run on
     one thread and the per-kernel step, the last batch odd, the worker's share taken by the worker every
     step (the driver told to wait for it)."""
-    jobs = []
-    run = step.run
-
-    def spy(*args):
-        jobs.append(args[-1])
-        if args[-1].size:
-            args[-1][step.JOB_WAIT] = 1  # the driver waits for the worker to take its share, however late
-        return run(*args)
-
-    monkeypatch.setattr(step, "run", spy)
+    jobs.wait = True
     rng = np.random.default_rng(6)
     X, y = rng.standard_normal((63, 300)).astype(np.float32), rng.integers(0, 10, 63)
 
@@ -422,22 +445,10 @@ def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(monkeypat
         assert (job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (-(-63 // batch_size), 0)
 
 
-def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, two_threads):
-    """A worker that starts late (its core busy elsewhere): the driver runs its share itself rather than
-    wait for it, with the same bits."""
-    jobs, run, worker = [], step.run, step.worker
-
-    def spy(*args):
-        jobs.append(args[-1])
-        return run(*args)
-
-    def late(job, *args):
-        if job[step.JOB_STATE] != step.STOP:  # not run's call that compiles it
-            time.sleep(0.5)
-        return worker(job, *args)
-
-    monkeypatch.setattr(step, "run", spy)
-    monkeypatch.setattr(step, "worker", late)
+def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, jobs, two_threads):
+    """A worker that never runs during the call (its core busy elsewhere): the driver runs its share itself,
+    every step, rather than wait for it, with the same bits."""
+    _absent_worker(monkeypatch)
     rng = np.random.default_rng(8)
     X, y = rng.standard_normal((15, 300)).astype(np.float32), rng.integers(0, 10, 15)
 
@@ -447,7 +458,8 @@ def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, tw
     runs = [_fit(compiled, layers, lambda: nn.Adam(lr=1e-3), X, y, batch_size=1, epochs=1)
             for compiled in (True, False)]
     _assert_same(*[_outcome(*run) for run in runs])
-    assert jobs[0][step.JOB_TAKEN] > 0 and jobs[0][step.JOB_STEPS] + jobs[0][step.JOB_TAKEN] == 15
+    assert [job.size for job in jobs] == [step.JOB_WORDS]
+    assert (jobs[0][step.JOB_STEPS], jobs[0][step.JOB_TAKEN]) == (0, 15)  # every step's share run by the driver
 
 
 def test_a_worker_only_where_it_pays():
@@ -477,29 +489,16 @@ def test_a_worker_only_where_it_pays():
 
 @pytest.mark.parametrize("activation, clip_norm", [("relu", None), ("tanh", 1e-3)])  # 1e-3: every update scaled
 @pytest.mark.parametrize("late", [False, True])
-def test_products_and_updates_shared_with_the_worker_give_the_thread_pool_bits(monkeypatch, two_threads, activation,
-                                                                               clip_norm, late):
+def test_products_and_updates_shared_with_the_worker_give_the_thread_pool_bits(monkeypatch, jobs, two_threads,
+                                                                               activation, clip_norm, late):
     """On two threads the worker shares each multithreaded product (x @ W1 and dW1 of the 300 x 256 layer at a
     batch of 32: 4.9 MFLOP each, over PARALLEL_MIN_FLOPS) and update (94K parameters, over PARALLEL_MIN; with
     clipping, scaled), chunk by chunk: bit for bit the per-kernel step (Numba's thread pool) and one thread,
     the last batch short, whether the worker joins each (the driver told to wait for it) or never runs
     meanwhile (the driver takes every chunk, waiting for no one)."""
-    jobs, run, worker = [], step.run, step.worker
-
-    def spy(*args):
-        jobs.append(args[-1])
-        if args[-1].size and not late:
-            args[-1][step.JOB_WAIT] = 1
-        return run(*args)
-
-    def absent(job, *args):  # starts only once the driver, done, tells it to stop
-        while job[step.JOB_STATE] != step.STOP:
-            time.sleep(0.001)
-        return worker(job, *args)
-
-    monkeypatch.setattr(step, "run", spy)
+    jobs.wait = not late
     if late:
-        monkeypatch.setattr(step, "worker", absent)
+        _absent_worker(monkeypatch)
     rng = np.random.default_rng(9)
     X, y = rng.standard_normal((75, 300)).astype(np.float32), rng.integers(0, 10, 75)
 
@@ -525,18 +524,10 @@ def test_products_and_updates_shared_with_the_worker_give_the_thread_pool_bits(m
     (lambda: nn.SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3), "float32"),
     (lambda: nn.RMSProp(lr=1e-3, momentum=0.9), "float32"), (lambda: nn.Adagrad(lr=0.01), "float32"),
     (lambda: nn.Adadelta(), "float32"), (lambda: nn.AdamW(lr=1e-3), "float64")])
-def test_every_optimizer_shared_with_the_worker_gives_the_thread_pool_bits(monkeypatch, two_threads, optimizer,
-                                                                             dtype):
+def test_every_optimizer_shared_with_the_worker_gives_the_thread_pool_bits(jobs, two_threads, optimizer, dtype):
     """The update's chunks, run by the body itself on each thread, are bit for bit those of the optimizer's chunked
     kernel under Numba's pool (the per-kernel step), for every optimizer and both dtypes."""
-    jobs, run = [], step.run
-
-    def spy(*args):
-        jobs.append(args[-1])
-        args[-1][step.JOB_WAIT] = 1
-        return run(*args)
-
-    monkeypatch.setattr(step, "run", spy)
+    jobs.wait = True
     rng = np.random.default_rng(10)
     X, y = rng.standard_normal((64, 300)), rng.integers(0, 10, 64)
 
@@ -549,7 +540,7 @@ def test_every_optimizer_shared_with_the_worker_gives_the_thread_pool_bits(monke
     assert jobs[0][step.U_JOINED] == 2 and jobs[0][step.P_JOINED] == 2 * 2
 
 
-def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(monkeypatch, two_threads):
+def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(monkeypatch, jobs, two_threads):
     """The worker's exception reaches the caller (the driver stops waiting for it); the pool's one thread
     is kept, idle, and runs the next call's worker."""
     worker = step.worker
@@ -570,14 +561,8 @@ def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(m
         patch.setattr(step, "worker", failing)
         with pytest.raises(MemoryError, match="the worker's error"):
             fit()
-    jobs, run = [], step.run
-
-    def waiting(*args):
-        jobs.append(args[-1])
-        args[-1][step.JOB_WAIT] = 1  # the driver waits for the worker to take its share, however late
-        return run(*args)
-
-    monkeypatch.setattr(step, "run", waiting)
+    jobs.clear()
+    jobs.wait = True
     fit()
     assert len(jobs) == 2 and all((job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (5, 0) for job in jobs)
     assert 1 <= len([t for t in threading.enumerate() if t.name.startswith("kernels-step-worker")]) <= os.cpu_count()

@@ -225,14 +225,19 @@ def _worker_args(args):
     return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments
 
 
+@register_jitable
+def first_layer_fused(rows, max_norm):
+    """Whether a step of ``rows`` rows takes the first layer's fused pass: dW an outer product, no clipping norm."""
+    return rows <= ROWS_MAX_K and max_norm == math.inf
+
+
 def job(layers, batch, max_norm, threads):
     """The ``job`` argument of :func:`train_steps`: control words for a worker on a second core when the
     first-layer pass at a batch of one or two has W of at least TWO_CORES_MIN elements (and ``threads`` > 1),
     or when a step has products to share with it (:func:`shared_products`; its updates are then shared too);
     else empty (no worker: one would only spin)."""
     dense = layers[layers[:, KIND] == DENSE]
-    first = (threads > 1 and batch <= ROWS_MAX_K and max_norm == math.inf
-             and dense[0, IN_W] * dense[0, OUT_W] >= TWO_CORES_MIN)
+    first = threads > 1 and first_layer_fused(batch, max_norm) and dense[0, IN_W] * dense[0, OUT_W] >= TWO_CORES_MIN
     shares = shared_products(layers, batch, max_norm, threads) > 0
     words = np.zeros(JOB_WORDS if first or shares else 0, np.int64)
     if words.size:
@@ -251,7 +256,7 @@ def shared_products(layers, batch, max_norm, threads):
     for row in layers[layers[:, KIND] == DENSE]:
         w_in, w_out = int(row[IN_W]), int(row[OUT_W])
         shapes = [(batch, w_in, w_out, 1, w_out, 1)]  # m, k, n and the strides route reads: x @ W
-        if not (first and batch <= ROWS_MAX_K and max_norm == math.inf):
+        if not (first and first_layer_fused(batch, max_norm)):
             shapes.append((w_in, batch, w_out, w_in, w_out, 1))  # x^T dz
         if row[DX_AT] >= 0:
             shapes.append((batch, w_out, w_in, 1, 1, w_out))  # dz W^T
@@ -904,8 +909,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     # epilogue computed alike here and in the kernel) and whole vectors of outputs (the rows kernel's vector
     # path): the next step's x @ W1 is folded into this step's update of W1 (_product_update), then finished here.
     w1 = layers[0, OUT_W]
-    foldable = (first == 0 and batch <= ROWS_MAX_M and max_norm == np.inf and layers[0, ACT] <= LEAKY_RELU
-                and w1 % (32 // params.itemsize) == 0)
+    foldable = (first == 0 and first_layer_fused(batch, max_norm) and batch <= ROWS_MAX_M
+                and layers[0, ACT] <= LEAKY_RELU and w1 % (32 // params.itemsize) == 0)
     x_next = np.empty((batch if foldable else 0, width), params.dtype)
     acc = np.empty((batch if foldable else 0, w1), params.dtype)
     folded = False  # acc holds this step's x @ W1
@@ -942,7 +947,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         out = _view(scratch, layers[depth - 1, Y_AT], rows, layers[depth - 1, OUT_W])
         dout = _view(scratch, layers[depth - 1, DY_AT], rows, layers[depth - 1, OUT_W])
         loss = _loss(kernels, loss_kind, out, yb, dout, metrics, count)
-        fused = rows <= ROWS_MAX_K and max_norm == np.inf  # dW is an outer product and the update needs no norm
+        fused = first_layer_fused(rows, max_norm)
         for i in range(depth - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
