@@ -10,9 +10,12 @@ Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
 - ``znver5`` (Zen 5): ``avx512``. Two full 512-bit FMA pipes: zmm tiles double the flops per
   instruction over ymm; the 256-bit kernel reached half of XLA's rate there.
 - ``znver4`` (Zen 4): ``avx512vl``. Its 512-bit operations are double-pumped on 256-bit pipes, so zmm
-  brings no more flops per cycle; the 6 x 32 ymm tile (32 registers with AVX-512VL) measured 115-118
-  GFLOP/s per core there (the pipes' peak) and a 6 x 64 zmm tile no faster. Not re-measured this
-  session (no Zen 4 machine).
+  brings no more flops per cycle. Measured on an EPYC Zen 4 (L1d 32 KiB, L2 1 MiB per core), one
+  thread, variants and blockings alternated call by call (KC 256-512 x 256-768 KiB of packed B): every
+  combination at 95-107 GFLOP/s on 1024^3 and the training shapes, within the run's noise of each other
+  and of OpenBLAS's SkylakeX kernels (97-99); the zmm tile 0-4% ahead, the avx2 tile up to 15% behind on
+  a transposed B. On two threads the shared host's spread (140-200) hid any difference, so the ymm
+  tile and blocking stay.
 - Intel AVX-512 server cores: ``avx512``. Most have two 512-bit FMA ports (ports 0+1 fused and
   port 5); where only one exists the zmm tile still matches the ymm one's flops. Not measured.
 - ``znver3`` and every other CPU with AVX2 but no AVX-512: ``avx2``, the 6 x 16 tile of 16 ymm
