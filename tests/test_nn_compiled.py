@@ -2,8 +2,6 @@
 losses, accuracies, gradient norms, weights, optimizer state and dropout counters; the same NonFiniteError
 at the same step with the same weights; the fallbacks; Ctrl-C between calls."""
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +21,7 @@ from kernels.cpu import _parallel, fused, step
 from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
 from nn import _compiled
 
-from test_nn_trajectory import CONFIGS, DATA, _data
+from test_nn_trajectory import CONFIGS, _data, assert_trajectory, trajectory
 
 
 def _fit(compiled, layers, optimizer, X, y, epochs=2, batch_size=7, dtype="float32", fits=1,
@@ -72,12 +70,7 @@ def test_compiled_reproduces_the_recorded_trajectory_bit_for_bit(calls):
     trainer, (history,) = _fit(True, spec["layers"], spec["optimizer"], X, y, epochs=3,
                                batch_size=spec["batch_size"])
     assert calls[0] == 3
-    expected = json.loads(DATA.read_text())["numba"]["sgd_momentum_activations"]
-    assert [v.hex() for v in history["loss"]] == expected["loss"]
-    assert history["accuracy"] == expected["accuracy"]
-    assert hashlib.sha256(trainer.model.params.tobytes()).hexdigest() == expected["weights_sha256"]
-    for name, norms in expected["grad_norms"].items():
-        np.testing.assert_allclose(history.grad_norms[name], norms, rtol=1e-5)
+    assert_trajectory(trajectory(trainer.model, history), "numba", "sgd_momentum_activations")
     _assert_same(_outcome(trainer, [history]), _outcome(*_fit(False, spec["layers"], spec["optimizer"], X, y,
                                                                epochs=3, batch_size=spec["batch_size"])))
 
