@@ -13,8 +13,8 @@ Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
   brings no more flops per cycle. Measured on an EPYC Zen 4 (L1d 32 KiB, L2 1 MiB per core), one
   thread, variants and blockings alternated call by call (KC 256-512 x 256-768 KiB of packed B): every
   combination at 95-107 GFLOP/s on 1024^3 and the training shapes, within the run's noise of each other
-  and of OpenBLAS's SkylakeX kernels (97-99); the zmm tile 0-4% ahead, the avx2 tile up to 15% behind on
-  a transposed B. On two threads the shared host's spread (140-200) hid any difference, so the ymm
+  and of OpenBLAS's SkylakeX kernels (97-99); the zmm tile 0-4% ahead (one outlier: the avx2 tile once at
+  80 on 256 x 1024 x 784). On two threads the shared host's spread (140-200) hid any difference, so the ymm
   tile and blocking stay.
 - Intel AVX-512 server cores: ``avx512``. Most have two 512-bit FMA ports (ports 0+1 fused and
   port 5); where only one exists the zmm tile still matches the ymm one's flops. Not measured.
