@@ -83,22 +83,27 @@ def _losses(entry):
     return [float.fromhex(v) for v in entry["loss"]]
 
 
+def _assert_rounding(got, expected):
+    """The same trajectory to rounding: losses and gradient norms to 1e-5."""
+    np.testing.assert_allclose(_losses(got), _losses(expected), rtol=1e-5)
+    assert got["grad_norms"].keys() == expected["grad_norms"].keys()
+    for name, norms in expected["grad_norms"].items():
+        np.testing.assert_allclose(got["grad_norms"][name], norms, rtol=1e-5)
+
+
 def assert_trajectory(got, backend, config):
     """``got`` (as :func:`run` returns it) is this host's recorded trajectory bit for bit, or where none is
     recorded here, another host's to rounding; the gradient norms to 1e-5 either way."""
-    recorded = json.loads(DATA.read_text())[backend]
-    if host(backend) in recorded:
-        expected = recorded[host(backend)][config]
+    recorded, here = json.loads(DATA.read_text())[backend], host(backend)
+    if here in recorded:
+        expected = recorded[here][config]
         assert got["loss"] == expected["loss"]
         assert got["accuracy"] == expected["accuracy"]
         assert got["weights_sha256"] == expected["weights_sha256"]
     else:  # not pinned on this host: another host's trajectory, to rounding
         expected = next(iter(recorded.values()))[config]
-        np.testing.assert_allclose(_losses(got), _losses(expected), rtol=1e-5)
         np.testing.assert_allclose(got["accuracy"], expected["accuracy"], atol=1.5 / len(_data()[1]))  # a sample
-    assert got["grad_norms"].keys() == expected["grad_norms"].keys()
-    for name, norms in expected["grad_norms"].items():
-        np.testing.assert_allclose(got["grad_norms"][name], norms, rtol=1e-5)
+    _assert_rounding(got, expected)
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -124,9 +129,7 @@ def test_the_hosts_recorded_agree_to_rounding():
         first, *others = hosts.values()
         for other in others:
             for config in CONFIGS:
-                np.testing.assert_allclose(_losses(other[config]), _losses(first[config]), rtol=1e-5)
-                for name, norms in first[config]["grad_norms"].items():
-                    np.testing.assert_allclose(other[config]["grad_norms"][name], norms, rtol=1e-5)
+                _assert_rounding(other[config], first[config])
 
 
 if __name__ == "__main__":
