@@ -5,6 +5,9 @@ for NumPy arrays), ``cuda`` the numba-cuda kernels (chosen automatically for CuP
 arrays). Override with :func:`set_backend` or ``with use_backend(...)``.
 """
 
+import atexit as _atexit
+import os as _os
+
 from ._api import (adadelta_step, adagrad_step, adam_step, bias_grad, binary_cross_entropy, dropout, hinge,
                    leaky_relu, leaky_relu_backward, matmul, mse, relu, relu_backward, rmsprop_step,
                    sgd_step, sigmoid, sigmoid_backward, softmax, softmax_backward, softmax_cross_entropy,
@@ -25,6 +28,9 @@ __all__ = [
     "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums", "check_step",
     "count_correct", "metrics_size", "unpack_metrics",
 ]
+
+if _os.environ.get("KERNELS_PERF_MAP", "0") not in ("", "0"):  # name the JIT code in `perf record` (profile.py)
+    _atexit.register(lambda: __import__("kernels.profile").profile.perf_map())
 
 
 def cpu_info():

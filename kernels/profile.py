@@ -19,6 +19,8 @@ its timings mean nothing; it only shows that every kernel runs.
 import argparse
 import contextlib
 import functools
+import gc
+import os
 import statistics
 import sys
 import time
@@ -508,6 +510,34 @@ def launch_overhead(calls=200, file=sys.stdout):
     return rows
 
 
+PERF_MAP_MAX = 1 << 20  # the most bytes one map entry covers (the last one, or one before a gap)
+
+
+def perf_map(path=None):
+    """Write ``perf``'s map of this process's JIT code (``/tmp/perf-<pid>.map``, or ``path``) and return its
+    path: every Numba-compiled function alive in the process, named ``module.function(argument types)``, so
+    that ``perf report`` on a ``perf record`` of this process names the kernels (and the compiled training
+    step) instead of printing addresses. LLVM's own perf listener (``NUMBA_ENABLE_PROFILING``) writes nothing
+    with llvmlite's wheels. Numba keeps entry points, not sizes, so an entry runs to the next one (at most
+    PERF_MAP_MAX bytes); inlined callees count in their caller. ``KERNELS_PERF_MAP=1`` writes it at exit."""
+    from numba.core.compiler import CompileResult
+
+    names = {}
+    for result in gc.get_objects():  # every compiled overload, cfunc and cached or not, without a registry
+        if isinstance(result, CompileResult) and result.library is not None:
+            address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+            if address:
+                args = ", ".join(map(str, result.fndesc.argtypes))
+                names[address] = f"{result.fndesc.modname}.{result.fndesc.qualname}({args[:100]})"
+    path = path or f"/tmp/perf-{os.getpid()}.map"
+    starts = sorted(names)
+    with open(path, "w") as file:
+        for start, end in zip(starts, starts[1:] + [None]):
+            size = PERF_MAP_MAX if end is None else min(end - start, PERF_MAP_MAX)
+            file.write(f"{start:x} {size:x} {names[start]}\n")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kernels.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("numba", "cuda"), default="numba")
@@ -519,11 +549,15 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", metavar="NAME", help="profile only kernels whose name contains NAME")
     parser.add_argument("--launch-overhead", action="store_true",
                         help="cuda only: the host-side microseconds, launches and conversions per call")
+    parser.add_argument("--perf-map", action="store_true",
+                        help="then write perf's map of the JIT code, naming the kernels in `perf record`'s samples")
     args = parser.parse_args(argv)
     if args.launch_overhead:
         launch_overhead()
-        return
-    profile(args.backend, args.size, args.dtype, args.only)
+    else:
+        profile(args.backend, args.size, args.dtype, args.only)
+    if args.perf_map:
+        print(f"perf map: {perf_map()}")
 
 
 if __name__ == "__main__":

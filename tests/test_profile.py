@@ -1,6 +1,7 @@
 """The profiler: every kernel of the contract profiles on each backend, and the numbers are consistent."""
 
 import io
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,53 @@ def test_gemm_roof_is_the_best_peer_and_says_so():
     assert roof.value == 480.5
     assert roof.what == "best GEMM peer XLA (NumPy BLAS 250, XLA 480 GFLOP/s)"
     assert profile.gemm_roof({}) is None
+
+
+def _map_entries(path):
+    entries = []
+    for line in open(path):
+        start, size, name = line.rstrip("\n").split(" ", 2)
+        entries.append((int(start, 16), int(size, 16), name))
+    return entries
+
+
+def test_perf_map_names_every_compiled_function(tmp_path):
+    from kernels.cpu.activations import _relu_kernel as relu
+
+    kernels.relu(np.ones(5, np.float32))  # compiled or loaded in this process
+    path = profile.perf_map(str(tmp_path / "perf.map"))
+    entries = _map_entries(path)
+    starts = [start for start, _, _ in entries]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert all(start + size <= following for (start, size, _), following in zip(entries, starts[1:]))
+    assert all(0 < size <= profile.PERF_MAP_MAX for _, size, _ in entries)
+    for result in relu.overloads.values():
+        address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+        start, _, name = next(entry for entry in entries if entry[0] == address)
+        assert name.startswith("kernels.cpu.activations.relu(array(float32")
+
+
+def test_perf_map_written_at_exit_when_asked(tmp_path):
+    code = "import numpy as np, kernels; kernels.relu(np.ones(5, np.float32))"
+    for setting, written in (("1", True), ("0", False)):
+        child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "KERNELS_PERF_MAP": setting})
+        assert child.wait(timeout=300) == 0
+        path = f"/tmp/perf-{child.pid}.map"
+        try:
+            assert os.path.exists(path) == written
+            if written:
+                assert any(name.startswith("kernels.cpu.activations.relu(") for _, _, name in _map_entries(path))
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def test_command_line_writes_the_perf_map():
+    result = subprocess.run([sys.executable, "-m", "kernels.profile", "--smoke", "--only", "relu", "--perf-map"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip().splitlines()[-1].removeprefix("perf map: ")
+    try:
+        assert any("relu" in name for _, _, name in _map_entries(path))
+    finally:
+        os.remove(path)
