@@ -52,15 +52,16 @@ def machine():
 
 def openblas():
     """Which OpenBLAS NumPy runs (threadpoolctl): version, kernel family, and any variable forcing it."""
+    from kernels.cpu._cpuinfo import numpy_blas
+
     try:
-        from threadpoolctl import threadpool_info
+        blas = numpy_blas()
     except ImportError:
         return "unknown (threadpoolctl not installed)"
-    info = [i for i in threadpool_info() if i["internal_api"] == "openblas" and "numpy" in i["filepath"]]
-    if not info:
+    if blas is None or blas["internal_api"] != "openblas":
         return "not NumPy's BLAS"
     forced = [f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-    return (f"{info[0]['version']} ({info[0].get('architecture')} kernels"
+    return (f"{blas['version']} ({blas.get('architecture')} kernels"
             + (f", forced by {' '.join(forced)}: unset both for native kernels)" if forced else ", native)"))
 
 

@@ -75,15 +75,16 @@ def unsupported(trainer):
     return None
 
 
-def wins(model, opt, n, batch_size, max_norm):
+def wins(model, opt, n, batch_size, max_norm, layers):
     """True when the time saved outweighs the epoch's copy of the parameters and optimizer state: at most
     SNAPSHOT_BYTES_PER_STEP of them per step of the epoch, and as much per product shared with the worker
-    (``kernels.cpu.step.shared_products``)."""
+    (``kernels.cpu.step.shared_products`` of ``layers``, the model's layer table at ``batch_size``:
+    :func:`_layer_table`'s first item)."""
     from kernels.cpu import step
     from kernels.cpu._parallel import num_threads
 
     state = model.params.nbytes * (1 + len(opt.buffers))
-    shared = step.shared_products(_layer_table(model, batch_size)[0], batch_size, max_norm, num_threads())
+    shared = step.shared_products(layers, batch_size, max_norm, num_threads())
     return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP * (1 + shared)
 
 
@@ -98,9 +99,14 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     why = unsupported(trainer)
     if why is not None and compiled:
         raise ValueError(f"compiled=True, but {why}; use compiled=None to choose automatically")
-    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
-    if why is not None or (compiled is None and not wins(model, opt, len(X), batch_size, max_norm)):
+    if why is not None:
         return None
+    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
+    layer_table = None  # built once an epoch: what wins weighs, and the plan's when the plan is built anew
+    if compiled is None:
+        layer_table = _layer_table(model, batch_size)
+        if not wins(model, opt, len(X), batch_size, max_norm, layer_table[0]):
+            return None
     from kernels.cpu import step
     from kernels.cpu._gemm import transcendental
 
@@ -110,7 +116,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
         opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
-    plan = _plan(trainer, batch_size, max_norm)
+    plan = _plan(trainer, batch_size, max_norm, layer_table)
     layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, empty_job, ready = plan
     parameter_layers = model.parameter_layers()
     state1, state2 = ([opt.state[name] for name in opt.buffers] + [model.params[:0]] * 2)[:2]
@@ -169,11 +175,12 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, values["norm_sums"])}
 
 
-def _plan(trainer, batch, max_norm):
+def _plan(trainer, batch, max_norm, layer_table=None):
     """The compiled epoch's arguments that depend only on the layers, the loss, the optimizer's kind,
     clipping, the thread count and the batch size: the layer table, alphas, (dropout layer, threshold)
     pairs, scratch and targets buffers, segments, loss and optimizer codes, the worker's job words, and the
-    input kinds the driver is known to be ready for. Built when one of those changed, else reused."""
+    input kinds the driver is known to be ready for. Built when one of those changed, else reused; built
+    from ``layer_table`` (:func:`_layer_table` at ``batch``) where the caller has it."""
     from kernels.cpu import step
     from kernels.cpu._parallel import num_threads
 
@@ -185,7 +192,7 @@ def _plan(trainer, batch, max_norm):
     cached = trainer.__dict__.get("_compiled_plan")
     if cached is not None and cached[0] == key:
         return cached[1]
-    layers, alphas, dropouts, size = _layer_table(model, batch)
+    layers, alphas, dropouts, size = _layer_table(model, batch) if layer_table is None else layer_table
     loss_kind = getattr(step, _LOSSES[type(trainer.loss)])
     if loss_kind == step.CROSS_ENTROPY:
         targets = _scratch(trainer, batch, np.int64)

@@ -680,7 +680,7 @@ def test_the_automatic_choice_counts_the_products_shared_with_the_worker(two_thr
                           input_dim=784)
     opt, layers = nn.Adam(), _compiled._layer_table(model, 256)[0]
     assert step.shared_products(layers, 256, np.inf, 2) == 8
-    assert _compiled.wins(model, opt, 2048, 256, np.inf)
+    assert _compiled.wins(model, opt, 2048, 256, np.inf, layers)
     numba.set_num_threads(1)
     assert step.shared_products(layers, 256, np.inf, 1) == 0
-    assert not _compiled.wins(model, opt, 2048, 256, np.inf)
+    assert not _compiled.wins(model, opt, 2048, 256, np.inf, layers)

@@ -72,11 +72,10 @@ def host(backend):
     CPU name for numba."""
     if backend == "numba":
         return kernels.cpu_info()["cpu"]
-    from threadpoolctl import threadpool_info
+    from kernels.cpu._cpuinfo import numpy_blas
 
-    blas = sorted((lib for lib in threadpool_info() if lib["user_api"] == "blas"), key=lambda lib: "numpy" not in
-                  lib["filepath"])  # NumPy's own first (PyTorch may have loaded another)
-    return (blas[0].get("architecture") or blas[0]["internal_api"]) if blas else "unknown"
+    blas = numpy_blas(any_blas=True)
+    return (blas.get("architecture") or blas["internal_api"]) if blas else "unknown"
 
 
 def _losses(entry):

@@ -29,6 +29,8 @@ Per CPU (LLVM's host CPU name, as ``llc -mcpu`` spells it):
 Override: ``KERNELS_GEMM_VARIANT=avx2|avx512vl|avx512`` in the environment before ``import kernels``
 forces a variant (with that variant's default blocking unless it is the CPU's own choice). Every
 variant is correct on any CPU; a forced wider one is only slower where the CPU lacks the registers.
+
+NumPy's BLAS library, on which the numpy backend's bits depend: :func:`numpy_blas`.
 """
 
 import os
@@ -92,3 +94,18 @@ def cpu_info():
             "gemm_variant_forced": FORCED is not None,
             "gemm_vector_bits": 32 * lanes32, "tile_float32": (mr32, nr32), "tile_float64": (mr64, nr64),
             "kc": KC, "nc_bytes": NC_BYTES, "mc": MC}
+
+
+def numpy_blas(any_blas=False):
+    """NumPy's BLAS library as threadpoolctl reports it: the first BLAS entry of ``threadpool_info()`` loaded
+    from NumPy's files (PyTorch may have loaded another), a dict (``internal_api``, ``version``,
+    ``architecture``, ``filepath``...); where there is none, with ``any_blas`` the first BLAS entry of any
+    library, else None (None too where no BLAS is loaded). threadpoolctl is optional (the dev extra):
+    ImportError without it."""
+    from threadpoolctl import threadpool_info
+
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    own = [lib for lib in blas if "numpy" in lib["filepath"]]
+    if own:
+        return own[0]
+    return blas[0] if any_blas and blas else None
