@@ -520,15 +520,24 @@ def perf_map(path=None):
     step) instead of printing addresses. LLVM's own perf listener (``NUMBA_ENABLE_PROFILING``) writes nothing
     with llvmlite's wheels. Numba keeps entry points, not sizes, so an entry runs to the next one (at most
     PERF_MAP_MAX bytes); inlined callees count in their caller. ``KERNELS_PERF_MAP=1`` writes it at exit."""
+    from numba.core.ccallback import CFunc
     from numba.core.compiler import CompileResult
 
     names = {}
-    for result in gc.get_objects():  # every compiled overload, cfunc and cached or not, without a registry
-        if isinstance(result, CompileResult) and result.library is not None:
-            address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+    for found in gc.get_objects():  # every compiled overload and cfunc, cached or not: Numba keeps no registry
+        if isinstance(found, CompileResult) and found.library is not None:
+            args = ", ".join(map(str, found.fndesc.argtypes))
+            named = {found.fndesc.llvm_func_name: f"{found.fndesc.modname}.{found.fndesc.qualname}({args[:100]})"}
+        elif isinstance(found, CFunc) and found._wrapper_name is not None:  # keeps its library, not its result
+            name = f"{found._pyfunc.__module__}.{found.__qualname__}{found._sig}"
+            named = {found._wrapper_name: f"{name} (C wrapper)", found._wrapper_name.removeprefix("cfunc."): name}
+        else:
+            continue
+        library = found.library if isinstance(found, CompileResult) else found._library
+        for symbol, name in named.items():
+            address = library.get_pointer_to_function(symbol)
             if address:
-                args = ", ".join(map(str, result.fndesc.argtypes))
-                names[address] = f"{result.fndesc.modname}.{result.fndesc.qualname}({args[:100]})"
+                names.setdefault(address, name)
     path = path or f"/tmp/perf-{os.getpid()}.map"
     starts = sorted(names)
     with open(path, "w") as file:

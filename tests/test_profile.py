@@ -105,9 +105,11 @@ def _map_entries(path):
 
 
 def test_perf_map_names_every_compiled_function(tmp_path):
+    from kernels.cpu._gemm import body
     from kernels.cpu.activations import _relu_kernel as relu
 
     kernels.relu(np.ones(5, np.float32))  # compiled or loaded in this process
+    gemm_body = body(np.dtype(np.float32))  # a cfunc's address: its C wrapper
     path = profile.perf_map(str(tmp_path / "perf.map"))
     entries = _map_entries(path)
     starts = [start for start, _, _ in entries]
@@ -118,6 +120,9 @@ def test_perf_map_names_every_compiled_function(tmp_path):
         address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
         start, _, name = next(entry for entry in entries if entry[0] == address)
         assert name.startswith("kernels.cpu.activations.relu(array(float32")
+    wrapper = next(name for start, _, name in entries if start == gemm_body)
+    assert wrapper.startswith("kernels.cpu._gemm._block(") and wrapper.endswith(" (C wrapper)")
+    assert any(name == wrapper.removesuffix(" (C wrapper)") for _, _, name in entries)  # the function it calls
 
 
 def test_perf_map_written_at_exit_when_asked(tmp_path):
