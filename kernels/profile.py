@@ -525,15 +525,16 @@ def perf_map(path=None):
 
     names = {}
     for found in gc.get_objects():  # every compiled overload and cfunc, cached or not: Numba keeps no registry
-        if isinstance(found, CompileResult) and found.library is not None:
+        kind = type(found)  # not isinstance: a dead weakref proxy raises, some modules warn on __class__
+        if issubclass(kind, CompileResult) and found.library is not None:
             args = ", ".join(map(str, found.fndesc.argtypes))
             named = {found.fndesc.llvm_func_name: f"{found.fndesc.modname}.{found.fndesc.qualname}({args[:100]})"}
-        elif isinstance(found, CFunc) and found._wrapper_name is not None:  # keeps its library, not its result
+        elif issubclass(kind, CFunc) and found._wrapper_name is not None:  # keeps its library, not its result
             name = f"{found._pyfunc.__module__}.{found.__qualname__}{found._sig}"
             named = {found._wrapper_name: f"{name} (C wrapper)", found._wrapper_name.removeprefix("cfunc."): name}
         else:
             continue
-        library = found.library if isinstance(found, CompileResult) else found._library
+        library = found.library if issubclass(kind, CompileResult) else found._library
         for symbol, name in named.items():
             address = library.get_pointer_to_function(symbol)
             if address:

@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -123,6 +124,18 @@ def test_perf_map_names_every_compiled_function(tmp_path):
     wrapper = next(name for start, _, name in entries if start == gemm_body)
     assert wrapper.startswith("kernels.cpu._gemm._block(") and wrapper.endswith(" (C wrapper)")
     assert any(name == wrapper.removesuffix(" (C wrapper)") for _, _, name in entries)  # the function it calls
+
+
+def test_perf_map_survives_what_gc_holds(tmp_path):
+    """The scan of gc's objects meets dead weakref proxies (isinstance on one raises ReferenceError)."""
+    class Target:
+        pass
+
+    kernels.relu(np.ones(5, np.float32))
+    target = Target()
+    proxies = [weakref.proxy(target)]
+    del target
+    assert proxies and _map_entries(profile.perf_map(str(tmp_path / "perf.map")))
 
 
 def test_perf_map_written_at_exit_when_asked(tmp_path):
