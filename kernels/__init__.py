@@ -13,7 +13,7 @@ from ._api import (adadelta_step, adagrad_step, adam_step, bias_grad, binary_cro
                    sgd_step, sigmoid, sigmoid_backward, softmax, softmax_backward, softmax_cross_entropy,
                    tanh, tanh_backward)
 from ._api import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
-                   batchnorm_stats, bias_act_backward, segment_norms)
+                   batchnorm_stats, bias_act_backward, dense_grad_norm, segment_norms)
 from ._api import check_step, count_correct, metrics_size, unpack_metrics
 from ._dispatch import get_backend, is_device_array, set_backend, use_backend
 from ._threading import threading_info
@@ -24,7 +24,7 @@ __all__ = [
     "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy", "mse",
     "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step", "adam_step", "rmsprop_step",
     "adagrad_step", "adadelta_step", "set_backend", "get_backend", "use_backend", "is_device_array",
-    "warmup", "cpu_info", "threading_info", "bias_act_backward", "segment_norms", "batchnorm_forward",
+    "warmup", "cpu_info", "threading_info", "bias_act_backward", "segment_norms", "dense_grad_norm", "batchnorm_forward",
     "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums", "check_step",
     "count_correct", "metrics_size", "unpack_metrics",
 ]

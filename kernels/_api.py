@@ -357,6 +357,31 @@ def bias_act_backward(y, dy, activation, *, alpha=0.01, out=None, bias_out=None)
     return out, bias_out
 
 
+def dense_grad_norm(x, dy, bias_grad=None, *, out=None):
+    """The L2 norm of a Dense layer's parameter gradient (``dW = x^T dy``, and ``bias_grad`` when given)
+    from its factors, without forming dW (a float64 array of one value): ``||x^T dy||^2 = sum over row pairs
+    (r, s) of (x_r . x_s)(dy_r . dy_s)``, in float64. It is the norm of the exact product (within the
+    rounding of dW in x's dtype), at O(B^2 (K + N)) for ``x`` (B, K) and ``dy`` (B, N) where the norm of a
+    formed dW costs O(B K N): for small batches. Where an element of x or dy is not finite, or the product
+    may overflow x's dtype, it is the norm of dW as that dtype computes it (inf or NaN where that dW has
+    them)."""
+    import numpy as np
+
+    check.float_array("x", x, ndim=2)
+    check.float_array("dy", dy, ndim=2)
+    check.same_dtype(x=x, dy=dy, bias_grad=bias_grad)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy must have as many rows as x ({x.shape[0]}), got shape {tuple(dy.shape)}")
+    if bias_grad is not None:
+        check.float_array("bias_grad", bias_grad, ndim=1)
+        check.shape("bias_grad", bias_grad, (dy.shape[1],), "one value per column of dy")
+    backend = select(x=x, dy=dy, bias_grad=bias_grad, out=out)
+    db = bias_grad if bias_grad is not None else backend.zeros((0,), x.dtype, like=x)
+    out = check.out(out, (1,), np.float64, backend, like=x, reads=dict(x=x, dy=dy, bias_grad=db))
+    backend.dense_grad_norm(backend.ascontiguous(x), backend.ascontiguous(dy), backend.ascontiguous(db), out)
+    return out
+
+
 def segment_norms(x, offsets, *, out=None):
     """The L2 norm of each segment ``x[offsets[i]:offsets[i + 1]]`` of a flat array, all in one pass,
     accumulated in float64 (a float64 array of ``len(offsets) - 1`` values): the per-layer gradient

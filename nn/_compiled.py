@@ -33,7 +33,7 @@ import kernels
 
 from . import losses as losses_
 from . import optim
-from .layers import Activation, Dense, Dropout
+from .layers import FACTORED_NORM_ROWS, Activation, Dense, Dropout
 
 # The per-kernel step's overhead that the compiled one saves is ~50-100 us per step, the time a copy of
 # about this many bytes takes; on two threads each product it shares with its worker (kernels.cpu.step) saves
@@ -139,8 +139,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING,  # tests replace it
                                                model.dtype)
             args = [X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads, state1, state2,
-                    segments, kind, hyper, max_norm, loss_kind, bool(trainer.metrics), segments, settings, scratch,
-                    targets, norms, metrics, scale, job]  # args[19]: the kernel table's place (int64, as segments)
+                    segments, kind, hyper, max_norm, FACTORED_NORM_ROWS, loss_kind, bool(trainer.metrics), segments,
+                    settings, scratch, targets, norms, metrics, scale, job]  # args[20]: the kernel table's (as segments)
             if table is None:
                 inputs = step.kinds((X, y))  # what else the driver's types depend on is the plan's
                 if compiled is None and inputs not in ready and not step.ready(*args):  # never a cold compile
@@ -150,7 +150,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
                 table = step.kernel_table(model.dtype, kind, loss_kind)
                 for layer in model.layers:  # the GEMM epilogue's sigmoid/tanh, compiled here if at all
                     transcendental(model.dtype, getattr(layer, "activation", None))
-            args[19] = table
+            args[20] = table
             done = step.run(*args)
             ready.add(inputs)
             opt.t += done - s0

@@ -160,6 +160,10 @@ def Softmax():
 
 # ---- Dense ----------------------------------------------------------------------------------------
 
+# At steps of at most this many rows a Dense layer's gradient is an outer product (or a sum of two), whose
+# norm its factors give in O(K + N) (``Dense.grad_norm``): the trainer and the compiled step take it there
+FACTORED_NORM_ROWS = 2
+
 class Dense(Layer):
     """``y = activation(x @ W + b)``, forward in one fused matmul call (bias and activation in its epilogue).
 
@@ -183,7 +187,7 @@ class Dense(Layer):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.units, self.activation, self.init = int(units), activation, init
         self.alpha, self.init_std = _check_alpha(alpha), float(init_std)
-        self._x = self._y = None
+        self._x = self._y = self._dz = None
 
     def build(self, input_dim, xp, dtype):
         super().build(input_dim, xp, dtype)
@@ -211,12 +215,18 @@ class Dense(Layer):
             dz = self.buffer("dz", dy.shape)
             self.k.bias_act_backward(self._y, dy, self.activation, self.alpha, dz, self.grads["b"])
             dy = dz
+        self._dz = dy
         self.k.matmul(self._x, dy, True, False, None, None, self.alpha, self.grads["W"])
         if not need_dx:
             return None
         dx = self.buffer("dx", self._x.shape)
         self.k.matmul(dy, self.params["W"], False, True, None, None, self.alpha, dx)
         return dx
+
+    def grad_norm(self, out):
+        """``out[0]`` = the norm of the last :meth:`backward`'s gradient (W and b) from its factors (the
+        backend's ``dense_grad_norm``): what the trainer takes at steps of at most FACTORED_NORM_ROWS rows."""
+        self.k.dense_grad_norm(self._x, self._dz, self.grads["b"], out)
 
     def config(self):
         return {"units": self.units, "activation": self.activation, "init": self.init, "alpha": self.alpha,

@@ -29,7 +29,7 @@ from . import losses as losses_
 from . import optim
 from ._device import to_host
 from .health import GradientHealth, NonFiniteError
-from .layers import BatchNorm, Sequential
+from .layers import FACTORED_NORM_ROWS, BatchNorm, Dense, Sequential
 from .losses import check_finite
 
 
@@ -311,6 +311,7 @@ class Trainer:
         order = np.random.default_rng([seed, self.epoch]).permutation(n) if shuffle else None
         layers = model.parameter_layers()
         offsets = self._segment_offsets(layers)
+        factored = self._factored(layers)
         norms = self._buffer("norms", (len(layers),), np.float64)
         scale = self._buffer("scale", (1,), model.dtype)
         metrics = model.xp.zeros(kernels.metrics_size(len(layers)), np.float64)
@@ -353,7 +354,11 @@ class Trainer:
                     self.loss.count_correct(k, out, yb, metrics)
                 model.run_backward(self.comm.weigh(dout))  # distributed: weighted for the global batch
                 loss = self.comm.reduce_step(model.grads, loss)  # distributed: sums and the global loss, one call
-                k.segment_norms(model.grads, offsets, norms)
+                if factored is None or len(xb) > FACTORED_NORM_ROWS or len(factored) < len(layers):
+                    k.segment_norms(model.grads, offsets, norms)
+                if factored is not None and len(xb) <= FACTORED_NORM_ROWS:
+                    for i, layer in factored:
+                        layer.grad_norm(norms[i:i + 1])
                 k.check_step(loss, len(xb), norms, max_norm, metrics, scale)  # scale 0: skip, on the device
                 opt.step(k, scale)
                 guard.end_step()
@@ -372,6 +377,15 @@ class Trainer:
 
     def _where(self, step):
         return f"training stopped at epoch {self.epoch + 1}, step {step + 1}: "
+
+    def _factored(self, layers):
+        """The Dense layers among the parameter ``layers``, with their places: their gradient norms come from
+        their factors at steps of at most FACTORED_NORM_ROWS rows (as the compiled step takes them); None in
+        distributed training, whose norms are those of the summed gradients."""
+        if self.comm.size > 1:
+            return None
+        by_name = {layer.name: layer for layer in self.model.layers}
+        return [(i, by_name[name]) for i, (name, _) in enumerate(layers) if type(by_name[name]) is Dense]
 
     def _segment_offsets(self, layers):
         """Where each parameter layer's gradient starts in the flat buffer, and where the last ends

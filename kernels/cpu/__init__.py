@@ -15,7 +15,7 @@ from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, 
 from .batchnorm import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
                         batchnorm_stats)
 from .dropout import dropout
-from .fused import bias_act_backward
+from .fused import bias_act_backward, dense_grad_norm
 from .fused import segment_norms_scheduled as segment_norms
 from .losses import binary_cross_entropy, hinge, mse, softmax_cross_entropy
 from .losses import bias_grad_scheduled as bias_grad

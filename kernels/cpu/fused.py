@@ -5,18 +5,18 @@
 the separate ``*_backward`` and ``bias_grad`` calls give, in one pass over ``dy``.
 """
 
-import functools
+import math
 
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from . import activations as act
-from ._gemm import _splat
 from ._jit import jit, serial
 from ._math import _fma
+from ..reference.fused import factor_limit
 from ._parallel import CHUNK, n_chunks, scheduled
 
 
@@ -89,11 +89,10 @@ def _sum_lanes(builder, sums):
     return total[0]
 
 
-def _block_loop(builder, blocks, body, state=()):
-    """A loop over ``blocks`` (> 0 or not) blocks of SQUARE_BLOCK elements: ``body(i, sums, state)`` emits
-    block ``i``'s IR in one basic block and returns the SQUARE_SUMS float64 vector sums after it (from zero)
-    and the next ``state`` (loop-carried values starting at ``state``); returns the final sums' total
-    (:func:`_sum_lanes`)."""
+def _block_loop(builder, blocks, body):
+    """A loop over ``blocks`` (> 0 or not) blocks of SQUARE_BLOCK elements: ``body(i, sums)`` emits block
+    ``i``'s IR in one basic block and returns the SQUARE_SUMS float64 vector sums after it (from zero);
+    returns the final sums' total (:func:`_sum_lanes`)."""
     i64 = ir.IntType(64)
     vd = ir.VectorType(ir.DoubleType(), SQUARE_LANES)
     zero = ir.Constant(vd, [0.0] * SQUARE_LANES)
@@ -102,12 +101,10 @@ def _block_loop(builder, blocks, body, state=()):
     builder.cbranch(builder.icmp_signed(">", blocks, ir.Constant(i64, 0)), loop, done)
     builder.position_at_end(loop)
     i, acc = builder.phi(i64), [builder.phi(vd) for _ in range(SQUARE_SUMS)]
-    carried = [builder.phi(v.type) for v in state]
-    new, following_state = body(i, acc, carried)
+    new = body(i, acc)
     following = builder.add(i, ir.Constant(i64, 1))
-    for phi, start, value in [(i, ir.Constant(i64, 0), following)] + list(zip(carried, state, following_state)):
-        phi.add_incoming(start, entry)
-        phi.add_incoming(value, loop)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    i.add_incoming(following, loop)
     for phi, value in zip(acc, new):
         phi.add_incoming(zero, entry)
         phi.add_incoming(value, loop)
@@ -153,71 +150,15 @@ def _square_blocks(typingctx, address, blocks, like):
         vin = ir.VectorType(fty, SQUARE_LANES)
         x = builder.inttoptr(args[0], fty.as_pointer())
 
-        def body(i, acc, state):
+        def body(i, acc):
             start = builder.mul(i, ir.Constant(i64, SQUARE_BLOCK))
             at = [builder.gep(x, [builder.add(start, ir.Constant(i64, k * SQUARE_LANES))]) for k in range(SQUARE_SUMS)]
             values = [builder.load(builder.bitcast(p, vin.as_pointer()), align=context.get_abi_sizeof(fty)) for p in at]
-            return _squares_into(builder, fty, values, acc), state
+            return _squares_into(builder, fty, values, acc)
 
         return _block_loop(builder, args[1], body)
 
     return types.float64(types.intp, types.intp, like), codegen
-
-
-@intrinsic
-def outer_squares(typingctx, a_at, sa_k, k, b_at, rows, n, out_at, like):
-    """``out = a @ b`` for K ``k`` of 1 or 2 (an outer product: ``x^T dz`` at a batch of one or two, A^T's
-    row p at ``a_at`` + p * ``sa_k`` elements, B's rows of ``n`` elements one after the other at ``b_at``), its
-    ``rows`` x ``n`` elements written to ``out_at`` as the ``rows`` route computes them (the chain of FMAs from
-    zero), and returned: their sum of squares as :func:`_sum_squares` sums them, in one pass (``n`` a multiple
-    of SQUARE_BLOCK; 32-byte vectors of ``like``'s dtype). No fast-math flags, as for ``_square_blocks``."""
-    def codegen(context, builder, sig, args):
-        fty, i64 = context.get_value_type(sig.args[7].dtype), ir.IntType(64)
-        size = context.get_abi_sizeof(fty)
-        lanes = 32 // size
-        vty = ir.VectorType(fty, lanes)
-        a_at_, sa_k_, k_, b_at_, rows_, n_, out_at_ = args[:7]
-        a, b, out = (builder.inttoptr(v, fty.as_pointer()) for v in (a_at_, b_at_, out_at_))
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.v{lanes}f{8 * size}")
-        zero = ir.Constant(vty, [0.0] * lanes)
-        const = functools.partial(ir.Constant, i64)
-
-        def loop(terms):
-            def body(i, acc, state):
-                row, col = state  # the block's row of out and its first column
-                values = [zero] * (SQUARE_BLOCK // lanes)
-                for term in range(terms):
-                    at = builder.gep(a, [builder.add(row, builder.mul(sa_k_, const(term)))])
-                    x = _splat(builder, builder.load(at, align=size), lanes)
-                    b_row = builder.gep(b, [builder.add(col, builder.mul(n_, const(term)))])
-                    for v in range(len(values)):
-                        bv = builder.load(builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vty.as_pointer()),
-                                          align=size)
-                        values[v] = builder.call(fma, [x, bv, values[v]])
-                base = builder.mul(i, const(SQUARE_BLOCK))
-                for v, value in enumerate(values):
-                    at = builder.gep(out, [builder.add(base, const(v * lanes))])
-                    builder.store(value, builder.bitcast(at, vty.as_pointer()), align=size)
-                col = builder.add(col, const(SQUARE_BLOCK))
-                wrap = builder.icmp_signed("==", col, n_)
-                state = builder.add(row, builder.zext(wrap, i64)), builder.select(wrap, const(0), col)
-                return _squares_into(builder, fty, values, acc), state
-
-            return _block_loop(builder, builder.mul(rows_, builder.sdiv(n_, const(SQUARE_BLOCK))), body,
-                               (const(0), const(0)))
-
-        with builder.if_else(builder.icmp_signed("==", k_, const(2))) as (two, one):
-            with two:
-                total2, end2 = loop(2), builder.block
-            with one:
-                total1, end1 = loop(1), builder.block
-        total = builder.phi(ir.DoubleType())
-        total.add_incoming(total2, end2)
-        total.add_incoming(total1, end1)
-        return total
-
-    return types.float64(*[types.intp] * 7, like), codegen
 
 
 @jit(fastmath=False)
@@ -277,3 +218,58 @@ def segment_norms(x, offsets, out):
 
 segment_norms_serial = serial(segment_norms)
 segment_norms_scheduled = scheduled(segment_norms, segment_norms_serial, NORMS_PARALLEL_MIN)
+
+
+@jit(inline="always", fastmath=False)
+def _dot(a, b, sa, sb):
+    """``sum_p (a[p] sa) (b[p] sb)`` in float64 (``sa``, ``sb`` powers of two: exact scalings), the elements
+    of each whole block of eight into eight partial sums, the rest into the first, the sums then added in
+    order: independent chains, which vectorise without fast-math flags."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    n = a.size
+    for p in range(0, n - n % 8, 8):
+        s0 = _fma(np.float64(a[p]) * sa, np.float64(b[p]) * sb, s0)
+        s1 = _fma(np.float64(a[p + 1]) * sa, np.float64(b[p + 1]) * sb, s1)
+        s2 = _fma(np.float64(a[p + 2]) * sa, np.float64(b[p + 2]) * sb, s2)
+        s3 = _fma(np.float64(a[p + 3]) * sa, np.float64(b[p + 3]) * sb, s3)
+        s4 = _fma(np.float64(a[p + 4]) * sa, np.float64(b[p + 4]) * sb, s4)
+        s5 = _fma(np.float64(a[p + 5]) * sa, np.float64(b[p + 5]) * sb, s5)
+        s6 = _fma(np.float64(a[p + 6]) * sa, np.float64(b[p + 6]) * sb, s6)
+        s7 = _fma(np.float64(a[p + 7]) * sa, np.float64(b[p + 7]) * sb, s7)
+    for p in range(n - n % 8, n):
+        s0 = _fma(np.float64(a[p]) * sa, np.float64(b[p]) * sb, s0)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+_factor_limit = register_jitable(factor_limit)
+
+
+@jit(fastmath=False)
+def dense_grad_norm(x, dy, db, out):
+    """The reference's, its dot products in a fixed order (:func:`_dot`; no fast-math flags: the compiled
+    training step calls this very code, so its norms are the per-kernel step's bit for bit)."""
+    rows, k, n = x.shape[0], x.shape[1], dy.shape[1]
+    trusted, bound = True, 0.0
+    for r in range(rows):
+        sx, sd = _dot(x[r], x[r], 1.0, 1.0), _dot(dy[r], dy[r], 1.0, 1.0)
+        for v in (sx, sd):
+            trusted &= v == 0 or 2.0**-480 <= v <= 2.0**480  # NaN: False
+        bound += math.sqrt(sx) * math.sqrt(sd)
+    if trusted and bound < _factor_limit(x.dtype, rows):
+        total = 0.0
+        for r in range(rows):
+            for s in range(r, rows):
+                term = _dot(x[r], x[s], 1.0, 1.0) * _dot(dy[r], dy[s], 1.0, 1.0)
+                total += term if r == s else 2 * term
+        w = math.sqrt(max(total, 0.0))  # >= 0 but for rounding
+    else:  # the product as the dtype computes it (a chain of FMAs from zero over the rows), squared
+        total = 0.0
+        zero = x.dtype.type(0)
+        for p in range(k):
+            for j in range(n):
+                g = zero
+                for r in range(rows):
+                    g = _fma(x[r, p], dy[r, j], g)
+                total += np.float64(g) * np.float64(g)
+        w = math.sqrt(total)
+    out[0] = math.hypot(w, math.sqrt(_dot(db, db, 1.0, 1.0)))

@@ -16,8 +16,9 @@ parallel functions into a cached one (numba issue 8578) and re-optimise every ke
 driver, where their fast-math flags leave LLVM free to round differently. The addresses are arguments,
 not constants, so the driver compiles once per dtype and is cached on disk.
 
-At a batch of one or two the first layer's gradient, norm, update and the next step's forward product are
-one pass over W, piece by piece (:func:`_product_update`); with two threads a worker on a pooled thread
+At a batch of one or two every layer's gradient norm comes from its factors (``dense_grad_norm``, as in the
+per-kernel step), and the first layer's gradient, update and the next step's forward product are one pass
+over W, piece by piece (:func:`_product_update`); with two threads a worker on a pooled thread
 (:func:`run`, :func:`worker`) takes half of the pieces each step, the same bits either way. On exactly two
 threads the same worker shares the multithreaded products and optimizer updates (:func:`_shared_product`,
 :func:`_shared_update`), chunk by chunk.
@@ -48,7 +49,7 @@ from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, RO
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
-from .fused import NORMS_PARALLEL_MIN, PIECE, SQUARE_BLOCK, outer_squares
+from .fused import NORMS_PARALLEL_MIN, PIECE
 from .metrics import _check_step, _count_labels, _count_thresholds
 from . import _parallel
 from ._parallel import PARALLEL_MIN, num_threads
@@ -77,10 +78,10 @@ _BIAS_ACT = ("relu", "leaky_relu", "sigmoid", "tanh")
 BIAS_ACT_K = len(_ELEMENTWISE)  # + activation code - 1
 _REST = BIAS_ACT_K + len(_BIAS_ACT)
 # dropout: its body, then its chunked driver; rows, dots, tiles: the small-M routes of the GEMM (_small);
-# squares: segment_norms' sum of squares of one piece; then the serial twins of bias_grad and segment_norms,
+# dense_grad_norm; then the serial twins of bias_grad and segment_norms,
 # and of the fused activation backward kernels (+ activation code - 1)
 (SOFTMAX_K, SOFTMAX_BACKWARD_K, BIAS_GRAD_K, GEMM_CC, GEMM_TC, GEMM_CT, GEMM_PARALLEL_K, NORMS_K, CHECK_K, DROPOUT_K,
- _, ROWS_K, DOTS_K, TILES_K, SQUARES_K, BIAS_GRAD_SERIAL_K, NORMS_SERIAL_K) = range(_REST, _REST + 17)
+ _, ROWS_K, DOTS_K, TILES_K, DENSE_NORM_K, BIAS_GRAD_SERIAL_K, NORMS_SERIAL_K) = range(_REST, _REST + 17)
 BIAS_ACT_SERIAL_K = _REST + 17
 # each optimizer kernel's four (body and chunked driver unscaled, then with a gradient scale), by optimizer_group
 OPTIMIZER_K = BIAS_ACT_SERIAL_K + len(_BIAS_ACT)
@@ -140,7 +141,7 @@ def _entries(dtype):
              (_check_step, (types.float64, types.float64, f1, types.float64, f1, v)),
              (_dropout_body, (u64, u64) + drop), (_dropout_chunks, (i64, _star(drop))),
              (rows, (i64,) * 7 + (v, i64, types.float64, m)), (dots, (i64,) * 5 + (v, i64, types.float64, m, i64)),
-             (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)), (fused._sum_squares, (v, i64, i64)),
+             (tiles, (i64,) * 6 + (v, i64, types.float64, m, i64, i64, i64)), (fused.dense_grad_norm, (m, m, v, f1)),
              (losses.bias_grad_serial, (m, v)), (fused.segment_norms_serial, (v, labels, f1))]
     core += [(fused._BIAS_ACT_BACKWARD_SERIAL[name], (m, m, f, m, v)) for name in _BIAS_ACT]
     entries = [(("core",), kernel, signature) for kernel, signature in core]
@@ -220,9 +221,9 @@ def ready(*args):
 
 def _worker_args(args):
     """:func:`worker`'s arguments, from :func:`train_steps`' ``args``."""
-    (_, _, _, _, _, _, layers, alphas, _, params, grads, state1, state2, segments, optimizer, hyper, _, _, _, kernels,
+    (_, _, _, _, _, _, layers, alphas, _, params, grads, state1, state2, _, optimizer, hyper, _, _, _, _, kernels,
      _, _, _, _, _, _, job) = args
-    return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments
+    return job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2
 
 
 @register_jitable
@@ -270,7 +271,7 @@ def compile_worker(dtype):
     argument types nn passes it (told to STOP, it returns at once)."""
     flat, ints = np.zeros(1, dtype), np.zeros(2, np.int64)
     worker(np.full(JOB_WORDS, STOP, np.int64), ints, SGD, np.zeros((1, 8)), np.zeros((1, 11), np.int64), np.zeros(1),
-           flat, flat, flat, flat, ints)
+           flat, flat, flat, flat)
 
 
 _workers = None  # (pid, executor): the threads that run worker, kept from call to call
@@ -514,65 +515,45 @@ def _borrowed(a):
 
 
 @jit(fastmath=False, inline="always")
-def _pieces(kernels, optimizer, h, x, dz, lo, hi, end, params, grads, state1, state2, alpha, x_next, acc, piece, sums,
-            no_bias):
-    """The pieces ``lo <= a < hi`` (multiples of PIECE) of the first parameter layer's segment ``[0, end)`` (W,
-    then b) at a batch of one or two: each piece's gradient (``dW = x^T dz``, an outer product, by the
-    ``rows`` route), its sum of squares into ``sums[a // PIECE]``, the unscaled optimizer step on its part of
-    W, and with ``x_next`` (rows > 0: the next step's input) that part of W, once updated and still in L1,
-    folded into ``acc``, the next step's ``x_next @ W`` (:func:`_fold`), so that W is read once per step, not
-    twice. The same kernels on the same elements as the separate product, norms and update, so bit for bit
-    the same; a piece of whole rows of whole blocks of the squares gets its product and squares from
-    ``fused.outer_squares``, the same FMAs and sums in one pass. Each piece's gradient goes into ``piece``
-    (at least PIECE + 2 rows of dW), where the sum and
-    the update read it from L1; an empty ``piece`` writes ``grads`` instead (the call's last step: they then
-    hold its gradient). ``params``, ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is
-    an empty array of their dtype."""
+def _pieces(kernels, optimizer, h, x, dz, lo, hi, params, grads, state1, state2, alpha, x_next, acc, piece, no_bias):
+    """The pieces ``lo <= a < hi`` (multiples of PIECE) of the first parameter layer's W at a batch of one or
+    two: each piece's gradient (``dW = x^T dz``, an outer product, by the
+    ``rows`` route), the unscaled optimizer step on its part of W, and with ``x_next`` (rows > 0: the next
+    step's input) that part of W, once updated and still in L1, folded into ``acc``, the next step's ``x_next @
+    W`` (:func:`_fold`), so that W is read once per step, not twice. The same kernels on the same elements as
+    the separate product and update, so bit for bit the same (the norm comes from the factors:
+    ``dense_grad_norm``). Each piece's gradient goes into ``piece`` (at least PIECE + 2 rows of dW), where the
+    update reads it from L1; an empty ``piece`` writes ``grads`` instead (the call's last step: they then hold
+    its gradient). ``params``, ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is an
+    empty array of their dtype."""
     w_out = dz.shape[1]
     w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
     piece = _borrowed(piece)
     done = lo // w_out  # the rows of dW in grads
     r0, r1 = 0, 0  # the rows of dW in piece
-    for a in range(lo, hi, PIECE):
-        b = min(end, a + PIECE)
-        wb = min(b, w_end)
+    for a in range(lo, min(hi, w_end), PIECE):
+        wb = min(a + PIECE, w_end)
         g, at = grads, 0  # the piece's gradient: g[i - at] for its elements i
-        # whole rows of W in whole blocks of the squares: the product and its squares in one pass
-        whole = not into_grads and b <= w_end and a % w_out == 0 and b % w_out == 0 and w_out % SQUARE_BLOCK == 0
-        if whole:
-            r0, r1 = a // w_out, b // w_out
-            sums[a // PIECE] = outer_squares(np.intp(x.ctypes.data) + r0 * x.itemsize, np.intp(x.shape[1]),
-                                             np.intp(x.shape[0]), np.intp(dz.ctypes.data), np.intp(r1 - r0),
-                                             np.intp(w_out), np.intp(piece.ctypes.data), piece)
-            g, at = piece, a
-        elif a < w_end:
-            first, need = a // w_out, -(-wb // w_out)  # the rows of dW the piece meets
-            if into_grads:
-                if need > done:
-                    _dw_rows(kernels, x, dz, done, need, alpha, no_bias,
-                             _view(grads, done * w_out, need - done, w_out))
-                    done = need
-            else:
-                if first < r0 or need > r1:
-                    r0, r1 = first, need
-                    _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, _view(piece, 0, r1 - r0, w_out))
-                g, at = piece, r0 * w_out
-                for i in range(w_end, b):  # the bias's gradient, after W's
-                    g[i - at] = grads[i]
-        if not whole:
-            sums[a // PIECE] = _call(kernels[SQUARES_K], (g, np.int64(a - at), np.int64(b - at)), np.float64(0))
-        if a < wb:
-            _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False,
-                    None)
-            if x_next.shape[0]:
-                _fold(x_next, params, a, wb, acc)
+        first, need = a // w_out, -(-wb // w_out)  # the rows of dW the piece meets
+        if into_grads:
+            if need > done:
+                _dw_rows(kernels, x, dz, done, need, alpha, no_bias, _view(grads, done * w_out, need - done, w_out))
+                done = need
+        else:
+            if first < r0 or need > r1:
+                r0, r1 = first, need
+                _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, _view(piece, 0, r1 - r0, w_out))
+            g, at = piece, r0 * w_out
+        _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False, None)
+        if x_next.shape[0]:
+            _fold(x_next, params, a, wb, acc)
 
 
 # The worker on a second core (``worker``): the first layer's pass at a batch of one or two from this many
 # elements of W, and the worker's control words (``job``): its state, then the step's row of the optimizer table,
 # the layer, the batch's rows, the next step's rows (0: no fold), where its pieces end, the addresses of x, dz,
-# x_next, acc, its piece buffer and the pieces' sums, the piece buffer's size (0: write grads), the shares it
+# x_next, acc and its piece buffer, the piece buffer's size (0: write grads), the shares it
 # ran, the shares the driver ran itself (the worker not there to take them), (tests) 1 for the driver to
 # wait for the worker, 1 once the worker, told to STOP, has returned; whether it shares the first layer's pass,
 # whether it shares the multithreaded products and updates; the next chunk of a shared product or update; for
@@ -586,9 +567,9 @@ _SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "po
 if _SCHED_YIELD is not None:  # for the JIT's linker (and code loaded from the cache)
     binding.add_symbol("sched_yield", ctypes.cast(_SCHED_YIELD, ctypes.c_void_p).value)
 (JOB_STATE, JOB_STEP, JOB_LAYER, JOB_ROWS, JOB_FOLLOWING, JOB_SPLIT, JOB_X, JOB_DZ, JOB_X_NEXT, JOB_ACC, JOB_PIECE,
- JOB_SUMS, JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED, JOB_FIRST, JOB_SHARES,
+ JOB_PIECE_SIZE, JOB_STEPS, JOB_TAKEN, JOB_WAIT, JOB_EXITED, JOB_FIRST, JOB_SHARES,
  P_NEXT, P_A, P_SA_I, P_SA_K, P_B, P_SB_K, P_SB_J, P_K, P_BIAS, P_BIAS_N, P_ACT, P_ALPHA, P_OUT, P_M, P_N, P_VARIANT,
- P_KC, P_NC_BYTES, P_BODY, P_ROWS, P_COLS, P_JOINED, U_STEP, U_AT, U_SCALED, U_SCALE, U_JOINED) = range(46)
+ P_KC, P_NC_BYTES, P_BODY, P_ROWS, P_COLS, P_JOINED, U_STEP, U_AT, U_SCALED, U_SCALE, U_JOINED) = range(45)
 JOB_WORDS = U_JOINED + 1
 # JOB_STATE: nothing to do, first-layer work to take, taken, return, raised, a product or an update to share
 IDLE, GO, TAKEN, STOP, FAILED, PRODUCT, UPDATE = range(7)
@@ -636,8 +617,8 @@ def _pause(typingctx, spins):
 
 
 @jit(fastmath=False, inline="always")
-def _first_layer_views(job, layers, segments, dtype):
-    """The worker's x, dz, x_next, acc, piece buffer and pieces' sums for the step ``job`` describes."""
+def _first_layer_views(job, layers, dtype):
+    """The worker's x, dz, x_next, acc and piece buffer for the step ``job`` describes."""
     i, rows, following = job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING]
     w_in, w_out = layers[i, IN_W], layers[i, OUT_W]
     x = carray(_voidptr(job[JOB_X]), (rows, w_in), dtype)
@@ -645,12 +626,11 @@ def _first_layer_views(job, layers, segments, dtype):
     x_next = carray(_voidptr(job[JOB_X_NEXT]), (following, w_in), dtype)
     acc = carray(_voidptr(job[JOB_ACC]), (following, w_out), dtype)
     piece = carray(_voidptr(job[JOB_PIECE]), job[JOB_PIECE_SIZE], dtype)
-    sums = carray(_voidptr(job[JOB_SUMS]), -(-segments[1] // PIECE), np.float64)
-    return x, dz, x_next, acc, piece, sums
+    return x, dz, x_next, acc, piece
 
 
 @jit(fastmath=False)
-def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2, segments):
+def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1, state2):
     """The other core's share of :func:`train_steps`' work: spins until ``job[JOB_STATE]`` is GO (the first
     layer's pass at a batch of one or two), PRODUCT (a multithreaded product) or UPDATE (the optimizer's),
     takes it (TAKEN), runs :func:`_pieces` on ``[0, job[JOB_SPLIT])`` (folding, when the step does) or the
@@ -677,9 +657,9 @@ def worker(job, kernels, optimizer, hyper, layers, alphas, params, grads, state1
             _worker_update(kernels, optimizer, hyper, job, params, grads, state1, state2)
             job[U_JOINED] += 1
         else:
-            x, dz, x_next, acc, piece, sums = _first_layer_views(job, layers, segments, params.dtype)
-            _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], segments[1], params, grads,
-                    state1, state2, alphas[job[JOB_LAYER]], x_next, acc, piece, sums, no_bias)
+            x, dz, x_next, acc, piece = _first_layer_views(job, layers, params.dtype)
+            _pieces(kernels, optimizer, hyper[job[JOB_STEP]], x, dz, 0, job[JOB_SPLIT], params, grads, state1, state2,
+                    alphas[job[JOB_LAYER]], x_next, acc, piece, no_bias)
             job[JOB_STEPS] += 1
         _exchange(job, JOB_STATE, TAKEN, IDLE)  # unless told to STOP meanwhile
 
@@ -786,11 +766,10 @@ def _join(job, work):
 
 
 @jit(fastmath=False, inline="always")
-def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grads, state1, state2, alpha, x_next, acc,
-                    piece, sums, job, no_bias):
-    """The first parameter layer's (layer ``i``'s) gradient, sum of squares and update at a batch of one or two
-    (:func:`_pieces` over its whole segment ``[0, end)``); returns the segment's gradient norm, the pieces'
-    sums added in order. With a worker (``job`` not empty) and W of at least TWO_CORES_MIN elements, the
+def _product_update(kernels, optimizer, hyper, step, i, x, dz, params, grads, state1, state2, alpha, x_next, acc,
+                    piece, job, no_bias):
+    """The first parameter layer's (layer ``i``'s) weight gradient and update at a batch of one or two
+    (:func:`_pieces` over its whole W). With a worker (``job`` not empty) and W of at least TWO_CORES_MIN elements, the
     worker takes the first pieces, folding, while this thread runs the rest without; this thread then runs the
     worker's share too if the worker has not taken it (its core busy: no waiting on a thread that is not
     running), and folds its own, continuing each column's chain of FMAs in row order: the same bits whoever
@@ -798,24 +777,23 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
     whichever thread finished first (the worker's share folds as it goes, this thread's after the join).
     ``piece`` holds two piece buffers when there is a worker (the second its)."""
     w_end = x.shape[1] * dz.shape[1]
-    pieces = -(-end // PIECE)
+    pieces = -(-w_end // PIECE)
     h = hyper[step]
     if job.size and job[JOB_FIRST] and w_end >= TWO_CORES_MIN:
-        split = job[JOB_SPLIT] if 0 < job[JOB_SPLIT] < end else pieces // 2 * PIECE  # balanced from step to step
+        split = job[JOB_SPLIT] if 0 < job[JOB_SPLIT] < w_end else pieces // 2 * PIECE  # balanced from step to step
         size = piece.size // 2
         job[JOB_STEP], job[JOB_LAYER], job[JOB_ROWS], job[JOB_FOLLOWING] = step, i, x.shape[0], x_next.shape[0]
         job[JOB_SPLIT], job[JOB_X], job[JOB_DZ] = split, np.intp(x.ctypes.data), np.intp(dz.ctypes.data)
         job[JOB_X_NEXT], job[JOB_ACC] = np.intp(x_next.ctypes.data), np.intp(acc.ctypes.data)
         job[JOB_PIECE], job[JOB_PIECE_SIZE] = np.intp(piece.ctypes.data) + size * piece.itemsize, size
-        job[JOB_SUMS] = np.intp(sums.ctypes.data)
         if _exchange(job, JOB_STATE, IDLE, GO) != IDLE:  # FAILED: its thread raised before this step
             raise RuntimeError("the training step's worker thread failed")
-        _pieces(kernels, optimizer, h, x, dz, split, end, end, params, grads, state1, state2, alpha, x_next[:0], acc,
-                piece[:size], sums, no_bias)
+        _pieces(kernels, optimizer, h, x, dz, split, w_end, params, grads, state1, state2, alpha, x_next[:0], acc,
+                piece[:size], no_bias)
         state = _load_acquire(job, JOB_STATE) if job[JOB_WAIT] else _exchange(job, JOB_STATE, GO, IDLE)
         if state == GO and not job[JOB_WAIT]:  # the worker has not started it (its core busy elsewhere): run it
-            _pieces(kernels, optimizer, h, x, dz, 0, split, end, params, grads, state1, state2, alpha, x_next, acc,
-                    piece[:size], sums, no_bias)
+            _pieces(kernels, optimizer, h, x, dz, 0, split, params, grads, state1, state2, alpha, x_next, acc,
+                    piece[:size], no_bias)
             job[JOB_TAKEN] += 1
         elif state == IDLE:  # the worker done first: a piece more for it next step (a piece less if it is not)
             job[JOB_SPLIT] = min(split + PIECE, (pieces - 1) * PIECE)
@@ -831,12 +809,8 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, end, params, grad
         if x_next.shape[0]:
             _fold(x_next, params, split, w_end, acc)
     else:
-        _pieces(kernels, optimizer, h, x, dz, 0, end, end, params, grads, state1, state2, alpha, x_next, acc, piece,
-                sums, no_bias)
-    total = 0.0
-    for p in range(pieces):
-        total += sums[p]
-    return np.sqrt(total)
+        _pieces(kernels, optimizer, h, x, dz, 0, w_end, params, grads, state1, state2, alpha, x_next, acc, piece,
+                no_bias)
 
 
 @jit(fastmath=False, inline="always")
@@ -882,14 +856,15 @@ def _finish(acc, bias, code, alpha, y):
 
 @jit(fastmath=False)
 def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, grads, state1, state2, segments,
-                optimizer, hyper, max_norm, loss_kind, count, kernels, settings, scratch, targets, norms, metrics,
-                scale, job):
+                optimizer, hyper, max_norm, factored, loss_kind, count, kernels, settings, scratch, targets, norms,
+                metrics, scale, job):
     """Steps ``s0 <= s < s1`` of an epoch over the rows ``order`` of ``X`` / ``labels`` (class labels, or
-    rows of float targets) in batches of ``batch``. ``layers`` is the integer layer table, ``alphas`` each layer's leaky slope (Dense, leaky
-    relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0, keep threshold); ``segments``
-    bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is step s's optimizer row;
-    ``max_norm`` the global gradient norm to clip to (inf: none); ``loss_kind`` the loss (its code);
-    ``count``: count the correct predictions;
+    rows of float targets) in batches of ``batch``. ``layers`` is the integer layer table, ``alphas`` each
+    layer's leaky slope (Dense, leaky relu) or dropout scale, ``seeds`` each dropout layer's (seed at step s0,
+    keep threshold); ``segments`` bound each parameter layer's slice of the flat buffers; ``hyper[s - s0]`` is
+    step s's optimizer row; ``max_norm`` the global gradient norm to clip to (inf: none); at a step of at most
+    ``factored`` rows each layer's gradient norm comes from its factors (``dense_grad_norm``), as in the
+    per-kernel step; ``loss_kind`` the loss (its code); ``count``: count the correct predictions;
     ``kernels`` the :func:`kernel_table`, ``settings`` the :func:`gemm_settings`; ``job`` the control words of
     :func:`worker` when one runs beside this call (see :func:`run`), else empty. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
@@ -917,7 +892,6 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     # the fused product's buffer for a piece of dW (the last step writes grads, which then hold its gradient)
     piece = np.empty((PIECE + 2 * layers[first, OUT_W]) * (2 if job.size else 1) if batch <= ROWS_MAX_K else 0,
                      params.dtype)
-    sums = np.empty(-(-segments[1] // PIECE), np.float64)  # the first layer's pieces' sums of squares
     for s in range(s0, s1):
         lo = s * batch
         rows = min(batch, n - lo)
@@ -948,6 +922,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         dout = _view(scratch, layers[depth - 1, DY_AT], rows, layers[depth - 1, OUT_W])
         loss = _loss(kernels, loss_kind, out, yb, dout, metrics, count)
         fused = first_layer_fused(rows, max_norm)
+        p = segments.size - 2  # the parameter layer (its norm's place) of the next Dense layer down
         for i in range(depth - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
             if kind != DENSE and layers[i, DX_AT] < 0:  # the first layer: no dx wanted
@@ -966,6 +941,10 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     _call(_scheduled(kernels, BIAS_ACT_K + code - 1, BIAS_ACT_SERIAL_K + code - 1, y.size,
                                      activations.PARALLEL_MIN),
                           (y, dy, t(alphas[i]), dz, grads[layers[i, B_AT]:layers[i, B_AT] + w_out]), None)
+                if rows <= factored:
+                    db = grads[layers[i, B_AT]:layers[i, B_AT] + w_out]
+                    _call(kernels[DENSE_NORM_K], (x, dz, db, norms[p:p + 1]), None)
+                p -= 1
                 if layers[i, DX_AT] >= 0:
                     w = _view(params, layers[i, W_AT], w_in, w_out)
                     _matmul((kernels, GEMM_CT, job), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
@@ -975,9 +954,9 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     following_x, following_acc = _view(x_next, 0, following, width), _view(acc, 0, following, w1)
                     _gather_rows(X, order, lo + batch, following_x)
                     following_acc[:] = 0
-                    norms[0] = _product_update(kernels, optimizer, hyper, s - s0, i, x, dz, segments[1], params, grads,
-                                               state1, state2, alphas[i], following_x, following_acc,
-                                               piece[:0] if s == s1 - 1 else piece, sums, job, no_bias)
+                    _product_update(kernels, optimizer, hyper, s - s0, i, x, dz, params, grads, state1, state2,
+                                    alphas[i], following_x, following_acc, piece[:0] if s == s1 - 1 else piece, job,
+                                    no_bias)
                     folded = following > 0
                 else:
                     _matmul((kernels, GEMM_TC, job), settings, settings[THREADS], settings[MIN_FLOPS], x.T, dz, no_bias,
@@ -991,10 +970,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             elif layers[i, Y_AT] != layers[i, X_AT]:
                 _dropout(kernels, _borrowed(dy), _borrowed(dx), seeds[i, 0] + np.uint64(s - s0), seeds[i, 1],
                          alphas[i])
-        norms_at = _scheduled(kernels, NORMS_K, NORMS_SERIAL_K, grads.size, NORMS_PARALLEL_MIN)
-        if fused:  # the first segment's norm came with its product
-            _call(norms_at, (grads, segments[1:], norms[1:]), None)
-        else:
+        if rows > factored:
+            norms_at = _scheduled(kernels, NORMS_K, NORMS_SERIAL_K, grads.size, NORMS_PARALLEL_MIN)
             _call(norms_at, (grads, segments, norms), None)
         _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
         if metrics[BAD_STEP] != 0:

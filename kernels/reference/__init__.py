@@ -12,7 +12,7 @@ from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, 
 from .batchnorm import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
                         batchnorm_stats)
 from .dropout import dropout
-from .fused import bias_act_backward, segment_norms
+from .fused import bias_act_backward, dense_grad_norm, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
 from .metrics import check_step, count_correct
