@@ -5,7 +5,9 @@ the three configurations where the per-step overhead matters most; ``extra_info`
 microseconds per step. ``test_bias_act_backward``: the fused activation-derivative + bias-gradient
 pass against the two separate kernel calls it replaces. ``test_step_bookkeeping``: the device metrics
 kernels against the host glue they replaced; ``test_clipped_adam_step``: clipping read from the device
-scale by the optimizer kernel against a separate scaling pass.
+scale by the optimizer kernel against a separate scaling pass; ``test_dense_grad_norm``: a Dense layer's
+gradient norm from its factors against forming the gradient and taking its norm (``measure``: numpy, numba
+and ``numba-formed``).
 
 Run: ``flock /tmp/kernels-bench.lock python -m pytest bench/bench_fused.py --benchmark-enable``.
 """
@@ -141,3 +143,37 @@ def test_clipped_adam_step(benchmark, impl):
         np.testing.assert_array_equal(clipped, grad * half[0])
     benchmark.group = f"adam step, clipped, {n} f32"
     benchmark(fn)
+
+
+@pytest.mark.parametrize("rows", [1, 2], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("impl", ["numpy", "numba", "numba-formed"])
+def test_dense_grad_norm(measure, impl, rows):
+    """The gradient norm of a 784 -> 128 Dense layer (dW 784x128 and the bias) at batch 1 and 2, float32:
+    ``kernels.dense_grad_norm`` from the factors x (B, 784) and dy (B, 128) (numpy: the reference; numba),
+    against ``numba-formed``: dW formed by ``kernels.matmul(x, dy, trans_a=True)`` into a flat buffer that ends
+    with the bias (as the trainer's gradient buffer holds a layer), then ``kernels.segment_norms`` over it. The
+    same norm but for dW's float32 rounding (rtol 1e-6). ``bytes``: each one's traffic: the factors and the
+    bias read (the factored form reads them twice, the second time from cache: counted once) and the norm
+    written; the formed gradient adds dW, written by the matmul and read back by the norm (0.8 MB moved where
+    the factors are 4 KB at batch 1)."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((rows, 784)).astype(np.float32), rng.standard_normal((rows, 128)).astype(np.float32)
+    db, out = rng.standard_normal(128).astype(np.float32), np.empty(1)
+    factors = x.nbytes + dy.nbytes + db.nbytes + out.nbytes
+    if impl == "numba-formed":
+        flat = np.empty(784 * 128 + 128, np.float32)  # dW, then the bias
+        dw, offsets = flat[:784 * 128].reshape(784, 128), np.array([0, flat.size])
+        flat[784 * 128:] = db
+
+        def run():  # measure selects the backend around it (outside the timed call)
+            kernels.matmul(x, dy, trans_a=True, out=dw)
+            return kernels.segment_norms(flat, offsets, out=out)
+        traffic = factors + 2 * dw.nbytes
+    else:
+        def run():
+            return kernels.dense_grad_norm(x, dy, db, out=out)
+        traffic = factors
+    norm = measure(run, group=f"dense_grad_norm 784x128 b{rows} f32", impl=impl, bytes=traffic, rounds=30,
+                   backend="numpy" if impl == "numpy" else "numba")
+    expected = np.linalg.norm(np.concatenate([(x.T.astype(np.float64) @ dy.astype(np.float64)).ravel(), db]))
+    np.testing.assert_allclose(norm, [expected], rtol=1e-6)

@@ -24,9 +24,9 @@ __all__ = [
     "tanh", "tanh_backward", "softmax", "softmax_backward", "softmax_cross_entropy", "mse",
     "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step", "adam_step", "rmsprop_step",
     "adagrad_step", "adadelta_step", "set_backend", "get_backend", "use_backend", "is_device_array",
-    "warmup", "cpu_info", "threading_info", "bias_act_backward", "segment_norms", "dense_grad_norm", "batchnorm_forward",
-    "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums", "check_step",
-    "count_correct", "metrics_size", "unpack_metrics",
+    "warmup", "cpu_info", "threading_info", "bias_act_backward", "segment_norms", "dense_grad_norm",
+    "batchnorm_forward", "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums",
+    "check_step", "count_correct", "metrics_size", "unpack_metrics",
 ]
 
 if _os.environ.get("KERNELS_PERF_MAP", "0") not in ("", "0"):  # name the JIT code in `perf record` (profile.py)

@@ -384,6 +384,9 @@ def cases(dev, size, dtype):
         Case("bias_act_backward", table, lambda: kernels.bias_act_backward(cols, cols_dy, "relu", out=dz, bias_out=db),
              (3 * bg_rows + 1) * bg_cols * item),
         Case("segment_norms", f"{p} in 4", lambda: kernels.segment_norms(param, offsets), p * item),
+        # a batch of one's Dense gradient norm from its factors: reads x, dy and the bias gradient once
+        Case("dense_grad_norm", f"1x{bg_cols} rows", lambda: kernels.dense_grad_norm(cols[:1], cols_dy[:1], db),
+             3 * bg_cols * item),
         Case("count_correct", rw, lambda: kernels.count_correct(logits, labels, metrics),
              rows * classes * item + rows * 8),
         Case("check_step", "4 norms", lambda: kernels.check_step(loss, norms, metrics, scale, rows=rows, max_norm=1.0),

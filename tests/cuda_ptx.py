@@ -259,6 +259,8 @@ def _bookkeeping(dev, x):
     kernels.count_correct(x, x, metrics, threshold=0.5)
     for offsets in (dev(3, dt=t) for t in (np.int64, np.int32, np.int8, np.uint8, np.uint64)):
         norms = kernels.segment_norms(dev(7), offsets)
+    for bias in (None, dev(5)):
+        kernels.dense_grad_norm(x, x, bias)
     loss, _ = kernels.mse(x, x)
     for max_norm in (None, 1.0):
         kernels.check_step(loss, norms, metrics, dev(1), rows=3, max_norm=max_norm)

@@ -1,6 +1,9 @@
-"""The fused training-step kernels (bias_act_backward, segment_norms): every backend against the
-NumPy reference over many shapes and layouts, bit-equality of the numba version with the two calls
+"""The fused training-step kernels (bias_act_backward, segment_norms, dense_grad_norm): every backend against
+the NumPy reference over many shapes and layouts, bit-equality of the numba version with the two calls
 it replaces, the parallel paths, and the public API's argument checks."""
+
+import contextlib
+import warnings
 
 import numba
 import numpy as np
@@ -11,7 +14,6 @@ from hypothesis import strategies as st
 import kernels
 from helpers import LAYOUTS, SIZES_1D, SIZES_2D, arrays, assert_close, reference, with_layout
 from kernels.cpu.activations import PARALLEL_MIN
-from kernels.cpu import _small, fused
 from kernels.cpu.fused import NORMS_PARALLEL_MIN
 
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh"]
@@ -162,34 +164,136 @@ def test_numba_sum_of_squares_takes_its_documented_order(data, n):
     assert fused._sum_squares(x, lo, lo + n).hex() == float(total).hex()
 
 
-@numba.njit(fastmath=False)
-def _outer_squares_once(x, at, rows, dz, out):
-    return fused.outer_squares(x.ctypes.data + at * x.itemsize, x.shape[1], x.shape[0], dz.ctypes.data, rows,
-                               dz.shape[1], out.ctypes.data, out)
+# ---- dense_grad_norm -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _simulator_quiet(backend):
+    """The CUDA simulator runs kernels as NumPy scalar code, which warns at inf * 0 or a float32 overflow where a
+    GPU (and the host backends) give NaN or inf silently: in its kernel threads too, so a filter, not errstate."""
+    with warnings.catch_warnings():
+        if backend.simulated:
+            warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
-@numba.njit(fastmath=False)
-def _outer_then_squares(x, at, rows, dz, out):
-    _small._outer(x.ctypes.data + at * x.itemsize, 1, x.shape[1], dz.ctypes.data, dz.shape[1], x.shape[0],
-                  out[:rows * dz.shape[1]].reshape(rows, dz.shape[1]))
-    return fused._sum_squares(out, 0, rows * dz.shape[1])
+def _grad_norm(backend, x, dy, bias_grad=None, **kwargs):
+    with _simulator_quiet(backend):
+        return backend.get(kernels.dense_grad_norm(backend.to(x), backend.to(dy), backend.to(bias_grad), **kwargs))
 
 
-@given(data=st.data(), dtype=st.sampled_from(["float32", "float64"]), k=st.sampled_from([1, 2]),
-       rows=st.integers(0, 20), blocks=st.integers(1, 5))
-def test_outer_squares_is_the_outer_product_and_its_sum_of_squares_in_one_pass(data, dtype, k, rows, blocks):
-    """``outer_squares`` (the compiled step's batch-one product and squares of a piece): the same elements as
-    the ``rows`` route's outer product (FMA chains from zero: -0 products give +0) and the same sum as
-    ``_sum_squares`` of them, bit for bit, at K 1 and 2, both dtypes, rows of 1-5 blocks of 32."""
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    n, width = blocks * fused.SQUARE_BLOCK, rows + 3
-    x = (rng.standard_normal((k, width)) * (rng.random((k, width)) > 0.2)).astype(dtype)  # zeros: signed products
-    dz = rng.standard_normal((k, n)).astype(dtype)
-    at = data.draw(st.integers(0, 3))  # the piece's first row of dW
-    got, expected = np.full(rows * n + 1, 7, dtype), np.full(rows * n + 1, 7, dtype)  # the last one untouched
-    total = _outer_squares_once(x, at, rows, dz, got)
-    assert total.hex() == _outer_then_squares(x, at, rows, dz, expected).hex()
-    assert got.tobytes() == expected.tobytes()
+@given(data=st.data(), rows=st.integers(0, 4), k=st.integers(0, 40), n=st.integers(0, 40),
+       dtype=st.sampled_from([np.float32, np.float64]), bias=st.booleans(), out=st.booleans())
+def test_dense_grad_norm_is_the_norm_of_the_exact_product(backend, data, rows, k, n, dtype, bias, out):
+    """In any layout (the API makes the operands contiguous), with and without the bias: the norm of the exact
+    product, ``sqrt(||x^T dy||^2 + ||db||^2)`` in float64. The squares' error is float64 rounding of the Gram
+    entries and their sum, bounded by ``(K + N + B^2 + 4) eps scale`` where ``scale = (sum_r ||x_r|| ||dy_r||)^2
+    + ||db||^2``: a relative error of ~1e-14 unless the rows cancel in dW (scale >> ||dW||^2; a plain rtol of
+    1e-12 fails there: random float32 draws at K = N = 1 reach 1e-11, and 3e-9 against the exact value)."""
+    if backend.simulated:
+        k, n = k % 13, n % 13  # every GPU thread is a Python thread
+    x, dy = data.draw(arrays((rows, k), dtype=dtype)), data.draw(arrays((rows, n), dtype=dtype))
+    db = data.draw(arrays((n,), dtype=dtype)) if bias else None
+    buffer = backend.to(np.full(1, 7.0)) if out else None
+    got = _grad_norm(backend, x, dy, db, out=buffer)
+    assert got.shape == (1,) and got.dtype == np.float64
+    if out:
+        np.testing.assert_array_equal(backend.get(buffer), got)
+    x64, d64 = x.astype(np.float64), dy.astype(np.float64)
+    b64 = np.zeros(0) if db is None else db.astype(np.float64)
+    expected = np.sqrt(np.sum((x64.T @ d64) ** 2) + np.sum(b64 ** 2))
+    scale = np.sum(np.linalg.norm(x64, axis=1) * np.linalg.norm(d64, axis=1)) ** 2 + np.sum(b64 ** 2)
+    assert abs(got[0] ** 2 - expected ** 2) <= (k + n + rows * rows + 4) * np.finfo(np.float64).eps * scale, (
+        got[0], expected)
+
+
+def _special_cases():
+    f32, inf, nan = np.float32, np.inf, np.nan
+    return {  # name: (x, dy, bias_grad, the norm)
+        "float32 product overflows": (np.full((1, 3), 1e20, f32), np.full((1, 2), 1e20, f32), None, inf),
+        "float64 product overflows": (np.full((2, 2), 1e200), np.full((2, 3), 1e200), None, inf),
+        "inf times zero": (np.array([[inf, 1]], f32), np.array([[0, 2]], f32), None, nan),
+        "nan in x": (np.array([[1, nan], [2, 3]], f32), np.ones((2, 2), f32), None, nan),
+        "nan in dy, float64": (np.ones((2, 2)), np.array([[1, 2], [nan, 3]]), None, nan),
+        "inf in x, nonzero partner": (np.array([[inf, 1], [1, 1]], f32), np.array([[2, 3], [1, 1]], f32), None, inf),
+        "inf in dy, nonzero partner": (np.array([[2.0, 3.0]]), np.array([[1, -inf, 2]]), None, inf),
+        "inf in the bias": (np.ones((1, 2), f32), np.ones((1, 2), f32), np.array([1, inf], f32), inf),
+        "nan in the bias": (np.ones((1, 2), f32), np.ones((1, 2), f32), np.array([nan, 1], f32), nan),
+    }
+
+
+@pytest.mark.parametrize("case", list(_special_cases()))
+def test_dense_grad_norm_special_values_are_those_of_the_formed_gradient(backend, case):
+    """Where an input is not finite or dW overflows x's dtype, the norm is that of dW as the dtype computes it,
+    silently (no RuntimeWarning)."""
+    x, dy, db, expected = _special_cases()[case]
+    got = _grad_norm(backend, x, dy, db)
+    np.testing.assert_array_equal(got, [expected])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 2), (2, 3, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_dense_grad_norm_near_float32_overflow_is_finite(backend, shape):
+    """Elements of dW just below float32's largest (3e38): finite, the norm of the float32 product as NumPy forms
+    it. (1, 1, 1) is within ``factor_limit`` (the factors), the others' bound is not (the exact path)."""
+    rows, k, n = shape
+    x = np.full((rows, k), 1.5e19, np.float32)
+    dy = np.full((rows, n), 2e19, np.float32)
+    dy[1:] = 0  # a second row adds nothing (3e38 twice would overflow) but the bound counts it
+    got = _grad_norm(backend, x, dy)
+    assert np.isfinite(got[0])
+    np.testing.assert_allclose(got, [np.linalg.norm((x.T @ dy).astype(np.float64))], rtol=1e-6)
+
+
+def test_dense_grad_norm_float64_rows_outside_the_trusted_range_take_the_exact_path(backend):
+    """A row's sum of squares below 2^-480 (but not 0): its Gram products would leave float64's normal range,
+    so the norm is the exact path's (dW formed in float64): the reference's, and for 3e-162 (whose square is a
+    subnormal 9.88e-324, 10% off) x 1e70 the product 3e-92 itself, where the factors would give 3.14e-92."""
+    rng = np.random.default_rng(5)
+    x, dy = rng.standard_normal((2, 3)), rng.standard_normal((2, 4))
+    x[0] = 1e-100  # squares 1e-200, summed 3e-200 < 2^-480 = 3.2e-145
+    got = _grad_norm(backend, x, dy)
+    np.testing.assert_allclose(got, reference(kernels.dense_grad_norm, x, dy), rtol=1e-14)
+    np.testing.assert_allclose(got, [np.linalg.norm(x.T @ dy)], rtol=1e-14)
+    got = _grad_norm(backend, np.array([[3e-162]]), np.array([[1e70]]))
+    np.testing.assert_allclose(got, [3e-92], rtol=1e-15)
+    # squares that round to 0 are not a row of zeros: 1e-170 x 1e70 is 1e-100, not 0
+    got = _grad_norm(backend, np.array([[1e-170, 0]]), np.array([[1e70]]))
+    np.testing.assert_allclose(got, [1e-100], rtol=1e-15)
+    assert _grad_norm(backend, np.zeros((2, 3)), dy)[0] == 0  # rows of zeros: the factors, exactly 0
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_numba_dense_grad_norm_is_the_formed_float32_gradients_norm_within_its_rounding(rows):
+    """784 x 128 (a first Dense layer's dW) at batch 1 and 2: the norm of the exact product differs from that of
+    the float32 dW that matmul forms only by dW's rounding (documented): rtol 1e-6."""
+    rng = np.random.default_rng(6)
+    x, dy = rng.standard_normal((rows, 784)).astype(np.float32), rng.standard_normal((rows, 128)).astype(np.float32)
+    db = rng.standard_normal(128).astype(np.float32)
+    with kernels.use_backend("numba"):
+        got = kernels.dense_grad_norm(x, dy, db)
+        formed = np.concatenate([kernels.matmul(x, dy, trans_a=True).ravel(), db]).astype(np.float64)
+    np.testing.assert_allclose(got, [np.linalg.norm(formed)], rtol=1e-6)
+
+
+def test_dense_grad_norm_bad_arguments_raise_naming_them():
+    x, dy = np.ones((3, 4), np.float32), np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"^dy must have as many rows as x \(3\), got shape \(2, 2\)"):
+        kernels.dense_grad_norm(x, dy[:2])
+    with pytest.raises(ValueError, match=r"^bias_grad must have shape \(2,\)"):
+        kernels.dense_grad_norm(x, dy, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"^bias_grad must be 1-D"):
+        kernels.dense_grad_norm(x, dy, np.ones((1, 2), np.float32))
+    with pytest.raises(TypeError, match=r"^dy must have the same dtype as x \(float32\)"):
+        kernels.dense_grad_norm(x, dy.astype(np.float64))
+    with pytest.raises(TypeError, match=r"^bias_grad must have the same dtype as x \(float32\)"):
+        kernels.dense_grad_norm(x, dy, np.ones(2, np.float64))
+    with pytest.raises(ValueError, match=r"^x must be 2-D"):
+        kernels.dense_grad_norm(np.ones(4, np.float32), dy)
+    with pytest.raises(ValueError, match=r"^dy must be 2-D"):
+        kernels.dense_grad_norm(x, np.ones(3, np.float32))
+    with pytest.raises(TypeError, match=r"^x must have dtype float32 or float64"):
+        kernels.dense_grad_norm(x.astype(np.int32), dy)
+    with pytest.raises(TypeError, match="^out must have dtype float64"):
+        kernels.dense_grad_norm(x, dy, out=np.zeros(1, np.float32))
 
 
 def test_bad_arguments_raise_naming_them():

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import kernels
 import nn
-from kernels.cpu import _parallel, fused, step
+from kernels.cpu import _parallel, step
 from kernels.cpu._gemm import PARALLEL_MIN_FLOPS
 from nn import _compiled
 
@@ -312,10 +312,9 @@ for compiled in (None, {explicit}, None):
 @pytest.mark.parametrize("first", ["dense", "dropout"])
 def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, optimizer, first):
     """At a batch of one or two without clipping the compiled step computes the first parameter layer's
-    dW (an outer product), its gradient norm and its update piece by piece (300 x 128: many of
-    segment_norms' pieces, the last partial and holding the bias too; after dx when a dropout layer comes
-    first): bit for bit the per-kernel step, norms and gradients left in layer.grads included; with
-    clipping it takes the separate product, norms and update."""
+    dW (an outer product) and its update piece by piece (300 x 128: many pieces, the last partial; after dx
+    when a dropout layer comes first), its norm from the factors: bit for bit the per-kernel step, norms
+    and gradients left in layer.grads included; with clipping it takes the separate product and update."""
     rng = np.random.default_rng(2)
     X, y = rng.standard_normal((9, 300)).astype(np.float32), rng.integers(0, 10, 9)
 
@@ -323,7 +322,7 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
         head = [nn.Dropout(0.2)] if first == "dropout" else []
         return head + [nn.Dense(128, activation="relu"), nn.Dense(10)]
 
-    assert 300 * 128 > 2 * _parallel.CHUNK > 2 * fused.PIECE
+    assert 300 * 128 > 2 * _parallel.CHUNK > 2 * step.PIECE
     for batch_size, clip_norm in ((1, None), (2, None), (1, 0.5)):
         runs = [_fit(compiled, layers, optimizer, X, y, batch_size=batch_size, clip_norm=clip_norm)
                 for compiled in (True, False)]
@@ -353,9 +352,9 @@ def test_batches_of_one_and_two_fold_the_next_forward_product_into_the_update(ca
     assert calls[0] == 2 * 2
 
 
-def test_batch_one_matches_where_the_per_kernel_norms_run_in_parallel(calls):
-    """Above segment_norms' threshold (600k gradients) the per-kernel step sums the pieces on threads:
-    the same sums as the compiled product pass."""
+def test_batch_one_matches_with_a_first_layer_larger_than_the_cache(calls):
+    """A first layer of 600k weights (2.4 MB: W and its pieces beyond L2) at a batch of one: bit for bit the
+    per-kernel step."""
     rng = np.random.default_rng(4)
     X, y = rng.standard_normal((3, 800)).astype(np.float32), rng.integers(0, 10, 3)
 

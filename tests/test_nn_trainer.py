@@ -63,6 +63,29 @@ def test_history_records_losses_metrics_and_gradient_norms(capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("batch_size, batchnorm", [(1, False), (2, True), (3, True)])
+def test_dense_layers_gradient_norms_come_from_their_factors_at_one_or_two_rows(nn_backend, batch_size, batchnorm):
+    """At a step of at most FACTORED_NORM_ROWS rows on one process each Dense layer's gradient norm is
+    ``Dense.grad_norm``'s (its factors, ``kernels.dense_grad_norm``: the compiled step's too), within float32
+    rounding of the formed gradient's norm; another layer's (BatchNorm's) and every norm at more rows are
+    ``segment_norms``' of the formed gradient."""
+    X, y = _moons(8)
+    layers = [nn.Dense(8, activation="relu")] + ([nn.BatchNorm()] if batchnorm else []) + [nn.Dense(2)]
+    trainer = nn.Trainer(nn.Sequential(layers, seed=0), optimizer=nn.SGD(lr=0.1), compiled=False)
+    norms = trainer.fit(X[:batch_size], y[:batch_size], epochs=1, batch_size=batch_size, verbose=0).grad_norms
+    model = trainer.model
+    grads = nn_backend.get(model.grads).astype(np.float64)  # the one step's gradient, not yet overwritten
+    for layer in layers:
+        got, formed = norms[layer.name][0], np.linalg.norm(grads[model.slices[layer.name]])
+        if isinstance(layer, nn.Dense) and batch_size <= nn.layers.FACTORED_NORM_ROWS:
+            out = nn_backend.to(np.zeros(1))
+            layer.grad_norm(out)
+            assert got == nn_backend.get(out)[0]
+            assert got == pytest.approx(formed, rel=1e-6)
+        else:
+            assert got == pytest.approx(formed, rel=1e-12)
+
+
 def test_predict_returns_host_outputs_in_evaluation_mode():
     X, y = _moons()
     model = nn.Sequential([nn.Dense(8, activation="relu"), nn.Dropout(0.5), nn.Dense(2)], seed=0)

@@ -16,7 +16,7 @@ from numba.extending import intrinsic, register_jitable
 from . import activations as act
 from ._jit import jit, serial
 from ._math import _fma
-from ..reference.fused import factor_limit
+from ..reference.fused import FACTOR_MAX, FACTOR_MIN, factor_limit
 from ._parallel import CHUNK, n_chunks, scheduled
 
 
@@ -70,8 +70,7 @@ def bias_act_backward(y, dy, activation, alpha, dz, db):
 
 NORMS_PARALLEL_MIN = 1 << 19  # one read-only pass: threads paid off only from about this size
 # Squares are summed per piece of this many elements (at multiples of it in the buffer, cut by the segments'
-# bounds), the pieces' sums in order: a piece is small enough that the compiled step's pass at a batch of
-# one (product, squares, update of a piece) keeps it in L1.
+# bounds), the pieces' sums in order: the same sums on any number of threads.
 PIECE = 1 << 11
 
 
@@ -244,6 +243,20 @@ def _dot(a, b, sa, sb):
 _factor_limit = register_jitable(factor_limit)
 
 
+@jit(inline="always", fastmath=False)
+def _trusted(squares, row):
+    """Whether a row's sum of ``squares`` lies where the factors are exact in float64 (NaN: no), or the row
+    is zeros (not merely squares rounded to 0)."""
+    if FACTOR_MIN <= squares <= FACTOR_MAX:
+        return True
+    if squares != 0:
+        return False
+    for v in row:
+        if v != 0:
+            return False
+    return True
+
+
 @jit(fastmath=False)
 def dense_grad_norm(x, dy, db, out):
     """The reference's, its dot products in a fixed order (:func:`_dot`; no fast-math flags: the compiled
@@ -252,8 +265,7 @@ def dense_grad_norm(x, dy, db, out):
     trusted, bound = True, 0.0
     for r in range(rows):
         sx, sd = _dot(x[r], x[r], 1.0, 1.0), _dot(dy[r], dy[r], 1.0, 1.0)
-        for v in (sx, sd):
-            trusted &= v == 0 or 2.0**-480 <= v <= 2.0**480  # NaN: False
+        trusted &= _trusted(sx, x[r]) and _trusted(sd, dy[r])
         bound += math.sqrt(sx) * math.sqrt(sd)
     if trusted and bound < _factor_limit(x.dtype, rows):
         total = 0.0

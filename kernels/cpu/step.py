@@ -49,7 +49,7 @@ from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, RO
 from ._jit import jit
 from ._math import _fma
 from .dropout import _dropout as _dropout_body, _dropout_chunks, _mix
-from .fused import NORMS_PARALLEL_MIN, PIECE
+from .fused import NORMS_PARALLEL_MIN
 from .metrics import _check_step, _count_labels, _count_thresholds
 from . import _parallel
 from ._parallel import PARALLEL_MIN, num_threads
@@ -517,15 +517,14 @@ def _borrowed(a):
 @jit(fastmath=False, inline="always")
 def _pieces(kernels, optimizer, h, x, dz, lo, hi, params, grads, state1, state2, alpha, x_next, acc, piece, no_bias):
     """The pieces ``lo <= a < hi`` (multiples of PIECE) of the first parameter layer's W at a batch of one or
-    two: each piece's gradient (``dW = x^T dz``, an outer product, by the
-    ``rows`` route), the unscaled optimizer step on its part of W, and with ``x_next`` (rows > 0: the next
-    step's input) that part of W, once updated and still in L1, folded into ``acc``, the next step's ``x_next @
-    W`` (:func:`_fold`), so that W is read once per step, not twice. The same kernels on the same elements as
-    the separate product and update, so bit for bit the same (the norm comes from the factors:
-    ``dense_grad_norm``). Each piece's gradient goes into ``piece`` (at least PIECE + 2 rows of dW), where the
-    update reads it from L1; an empty ``piece`` writes ``grads`` instead (the call's last step: they then hold
-    its gradient). ``params``, ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is an
-    empty array of their dtype."""
+    two: each piece's gradient (``dW = x^T dz``, an outer product, by the ``rows`` route), the unscaled
+    optimizer step on its part of W, and with ``x_next`` (rows > 0: the next step's input) that part of W,
+    once updated and still in L1, folded into ``acc``, the next step's ``x_next @ W`` (:func:`_fold`), so that
+    W is read once per step, not twice. The same kernels on the same elements as the separate product and
+    update, so bit for bit the same (the norm comes from the factors: ``dense_grad_norm``). Each piece's
+    gradient goes into ``piece`` (at least PIECE + 2 rows of dW), where the update reads it from L1; an empty
+    ``piece`` writes ``grads`` instead (the call's last step: they then hold its gradient). ``params``,
+    ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is an empty array of their dtype."""
     w_out = dz.shape[1]
     w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
@@ -561,6 +560,7 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, params, grads, state1, state2,
 # bits), the chunk's shape, the products the worker joined; for an update (``_shared_update``) the step, where
 # it starts, whether the gradient is scaled and the scale's bits, the updates the worker joined
 TWO_CORES_MIN = 1 << 15
+PIECE = 1 << 11  # elements of W per piece of the first layer's pass: the piece and its gradient stay in L1
 YIELD_SPINS = 1 << 12  # ~0.1 ms of pause instructions
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _SCHED_YIELD = getattr(ctypes.CDLL(None), "sched_yield", None) if os.name == "posix" else None

@@ -21,7 +21,7 @@ from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, 
 from .batchnorm import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
                         batchnorm_stats)
 from .dropout import dropout
-from .fused import bias_act_backward, segment_norms
+from .fused import bias_act_backward, dense_grad_norm, segment_norms
 from .losses import binary_cross_entropy, bias_grad, hinge, mse, softmax_cross_entropy
 from .matmul import matmul
 from .metrics import check_step, count_correct
@@ -55,6 +55,6 @@ __all__ = [
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward",
     "softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step",
     "adam_step", "rmsprop_step", "adagrad_step", "adadelta_step", "bias_act_backward", "segment_norms",
-    "batchnorm_forward", "batchnorm_eval", "batchnorm_backward", "batchnorm_stats", "batchnorm_backward_sums",
-    "count_correct", "check_step",
+    "dense_grad_norm", "batchnorm_forward", "batchnorm_eval", "batchnorm_backward", "batchnorm_stats",
+    "batchnorm_backward_sums", "count_correct", "check_step",
 ]

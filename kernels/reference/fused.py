@@ -36,18 +36,23 @@ def dense_grad_norm(x, dy, db, out):
     rounding of dW in x's dtype, at O(B^2 (K + N)) for B rows where squaring dW costs O(B K N). Where that
     cannot be trusted it is the norm of dW as x's dtype computes it (inf or NaN where that dW has them, or
     where its squares overflow float64): an element of x or dy not finite, a row's sum of squares outside
-    [2^-480, 2^480] (and not 0: float64 would round the products), or ``sum_r ||x_r|| ||dy_r||`` (a bound
-    of dW's elements) at the dtype's overflow threshold (:func:`factor_limit`)."""
-    x64, d64, db64 = x.astype(np.float64), dy.astype(np.float64), db.astype(np.float64)
-    gx, gd = x64 @ x64.T, d64 @ d64.T
-    diagonals = np.concatenate([np.diag(gx), np.diag(gd)])
-    trusted = np.all((diagonals == 0) | ((diagonals >= 2.0**-480) & (diagonals <= 2.0**480)))  # NaN: False
-    if trusted and np.sum(np.sqrt(np.diag(gx) * np.diag(gd))) < factor_limit(x.dtype, x.shape[0]):
-        w = np.sqrt(max(np.sum(gx * gd), 0.0))  # >= 0 but for rounding
-    else:
-        dw = (x.T @ dy).astype(np.float64)  # in x's dtype, as the matmul computes it
-        w = np.sqrt(np.sum(dw * dw))
-    out[0] = np.hypot(w, np.sqrt(np.sum(db64 * db64)))
+    [FACTOR_MIN, FACTOR_MAX] (but for a row of zeros: float64 would round the products), or ``sum_r ||x_r||
+    ||dy_r||`` (a bound of dW's elements) at the dtype's overflow threshold (:func:`factor_limit`)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are answers here, as in the compiled kernels
+        x64, d64, db64 = x.astype(np.float64), dy.astype(np.float64), db.astype(np.float64)
+        gx, gd = x64 @ x64.T, d64 @ d64.T
+        diagonals = np.concatenate([np.diag(gx), np.diag(gd)])
+        zero_rows = np.concatenate([~x64.any(axis=1), ~d64.any(axis=1)])
+        trusted = np.all(zero_rows | ((diagonals >= FACTOR_MIN) & (diagonals <= FACTOR_MAX)))  # NaN: False
+        if trusted and np.sum(np.sqrt(np.diag(gx) * np.diag(gd))) < factor_limit(x.dtype, x.shape[0]):
+            w = np.sqrt(max(np.sum(gx * gd), 0.0))  # >= 0 but for rounding
+        else:
+            dw = (x.T @ dy).astype(np.float64)  # in x's dtype, as the matmul computes it
+            w = np.sqrt(np.sum(dw * dw))
+        out[0] = np.hypot(w, np.sqrt(np.sum(db64 * db64)))
+
+
+FACTOR_MIN, FACTOR_MAX = 2.0**-480, 2.0**480  # the rows' sums of squares dense_grad_norm's factors trust
 
 
 def factor_limit(dtype, rows):
