@@ -139,8 +139,8 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING,  # tests replace it
                                                model.dtype)
             args = [X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads, state1, state2,
-                    segments, kind, hyper, max_norm, FACTORED_NORM_ROWS, loss_kind, bool(trainer.metrics), segments,
-                    settings, scratch, targets, norms, metrics, scale, job]  # args[20]: the kernel table's (as segments)
+                    segments, kind, hyper, max_norm, FACTORED_NORM_ROWS, loss_kind, bool(trainer.metrics),
+                    segments, settings, scratch, targets, norms, metrics, scale, job]  # args[20]: the kernel table's
             if table is None:
                 inputs = step.kinds((X, y))  # what else the driver's types depend on is the plan's
                 if compiled is None and inputs not in ready and not step.ready(*args):  # never a cold compile
