@@ -136,6 +136,26 @@ def test_step_matches_reference(fast_backend, name, data, shape, dtype, layout, 
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
+@given(data=st.data(), n=st.integers(1, 80), dtype=DTYPES, seed=st.integers(0, 2**32 - 1))
+def test_numba_step_of_a_range_in_two_calls_is_the_step_in_one(name, data, n, dtype, seed):
+    """An element's update does not depend on where the call's range starts or ends (its vector loop or its
+    scalar remainder), bit for bit: the compiled training step updates the first layer's W apart from the
+    rest of the parameters and must match the per-kernel step's single call."""
+    fn, strategy = OPTIMIZERS[name]
+    hyper, states = data.draw(strategy)
+    cut = data.draw(st.integers(0, n))
+    param, grad, state = _buffers(np.random.default_rng(seed), (n,), dtype, states)
+    with kernels.use_backend("numba"):
+        whole, whole_state = _step(fn, param, grad, state, hyper)
+        parts, parts_state = param.copy(), {k: v.copy() for k, v in state.items()}
+        for sl in (slice(0, cut), slice(cut, n)):
+            if sl.stop > sl.start:
+                fn(parts[sl], grad[sl], **{k: v[sl] for k, v in parts_state.items()}, **hyper)
+    assert whole.tobytes() == parts.tobytes()
+    assert all(whole_state[k].tobytes() == parts_state[k].tobytes() for k in state)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("n", [PARALLEL_MIN - 1, PARALLEL_MIN, 3 * CHUNK + PARALLEL_MIN + 5])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_parallel_chunks_match_reference(name, n, threads):

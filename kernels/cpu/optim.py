@@ -148,7 +148,10 @@ def adagrad_step(param, grad, sum_sq, lr, eps, weight_decay, scale=None):
     _run(_adagrad, _adagrad_chunks, param, scale, grad, sum_sq, t(lr), t(eps), t(weight_decay))
 
 
-@jit
+# Without fast-math flags: under them LLVM rounded sqrt(acc + eps) / sqrt(avg + eps) * g differently in the
+# vector loop and its scalar remainder, so an element's update depended on where the call's range began and
+# ended (the compiled step, which updates the first layer's W apart from the rest, differed by an ulp)
+@jit(fastmath=False)
 def _adadelta(lo, hi, param, grad, square_avg, acc_delta, lr, rho, c, eps, weight_decay, gscale):
     for i in range(lo, hi):
         d, square_avg[i], acc_delta[i] = _adadelta_update(_grad(grad, i, gscale), param[i], square_avg[i],

@@ -42,8 +42,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import activations, fused, losses, optim
-from ._gemm import (PARALLEL_MIN_FLOPS, SIGMOID as GEMM_SIGMOID, TANH as GEMM_TANH, _call_transcendental, _take,
-                    body, chunk_shape, gemm, gemm_parallel, take_chunks)
+from ._gemm import (PARALLEL_MIN_FLOPS, SIGMOID as GEMM_SIGMOID, TANH as GEMM_TANH, _call_transcendental, _splat,
+                    _take, body, chunk_shape, gemm, gemm_parallel, take_chunks)
 from ._small import (BODY, DOTS_BODY, GEMM, MIN_FLOPS, PARALLEL, ROW_VECTORS, ROWS, ROWS_MAX_K, ROWS_MAX_M, THREADS,
                      _resume_one, _resume_wide, _voidptr, dispatcher, dots, route, rows, tiles)
 from ._jit import jit
@@ -498,13 +498,62 @@ def _fold(x, w, lo, hi, acc):
             out[e % n] = _fma(a[e // n], w[e], out[e % n])
 
 
+@intrinsic
+def _outer_rows(typingctx, a_at, sa_k, k, b_at, rows, n, out_at, like):
+    """``out = a @ b`` for K ``k`` of 1 or 2 (A^T's row p at ``a_at`` + p elements, its second term ``sa_k``
+    further; B's ``k`` rows of ``n`` elements one after the other at ``b_at``), ``rows`` x ``n`` elements written
+    from ``out_at``: each element the chain of FMAs from zero that the ``rows`` route's outer product
+    (``_small._outer``) computes, so bit for bit its result, in an IR loop of whole 32-byte vectors (``n`` a
+    multiple of their lanes). No fast-math flags."""
+    def codegen(context, builder, sig, args):
+        fty = context.get_value_type(sig.args[7].dtype)
+        size = context.get_abi_sizeof(fty)
+        lanes = 32 // size
+        vty, i64 = ir.VectorType(fty, lanes), ir.IntType(64)
+        a_at_, sa_k_, k_, b_at_, rows_, n_, out_at_ = args[:7]
+        a, b, out = (builder.inttoptr(v, fty.as_pointer()) for v in (a_at_, b_at_, out_at_))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{lanes}f{8 * size}")
+        zero = ir.Constant(vty, [0.0] * lanes)
+        vectors = builder.sdiv(n_, ir.Constant(i64, lanes))
+
+        def vector(pointer, at):
+            return builder.bitcast(builder.gep(pointer, [at]), vty.as_pointer())
+
+        def loop(terms):
+            with cgutils.for_range(builder, rows_) as row:
+                xs = [_splat(builder, builder.load(builder.gep(a, [builder.add(row.index, builder.mul(
+                    sa_k_, ir.Constant(i64, t)))]), align=size), lanes) for t in range(terms)]
+                with cgutils.for_range(builder, vectors) as column:
+                    j = builder.mul(column.index, ir.Constant(i64, lanes))
+                    value = zero
+                    for t in range(terms):
+                        bv = builder.load(vector(b, builder.add(j, builder.mul(n_, ir.Constant(i64, t)))), align=size)
+                        value = builder.call(fma, [xs[t], bv, value])
+                    builder.store(value, vector(out, builder.add(builder.mul(row.index, n_), j)), align=size)
+
+        with builder.if_else(builder.icmp_signed("==", k_, ir.Constant(i64, 2))) as (two, one):
+            with two:
+                loop(2)
+            with one:
+                loop(1)
+        return context.get_dummy_value()
+
+    return types.void(*[types.intp] * 7, like), codegen
+
+
 @jit(fastmath=False, inline="always")
 def _dw_rows(kernels, x, dz, lo, hi, alpha, no_bias, out):
-    """Rows ``lo <= p < hi`` of ``dW = x^T dz`` into ``out`` (their shape) by the ``rows`` route, as the
-    per-kernel step's product takes it at a batch of one or two."""
-    _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * x.itemsize, np.intp(1), np.intp(x.shape[1]),
-                            np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(1), np.intp(x.shape[0]), no_bias,
-                            np.int64(NONE), alpha, out), None)
+    """Rows ``lo <= p < hi`` of ``dW = x^T dz`` into ``out`` (their shape) as the per-kernel step's product
+    takes them at a batch of one or two (the ``rows`` route): by :func:`_outer_rows` where dW's rows are whole
+    vectors, else by that kernel."""
+    if dz.shape[1] % (32 // dz.itemsize) == 0:
+        _outer_rows(np.intp(x.ctypes.data) + lo * x.itemsize, np.intp(x.shape[1]), np.intp(x.shape[0]),
+                    np.intp(dz.ctypes.data), np.intp(hi - lo), np.intp(dz.shape[1]), np.intp(out.ctypes.data), out)
+    else:
+        _call(kernels[ROWS_K], (np.intp(x.ctypes.data) + lo * x.itemsize, np.intp(1), np.intp(x.shape[1]),
+                                np.intp(dz.ctypes.data), np.intp(dz.shape[1]), np.intp(1), np.intp(x.shape[0]),
+                                no_bias, np.int64(NONE), alpha, out), None)
 
 
 @jit(fastmath=False, inline="always")
