@@ -255,6 +255,15 @@ def _segment_norms(a, name):
     return [x, offsets], {"out": a.out((max(k - 1, 0),), [x], dtype=np.float64)}
 
 
+def _dense_grad_norm(a, name):
+    x = a.array(_shape(a, 2) if a.draw(st.integers(0, 7)) else _shape(a))
+    n = a.draw(SIDES)
+    dy = a.array((x.shape[0], n) if a.draw(st.integers(0, 7)) else _shape(a))
+    bias = a.draw(st.sampled_from(["none", "good", "good", "other shape"]))
+    kw = {"bias_grad": None if bias == "none" else a.array((n,) if bias == "good" else _shape(a))}
+    return [x, dy], {**kw, "out": a.out((1,), [x, dy], dtype=np.float64)}
+
+
 def _metrics(a, layers, dtype=np.float64):
     """A metrics buffer for ``layers`` layers (zeroed, or holding earlier steps), now and then of a wrong size."""
     size = kernels.metrics_size(layers) + a.draw(st.sampled_from([0] * 9 + [1, -1, 2]))
@@ -384,6 +393,7 @@ BUILDERS = {**{n: _unary for n in ("relu", "sigmoid", "tanh", "leaky_relu", "dro
             "softmax_cross_entropy": _cross_entropy, "bias_grad": _bias_grad,
             **{n: _pointwise_loss for n in ("mse", "binary_cross_entropy", "hinge")},
             **{n: _optimizer for n in OPTIMIZERS}, "bias_act_backward": _bias_act, "segment_norms": _segment_norms,
+            "dense_grad_norm": _dense_grad_norm,
             "count_correct": _count_correct, "check_step": _check_step,
             **{n: _batchnorm for n in ("batchnorm_forward", "batchnorm_eval", "batchnorm_stats")},
             **{n: _batchnorm_backward for n in ("batchnorm_backward", "batchnorm_backward_sums")}}

@@ -220,23 +220,23 @@ segment_norms_scheduled = scheduled(segment_norms, segment_norms_serial, NORMS_P
 
 
 @jit(inline="always", fastmath=False)
-def _dot(a, b, sa, sb):
-    """``sum_p (a[p] sa) (b[p] sb)`` in float64 (``sa``, ``sb`` powers of two: exact scalings), the elements
-    of each whole block of eight into eight partial sums, the rest into the first, the sums then added in
-    order: independent chains, which vectorise without fast-math flags."""
+def _dot(a, b):
+    """``sum_p a[p] b[p]`` in float64, the elements of each whole block of eight into eight partial sums, the
+    rest into the first, the sums then added in order: independent chains, which vectorise without fast-math
+    flags."""
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     n = a.size
     for p in range(0, n - n % 8, 8):
-        s0 = _fma(np.float64(a[p]) * sa, np.float64(b[p]) * sb, s0)
-        s1 = _fma(np.float64(a[p + 1]) * sa, np.float64(b[p + 1]) * sb, s1)
-        s2 = _fma(np.float64(a[p + 2]) * sa, np.float64(b[p + 2]) * sb, s2)
-        s3 = _fma(np.float64(a[p + 3]) * sa, np.float64(b[p + 3]) * sb, s3)
-        s4 = _fma(np.float64(a[p + 4]) * sa, np.float64(b[p + 4]) * sb, s4)
-        s5 = _fma(np.float64(a[p + 5]) * sa, np.float64(b[p + 5]) * sb, s5)
-        s6 = _fma(np.float64(a[p + 6]) * sa, np.float64(b[p + 6]) * sb, s6)
-        s7 = _fma(np.float64(a[p + 7]) * sa, np.float64(b[p + 7]) * sb, s7)
+        s0 = _fma(np.float64(a[p]), np.float64(b[p]), s0)
+        s1 = _fma(np.float64(a[p + 1]), np.float64(b[p + 1]), s1)
+        s2 = _fma(np.float64(a[p + 2]), np.float64(b[p + 2]), s2)
+        s3 = _fma(np.float64(a[p + 3]), np.float64(b[p + 3]), s3)
+        s4 = _fma(np.float64(a[p + 4]), np.float64(b[p + 4]), s4)
+        s5 = _fma(np.float64(a[p + 5]), np.float64(b[p + 5]), s5)
+        s6 = _fma(np.float64(a[p + 6]), np.float64(b[p + 6]), s6)
+        s7 = _fma(np.float64(a[p + 7]), np.float64(b[p + 7]), s7)
     for p in range(n - n % 8, n):
-        s0 = _fma(np.float64(a[p]) * sa, np.float64(b[p]) * sb, s0)
+        s0 = _fma(np.float64(a[p]), np.float64(b[p]), s0)
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
@@ -262,17 +262,16 @@ def dense_grad_norm(x, dy, db, out):
     """The reference's, its dot products in a fixed order (:func:`_dot`; no fast-math flags: the compiled
     training step calls this very code, so its norms are the per-kernel step's bit for bit)."""
     rows, k, n = x.shape[0], x.shape[1], dy.shape[1]
-    trusted, bound = True, 0.0
-    for r in range(rows):
-        sx, sd = _dot(x[r], x[r], 1.0, 1.0), _dot(dy[r], dy[r], 1.0, 1.0)
+    trusted, bound, total = True, 0.0, 0.0
+    for r in range(rows):  # the diagonal pairs (r, r)
+        sx, sd = _dot(x[r], x[r]), _dot(dy[r], dy[r])
         trusted &= _trusted(sx, x[r]) and _trusted(sd, dy[r])
         bound += math.sqrt(sx) * math.sqrt(sd)
+        total += sx * sd
     if trusted and bound < _factor_limit(x.dtype, rows):
-        total = 0.0
-        for r in range(rows):
-            for s in range(r, rows):
-                term = _dot(x[r], x[s], 1.0, 1.0) * _dot(dy[r], dy[s], 1.0, 1.0)
-                total += term if r == s else 2 * term
+        for r in range(rows):  # the pairs r < s, each twice
+            for s in range(r + 1, rows):
+                total += 2 * (_dot(x[r], x[s]) * _dot(dy[r], dy[s]))
         w = math.sqrt(max(total, 0.0))  # >= 0 but for rounding
     else:  # the product as the dtype computes it (a chain of FMAs from zero over the rows), squared
         total = 0.0
@@ -284,4 +283,4 @@ def dense_grad_norm(x, dy, db, out):
                     g = _fma(x[r, p], dy[r, j], g)
                 total += np.float64(g) * np.float64(g)
         w = math.sqrt(total)
-    out[0] = math.hypot(w, math.sqrt(_dot(db, db, 1.0, 1.0)))
+    out[0] = math.hypot(w, math.sqrt(_dot(db, db)))

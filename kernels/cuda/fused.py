@@ -93,19 +93,18 @@ def _dense_grad_norm_kernel(threads):
     def dense_grad_norm(x, dy, db, limit, zero, out):
         shared = cuda.shared.array(threads, np.float64)
         rows, n = x.shape[0], dy.shape[1]
-        trusted, bound = True, 0.0  # the same in every thread: each sum comes from block_reduce
-        for r in range(rows):
+        trusted, bound, total = True, 0.0, 0.0  # the same in every thread: each sum comes from block_reduce
+        for r in range(rows):  # the diagonal pairs (r, r)
             sx = block_reduce(shared, _row_dot(x, r, x, r), False)
             sd = block_reduce(shared, _row_dot(dy, r, dy, r), False)
             trusted = _trusted(shared, sx, x, r) and _trusted(shared, sd, dy, r) and trusted
             bound += math.sqrt(sx) * math.sqrt(sd)
+            total += sx * sd
         if trusted and bound < limit:
-            total = 0.0
-            for r in range(rows):
-                for s in range(r, rows):
-                    term = (block_reduce(shared, _row_dot(x, r, x, s), False)
-                            * block_reduce(shared, _row_dot(dy, r, dy, s), False))
-                    total += term if r == s else 2 * term
+            for r in range(rows):  # the pairs r < s, each twice
+                for s in range(r + 1, rows):
+                    total += 2 * (block_reduce(shared, _row_dot(x, r, x, s), False)
+                                  * block_reduce(shared, _row_dot(dy, r, dy, s), False))
             w = math.sqrt(max(total, 0.0))  # >= 0 but for rounding
         else:  # the product as x's dtype computes it (a chain of FMAs from zero over the rows), squared
             acc = 0.0
