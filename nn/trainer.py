@@ -354,9 +354,10 @@ class Trainer:
                     self.loss.count_correct(k, out, yb, metrics)
                 model.run_backward(self.comm.weigh(dout))  # distributed: weighted for the global batch
                 loss = self.comm.reduce_step(model.grads, loss)  # distributed: sums and the global loss, one call
-                if factored is None or len(xb) > FACTORED_NORM_ROWS or len(factored) < len(layers):
+                by_factors = factored is not None and len(xb) <= FACTORED_NORM_ROWS
+                if not by_factors or len(factored) < len(layers):  # BatchNorm's norms come from its gradient
                     k.segment_norms(model.grads, offsets, norms)
-                if factored is not None and len(xb) <= FACTORED_NORM_ROWS:
+                if by_factors:
                     for i, layer in factored:
                         layer.grad_norm(norms[i:i + 1])
                 k.check_step(loss, len(xb), norms, max_norm, metrics, scale)  # scale 0: skip, on the device
