@@ -75,7 +75,7 @@ def unsupported(trainer):
     return None
 
 
-def wins(model, opt, n, batch_size, max_norm, layers):
+def wins(model, opt, n, batch_size, layers):
     """True when the time saved outweighs the epoch's copy of the parameters and optimizer state: at most
     SNAPSHOT_BYTES_PER_STEP of them per step of the epoch, and as much per product shared with the worker
     (``kernels.cpu.step.shared_products`` of ``layers``, the model's layer table at ``batch_size``:
@@ -84,7 +84,7 @@ def wins(model, opt, n, batch_size, max_norm, layers):
     from kernels.cpu._parallel import num_threads
 
     state = model.params.nbytes * (1 + len(opt.buffers))
-    shared = step.shared_products(layers, batch_size, max_norm, num_threads())
+    shared = step.shared_products(layers, batch_size, num_threads())
     return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP * (1 + shared)
 
 
@@ -105,7 +105,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     layer_table = None  # built once an epoch: what wins weighs, and the plan's when the plan is built anew
     if compiled is None:
         layer_table = _layer_table(model, batch_size)
-        if not wins(model, opt, len(X), batch_size, max_norm, layer_table[0]):
+        if not wins(model, opt, len(X), batch_size, layer_table[0]):
             return None
     from kernels.cpu import step
     from kernels.cpu._gemm import transcendental
@@ -116,7 +116,7 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
         opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
     order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
-    plan = _plan(trainer, batch_size, max_norm, layer_table)
+    plan = _plan(trainer, batch_size, layer_table)
     layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, empty_job, ready = plan
     parameter_layers = model.parameter_layers()
     state1, state2 = ([opt.state[name] for name in opt.buffers] + [model.params[:0]] * 2)[:2]
@@ -175,9 +175,9 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, values["norm_sums"])}
 
 
-def _plan(trainer, batch, max_norm, layer_table=None):
+def _plan(trainer, batch, layer_table=None):
     """The compiled epoch's arguments that depend only on the layers, the loss, the optimizer's kind,
-    clipping, the thread count and the batch size: the layer table, alphas, (dropout layer, threshold)
+    the thread count and the batch size: the layer table, alphas, (dropout layer, threshold)
     pairs, scratch and targets buffers, segments, loss and optimizer codes, the worker's job words, and the
     input kinds the driver is known to be ready for. Built when one of those changed, else reused; built
     from ``layer_table`` (:func:`_layer_table` at ``batch``) where the caller has it."""
@@ -186,7 +186,7 @@ def _plan(trainer, batch, max_norm, layer_table=None):
 
     model = trainer.model
     kind = _optimizer_kind(trainer.optimizer)
-    key = (batch, model.dtype, kind, type(trainer.loss), max_norm, num_threads(),
+    key = (batch, model.dtype, kind, type(trainer.loss), num_threads(),
            tuple((id(layer), layer.input_dim, layer.output_dim) + tuple(getattr(layer, a, None) for a in _LAYER_FIELDS)
                  for layer in model.layers))
     cached = trainer.__dict__.get("_compiled_plan")
@@ -201,7 +201,7 @@ def _plan(trainer, batch, max_norm, layer_table=None):
     parameter_layers = model.parameter_layers()
     segments = np.array([s.start for _, s in parameter_layers] + [parameter_layers[-1][1].stop], np.int64)
     plan = (layers, alphas, dropouts, _scratch(trainer, size, model.dtype), targets, segments, loss_kind, kind,
-            step.job(layers, batch, max_norm, num_threads()), set())
+            step.job(layers, batch, num_threads()), set())
     trainer.__dict__["_compiled_plan"] = key, plan
     return plan
 

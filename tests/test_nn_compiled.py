@@ -2,6 +2,7 @@
 losses, accuracies, gradient norms, weights, optimizer state and dropout counters; the same NonFiniteError
 at the same step with the same weights; the fallbacks; Ctrl-C between calls."""
 
+import math
 import os
 import signal
 import subprocess
@@ -314,7 +315,7 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
     """At a batch of one or two without clipping the compiled step computes the first parameter layer's
     dW (an outer product) and its update piece by piece (300 x 128: many pieces, the last partial; after dx
     when a dropout layer comes first), its norm from the factors: bit for bit the per-kernel step, norms
-    and gradients left in layer.grads included; with clipping it takes the separate product and update."""
+    and gradients left in layer.grads included; a clipped step takes the separate product and scaled update."""
     rng = np.random.default_rng(2)
     X, y = rng.standard_normal((9, 300)).astype(np.float32), rng.integers(0, 10, 9)
 
@@ -335,7 +336,7 @@ def test_batches_of_one_and_two_update_the_first_layer_with_its_product(calls, o
                                                       (36, "relu", "float64"), (2056, "relu", "float32")])
 def test_batches_of_one_and_two_fold_the_next_forward_product_into_the_update(calls, units, activation, dtype):
     """Where the first layer's forward product is folded into the previous step's update of W (a batch of
-    one or two, no clipping, no activation, relu or leaky relu, whole vectors of outputs): rows of W cut by
+    one or two, not clipped, no activation, relu or leaky relu, whole vectors of outputs): rows of W cut by
     segment_norms' pieces (120 and 36 columns), rows longer than a piece (2056 columns, 822k gradients:
     the per-kernel norms in parallel), float64's 4-lane vectors, a last batch of one after batches of two;
     bit for bit the per-kernel step."""
@@ -437,6 +438,52 @@ def test_the_first_layer_pass_on_a_second_core_gives_the_one_core_bits(jobs, two
         assert (job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (-(-63 // batch_size), 0)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_with_clipping_the_steps_it_leaves_whole_take_the_first_layer_pass(monkeypatch, jobs, two_threads, batch_size):
+    """At a batch of one or two the step is checked (every norm from its factors) before the first layer's
+    backward pass: with a clipping norm between the steps' gradient norms, the steps it leaves whole take the
+    fused pass on both cores (folding the next step's forward product), the clipped ones the separate product and
+    the scaled update; bit for bit one thread and the per-kernel step."""
+    jobs.wait = True
+    rng = np.random.default_rng(11)
+    X, y = rng.standard_normal((25, 300)).astype(np.float32), rng.integers(0, 10, 25)
+    steps = 2 * -(-25 // batch_size)
+
+    def layers():
+        return [nn.Dense(128, activation="relu"), nn.Dense(10)]
+
+    def per_kernel(clip_norm):
+        """The per-kernel run, with each step's clipping scale and total gradient norm."""
+        scales, totals, check = [], [], kernels.cpu.check_step
+
+        def spy(loss, rows, norms, max_norm, metrics, scale):
+            check(loss, rows, norms, max_norm, metrics, scale)
+            scales.append(float(scale[0]))
+            totals.append(math.sqrt(sum(float(v) ** 2 for v in norms)))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels.cpu, "check_step", spy)
+            run = _fit(False, layers, lambda: nn.SGD(lr=0.01, momentum=0.9), X, y, batch_size=batch_size,
+                       clip_norm=clip_norm)
+        return run, scales, totals
+
+    clip_norm = float(np.median(per_kernel(1e30)[2]))  # about half the steps clipped
+    reference, scales, _ = per_kernel(clip_norm)
+    whole = scales.count(1.0)
+    assert len(scales) == steps and 0 < whole < steps
+    outcomes = [_outcome(*reference)]
+    for threads in (2, 1):
+        numba.set_num_threads(threads)
+        run = _fit(True, layers, lambda: nn.SGD(lr=0.01, momentum=0.9), X, y, batch_size=batch_size,
+                   clip_norm=clip_norm)
+        outcomes.append(_outcome(*run))
+        assert run[0].model.grads.tobytes() == reference[0].model.grads.tobytes()
+    _assert_same(outcomes[1], outcomes[0])
+    _assert_same(outcomes[2], outcomes[0])
+    assert [job.size for job in jobs] == [step.JOB_WORDS] * 2 + [0] * 2  # two epochs each
+    assert sum(job[step.JOB_STEPS] for job in jobs[:2]) == whole and not any(job[step.JOB_TAKEN] for job in jobs[:2])
+
+
 def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, jobs, two_threads):
     """A worker that never runs during the call (its core busy elsewhere): the driver runs its share itself,
     every step, rather than wait for it, with the same bits."""
@@ -455,28 +502,29 @@ def test_the_driver_runs_the_share_of_a_worker_that_is_not_there(monkeypatch, jo
 
 
 def test_a_worker_only_where_it_pays():
-    """A worker thread only at a batch of one or two, without clipping, on two threads or more, for a first
+    """A worker thread only at a batch of one or two (clipped or not), on two threads or more, for a first
     parameter layer (after a dropout layer too) of at least TWO_CORES_MIN weights."""
     layers = np.zeros((3, 11), np.int64)
     layers[:, step.KIND] = step.DROPOUT, step.DENSE, step.DENSE
     layers[1, step.IN_W], layers[1, step.OUT_W] = 256, step.TWO_CORES_MIN // 256
-    assert step.job(layers, 1, np.inf, 2).size == step.job(layers, 2, np.inf, 16).size == step.JOB_WORDS
-    for batch, max_norm, threads in ((3, np.inf, 2), (1, 1.0, 2), (1, np.inf, 1)):
-        assert step.job(layers, batch, max_norm, threads).size == 0
+    assert step.job(layers, 1, 2).size == step.job(layers, 2, 16).size == step.JOB_WORDS
+    for batch, threads in ((3, 2), (1, 1)):
+        assert step.job(layers, batch, threads).size == 0
     layers[1, step.OUT_W] -= 1
-    assert step.job(layers, 1, np.inf, 2).size == 0
+    assert step.job(layers, 1, 2).size == 0
     # products: on exactly two threads, once a Dense layer's product reaches PARALLEL_MIN_FLOPS
     batch = -(-PARALLEL_MIN_FLOPS // (2 * 256 * layers[1, step.OUT_W]))
-    words = step.job(layers, batch, 1.0, 2)
+    words = step.job(layers, batch, 2)
     assert words.size == step.JOB_WORDS and (words[step.JOB_FIRST], words[step.JOB_SHARES]) == (0, 1)
-    assert step.shared_products(layers, batch, 1.0, 2) == 3  # x @ W, dW, dx (the table asks for dx)
+    assert step.shared_products(layers, batch, 2) == 3  # x @ W, dW, dx (the table asks for dx)
     layers[1, step.DX_AT] = -1
-    assert step.shared_products(layers, batch, 1.0, 2) == 2
+    assert step.shared_products(layers, batch, 2) == 2
     for batch, threads in ((batch - 1, 2), (batch, 1), (batch, 3)):
-        assert step.job(layers, batch, 1.0, threads).size == 0
+        assert step.job(layers, batch, threads).size == 0
     # over the threshold in flops, but routed to the one-thread row kernels at a batch of one
     layers[1, step.IN_W], layers[1, step.OUT_W] = 1024, 1024
-    assert step.shared_products(layers, 1, 1.0, 2) == 0 and step.job(layers, 1, 1.0, 2).size == 0
+    words = step.job(layers, 1, 2)  # (a worker for the first layer's pass)
+    assert step.shared_products(layers, 1, 2) == 0 and (words[step.JOB_FIRST], words[step.JOB_SHARES]) == (1, 0)
 
 
 @pytest.mark.parametrize("activation, clip_norm", [("relu", None), ("tanh", 1e-3)])  # 1e-3: every update scaled
@@ -678,8 +726,8 @@ def test_the_automatic_choice_counts_the_products_shared_with_the_worker(two_thr
     model = nn.Sequential([nn.Dense(1024, activation="relu"), nn.Dense(1024, activation="relu"), nn.Dense(10)],
                           input_dim=784)
     opt, layers = nn.Adam(), _compiled._layer_table(model, 256)[0]
-    assert step.shared_products(layers, 256, np.inf, 2) == 8
-    assert _compiled.wins(model, opt, 2048, 256, np.inf, layers)
+    assert step.shared_products(layers, 256, 2) == 8
+    assert _compiled.wins(model, opt, 2048, 256, layers)
     numba.set_num_threads(1)
-    assert step.shared_products(layers, 256, np.inf, 1) == 0
-    assert not _compiled.wins(model, opt, 2048, 256, np.inf, layers)
+    assert step.shared_products(layers, 256, 1) == 0
+    assert not _compiled.wins(model, opt, 2048, 256, layers)

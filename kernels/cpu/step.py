@@ -17,8 +17,9 @@ driver, where their fast-math flags leave LLVM free to round differently. The ad
 not constants, so the driver compiles once per dtype and is cached on disk.
 
 At a batch of one or two every layer's gradient norm comes from its factors (``dense_grad_norm``, as in the
-per-kernel step), and the first layer's gradient, update and the next step's forward product are one pass
-over W, piece by piece (:func:`_product_update`); with two threads a worker on a pooled thread
+per-kernel step), so the step is checked before the first layer's backward pass; when its clipping scale is
+1, the first layer's gradient, update and the next step's forward product are one pass over W, piece by
+piece (:func:`_product_update`); with two threads a worker on a pooled thread
 (:func:`run`, :func:`worker`) takes half of the pieces each step, the same bits either way. On exactly two
 threads the same worker shares the multithreaded products and optimizer updates (:func:`_shared_product`,
 :func:`_shared_update`), chunk by chunk.
@@ -29,7 +30,6 @@ the caller decides what follows.
 """
 
 import ctypes
-import math
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -227,26 +227,27 @@ def _worker_args(args):
 
 
 @register_jitable
-def first_layer_fused(rows, max_norm):
-    """Whether a step of ``rows`` rows takes the first layer's fused pass: dW an outer product, no clipping norm."""
-    return rows <= ROWS_MAX_K and max_norm == math.inf
+def first_layer_fused(rows):
+    """Whether a step of ``rows`` rows can take the first layer's fused pass (dW an outer product); it takes it
+    when the step's clipping scale is 1 (:func:`train_steps`)."""
+    return rows <= ROWS_MAX_K
 
 
-def job(layers, batch, max_norm, threads):
+def job(layers, batch, threads):
     """The ``job`` argument of :func:`train_steps`: control words for a worker on a second core when the
     first-layer pass at a batch of one or two has W of at least TWO_CORES_MIN elements (and ``threads`` > 1),
     or when a step has products to share with it (:func:`shared_products`; its updates are then shared too);
     else empty (no worker: one would only spin)."""
     dense = layers[layers[:, KIND] == DENSE]
-    first = threads > 1 and first_layer_fused(batch, max_norm) and dense[0, IN_W] * dense[0, OUT_W] >= TWO_CORES_MIN
-    shares = shared_products(layers, batch, max_norm, threads) > 0
+    first = threads > 1 and first_layer_fused(batch) and dense[0, IN_W] * dense[0, OUT_W] >= TWO_CORES_MIN
+    shares = shared_products(layers, batch, threads) > 0
     words = np.zeros(JOB_WORDS if first or shares else 0, np.int64)
     if words.size:
         words[JOB_FIRST], words[JOB_SHARES] = first, shares
     return words
 
 
-def shared_products(layers, batch, max_norm, threads):
+def shared_products(layers, batch, threads):
     """How many products of a step at ``batch`` rows :func:`train_steps` shares with its worker: on exactly two
     threads (more are left to Numba's pool), those ``_small.route`` sends to the multithreaded GEMM: each Dense
     layer's ``x @ W``, ``dW = x^T dz`` (unless the first layer's fused pass at a batch of one or two makes it)
@@ -257,7 +258,7 @@ def shared_products(layers, batch, max_norm, threads):
     for row in layers[layers[:, KIND] == DENSE]:
         w_in, w_out = int(row[IN_W]), int(row[OUT_W])
         shapes = [(batch, w_in, w_out, 1, w_out, 1)]  # m, k, n and the strides route reads: x @ W
-        if not (first and first_layer_fused(batch, max_norm)):
+        if not (first and first_layer_fused(batch)):
             shapes.append((w_in, batch, w_out, w_in, w_out, 1))  # x^T dz
         if row[DX_AT] >= 0:
             shapes.append((batch, w_out, w_in, 1, 1, w_out))  # dz W^T
@@ -863,6 +864,13 @@ def _product_update(kernels, optimizer, hyper, step, i, x, dz, params, grads, st
 
 
 @jit(fastmath=False, inline="always")
+def _check(kernels, loss, rows, norms, max_norm, metrics, scale):
+    """``check_step`` of the step (its metrics and clipping ``scale``); True when the step is not to be applied."""
+    _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
+    return metrics[BAD_STEP] != 0
+
+
+@jit(fastmath=False, inline="always")
 def _stop(job):
     """Tell the worker (if any) to return and wait until it has: the caller then owns every array, without
     waiting for the worker's thread to get the GIL back (on this side of the GIL, ~0.2 ms less a call)."""
@@ -918,8 +926,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     :func:`worker` when one runs beside this call (see :func:`run`), else empty. The step's bookkeeping
     goes into ``metrics`` and ``scale`` through ``kernels.cpu.metrics``, as in the per-kernel step. Returns
     the first step not completed: s1, or the step whose loss or gradient norms were not finite (marked in
-    ``metrics``; the caller rolls the epoch back: at a batch of one or two without clipping the first
-    parameter layer's W is updated with its product, before the check)."""
+    ``metrics``, nothing of it applied)."""
     n, width = order.size, X.shape[1]
     params, grads, state1, state2 = _borrowed(params), _borrowed(grads), _borrowed(state1), _borrowed(state2)
     depth = layers.shape[0]
@@ -929,11 +936,11 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
     first = 0  # the first parameter layer (its W at offset 0)
     while layers[first, KIND] != DENSE:
         first += 1
-    # At a batch of one or two without clipping, a first layer Dense with no activation, relu or leaky relu (an
+    # At a batch of one or two, a first layer Dense with no activation, relu or leaky relu (an
     # epilogue computed alike here and in the kernel) and whole vectors of outputs (the rows kernel's vector
     # path): the next step's x @ W1 is folded into this step's update of W1 (_product_update), then finished here.
     w1 = layers[0, OUT_W]
-    foldable = (first == 0 and first_layer_fused(batch, max_norm) and batch <= ROWS_MAX_M
+    foldable = (first == 0 and first_layer_fused(batch) and batch <= min(ROWS_MAX_M, factored)
                 and layers[0, ACT] <= LEAKY_RELU and w1 % (32 // params.itemsize) == 0)
     x_next = np.empty((batch if foldable else 0, width), params.dtype)
     acc = np.empty((batch if foldable else 0, w1), params.dtype)
@@ -954,6 +961,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
             x, y = _view(scratch, layers[i, X_AT], rows, w_in), _view(scratch, layers[i, Y_AT], rows, w_out)
             if kind == DENSE and i == 0 and folded:
                 _finish(_view(acc, 0, rows, w1), params[layers[0, B_AT]:layers[0, B_AT] + w_out], code, alphas[0], y)
+                folded = False  # (until this step's pass folds again: not when it is clipped)
             elif kind == DENSE:
                 w = _view(params, layers[i, W_AT], w_in, w_out)
                 _matmul((kernels, GEMM_CC, job), settings, settings[THREADS], settings[MIN_FLOPS], x, w,
@@ -970,7 +978,8 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         out = _view(scratch, layers[depth - 1, Y_AT], rows, layers[depth - 1, OUT_W])
         dout = _view(scratch, layers[depth - 1, DY_AT], rows, layers[depth - 1, OUT_W])
         loss = _loss(kernels, loss_kind, out, yb, dout, metrics, count)
-        fused = first_layer_fused(rows, max_norm)
+        fused = first_layer_fused(rows) and rows <= factored  # (every norm known before the first layer's pass)
+        checked = False
         p = segments.size - 2  # the parameter layer (its norm's place) of the next Dense layer down
         for i in range(depth - 1, -1, -1):
             kind, code, w_in, w_out = layers[i, KIND], layers[i, ACT], layers[i, IN_W], layers[i, OUT_W]
@@ -998,6 +1007,12 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     w = _view(params, layers[i, W_AT], w_in, w_out)
                     _matmul((kernels, GEMM_CT, job), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
+                if fused and layers[i, W_AT] == 0:  # the step checked before W is touched: the pass at scale 1
+                    checked = True
+                    if _check(kernels, loss, rows, norms, max_norm, metrics, scale):
+                        _stop(job)
+                        return s
+                    fused = scale[0] == 1
                 if fused and layers[i, W_AT] == 0:
                     following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
                     following_x, following_acc = _view(x_next, 0, following, width), _view(acc, 0, following, w1)
@@ -1022,8 +1037,7 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
         if rows > factored:
             norms_at = _scheduled(kernels, NORMS_K, NORMS_SERIAL_K, grads.size, NORMS_PARALLEL_MIN)
             _call(norms_at, (grads, segments, norms), None)
-        _call(kernels[CHECK_K], (np.float64(loss), np.float64(rows), norms, max_norm, metrics, scale), None)
-        if metrics[BAD_STEP] != 0:
+        if not checked and _check(kernels, loss, rows, norms, max_norm, metrics, scale):
             _stop(job)
             return s
         if scale[0] == 1:
