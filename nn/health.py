@@ -27,8 +27,9 @@ class GradientHealth:
     def reset(self):
         self.warned = set()
 
-    def check(self, norms, epoch):
-        """``norms``: {layer name: mean gradient norm this epoch}, bottom to top."""
+    def check(self, norms, epoch, clip_norm=None):
+        """``norms``: {layer name: mean gradient norm this epoch, before clipping}, bottom to top;
+        ``clip_norm``: the trainer's (the advice then is not to clip)."""
         names = list(norms)
         top = norms[names[-1]]
         vanished = [n for n in names[:-1] if norms[n] < self.vanish_ratio * top]
@@ -42,5 +43,7 @@ class GradientHealth:
         if exploded and "explode" not in self.warned:
             self.warned.add("explode")
             detail = ", ".join(f"{n}: {norms[n]:.2e}" for n in exploded)
-            warnings.warn(f"epoch {epoch}: gradients explode ({detail} > {self.explode_norm:g}). Lower the "
-                          "learning rate or clip gradients (clip_norm=...)", GradientWarning, stacklevel=3)
+            advice = ("Lower the learning rate or clip gradients (clip_norm=...)" if clip_norm is None else
+                      f"Lower the learning rate (these are the norms before clipping to clip_norm={clip_norm:g})")
+            warnings.warn(f"epoch {epoch}: gradients explode ({detail} > {self.explode_norm:g}). {advice}",
+                          GradientWarning, stacklevel=3)

@@ -271,7 +271,7 @@ class Trainer:
                         tqdm.write(f"epoch {self.epoch}/{last}: " + "  ".join(
                             f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" for k, v in logs.items())
                             + f"  ({time.perf_counter() - start:.2f}s)")
-                    self.health.check(norms, self.epoch)
+                    self.health.check(norms, self.epoch, self.clip_norm)
                     for cb in callbacks:
                         cb.on_epoch_end(self, self.epoch, logs)
                     if self.stop_training:

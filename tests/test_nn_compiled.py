@@ -609,8 +609,8 @@ def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(m
 
 
 def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
-    """The product-and-update pass runs before the step's check: a non-finite step still leaves the
-    weights of the last good step and raises the per-kernel step's error."""
+    """A non-finite step at a batch of one (checked before the first layer's product-and-update pass) leaves
+    the weights of the last good step and raises the per-kernel step's error."""
     rng = np.random.default_rng(3)
     X, y = rng.standard_normal((40, 6)).astype(np.float32) * 30, rng.integers(0, 3, 40)
     results = []

@@ -158,7 +158,10 @@ def test_exploding_gradients_warn():
     y = X.sum(axis=1, keepdims=True) * 100
     model = nn.Sequential([nn.Dense(32, activation="relu", init="normal", init_std=3.0), nn.Dense(1)], seed=0)
     trainer = nn.Trainer(model, loss="mse", optimizer=nn.SGD(lr=1e-6))
-    with pytest.warns(nn.GradientWarning, match="explode"):
+    with pytest.warns(nn.GradientWarning, match=r"explode.*clip gradients \(clip_norm=\.\.\.\)"):
+        trainer.fit(X, y, epochs=1, verbose=0)
+    trainer.clip_norm = 10.0  # already clipping: the advice is not to clip
+    with pytest.warns(nn.GradientWarning, match=r"explode.*before clipping to clip_norm=10\)$"):
         trainer.fit(X, y, epochs=1, verbose=0)
 
 
