@@ -402,13 +402,19 @@ class Trainer:
         loss = values["bad_loss"]
         if not math.isfinite(loss):
             return NonFiniteError(where + f"the loss became {loss}{self._culprit(batch())}. The weights were not "
-                                  "updated; lower the learning rate, clip gradients (clip_norm=...) or check the data")
+                                  f"updated; {self._advice(data=True)}")
         kinds = {name: "nan" if math.isnan(norm) else "inf" for (name, _), norm in zip(layers, values["bad_norms"])
                  if not math.isfinite(norm)}
         top = list(kinds)[-1]
         return NonFiniteError(where + f"the gradient of layer {top!r} became {kinds[top]} (non-finite gradients in: "
-                              f"{', '.join(kinds)}). The weights were not updated; lower the learning rate or clip "
-                              "gradients (clip_norm=...)")
+                              f"{', '.join(kinds)}). The weights were not updated; {self._advice()}")
+
+    def _advice(self, data=False):
+        """What to try after a non-finite step: clipping only where it is not on already (it acts on the
+        gradient once computed, so it cannot keep that from overflowing)."""
+        tries = ["lower the learning rate"] + ["clip gradients (clip_norm=...)"] * (self.clip_norm is None)
+        tries += ["check the data"] * data
+        return tries[0] if len(tries) == 1 else ", ".join(tries[:-1]) + " or " + tries[-1]
 
     def _culprit(self, xb):
         """Where a non-finite loss comes from: a layer with non-finite weights, else the first layer

@@ -624,6 +624,25 @@ def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
     assert results[0] == results[1]
 
 
+def test_a_non_finite_step_at_batch_one_with_clipping_stops_before_the_first_layer_pass(calls):
+    """With ``clip_norm``, a batch-one step whose forward overflows (a row of 3e38) stops at its check, before
+    the first layer's pass: the weights of the last good step and the per-kernel step's error, whose advice is
+    not to clip."""
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((40, 300)).astype(np.float32), rng.integers(0, 3, 40)
+    X[17] = np.float32(3e38)
+    results = []
+    for compiled in (True, False):
+        model = nn.Sequential([nn.Dense(128, activation="relu"), nn.Dense(3)], seed=1)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), compiled=compiled, clip_norm=0.5)
+        with pytest.raises(nn.NonFiniteError, match="step 18: the loss became nan.*learning rate or check the data$"
+                           ) as error:
+            trainer.fit(X, y, epochs=2, batch_size=1, verbose=0, shuffle=False)
+        results.append((str(error.value), model.params.tobytes(), trainer.optimizer.t, trainer.epoch))
+    assert calls[0] == 1
+    assert results[0] == results[1]
+
+
 def test_the_kernel_table_compiles_only_the_optimizer_and_loss_at_hand(monkeypatch):
     """The kernels of other optimizers and losses stay out of the table (their slots 0) until asked for."""
     assert len(step._entries(np.dtype(np.float32))) == step.SLOTS
