@@ -412,8 +412,11 @@ class Trainer:
     def _advice(self, data=False):
         """What to try after a non-finite step: clipping only where it is not on already (it acts on the
         gradient once computed, so it cannot keep that from overflowing)."""
-        tries = ["lower the learning rate"] + ["clip gradients (clip_norm=...)"] * (self.clip_norm is None)
-        tries += ["check the data"] * data
+        tries = ["lower the learning rate"]
+        if self.clip_norm is None:
+            tries.append("clip gradients (clip_norm=...)")
+        if data:
+            tries.append("check the data")
         return tries[0] if len(tries) == 1 else ", ".join(tries[:-1]) + " or " + tries[-1]
 
     def _culprit(self, xb):

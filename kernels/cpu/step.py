@@ -1007,13 +1007,14 @@ def train_steps(X, labels, order, s0, s1, batch, layers, alphas, seeds, params, 
                     w = _view(params, layers[i, W_AT], w_in, w_out)
                     _matmul((kernels, GEMM_CT, job), settings, settings[THREADS], settings[MIN_FLOPS], dz, w.T, no_bias,
                             no_activation, alphas[i], dx)
-                if fused and layers[i, W_AT] == 0:  # the step checked before W is touched: the pass at scale 1
+                passing = fused and layers[i, W_AT] == 0
+                if passing:  # every norm known: the step is checked before W is touched, the pass taken at scale 1
                     checked = True
                     if _check(kernels, loss, rows, norms, max_norm, metrics, scale):
                         _stop(job)
                         return s
-                    fused = scale[0] == 1
-                if fused and layers[i, W_AT] == 0:
+                    passing = fused = scale[0] == 1
+                if passing:
                     following = min(batch, n - lo - batch) if foldable and s + 1 < s1 else 0  # the next step's rows
                     following_x, following_acc = _view(x_next, 0, following, width), _view(acc, 0, following, w1)
                     _gather_rows(X, order, lo + batch, following_x)
