@@ -2,12 +2,13 @@
 
 ``Trainer(..., compiled=None | True | False)`` chooses: ``False`` always runs the per-kernel step (a
 Python loop over kernel calls); ``True`` runs the compiled one wherever the model is supported and raises
-``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported, wins
-(:func:`wins`) and is compiled already (in this process or Numba's on-disk cache: a cold compile of the
+``ValueError`` saying why where it is not; ``None`` (the default) runs it where it is supported and
+compiled already (in this process or Numba's on-disk cache: a cold compile of the
 driver and its kernels takes minutes, more than a short run saves; ``True`` once, or
 ``kernels.warmup(only="training step")``, compiles it). Both make the same kernel calls with the same
 arguments, so they give bit for bit the same results; the compiled one saves the per-step Python overhead
-(~15 calls of a few us each).
+(~15 calls of a few us each) and, on two threads, a wake-up of Numba's thread pool per product it shares with
+its worker.
 
 Supported: the numba backend in one process; a Sequential of Dense (any activation), Activation and
 Dropout layers; softmax cross-entropy, MSE, binary cross-entropy, hinge; SGD (with or without momentum,
@@ -17,9 +18,8 @@ step (distributed training included).
 
 An epoch runs as calls of at most CALL_SAMPLES samples; the progress bar advances and a Ctrl-C is taken
 between calls (the weights then are those of the last completed call). A step whose loss or gradient is
-NaN/Inf is never applied: the epoch is rolled back to its start and handed to the per-kernel step, which
-replays it to the same step and raises its usual NonFiniteError (that rollback needs a copy of the
-parameters and optimizer state per epoch: the cost :func:`wins` weighs).
+NaN/Inf is never applied: the driver stops before its update and the trainer raises the per-kernel step's
+NonFiniteError (the same message, weights, step count and rate).
 """
 
 import contextlib
@@ -35,11 +35,6 @@ from . import losses as losses_
 from . import optim
 from .layers import FACTORED_NORM_ROWS, Activation, Dense, Dropout
 
-# The per-kernel step's overhead that the compiled one saves is ~50-100 us per step, the time a copy of
-# about this many bytes takes; on two threads each product it shares with its worker (kernels.cpu.step) saves
-# about as much again (Numba's thread pool woken: 784-1024-1024-10 b256, 8 such products a step, 242 -> 220 ms
-# an epoch)
-SNAPSHOT_BYTES_PER_STEP = 1 << 19
 CALL_SAMPLES = 8192  # samples per compiled call: a few ms, short enough for the progress bar and Ctrl-C
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softmax": 5}
 _LOSSES = {losses_.SoftmaxCrossEntropy: "CROSS_ENTROPY", losses_.MSE: "MSE", losses_.BinaryCrossEntropy:
@@ -75,22 +70,10 @@ def unsupported(trainer):
     return None
 
 
-def wins(model, opt, n, batch_size, layers):
-    """True when the time saved outweighs the epoch's copy of the parameters and optimizer state: at most
-    SNAPSHOT_BYTES_PER_STEP of them per step of the epoch, and as much per product shared with the worker
-    (``kernels.cpu.step.shared_products`` of ``layers``, the model's layer table at ``batch_size``:
-    :func:`_layer_table`'s first item)."""
-    from kernels.cpu import step
-    from kernels.cpu._parallel import num_threads
-
-    state = model.params.nbytes * (1 + len(opt.buffers))
-    shared = step.shared_products(layers, batch_size, num_threads())
-    return state <= math.ceil(n / batch_size) * SNAPSHOT_BYTES_PER_STEP * (1 + shared)
-
-
 def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     """``Trainer._train_epoch`` in compiled calls: the same ``(logs, norms)``, or None when the trainer
-    must run the per-kernel step (not chosen, not supported, or a non-finite step to report)."""
+    must run the per-kernel step (not chosen, not supported, or a learning-rate schedule that fails in this
+    epoch, whose error the per-kernel step raises at its step)."""
     model, opt = trainer.model, trainer.optimizer
     compiled = getattr(trainer, "compiled", None)
     if compiled is False:
@@ -101,66 +84,62 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
         raise ValueError(f"compiled=True, but {why}; use compiled=None to choose automatically")
     if why is not None:
         return None
-    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
-    layer_table = None  # built once an epoch: what wins weighs, and the plan's when the plan is built anew
-    if compiled is None:
-        layer_table = _layer_table(model, batch_size)
-        if not wins(model, opt, len(X), batch_size, layer_table[0]):
-            return None
     from kernels.cpu import step
     from kernels.cpu._gemm import transcendental
 
-    table = None  # the kernels' addresses: compiled (or loaded) only once the driver is known to run
+    max_norm = math.inf if trainer.clip_norm is None else float(trainer.clip_norm)
     n, steps = len(X), math.ceil(len(X) / batch_size)
-    snapshot = _snapshot(trainer, model, opt)
     if trainer.schedule is not None and trainer.schedule.per == "epoch":
         opt.lr = trainer.schedule(opt.base_lr, trainer.epoch)
-    order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
-    plan = _plan(trainer, batch_size, layer_table)
+    plan = _plan(trainer, batch_size)
     layers, alphas, dropouts, scratch, targets, segments, loss_kind, kind, empty_job, ready = plan
+    hyper = _hyper_table(trainer, kind, steps)
+    if hyper is None:
+        return None
+    hyper, lrs = hyper
+    t0 = opt.t
+    order = np.random.default_rng([seed, trainer.epoch]).permutation(n) if shuffle else np.arange(n)
     parameter_layers = model.parameter_layers()
     state1, state2 = ([opt.state[name] for name in opt.buffers] + [model.params[:0]] * 2)[:2]
     norms, scale = np.empty(len(parameter_layers)), np.empty(1, model.dtype)
     metrics = np.zeros(kernels.metrics_size(len(parameter_layers)))
     per_call = max(1, CALL_SAMPLES // batch_size)
     job = empty_job.copy()  # its counters and split start afresh each epoch
+    table = None  # the kernels' addresses: compiled (or loaded) only once the driver is known to run
     progress = (tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{last}", unit="sample", leave=False) if verbose
                 else contextlib.nullcontext())  # a disabled bar still costs ~14 us an epoch
     with progress as bar:
         for s0 in range(0, steps, per_call):
             s1 = min(steps, s0 + per_call)
-            hyper = _hyper_table(trainer, kind, s1 - s0)
-            if hyper is None:  # the schedule gave an invalid learning rate: the per-kernel step raises it
-                _restore(model, opt, snapshot)
-                return None
             seeds = np.array([[(layer.seed_base + layer.calls) % 2**64 if layer else 0, threshold]
                               for layer, threshold in dropouts], np.uint64)
-            guard.in_step = True
             settings = step.gemm_settings(importlib.import_module("kernels.cpu.matmul").TILING,  # tests replace it
-                                               model.dtype)
+                                          model.dtype)
             args = [X, y, order, s0, s1, batch_size, layers, alphas, seeds, model.params, model.grads, state1, state2,
-                    segments, kind, hyper, max_norm, FACTORED_NORM_ROWS, loss_kind, bool(trainer.metrics),
+                    segments, kind, hyper[s0:s1], max_norm, FACTORED_NORM_ROWS, loss_kind, bool(trainer.metrics),
                     segments, settings, scratch, targets, norms, metrics, scale, job]  # args[20]: the kernel table's
             if table is None:
                 inputs = step.kinds((X, y))  # what else the driver's types depend on is the plan's
                 if compiled is None and inputs not in ready and not step.ready(*args):  # never a cold compile
-                    guard.in_step = False
-                    _restore(model, opt, snapshot)
                     return None
                 table = step.kernel_table(model.dtype, kind, loss_kind)
                 for layer in model.layers:  # the GEMM epilogue's sigmoid/tanh, compiled here if at all
                     transcendental(model.dtype, getattr(layer, "activation", None))
             args[20] = table
+            guard.in_step = True
             done = step.run(*args)
             ready.add(inputs)
             opt.t += done - s0
             for layer, _ in dropouts:
-                if layer is not None:
-                    layer.calls += done - s0
-            if done < s1:  # a non-finite loss or gradient: replayed by the per-kernel step, which reports it
+                if layer is not None:  # a bad step: every forward of the epoch, as the per-kernel step runs them
+                    layer.calls += (done if done == s1 else steps) - s0
+            if done < s1:  # a non-finite loss or gradient: stopped before its update
                 guard.in_step = False
-                _restore(model, opt, snapshot)
-                return None
+                values = kernels.unpack_metrics(metrics, len(parameter_layers))
+                rows = order[done * batch_size:(done + 1) * batch_size]
+                raise trainer._bad_step(values, t0, parameter_layers, lambda: trainer._batch("x", X, rows))
+            if trainer.schedule is not None and trainer.schedule.per == "step":
+                opt.lr = lrs[s1 - 1]
             guard.end_step()
             if verbose:
                 bar.update(min(n, s1 * batch_size) - s0 * batch_size)
@@ -175,12 +154,11 @@ def train_epoch(trainer, X, y, batch_size, shuffle, seed, last, verbose, guard):
     return logs, {name: float(s / steps) for (name, _), s in zip(parameter_layers, values["norm_sums"])}
 
 
-def _plan(trainer, batch, layer_table=None):
+def _plan(trainer, batch):
     """The compiled epoch's arguments that depend only on the layers, the loss, the optimizer's kind,
     the thread count and the batch size: the layer table, alphas, (dropout layer, threshold)
     pairs, scratch and targets buffers, segments, loss and optimizer codes, the worker's job words, and the
-    input kinds the driver is known to be ready for. Built when one of those changed, else reused; built
-    from ``layer_table`` (:func:`_layer_table` at ``batch``) where the caller has it."""
+    input kinds the driver is known to be ready for. Built when one of those changed, else reused."""
     from kernels.cpu import step
     from kernels.cpu._parallel import num_threads
 
@@ -192,7 +170,7 @@ def _plan(trainer, batch, layer_table=None):
     cached = trainer.__dict__.get("_compiled_plan")
     if cached is not None and cached[0] == key:
         return cached[1]
-    layers, alphas, dropouts, size = _layer_table(model, batch) if layer_table is None else layer_table
+    layers, alphas, dropouts, size = _layer_table(model, batch)
     loss_kind = getattr(step, _LOSSES[type(trainer.loss)])
     if loss_kind == step.CROSS_ENTROPY:
         targets = _scratch(trainer, batch, np.int64)
@@ -288,27 +266,28 @@ def _optimizer_kind(opt):
 def _hyper_table(trainer, kind, count):
     """Rows for the next ``count`` steps: what ``kernels.cpu.optim``'s wrappers compute in float64 before
     casting to the parameters' dtype (elementwise NumPy float64 operations round as Python's do; the
-    powers are Python's), with the learning rate each step gets from a per-step schedule (left in
-    ``opt.lr`` as the per-kernel step leaves it). None when the schedule gives an invalid rate."""
+    powers are Python's), and each step's learning rate (from a per-step schedule, checked as ``opt.lr``
+    checks it; ``opt.lr`` is left as it was). None when the schedule gives an invalid rate."""
     from kernels.cpu import step
 
     opt, schedule = trainer.optimizer, trainer.schedule
     h, steps = opt.hyper, range(opt.t + 1, opt.t + count + 1)
+    lr = np.full(count, opt.lr)
     if schedule is not None and schedule.per == "step":
-        lrs = []
-        for t in steps:
-            try:
+        before = opt.lr
+        try:
+            for i, t in enumerate(steps):
                 opt.lr = schedule(opt.base_lr, t - 1)
-            except ValueError:
-                return None
-            lrs.append(opt.lr)
-        lr = np.array(lrs)
-    else:
-        lr = np.full(count, opt.lr)
+                lr[i] = opt.lr
+        except ValueError:
+            return None
+        finally:
+            opt.lr = before
+    rates = lr.copy()
     table = np.zeros((count, 8))
     if kind in (step.SGD, step.SGD_MOMENTUM):
         table[:, 1:5] = (h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"])
-        table[0, 5] = steps[0] == 1  # the first step of the run: torch starts the velocity at the gradient
+        table[:1, 5] = opt.t == 0  # the first step of the run: torch starts the velocity at the gradient
     elif kind in (step.ADAM, step.ADAMW):
         table[:] = (0, h["weight_decay"], 1 - h["beta1"], h["beta2"], 1 - h["beta2"], 0, 0, h["eps"])
         b1, b2 = h["beta1"], h["beta2"]
@@ -322,25 +301,4 @@ def _hyper_table(trainer, kind, count):
     else:
         table[:, 1:5] = (h["rho"], 1 - h["rho"], h["eps"], h["weight_decay"])
     table[:, 0] = lr
-    return table
-
-
-def _snapshot(trainer, model, opt):
-    """What an epoch changes: parameters and optimizer state (copied into buffers kept on the trainer),
-    step count and rate, dropout counters."""
-    arrays = [model.params] + [opt.state[k] for k in sorted(opt.state)]
-    copies = trainer.__dict__.get("_compiled_snapshot")
-    if copies is None or [(c.shape, c.dtype) for c in copies] != [(a.shape, a.dtype) for a in arrays]:
-        copies = trainer.__dict__["_compiled_snapshot"] = [np.empty_like(a) for a in arrays]
-    for copy, a in zip(copies, arrays):
-        np.copyto(copy, a)
-    return copies, opt.t, opt.lr, [getattr(layer, "calls", None) for layer in model.layers]
-
-
-def _restore(model, opt, snapshot):
-    copies, opt.t, opt.lr, calls = snapshot
-    for a, copy in zip([model.params] + [opt.state[k] for k in sorted(opt.state)], copies):
-        np.copyto(a, copy)
-    for layer, c in zip(model.layers, calls):
-        if c is not None:
-            layer.calls = c
+    return table, rates

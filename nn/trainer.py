@@ -117,8 +117,8 @@ class Trainer:
     the global gradient norm to this; ``schedule``: a learning-rate schedule from :mod:`nn.schedules`;
     ``health``: a :class:`~nn.health.GradientHealth` (warning thresholds); ``distributed``: data-parallel
     training, see :func:`nn.distributed.get` (``"auto"``: over MPI when launched by mpiexec/srun on
-    several ranks; ``"off"``; or a communicator); ``compiled``: run each epoch of a small model in one
-    compiled call, bitwise the same (None: where it wins; True; False), see :mod:`nn._compiled`.
+    several ranks; ``"off"``; or a communicator); ``compiled``: run an epoch's steps in compiled calls,
+    bitwise the same (None: where supported and compiled already; True; False), see :mod:`nn._compiled`.
 
     The optimizer follows the trainer's model: one bound to other parameters (it trained another model,
     or the model was built again) is rebound to this model's when the trainer first uses it, with a fresh
@@ -330,10 +330,7 @@ class Trainer:
             """The one device-to-host copy: the metrics so far; raises if a step was not applied."""
             values = kernels.unpack_metrics(to_host(metrics), len(layers))
             if values["bad_step"]:
-                opt.t = t0 + values["bad_step"] - 1  # the skipped steps did not count
-                if self.schedule is not None and self.schedule.per == "step":
-                    opt.lr = self.schedule(opt.base_lr, opt.t)
-                raise self._non_finite(values, layers, lambda: self._batch("x", X, rows_of(values["bad_step"] - 1)))
+                raise self._bad_step(values, t0, layers, lambda: self._batch("x", X, rows_of(values["bad_step"] - 1)))
             return values
 
         # NaN/Inf are caught on the device (check_step) and reported at the next read with an error naming
@@ -393,6 +390,15 @@ class Trainer:
         (the layers' slices are adjacent), on the model's device."""
         bounds = [sl.start for _, sl in layers] + [layers[-1][1].stop if layers else 0]
         return self.model.xp.asarray(np.array(bounds, np.int64))
+
+    def _bad_step(self, values, t0, layers, batch):
+        """:meth:`_non_finite`'s error, the optimizer's step count (``t0`` at the epoch's start) and per-step
+        rate set back to the step that was not applied: the skipped steps did not count."""
+        opt = self.optimizer
+        opt.t = t0 + values["bad_step"] - 1
+        if self.schedule is not None and self.schedule.per == "step":
+            opt.lr = self.schedule(opt.base_lr, opt.t)
+        return self._non_finite(values, layers, batch)
 
     def _non_finite(self, values, layers, batch):
         """The error for the first step that was not applied (``values``: the metrics read from the

@@ -4,6 +4,7 @@ at the same step with the same weights; the fallbacks; Ctrl-C between calls."""
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,14 +33,26 @@ def _fit(compiled, layers, optimizer, X, y, epochs=2, batch_size=7, dtype="float
     trainer = nn.Trainer(model, loss=loss, optimizer=optimizer(), compiled=compiled, schedule=schedule,
                          clip_norm=clip_norm)
     fit.setdefault("verbose", 0)
-    histories = [trainer.fit(X, y, epochs=epochs, batch_size=batch_size, **fit) for _ in range(fits)]
-    return trainer, histories
+    return trainer, _fits(trainer, X, y, fits, epochs=epochs, batch_size=batch_size, **fit)
+
+
+def _fits(trainer, X, y, fits=1, **fit):
+    """The histories of ``fits`` fits, the last one the message of a NonFiniteError where one stopped them (a
+    random model may diverge: both steps must then stop alike)."""
+    histories = []
+    try:
+        for _ in range(fits):
+            histories.append(trainer.fit(X, y, **fit))
+    except nn.NonFiniteError as error:
+        histories.append(str(error))
+    return histories
 
 
 def _outcome(trainer, histories):
     """Everything a run leaves behind, as exact values."""
     opt = trainer.optimizer
-    return dict(history=[(h.history, h.grad_norms) for h in histories], params=trainer.model.params.tobytes(),
+    return dict(history=[h if isinstance(h, str) else (h.history, h.grad_norms) for h in histories],
+                params=trainer.model.params.tobytes(),
                 state={k: v.tobytes() for k, v in opt.state.items()}, t=opt.t, lr=opt.lr,
                 layer_state={k: v.tobytes() for k, v in trainer.model.state().items()})
 
@@ -199,8 +212,57 @@ def test_a_non_finite_step_raises_the_per_kernel_error_with_the_same_weights(cal
             trainer.fit(X, y, epochs=5, batch_size=8, verbose=0)
         results.append((str(error.value), model.params.tobytes(), trainer.optimizer.state["velocity"].tobytes(),
                         trainer.optimizer.t, trainer.epoch))
-    assert calls[0] == 1  # the compiled epoch stopped at the step, and the per-kernel step replayed it
+    assert calls[0] == 1  # the compiled epoch stopped at the step and raised
     assert results[0] == results[1]  # message, weights, optimizer state and step count
+
+
+def test_after_a_non_finite_step_training_goes_on_as_after_the_per_kernel_one(calls):
+    """A compiled epoch stopped by a non-finite step leaves what the per-kernel step leaves (weights,
+    optimizer state, step count, the per-step schedule's rate, dropout counters): a fit that goes on from
+    there at a lower rate runs bit for bit alike."""
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((200, 6)).astype(np.float32) * 30, rng.integers(0, 3, 200)
+    runs = []
+    for compiled in (True, False):
+        model = nn.Sequential([nn.Dense(16, activation="relu"), nn.Dropout(0.25), nn.Dense(16, activation="relu"),
+                               nn.Dense(3)], seed=1)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=1e4, momentum=0.9), compiled=compiled,
+                             schedule=nn.schedules.StepDecay(7, gamma=0.9, per="step"))
+        stopped = _outcome(trainer, _fits(trainer, X, y, epochs=5, batch_size=8, verbose=0))
+        assert re.fullmatch("training stopped at epoch 1, step [0-9]+: the (loss|gradient).*", stopped["history"][0])
+        trainer.optimizer.base_lr = 1e-3
+        runs.append((stopped, _outcome(trainer, _fits(trainer, X, y, epochs=2, batch_size=8, verbose=0))))
+    assert calls[0] >= 2  # the stopped epoch and the next
+    _assert_same(*(stopped for stopped, _ in runs))
+    _assert_same(*(went_on for _, went_on in runs))
+
+
+class _FailingSchedule(nn.schedules.Schedule):
+    """A per-step schedule whose rate turns invalid at step 13."""
+
+    def __init__(self):
+        super().__init__("step")
+
+    def __call__(self, base_lr, t):
+        return base_lr if t < 13 else -1.0
+
+
+def test_a_schedule_that_turns_invalid_mid_epoch_raises_at_its_step(calls):
+    """The compiled epoch checks the epoch's rates before its first step; an epoch with an invalid one runs
+    per kernel, which raises at that step with the steps before it applied."""
+    X, y = _data()
+    results = []
+    for compiled in (True, False):
+        model = nn.Sequential([nn.Dense(8, activation="relu"), nn.Dense(3)], seed=0)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.01, momentum=0.9), compiled=compiled,
+                             schedule=_FailingSchedule())
+        with pytest.raises(ValueError, match="lr") as error:
+            trainer.fit(X, y, epochs=3, batch_size=8, verbose=0)
+        results.append((str(error.value), _outcome(trainer, [])))
+    assert calls[0] == 1  # the first epoch (steps 0-7); the second fails at step 13
+    assert results[0][0] == results[1][0]
+    _assert_same(results[0][1], results[1][1])
+    assert results[0][1]["t"] == 13
 
 
 class _CustomLoss(nn.losses.MSE):
@@ -236,9 +298,9 @@ def test_fallbacks_and_the_explicit_choice(calls):
     assert calls[0] == 0
     nn.Trainer(nn.Sequential([nn.Dense(3)], seed=0)).fit(X, y, verbose=0)  # automatic: small, so compiled
     assert calls[0] == 1
-    wide = np.random.default_rng(0).standard_normal((8, 300))  # 1 step, 1.8 MB to copy for the rollback
+    wide = np.random.default_rng(0).standard_normal((8, 300))  # 1 step of 0.6 MB of weights: compiled all the same
     nn.Trainer(nn.Sequential([nn.Dense(512), nn.Dense(3)], seed=0)).fit(wide, y[:8], batch_size=8, verbose=0)
-    assert calls[0] == 1
+    assert calls[0] == 2
     with pytest.raises(ValueError, match="compiled must be None"):
         nn.Trainer(nn.Sequential([nn.Dense(3)]), compiled="yes")
 
@@ -597,18 +659,18 @@ def test_a_failing_worker_raises_its_error_and_its_thread_serves_the_next_call(m
         return _fit(True, lambda: [nn.Dense(128, activation="relu"), nn.Dense(10)], lambda: nn.SGD(lr=0.01), X, y,
                     batch_size=1)
 
+    jobs.wait = True  # else a worker that starts late may never be offered a share
     with monkeypatch.context() as patch:
         patch.setattr(step, "worker", failing)
         with pytest.raises(MemoryError, match="the worker's error"):
             fit()
     jobs.clear()
-    jobs.wait = True
     fit()
     assert len(jobs) == 2 and all((job[step.JOB_STEPS], job[step.JOB_TAKEN]) == (5, 0) for job in jobs)
     assert 1 <= len([t for t in threading.enumerate() if t.name.startswith("kernels-step-worker")]) <= os.cpu_count()
 
 
-def test_a_non_finite_step_at_batch_one_is_rolled_back_and_reported(calls):
+def test_a_non_finite_step_at_batch_one_is_reported_with_the_weights_of_the_last_good_step(calls):
     """A non-finite step at a batch of one (checked before the first layer's product-and-update pass) leaves
     the weights of the last good step and raises the per-kernel step's error."""
     rng = np.random.default_rng(3)
@@ -736,17 +798,3 @@ def test_the_driver_runs_what_the_per_kernel_step_runs_below_and_above_each_thre
         for size in (0, minimum - 1, minimum, minimum + 1):
             picked = step._scheduled.py_func(table, slot, twin, size, minimum)
             assert picked == table[twin if size < wrapper.minimum else slot]
-
-
-def test_the_automatic_choice_counts_the_products_shared_with_the_worker(two_threads):
-    """784-1024-1024-10 at a batch of 256 (Adam: 22 MB of state to copy per epoch of 8 steps) runs compiled on
-    two threads, where its 8 products a step each save a wake-up of Numba's thread pool, and per kernel on
-    one."""
-    model = nn.Sequential([nn.Dense(1024, activation="relu"), nn.Dense(1024, activation="relu"), nn.Dense(10)],
-                          input_dim=784)
-    opt, layers = nn.Adam(), _compiled._layer_table(model, 256)[0]
-    assert step.shared_products(layers, 256, 2) == 8
-    assert _compiled.wins(model, opt, 2048, 256, layers)
-    numba.set_num_threads(1)
-    assert step.shared_products(layers, 256, 1) == 0
-    assert not _compiled.wins(model, opt, 2048, 256, layers)
