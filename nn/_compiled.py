@@ -272,18 +272,18 @@ def _hyper_table(trainer, kind, count):
 
     opt, schedule = trainer.optimizer, trainer.schedule
     h, steps = opt.hyper, range(opt.t + 1, opt.t + count + 1)
-    lr = np.full(count, opt.lr)
+    rates = np.full(count, opt.lr)
     if schedule is not None and schedule.per == "step":
         before = opt.lr
         try:
             for i, t in enumerate(steps):
                 opt.lr = schedule(opt.base_lr, t - 1)
-                lr[i] = opt.lr
+                rates[i] = opt.lr
         except ValueError:
             return None
         finally:
             opt.lr = before
-    rates = lr.copy()
+    lr = rates  # column 0 (Adam's below is a new array: rates stays as returned)
     table = np.zeros((count, 8))
     if kind in (step.SGD, step.SGD_MOMENTUM):
         table[:, 1:5] = (h["momentum"], 1 - h["dampening"], h["weight_decay"], h["nesterov"])
