@@ -588,8 +588,8 @@ def _pack(x_at, s_r, s_c, xp, r0, c0, rows, cols, width):
             n = min(width, cols - p * width)
             n_v = n // lanes * lanes
             base, at = p * rows * width, x_at + (r0 + (c0 + p * width) * s_c) * item
-            for rb in range(0, rows_v, lanes):
-                for jb in range(0, n_v, lanes):
+            for jb in range(0, n_v, lanes):  # lanes source rows at a time, along K: a few streams to prefetch
+                for rb in range(0, rows_v, lanes):
                     _transpose(at + (rb + jb * s_c) * item, s_c, xp_at + (base + rb * width + jb) * item, width, xp)
             for j in range(n):
                 for r in range(rows_v if j < n_v else 0, rows):
