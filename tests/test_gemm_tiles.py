@@ -262,31 +262,43 @@ def test_assembly_and_ir_k_loops_give_the_same_bits(dtype, monkeypatch):
 @example(m=100, n=144, threads=1, variant="avx2", f64=False, nc_panels=8, mc=64, dots=False)  # 2 blocks of 5 panels
 def test_split_covers_out_in_whole_tiles_and_cuts_columns_first(m, n, threads, variant, f64, nc_panels, mc, dots):
     """The multithreaded split: whole tiles, N blocks within ``nc_max`` and no narrower than CHUNK_MIN_PANELS
-    panels, rows cut only where the columns do not give CHUNKS_PER_THREAD chunks per thread (each row block
-    packs B again), and then into no more blocks than of ``mc`` rows each; ``dots`` cuts rows only."""
+    panels unless rows of ``mc`` leave a thread without a chunk, rows cut only where the columns do not give
+    CHUNKS_PER_THREAD chunks per thread (each row block packs B again), into no more blocks than of ``mc``
+    rows each, and no more than give every thread as many chunks where fewer would; ``dots`` cuts rows only."""
     (mr, nr, _), dot_mr = _gemm.TILES[variant][f64], _gemm.DOT_TILES[variant][0]
     row_tile = dot_mr if dots else mr
     nc_max = nc_panels * nr
     rows, cols = _gemm.split(m, n, threads, row_tile, nr, nc_max, mc, dots)
     assert rows % row_tile == 0 and cols % nr == 0 and rows > 0 and cols > 0
     row_blocks, col_blocks = -(-m // rows), -(-n // cols)
+    tiles, panels, row_max = -(-m // row_tile), -(-n // nr), -(-m // max(mc, row_tile))
     want = _gemm.CHUNKS_PER_THREAD * threads
     if dots:
         assert col_blocks == 1
     else:
-        assert min(-(-n // nr) * nr, _gemm.CHUNK_MIN_PANELS * nr, nc_max // 2) <= cols <= nc_max  # balanced N blocks
-    assert row_blocks <= -(-m // max(mc, row_tile))  # blocks of mc rows or more (balanced, then whole tiles)
+        assert cols <= nc_max
+        if cols < min(panels, _gemm.CHUNK_MIN_PANELS, nc_panels // 2) * nr:  # narrowed: a chunk for each thread
+            assert row_max < threads and cols >= -(-panels // threads) * nr
+        assert 2 * row_blocks * col_blocks >= min(threads, panels * row_max)  # (up to whole panels)
+    assert row_blocks <= row_max  # blocks of mc rows or more (balanced, then whole tiles)
     if row_blocks > 1:  # rows cut only for want of column blocks, and no more than make up the count
         assert col_blocks < want and col_blocks * (row_blocks - 1) < want
+    if row_blocks * col_blocks % threads:  # no fewer row blocks would share the chunks out evenly
+        assert all(-(-tiles // -(-tiles // r)) * col_blocks % threads for r in range(1, row_blocks))
 
 
 def test_split_of_the_training_shapes():
     """The 784-256-256-10 layers at batch 128 on 2 threads, avx2 float32 tile: W is packed once (no row
-    blocks) for x @ W; at 256 x 784 x 1024 its 8 column blocks; dW of the first layer 4 x 2 chunks."""
+    blocks) for x @ W; at 256 x 784 x 1024 its 8 column blocks; dW of the first layer 4 x 2 chunks. With the
+    avx512vl tile and Zen 4's blocking: dW of the second layer in 2 chunks, not 3; 64 x 512 x 256 in 2."""
     mr, nr, _ = _gemm.TILES["avx2"][0]
     assert _gemm.split(128, 256, 2, mr, nr, 128, 192, False) == (132, 128)
     assert _gemm.split(256, 1024, 2, mr, nr, 128, 192, False) == (258, 128)
     assert _gemm.split(784, 256, 2, mr, nr, 128, 192, False) == (198, 128)  # dW = x^T dz: 4 x 2 chunks, B 128 x 256
+    mr, nr, _ = _gemm.TILES["avx512vl"][0]
+    assert _gemm.split(256, 256, 2, mr, nr, 256, 96, False) == (132, 256)  # x^T dz at 256 x 128 x 256
+    assert _gemm.split(64, 256, 2, mr, nr, 256, 96, False) == (66, 128)  # x @ W at 64 x 512 x 256
+    assert _gemm.split(256, 1024, 2, mr, nr, 256, 96, False) == (132, 256)  # b256's products: 2 x 4 chunks
 
 
 BLOCKINGS = sorted({config for config in _cpuinfo.CPUS.values()}

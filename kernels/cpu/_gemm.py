@@ -66,7 +66,8 @@ LANES = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # 256-bit vectors: p
 DTYPES = tuple(LANES)
 PARALLEL_MIN_FLOPS = 1 << 21  # below this (64 x 128 x 128) one thread beats waking the thread pool
 CHUNKS_PER_THREAD = 4  # the multithreaded split's target: enough chunks that a late thread takes fewer
-CHUNK_MIN_PANELS = 8  # the narrowest column block of the split, in register-tile panels (each A panel used 8 times)
+CHUNK_MIN_PANELS = 8  # the split's narrowest column block, in tile panels (each A panel used 8 times), unless
+# the rows leave a thread without a chunk
 PACK_PREFETCH_ROWS = 24  # _copy_panels' prefetch distance, in rows of the source: 8 left B's packing in the
 # training step waiting on lines that Adam had just written (lockstep A/B of b256 epochs: 24 faster by ~2% both
 # ways, 64 no different from 24)
@@ -996,15 +997,25 @@ def split(m, n, threads, row_tile, nr, nc_max, mc, dots):
     """``(rows, cols)``: the chunk of an ``m x n`` ``out`` that ``gemm_parallel`` hands a thread (the last
     ones cut short), for about CHUNKS_PER_THREAD chunks per thread. Columns first: a column block's B is
     packed once whoever computes it, whereas every row block packs its B block again. So N is cut into
-    balanced, tile-aligned blocks of at most ``nc_max`` and at least CHUNK_MIN_PANELS panels, then M into as
-    few blocks of at least ``mc`` rows as make up the count (x @ W at 128 x 784 x 256, avx2 tile: 2 chunks
-    of 128 x 128, where 2 x 2 chunks packed W twice). ``dots`` (``_dots``, which packs B^T whole): rows only."""
+    balanced, tile-aligned blocks of at most ``nc_max`` and at least CHUNK_MIN_PANELS panels (narrower where
+    blocks of ``mc`` rows would leave a thread without a chunk: 64 x 512 x 256 was one chunk, one core idle),
+    then M into as few blocks of at least ``mc`` rows as make up the count (x @ W at 128 x 784 x 256, avx2
+    tile: 2 chunks of 128 x 128, where 2 x 2 chunks packed W twice), fewer where that gives every thread as
+    many chunks (x^T dz at 256 x 128 x 256: 2 row blocks, where 3 took two threads as long as 4 would).
+    ``dots`` (``_dots``, which packs B^T whole): rows only."""
     want = CHUNKS_PER_THREAD * threads
-    panels = _cdiv(n, nr)
-    col_blocks = 1 if dots else max(_cdiv(n, nc_max), min(want, panels // CHUNK_MIN_PANELS))
+    panels, tiles = _cdiv(n, nr), _cdiv(m, row_tile)
+    row_max = _cdiv(m, max(mc, row_tile))
+    col_blocks = 1 if dots else max(_cdiv(n, nc_max), min(want, panels // CHUNK_MIN_PANELS),
+                                    min(panels, _cdiv(threads, row_max)))
     cols = _cdiv(panels, col_blocks) * nr
-    row_blocks = max(1, min(_cdiv(m, max(mc, row_tile)), _cdiv(want, _cdiv(n, cols))))
-    return _cdiv(_cdiv(m, row_tile), row_blocks) * row_tile, cols
+    col_blocks = _cdiv(n, cols)
+    row_blocks = max(1, min(row_max, _cdiv(want, col_blocks)))
+    for r in range(row_blocks, 0, -1):  # the most row blocks that leave every thread as many chunks
+        if _cdiv(tiles, _cdiv(tiles, r)) * col_blocks % threads == 0:
+            row_blocks = r
+            break
+    return _cdiv(tiles, row_blocks) * row_tile, cols
 
 
 @intrinsic
