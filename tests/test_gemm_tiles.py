@@ -335,8 +335,9 @@ def test_cpu_choice():
     assert _cpuinfo.choose("generic", set())[0] == "avx2"
     assert _cpuinfo.choose("znver5", set(), "avx2") == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
     assert _cpuinfo.choose("znver3", set(), "avx2") == _cpuinfo.CPUS["znver3"]
-    # Zen 3's own blocks (KC 384, 192 KiB of packed B); another AVX2 CPU keeps the smaller default
-    assert _cpuinfo.choose("znver3", {"avx2", "fma"})[1] == (384, 192 * 1024, 192)
+    # Zen 1-3's own blocks (KC 384, 192 KiB of packed B: a 512 KiB L2); another AVX2 CPU keeps the smaller default
+    for zen in ("znver1", "znver2", "znver3"):
+        assert _cpuinfo.choose(zen, {"avx2", "fma"}) == ("avx2", (384, 192 * 1024, 192))
     assert _cpuinfo.choose("haswell", {"avx2", "fma"}) == ("avx2", _cpuinfo.DEFAULT_BLOCKING["avx2"])
     with pytest.raises(ValueError, match="KERNELS_GEMM_VARIANT.*avx512.*'zmm'"):
         _cpuinfo.choose("znver3", set(), "zmm")
