@@ -155,6 +155,32 @@ def test_numba_step_of_a_range_in_two_calls_is_the_step_in_one(name, data, n, dt
     assert all(whole_state[k].tobytes() == parts_state[k].tobytes() for k in state)
 
 
+@given(data=st.data(), rows=st.integers(1, 2), w_in=st.integers(1, 40), n=st.integers(1, 40), dtype=DTYPES,
+       velocity=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_sgd_on_the_outer_product_as_it_is_read_is_sgd_on_the_product(data, rows, w_in, n, dtype, velocity, seed):
+    """``_sgd_outer`` (the compiled step's first-layer update at a batch of one or two) updates any range of W and
+    its velocity bit for bit as ``_sgd`` on ``x^T dz`` from kernels.matmul, zeros of either sign included."""
+    rng = np.random.default_rng(seed)
+    special = np.array([0.0, -0.0, 1.0, -1.0])
+
+    def values(shape):
+        return np.where(rng.random(shape) < 0.2, rng.choice(special, shape), rng.standard_normal(shape)).astype(dtype)
+
+    x, dz, w, v = values((rows, w_in)), values((rows, n)), values(w_in * n), values(w_in * n)
+    lo = data.draw(st.integers(0, w.size))
+    hi = data.draw(st.integers(lo, w.size))
+    t = np.dtype(dtype).type
+    hyper = (t(0.05), t(0.9), t(data.draw(st.sampled_from([1.0, 0.9]))), data.draw(st.booleans()),
+             t(data.draw(st.sampled_from([0.0, 1e-3]))), data.draw(st.booleans()))
+    with kernels.use_backend("numba"):
+        grad = kernels.matmul(x, dz, trans_a=True).reshape(-1)
+    expected, expected_v, got, got_v = w.copy(), v.copy(), w.copy(), v.copy()
+    optim._sgd(np.uint64(lo), np.uint64(hi), expected, grad, expected_v if velocity else None, *hyper, None)
+    optim._sgd_outer(np.uint64(lo), np.uint64(hi), got, x, dz, got_v if velocity else None, *hyper)
+    assert got.tobytes() == expected.tobytes()
+    assert got_v.tobytes() == expected_v.tobytes()
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("n", [PARALLEL_MIN - 1, PARALLEL_MIN, 3 * CHUNK + PARALLEL_MIN + 5])
 @pytest.mark.parametrize("threads", [1, 2])

@@ -88,6 +88,22 @@ def _fma(typingctx, a, b, c):
 
 
 @intrinsic
+def _fence(typingctx, a):
+    """``a``, through ``llvm.arithmetic.fence``: fast-math flags cannot look into it (nsz would turn an
+    ``_fma(x, y, _fence(0))`` into ``x * y``, whose zeros differ in sign and which reassoc then reorders)."""
+    t = _same_floats(a)
+    if t is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        ft = args[0].type
+        return builder.call(builder.module.declare_intrinsic("llvm.arithmetic.fence", [ft], ir.FunctionType(ft, [ft])),
+                            args)
+
+    return t(t), codegen
+
+
+@intrinsic
 def _div(typingctx, a, b):
     """IEEE a / b with no zero-division check, whatever the caller's error model (the check of the
     default Python error model would keep the calling loop from vectorising)."""

@@ -21,8 +21,8 @@ import math
 import numpy as np
 
 from .. import _scalar
-from . import _math  # noqa: F401  (resolves _scalar's primitives for this backend)
 from ._jit import jit
+from ._math import _fence, _fma  # (the import also resolves _scalar's primitives for this backend)
 from ._parallel import chunked, run
 
 
@@ -75,6 +75,28 @@ def _sgd(lo, hi, param, grad, velocity, lr, momentum, keep, nesterov, weight_dec
 
 
 _sgd_chunks = chunked(_sgd)
+
+
+@jit
+def _sgd_outer(lo, hi, param, x, dz, velocity, lr, momentum, keep, nesterov, weight_decay, first):
+    """``_sgd`` on the elements ``lo <= i < hi`` of a flat W (rows of ``dz.shape[1]``) with its gradient ``x^T dz``
+    at a batch of one or two computed as it is read, never stored: each element the chain of FMAs from zero
+    that the GEMM's ``rows`` route computes (``_small._outer``), so bit for bit ``_sgd`` on that product with
+    half the memory traffic (the compiled step's first-layer pass: ``step._pieces``)."""
+    n = np.uint64(dz.shape[1])
+    zero = _fence(param.dtype.type(0))  # the FMA kept: the product's zeros and rounding as _outer has them
+    two = x.shape[0] == 2
+    for p in range(lo // n, (hi + n - np.uint64(1)) // n):
+        at = p * n
+        x0, x1 = x[0, p], x[x.shape[0] - 1, p]
+        for j in range(max(lo, at) - at, min(hi, at + n) - at):
+            g = _fma(x0, dz[0, j], zero)
+            if two:
+                g = _fma(x1, dz[1, j], g)
+            d, v = _sgd_update(g, param[at + j], _at(velocity, at + j), lr, momentum, keep, weight_decay,
+                               velocity is not None, nesterov, first)
+            _store(velocity, at + j, v)
+            param[at + j] -= d
 
 
 def sgd_step(param, grad, lr, momentum, velocity, dampening, nesterov, weight_decay, step, scale=None):

@@ -89,7 +89,9 @@ OPTIMIZER_K = BIAS_ACT_SERIAL_K + len(_BIAS_ACT)
 # the cross-entropy kernel
 LOSS_K = OPTIMIZER_K + 4 * 7
 COUNT_K, THRESHOLDS_K, CROSS_ENTROPY_SERIAL_K = LOSS_K + 4, LOSS_K + 5, LOSS_K + 6
-SLOTS = LOSS_K + 7
+# SGD's update with the first layer's gradient computed as it is read (optim._sgd_outer), without and with a velocity
+SGD_OUTER_K = LOSS_K + 7
+SLOTS = SGD_OUTER_K + 2
 
 
 @register_jitable
@@ -162,6 +164,8 @@ def _entries(dtype):
                 ((("loss", CROSS_ENTROPY),), _count_labels, (m, labels, f1)),
                 ((("loss", BINARY_CROSS_ENTROPY), ("loss", HINGE)), _count_thresholds, (m, m, f, f1)),
                 ((("loss", CROSS_ENTROPY),), losses._cross_entropy_serial, (m, labels, m))]
+    entries += [((("optimizer", group),), optim._sgd_outer, (u64, u64, v, m, m, state) + sgd)
+                for group, state in ((SGD, none), (SGD_MOMENTUM, v))]
     return entries
 
 
@@ -573,11 +577,15 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, params, grads, state1, state2,
     W is read once per step, not twice. The same kernels on the same elements as the separate product and
     update, so bit for bit the same (the norm comes from the factors: ``dense_grad_norm``). Each piece's
     gradient goes into ``piece`` (at least PIECE + 2 rows of dW), where the update reads it from L1; an empty
-    ``piece`` writes ``grads`` instead (the call's last step: they then hold its gradient). ``params``,
-    ``grads`` and the state come borrowed (:func:`_borrowed`), ``no_bias`` is an empty array of their dtype."""
+    ``piece`` writes ``grads`` instead (the call's last step: they then hold its gradient). SGD, with or without a
+    velocity, otherwise takes each element of the gradient as it is read (``optim._sgd_outer``: the same bits, no
+    piece written and read back). ``params``, ``grads`` and the state come borrowed (:func:`_borrowed`),
+    ``no_bias`` is an empty array of their dtype."""
     w_out = dz.shape[1]
     w_end = x.shape[1] * w_out
     into_grads = piece.size == 0
+    outer = not into_grads and (optimizer == SGD or optimizer == SGD_MOMENTUM)
+    t = params.dtype.type
     piece = _borrowed(piece)
     done = lo // w_out  # the rows of dW in grads
     r0, r1 = 0, 0  # the rows of dW in piece
@@ -585,16 +593,24 @@ def _pieces(kernels, optimizer, h, x, dz, lo, hi, params, grads, state1, state2,
         wb = min(a + PIECE, w_end)
         g, at = grads, 0  # the piece's gradient: g[i - at] for its elements i
         first, need = a // w_out, -(-wb // w_out)  # the rows of dW the piece meets
-        if into_grads:
-            if need > done:
-                _dw_rows(kernels, x, dz, done, need, alpha, no_bias, _view(grads, done * w_out, need - done, w_out))
-                done = need
+        sgd = (t(h[0]), t(h[1]), t(h[2]), h[4] != 0, t(h[3]), h[5] != 0)
+        if outer and optimizer == SGD:
+            _call(kernels[SGD_OUTER_K], (np.uint64(a), np.uint64(wb), params, x, dz, None) + sgd, None)
+        elif outer:
+            _call(kernels[SGD_OUTER_K + 1], (np.uint64(a), np.uint64(wb), params, x, dz, state1) + sgd, None)
         else:
-            if first < r0 or need > r1:
-                r0, r1 = first, need
-                _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, _view(piece, 0, r1 - r0, w_out))
-            g, at = piece, r0 * w_out
-        _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False, None)
+            if into_grads:
+                if need > done:
+                    _dw_rows(kernels, x, dz, done, need, alpha, no_bias,
+                             _view(grads, done * w_out, need - done, w_out))
+                    done = need
+            else:
+                if first < r0 or need > r1:
+                    r0, r1 = first, need
+                    _dw_rows(kernels, x, dz, r0, r1, alpha, no_bias, _view(piece, 0, r1 - r0, w_out))
+                g, at = piece, r0 * w_out
+            _update(kernels, optimizer, h, params[a:wb], g[a - at:wb - at], state1[a:wb], state2[a:wb], None, False,
+                    None)
         if x_next.shape[0]:
             _fold(x_next, params, a, wb, acc)
 
