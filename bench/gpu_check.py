@@ -12,7 +12,10 @@ Checks, in order, each a row of one table printed at the end:
 - a hidden-synchronisation probe: ~100 ms of GEMMs queued, then the host time of one small call (a few
   microseconds unless something waits for the queue);
 - GB/s of the fused elementwise, loss and optimizer kernels against a device-to-device copy;
-- seconds per epoch of ``python -m nn.train`` with ``--backend cuda`` and ``--backend numba``.
+- seconds per epoch of ``python -m nn.train`` with ``--backend cuda`` and ``--backend numba``;
+- the training benchmark's models (``bench/bench_training.py``): nn on the cuda backend against the same
+  model in PyTorch eager on the GPU (fused Adam/SGD), samples/s and microseconds per step, and the
+  device-to-host copies nn made in the epoch (``kernels.cuda.launch_stats``).
 
 Exits 1 when a test or a check fails, 0 otherwise; without a GPU it says so and exits 0.
 """
@@ -295,9 +298,83 @@ def epochs(table):
                   ok=result.returncode == 0)
 
 
+def _median_epoch_s(epoch, sync, repeat=3):
+    epoch()  # compiles, allocates
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        epoch()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def training(table):
+    import cupy
+
+    import kernels
+    import nn
+    from kernels import _dispatch
+    from bench.bench_training import CONFIGS, _data, _label
+    from kernels.cuda import launch_stats
+
+    torch = None
+    try:
+        import torch
+    except ImportError:
+        pass
+    sync = cupy.cuda.get_current_stream().synchronize
+    for config in CONFIGS:
+        widths, act, batch, (opt, hyper), n = config
+        X, y = _data(widths, n)
+        with kernels.use_backend("cuda"):
+            model = nn.Sequential([nn.Dense(w, activation=act) for w in widths[1:-1]] + [nn.Dense(widths[-1])],
+                                  input_dim=widths[0], seed=0)
+            trainer = nn.Trainer(model, optimizer=nn.Adam(**hyper) if opt == "adam" else nn.SGD(**hyper))
+
+            def epoch():  # host data in, as fit takes it: copied to the device once per call
+                trainer.fit(X, y, epochs=1, batch_size=batch, verbose=0)
+
+            ours = _median_epoch_s(epoch, sync)
+            backend, reads, launches = _dispatch.module("cuda"), [], launch_stats["launches"]
+            to_host = backend.to_host
+            backend.to_host = lambda a: reads.append(a.shape) or to_host(a)
+            try:
+                epoch()
+            finally:
+                backend.to_host = to_host
+            launches = (launch_stats["launches"] - launches) / (n // batch)
+        detail = (f"{n / ours / 1e3:.1f}k samples/s, {ours / (n // batch) * 1e6:.0f} us/step, "
+                  f"{launches:.0f} launches/step, {len(reads)} D2H reads/epoch")
+        if torch is not None and torch.cuda.is_available():
+            torch.manual_seed(0)
+            layers = []
+            for a, b in zip(widths[:-1], widths[1:]):
+                layers += [torch.nn.Linear(a, b), torch.nn.ReLU() if act == "relu" else torch.nn.Tanh()]
+            tmodel = torch.nn.Sequential(*layers[:-1]).cuda()
+            cls = torch.optim.Adam if opt == "adam" else torch.optim.SGD
+            optimizer = cls(tmodel.parameters(), **hyper, fused=True)
+            Xt, yt = torch.from_numpy(X).cuda(), torch.from_numpy(y).cuda()
+
+            def torch_epoch():
+                order = torch.randperm(n, device="cuda")
+                for start in range(0, n, batch):
+                    idx = order[start:start + batch]
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(tmodel(Xt[idx]), yt[idx]).backward()
+                    optimizer.step()
+
+            theirs = _median_epoch_s(torch_epoch, torch.cuda.synchronize)
+            detail += f"; torch eager {n / theirs / 1e3:.1f}k samples/s, {theirs / (n // batch) * 1e6:.0f} us/step"
+            detail += f" ({theirs / ours:.2f}x ours)"
+        table.add(f"cuda {_label(config)}", f"{ours * 1e3:.1f} ms/epoch", detail)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-tests", action="store_true", help="leave out pytest -m cuda")
+    parser.add_argument("--only", help="run only these sections, comma-separated (e.g. versions,training)")
     args = parser.parse_args(argv)
     reason = no_gpu_reason()
     if reason:
@@ -308,9 +385,10 @@ def main(argv=None):
     table = Table()
     sections = [("versions", versions), ("tests", tests), ("GEMM registers", gemm_registers),
                 ("GEMM speed", gemm_speed), ("launch cost", launch_cost), ("hidden sync", hidden_sync),
-                ("bandwidth", bandwidth), ("epochs", epochs)]
+                ("bandwidth", bandwidth), ("epochs", epochs), ("training", training)]
+    only = args.only.split(",") if args.only else [name for name, _ in sections]
     for name, fn in sections:
-        if not (args.skip_tests and fn is tests):
+        if name in only and not (args.skip_tests and fn is tests):
             table.section(name, fn)
     table.print()
     return 1 if table.failed else 0

@@ -376,7 +376,8 @@ def dense_grad_norm(x, dy, bias_grad=None, *, out=None):
         check.float_array("bias_grad", bias_grad, ndim=1)
         check.shape("bias_grad", bias_grad, (dy.shape[1],), "one value per column of dy")
     backend = select(x=x, dy=dy, bias_grad=bias_grad, out=out)
-    db = bias_grad if bias_grad is not None else dy[:0].reshape(-1)  # no bias: an empty view, no allocation
+    # no bias: an empty array (no memory; slicing an empty Numba device array fails on a GPU)
+    db = bias_grad if bias_grad is not None else backend.empty((0,), dy.dtype, dy)
     out = check.out(out, (1,), np.float64, backend, like=x, reads=dict(x=x, dy=dy, bias_grad=db))
     backend.dense_grad_norm(backend.ascontiguous(x), backend.ascontiguous(dy), backend.ascontiguous(db), out)
     return out

@@ -105,7 +105,8 @@ def _layout(x):
         return host.__array_interface__["data"][0], host.shape, host.strides, host.itemsize
     cai = x.__cuda_array_interface__
     shape, itemsize = tuple(cai["shape"]), np.dtype(cai["typestr"]).itemsize
-    strides = cai.get("strides")
+    # the array's own strides first: numba-cuda's interface calls a broadcast (stride 0) array C-contiguous
+    strides = getattr(x, "strides", None) or cai.get("strides")
     if strides is None:  # C-contiguous
         strides, step = [], itemsize
         for n in reversed(shape):

@@ -4,7 +4,7 @@ Parameters, gradients, optimizer state and batches live where the kernels run: N
 ``numpy`` and ``numba`` backends; for ``cuda``, CuPy arrays where CuPy can run (installed, a GPU, not the
 CUDA simulator), else Numba device arrays (so nn trains under the Numba CUDA simulator without CuPy).
 nn's glue reaches them through an array namespace ``xp`` with the few functions it needs (``empty``,
-``zeros``, ``ones``, ``zeros_like``, ``asarray`` and ``array`` from host data): NumPy, CuPy, or
+``zeros``, ``ones``, ``zeros_like``, ``asarray`` and ``array`` from host data, ``copyto``): NumPy, CuPy, or
 :class:`NumbaArrays`, built on the cuda kernels backend's ``empty``/``zeros``/``to_device``. Every
 device-to-host copy nn makes goes through :func:`to_host`, i.e. the backend's ``to_host``.
 """
@@ -50,6 +50,15 @@ class NumbaArrays:
             out.copy_to_device(a)
             return out
         return self._cuda().to_device(np.asarray(a, dtype), None)
+
+    @staticmethod
+    def copyto(dst, src):
+        """``dst[...] = src``, which a Numba device array refuses on a GPU (no ``...`` index; the simulator
+        takes it): ``src`` a device array of dst's shape and dtype, or host data (a scalar too) broadcast to
+        dst's shape and cast on the host. A synchronous copy: for setting weights and state, not per step."""
+        if not kernels.is_device_array(src):
+            src = np.ascontiguousarray(np.broadcast_to(np.asarray(src, dst.dtype), dst.shape))
+        dst.copy_to_device(src)
 
     def __repr__(self):
         return "NumbaArrays()"

@@ -160,7 +160,7 @@ class Communicator:
     def _adopt(self, model, optimizer, full):
         """Move the model's gradients to the head of ``full`` (its layers' and ``optimizer``'s views too)."""
         old, new = model.grads, full[:-1]
-        new[...] = old
+        namespace_of(new).copyto(new, old)
         for layer in model.layers:
             for name, view in layer.grads.items():
                 start = (_address(view) - _address(old)) // old.itemsize

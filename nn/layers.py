@@ -347,12 +347,12 @@ class BatchNorm(Layer):
         return {"running_mean": to_host(self.running_mean), "running_var": to_host(self.running_var)}
 
     def load_state(self, state):
-        self.running_mean[...] = self.xp.asarray(state["running_mean"], self.dtype)
-        self.running_var[...] = self.xp.asarray(state["running_var"], self.dtype)
+        self.xp.copyto(self.running_mean, self.xp.asarray(state["running_mean"], self.dtype))
+        self.xp.copyto(self.running_var, self.xp.asarray(state["running_var"], self.dtype))
 
     def reset_state(self):
-        self.running_mean[...] = self.xp.zeros(self.input_dim, self.dtype)
-        self.running_var[...] = self.xp.ones(self.input_dim, self.dtype)
+        self.xp.copyto(self.running_mean, 0)
+        self.xp.copyto(self.running_var, 1)
 
     def config(self):
         return {"momentum": self.momentum, "eps": self.eps}
@@ -434,7 +434,7 @@ class Sequential:
         reset the layers' state (BatchNorm running statistics, Dropout counters), as in a new model."""
         for i, layer in enumerate(self.layers):
             for name, value in layer.init_params(np.random.default_rng([self.seed, i])).items():
-                layer.params[name][...] = self.xp.asarray(value.astype(self.dtype))
+                self.xp.copyto(layer.params[name], self.xp.asarray(value.astype(self.dtype)))
             layer.reset_state()
         self.reseed(self.seed)
 
@@ -524,7 +524,7 @@ class Sequential:
 
     def set_weights(self, params, state):
         """Set the flat parameters and :meth:`state` output (from :meth:`get_weights` or a checkpoint)."""
-        self.params[...] = self.xp.asarray(params, self.dtype)
+        self.xp.copyto(self.params, self.xp.asarray(params, self.dtype))
         self.load_state(state)
 
     def config(self):

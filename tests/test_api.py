@@ -335,6 +335,11 @@ def test_overlap_check_reads_cuda_array_interfaces():
     assert _checks._shared(whole, Device(base + 4 * 23, (4,), (-4,))) == "partial"  # reversed, ends inside
     assert _checks._shared(whole, Device(base, (0, 6))) is None  # empty
     assert _checks._shared(whole, np.zeros((4, 6), np.float32)) is None  # host memory is elsewhere
+    # numba-cuda's interface gives a broadcast array (x[0] repeated, 24 bytes) no strides, i.e. C-contiguous
+    # (96 bytes, reaching into whole); its own strides are read first (a false overlap, seen on an H200)
+    broadcast = Device(base - 48, (4, 6))
+    broadcast.strides = (0, 4)
+    assert _checks._shared(whole, broadcast) is None
     with pytest.raises(ValueError, match="m must not share memory with v"):
         _checks.disjoint(param=whole, grad=Device(base + 4096, (4, 6)), m=Device(base + 8192, (24,)),
                          v=Device(base + 8192 + 92, (6,)))

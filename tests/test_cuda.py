@@ -25,7 +25,7 @@ if not cuda.is_available():
     pytest.skip("no CUDA device and the simulator is off", allow_module_level=True)
 
 import kernels.cuda  # noqa: E402
-from kernels.cuda._launch import GPU, STATS, geometry, use_geometry  # noqa: E402
+from kernels.cuda._launch import GPU, SIMULATOR, STATS, geometry, use_geometry  # noqa: E402
 from kernels.cuda.matmul import tiles_for  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -78,11 +78,10 @@ def test_kernels_never_copy_device_data_to_the_host(monkeypatch):
 
 
 @pytest.mark.parametrize("view", ["transposed", "strided", "rank3"])
-def test_non_contiguous_device_views_are_copied_on_the_device(view):
+def test_non_contiguous_device_views_are_copied_on_the_device(cuda_backend, view):
     base = _rand((6, 10, 4), np.float32)
-    d = cuda.to_device(base)
-    host, dev = {"transposed": (base[0].T, d[0].T), "strided": (base[1, ::3, 1:], d[1, ::3, 1:]),
-                 "rank3": (base[:, ::2], d[:, ::2])}[view]
+    host = {"transposed": base[0].T, "strided": base[1, ::3, 1:], "rank3": base[:, ::2]}[view]
+    dev = cuda_backend.to(host)  # a view with host's strides (on a GPU a device array's .T is a copy)
     assert not dev.is_c_contiguous()
     assert_close(kernels.tanh(dev).copy_to_host(), np.tanh(host))
     assert_close(kernels.relu_backward(dev, dev).copy_to_host(), np.where(host > 0, host, 0))
@@ -372,11 +371,12 @@ BLOCK_ROWS = dataclasses.replace(GPU, warp_rows=False)  # the GPU's row blocks, 
     (129, 131, 17, False, True, "tanh"),  # the trans_b (dx = dy W^T) path
     (65, 20, 17, True, True, "sigmoid"),  # small tiles (64 x 64 x 16): too few large tiles for the SMs
 ])
-def test_matmul_with_the_gpu_tiles(m, n, k, trans_a, trans_b, activation):
+def test_matmul_with_the_gpu_tiles(monkeypatch, m, n, k, trans_a, trans_b, activation):
     a = _rand((k, m) if trans_a else (m, k), np.float32, 1)
     b = _rand((n, k) if trans_b else (k, n), np.float32, 2)
     c = _rand(n, np.float32, 3)
     expected = reference(kernels.matmul, a, b, trans_a=trans_a, trans_b=trans_b, bias=c, activation=activation)
+    monkeypatch.setitem(tiles_for.__globals__, "sm_count", lambda: 4)  # the simulator's count, on a GPU too
     with use_geometry(GPU):
         assert tiles_for(m, n) == (GPU.small_tiles if m < 100 else GPU.large_tiles)
         got = kernels.matmul(cuda.to_device(a), cuda.to_device(b), trans_a=trans_a, trans_b=trans_b,
@@ -508,6 +508,7 @@ def test_launches_per_training_step():
         assert STATS["launches"] - before == 1
 
 
+@pytest.mark.skipif(not SIMULATOR, reason="a GPU can capture: bench/gpu_check.py checks the replay there")
 def test_captured_step_falls_back_to_plain_launches_where_capture_is_unavailable():
     step, _ = _training_step()
     captured = kernels.cuda.CapturedStep(step)

@@ -33,11 +33,15 @@ def test_bitwise_equal_to_reference(fast_backend, x, p, seed):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nan_and_signed_zeros_as_in_reference(fast_backend, dtype):
-    """Dropped elements are x * 0, as in the reference: NaN stays NaN, negative values give -0."""
+    """Dropped elements are x * 0, as in the reference: NaN stays NaN, negative values give -0. (A NaN's
+    payload is not compared: an H200 returns the canonical float32 NaN 0x7fffffff for NaN * 0.)"""
     x = np.tile(np.array([np.nan, -0.0, 0.0, -1.5, 2.5, -1e30], dtype), 50)
     y = _dropout(fast_backend, x, 0.5, 11)
-    assert y.tobytes() == reference(kernels.dropout, x, 0.5, 11).tobytes()
-    assert np.isnan(y[::6]).all() and np.signbit(y[3::6]).all()
+    expected = reference(kernels.dropout, x, 0.5, 11)
+    assert np.isnan(y[::6]).all() and np.isnan(expected[::6]).all()
+    finite = np.arange(len(x)) % 6 != 0
+    assert y[finite].tobytes() == expected[finite].tobytes()
+    assert np.signbit(y[3::6]).all()
 
 
 @pytest.mark.parametrize("n", [PARALLEL_MIN - 1, PARALLEL_MIN + 3 * CHUNK + 5])
