@@ -3,7 +3,8 @@
 Checks, in order, each a row of one table printed at the end:
 
 - versions: device, compute capability, SMs, driver, Python packages, numba-cuda's CUDA_ARRAY_INTERFACE_SYNC;
-- the cuda tests on the hardware (``pytest -m cuda``; ``--skip-tests`` leaves them out);
+- the cuda tests on the hardware (``pytest -m cuda``, then nn's again with CuPy hidden, on Numba device
+  arrays; ``--skip-tests`` leaves them out);
 - registers, local memory and ``ld.local`` loads in the PTX of each GEMM variant (local memory in the main
   loop means the accumulators spilled: 5-10x slower);
 - GEMM 4096^3 float32, NN / TN / NT, against cuBLAS through CuPy with TF32 off, timed with CUDA events;
@@ -116,16 +117,35 @@ def versions(table):
               "(the backend converts CuPy arrays itself with sync=False)")
 
 
-def tests(table):
+def _pytest(table, label, paths, hide_cupy=False):
+    """``pytest -m cuda`` on ``paths`` without the simulator, over every core when pytest-xdist is there;
+    ``hide_cupy``: with ``import cupy`` failing, so that nn keeps its arrays in Numba device arrays."""
+    import importlib.util
+    import tempfile
+
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    args = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *paths]
+    if importlib.util.find_spec("xdist"):
+        args += ["-n", str(min(16, os.cpu_count() or 1))]
+    with tempfile.TemporaryDirectory() as hidden:
+        if hide_cupy:
+            os.makedirs(os.path.join(hidden, "cupy"))
+            with open(os.path.join(hidden, "cupy", "__init__.py"), "w") as f:
+                f.write('raise ImportError("CuPy hidden by bench/gpu_check.py")\n')
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [hidden, env.get("PYTHONPATH")]))
+        t0 = time.perf_counter()
+        result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
     if result.returncode:
         print(result.stdout[-6000:], result.stderr[-3000:])
-    table.add("pytest -m cuda", "passed" if result.returncode == 0 else "FAILED",
+    table.add(label, "passed" if result.returncode == 0 else "FAILED",
               f"{summary} ({time.perf_counter() - t0:.0f} s)", ok=result.returncode == 0)
+
+
+def tests(table):
+    _pytest(table, "pytest -m cuda (CuPy arrays)", ["tests"])
+    nn_tests = sorted(f"tests/{name}" for name in os.listdir(os.path.join(ROOT, "tests")) if name.startswith("test_nn"))
+    _pytest(table, "pytest -m cuda, nn on Numba device arrays", nn_tests, hide_cupy=True)
 
 
 def _variants():

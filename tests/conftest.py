@@ -79,6 +79,34 @@ class Backend:
 BACKENDS = ["numpy", "numba"] + (["cuda"] if _cuda_available() else [])
 
 
+def _hold_the_simulator_to_the_gpu():
+    """Make the simulator's device arrays refuse, on the host, what a real Numba device array refuses (both
+    passed here and failed on an H200): an assignment through a ``...`` index, and a transpose as a view (a
+    GPU's ``.T`` is a contiguous copy made by a kernel, and exists for 2-D arrays only)."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    setitem = FakeCUDAArray.__setitem__
+
+    def __setitem__(self, idx, val):
+        if idx is Ellipsis or isinstance(idx, tuple) and any(i is Ellipsis for i in idx):
+            raise TypeError("a Numba device array takes no ... index on a GPU: use copy_to_device (nn: xp.copyto)")
+        return setitem(self, idx, val)
+
+    def transpose(self, axes=None):
+        if axes is not None and tuple(axes) == tuple(range(self.ndim)):
+            return self
+        if self.ndim != 2:
+            raise NotImplementedError("transposing a non-2D DeviceNDArray isn't supported")
+        return FakeCUDAArray(np.ascontiguousarray(np.transpose(self._ary, axes)), stream=self.stream)
+
+    FakeCUDAArray.__setitem__, FakeCUDAArray.transpose = __setitem__, transpose
+    FakeCUDAArray.T = property(transpose)
+
+
+if "cuda" in BACKENDS and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    _hold_the_simulator_to_the_gpu()
+
+
 @pytest.fixture(params=[pytest.param(n, marks=[pytest.mark.cuda] if n == "cuda" else []) for n in BACKENDS])
 def backend(request):
     """Each test using this runs once per backend that can run here (cuda under the simulator)."""

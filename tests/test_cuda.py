@@ -279,9 +279,17 @@ def test_nn_keeps_numba_device_arrays_where_cupy_cannot_run():
     a = xp.asarray(np.arange(3, dtype=np.float32))
     assert _is_numba_device(a) and _device.namespace_of(a) is xp and _device.namespace_of(np.ones(1)) is np
     b = xp.array(a)  # a copy on the device
-    a[...] = xp.zeros((3,), np.float32)
+    xp.copyto(a, xp.zeros((3,), np.float32))
     np.testing.assert_array_equal(_device.to_host(b), [0, 1, 2])
     np.testing.assert_array_equal(_device.to_host(a), [0, 0, 0])
+    xp.copyto(a, 2.5)  # host data: a scalar broadcast, a list cast to a's dtype
+    np.testing.assert_array_equal(_device.to_host(a), [2.5, 2.5, 2.5])
+    xp.copyto(a, [1, 2, 3])
+    np.testing.assert_array_equal(_device.to_host(a), [1, 2, 3])
+    with pytest.raises(ValueError):
+        xp.copyto(a, xp.zeros((4,), np.float32))
+    with pytest.raises(TypeError):
+        xp.copyto(a, xp.zeros((3,), np.float64))
     assert _device.to_host(xp.ones((2,), np.float64)).tolist() == [1.0, 1.0]
 
 
