@@ -463,8 +463,9 @@ def launch_overhead(calls=200, file=sys.stdout):
     """The cuda backend's host-side work per call, with the kernels themselves not run.
 
     Each case calls the public API on device arrays (CuPy's when installed, else Numba's) with the launch
-    point's last step (``kernels.cuda._launch._run``) replaced by a no-op, so what is timed is the Python
-    work of one call: argument checks, output allocation, launch configuration and argument conversion.
+    point's last step (``kernels.cuda._launch._run``) replaced by one that configures the kernel and does
+    not launch it, so what is timed is the Python work of one call: argument checks, output allocation,
+    launch configuration and argument conversion.
     Also counts kernel launches and CuPy-to-Numba argument conversions per call (``_launch.STATS``). Under
     the simulator the device arrays are simulated ones, so only the counts and the relative times mean
     something; ``bench/gpu_check.py`` times real launches on a GPU. Returns the rows it prints.
@@ -490,7 +491,7 @@ def launch_overhead(calls=200, file=sys.stdout):
             "softmax_cross_entropy 64x10": lambda: kernels.softmax_cross_entropy(logits, labels),
             "mse 1000": lambda: kernels.mse(x, out), "adam_step 1000": lambda: kernels.adam_step(x, out, m, v, step=1)}
     rows = []
-    run, _launch._run = _launch._run, lambda configured, args: None
+    run, _launch._run = _launch._run, lambda compiled, config, args: _launch._configured(compiled, *config)
     try:
         for name, call in todo.items():
             call()  # compile / first configuration

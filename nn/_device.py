@@ -4,9 +4,9 @@ Parameters, gradients, optimizer state and batches live where the kernels run: N
 ``numpy`` and ``numba`` backends; for ``cuda``, CuPy arrays where CuPy can run (installed, a GPU, not the
 CUDA simulator), else Numba device arrays (so nn trains under the Numba CUDA simulator without CuPy).
 nn's glue reaches them through an array namespace ``xp`` with the few functions it needs (``empty``,
-``zeros``, ``ones``, ``zeros_like``, ``asarray`` and ``array`` from host data, ``copyto``): NumPy, CuPy, or
-:class:`NumbaArrays`, built on the cuda kernels backend's ``empty``/``zeros``/``to_device``. Every
-device-to-host copy nn makes goes through :func:`to_host`, i.e. the backend's ``to_host``.
+``zeros``, ``ones``, ``zeros_like``, ``asarray`` and ``array`` from host data, ``copyto``, ``multiply``):
+NumPy, CuPy, or :class:`NumbaArrays`, built on the cuda kernels backend's ``empty``/``zeros``/``to_device``/
+``scale``. Every device-to-host copy nn makes goes through :func:`to_host`, i.e. the backend's ``to_host``.
 """
 
 import numpy as np
@@ -59,6 +59,11 @@ class NumbaArrays:
         if not kernels.is_device_array(src):
             src = np.ascontiguousarray(np.broadcast_to(np.asarray(src, dst.dtype), dst.shape))
         dst.copy_to_device(src)
+
+    def multiply(self, a, factor, out):
+        """``out = a * factor`` on the device (an asynchronous launch): ``a`` a device array of out's size,
+        ``factor`` a host number. The one product nn's glue makes (a rank's weighted loss)."""
+        self._cuda().scale(a, factor, out)
 
     def __repr__(self):
         return "NumbaArrays()"

@@ -37,8 +37,9 @@ import warnings
 import numpy as np
 
 import kernels
+from kernels import _checks
 
-from ._device import namespace, namespace_of, to_host
+from ._device import _cupy, namespace, namespace_of, to_host
 
 # Set by the launchers in every rank's environment: MPICH/Intel MPI (hydra), Open MPI, srun.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -180,7 +181,7 @@ class Communicator:
         full = self._with_slot(grads)
         namespace_of(full).multiply(loss, self.weight, out=full[-1:])
         self.reduce_gradients(full)
-        return full[-1]
+        return full[-1:] if kernels.is_device_array(full) else full[-1]  # a Numba array's full[-1] is a host read
 
     def weigh(self, dloss):
         """The loss gradient of the rank's rows weighted for the global batch (in place)."""
@@ -416,8 +417,12 @@ class NCCLCommunicator(MPICommunicator):
     documented NCCL API; not yet run on GPUs."""
 
     def __init__(self, comm=None):
+        cupy = _cupy()
+        if cupy is None:  # nn's cuda arrays are then Numba device arrays, which this NCCL path cannot reduce
+            raise ImportError("data-parallel training on the cuda backend sums device arrays with NCCL through "
+                              "CuPy, which cannot run here (install cupy-cuda12x or cupy-cuda13x; not under the "
+                              "CUDA simulator); or train on the numba backend")
         super().__init__(comm)
-        cupy = namespace("cuda")
         from cupy.cuda import nccl
 
         cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
@@ -445,9 +450,8 @@ class NCCLCommunicator(MPICommunicator):
 
 
 def _address(array):
-    """Where ``array``'s first element is, in host or device memory."""
-    interface = array.__cuda_array_interface__ if kernels.is_device_array(array) else array.__array_interface__
-    return interface["data"][0]
+    """Where ``array``'s first element is, in host or device memory (the CUDA simulator's too)."""
+    return _checks._layout(array)[0]
 
 
 def _abort_on_uncaught_exception(comm, rank):

@@ -291,6 +291,9 @@ def test_nn_keeps_numba_device_arrays_where_cupy_cannot_run():
     with pytest.raises(TypeError):
         xp.copyto(a, xp.zeros((3,), np.float64))
     assert _device.to_host(xp.ones((2,), np.float64)).tolist() == [1.0, 1.0]
+    full, loss = xp.zeros((4,), np.float32), cuda.to_device(np.array(3.0, np.float32))  # a loss kernel's 0-d result
+    xp.multiply(loss, 1 / 3, out=full[-1:])  # a rank's weighted loss in the slot after its gradients
+    assert _device.to_host(full).tolist() == [0, 0, 0, np.float32(3.0) * np.float32(1 / 3)]
 
 
 # Compiles every kernel for a real GPU (compute capability 9.0) down to LLVM IR, in a process without the
@@ -314,9 +317,10 @@ for dtype in (np.float32, np.float64):
     v, m2, any2 = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "A")
     u32 = types.Array(types.uint32, 1, "C")
     d = np.dtype(dtype)
-    formulas = importlib.import_module("kernels._scalar").ACTIVATIONS.values()
-    kernels = [(act._unary_kernel(forward), (v, f, v)) for forward, _ in formulas]
-    kernels += [(act._binary_kernel(backward), (v, v, f, v)) for _, backward in formulas]
+    scalar = importlib.import_module("kernels._scalar")
+    kernels = [(act._unary_kernel(forward), (v, f, v)) for forward, _ in scalar.ACTIVATIONS.values()]
+    kernels += [(act._unary_kernel(act._times), (v, f, v))]
+    kernels += [(act._binary_kernel(backward), (v, v, f, v)) for _, backward in scalar.ACTIVATIONS.values()]
     for warp_rows in (True, False):
         forward, backward = act._softmax_kernels(d, warp_rows, G.row_threads)
         kernels += [(forward, (m2, m2)), (backward, (m2, m2, m2))]

@@ -16,7 +16,7 @@ from numba import cuda
 
 from ._launch import STATS as launch_stats
 from ._launch import CapturedStep, ascontiguous, empty, is_cupy
-from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid,
+from .activations import (leaky_relu, leaky_relu_backward, relu, relu_backward, scale, sigmoid,
                           sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward)
 from .batchnorm import (batchnorm_backward, batchnorm_backward_sums, batchnorm_eval, batchnorm_forward,
                         batchnorm_stats)
@@ -50,7 +50,7 @@ def to_host(x):
 
 
 __all__ = [
-    "name", "empty", "zeros", "to_device", "to_host", "ascontiguous", "CapturedStep", "launch_stats",
+    "name", "empty", "zeros", "to_device", "to_host", "ascontiguous", "scale", "CapturedStep", "launch_stats",
     "matmul", "relu", "relu_backward", "leaky_relu", "leaky_relu_backward",
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "softmax", "softmax_backward",
     "softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge", "bias_grad", "dropout", "sgd_step",

@@ -184,36 +184,38 @@ def _configure(compiled, griddim, blockdim, stream):
         return compiled[griddim, blockdim, stream]
 
 
-def _configure_simulated(compiled, griddim, blockdim, stream):
-    return compiled[griddim, blockdim, stream]
-
-
-# Made once per configuration on a GPU. The simulator's kernel holds one configuration at a time (its []
-# sets it and returns the kernel itself), so there it is configured at every launch (and never warns).
-_configured = _configure_simulated if SIMULATOR else functools.lru_cache(maxsize=1024)(_configure)
+# Made once per configuration on a GPU (the simulator configures at every launch: see _run_simulated).
+_configured = functools.lru_cache(maxsize=1024)(_configure)
 
 
 def launch(kernel, griddim, blockdim, *args):
     """Launch ``kernel`` on the stream of its first argument (see :func:`stream_for`)."""
-    configured = _configured(kernel.compiled, griddim, blockdim, stream_for(args[0]))
     STATS["launches"] += 1
-    _run(configured, [device_view(a) for a in args])
+    _run(kernel.compiled, (griddim, blockdim, stream_for(args[0])), [device_view(a) for a in args])
 
 
-def _run_on_gpu(configured, args):
-    configured(*args)
+def _run_on_gpu(compiled, config, args):
+    _configured(compiled, *config)(*args)
 
 
-def _run_simulated(configured, args):
-    """Under the simulator, with a short GIL switch interval: the simulator runs a block's threads as Python
-    threads and polls them at every syncthreads; with the default 5 ms interval each syncthreads costs
-    milliseconds, with 50 us the tests run ~10x faster."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(5e-5)
-    try:
-        configured(*args)
-    finally:
-        sys.setswitchinterval(previous)
+_simulated_launch = threading.Lock()
+
+
+def _run_simulated(compiled, config, args):
+    """Under the simulator, one launch at a time, configured at each launch, with a short GIL switch
+    interval. The simulator's kernel holds one configuration at a time (its [] sets it and returns the
+    kernel itself), and swaps the kernel's globals (its ``cuda``) for the launch's length: launches from two
+    host threads at once would take each other's grids and break each other (a GPU queues them). The
+    interval: the simulator runs a block's threads as Python threads and polls them at every syncthreads;
+    with the default 5 ms interval each syncthreads costs milliseconds, with 50 us the tests run ~10x
+    faster."""
+    with _simulated_launch:
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(5e-5)
+        try:
+            compiled[config](*args)
+        finally:
+            sys.setswitchinterval(previous)
 
 
 _run = _run_simulated if SIMULATOR else _run_on_gpu

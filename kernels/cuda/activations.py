@@ -50,6 +50,17 @@ def _binary(fn, a, b, alpha, out):
         _binary_kernel(fn)[grid(out.shape[0])](a, b, out.dtype.type(alpha), out)
 
 
+@cuda.jit(device=True)
+def _times(x, _, factor):
+    return x * factor
+
+
+def scale(x, factor, out):
+    """``out = x * factor``: ``x`` any device array of ``out``'s size (a loss's 0-d result too), ``out``
+    C-contiguous, ``factor`` a host number (cast to out's dtype). nn's glue (a rank's weighted loss)."""
+    _unary(_times, x.reshape(out.size), factor, out.reshape(out.size))
+
+
 def relu(x, out):
     _unary(_scalar.relu, x, 0, out)
 
