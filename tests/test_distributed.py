@@ -395,7 +395,8 @@ class ThreadRank(Communicator):
         return tuple(float(np.sum(v)) for v in zip(*self._everyone(values)))
 
     def gather(self, array):
-        return np.stack(self._everyone(array.copy()))
+        stacked = np.stack(self._everyone(to_host(array).copy()))
+        return namespace_of(array).asarray(stacked) if kernels.is_device_array(array) else stacked
 
     def barrier(self):
         self._everyone(None)
@@ -461,13 +462,15 @@ def test_a_loss_non_finite_on_one_rank_skips_the_step_on_every_rank(nn_backend):
 
 @pytest.mark.parametrize("kind", ["plain", "dropout_batchnorm"])
 def test_thread_ranks_train_the_one_rank_model_with_one_reduction_per_step(nn_backend, kind):
-    """On every backend (on cuda the loss is weighted and summed with the gradients on the device)."""
+    """On every backend (on cuda the loss is weighted and summed with the gradients on the device), with
+    validation (each rank evaluates its share)."""
     X, y = dataset()
     rows, epochs = (64, 1) if nn_backend.simulated else (180, 2)
 
     def run(comm):
         trainer = make_trainer(kind, comm)
-        history = trainer.fit(X[:rows], y[:rows], epochs=epochs, batch_size=BATCH, seed=3, verbose=0)
+        history = trainer.fit(X[:rows], y[:rows], epochs=epochs, batch_size=BATCH, seed=3, verbose=0,
+                              validation_data=(X[180:], y[180:]))
         return history, to_host(trainer.model.params).copy()
 
     results = on_thread_ranks(3, run, nn_backend.name)
@@ -475,7 +478,8 @@ def test_thread_ranks_train_the_one_rank_model_with_one_reduction_per_step(nn_ba
     for (history, params), comm in results:
         assert comm.reductions == epochs * -(-rows // BATCH)
         assert params.tobytes() == results[0][0][1].tobytes()
-        np.testing.assert_allclose(history["loss"], one[0][0]["loss"], rtol=1e-5)
+        for key in ("loss", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(history[key], one[0][0][key], rtol=1e-5)
         assert relative(params, one[0][1]) < 1e-5
 
 
