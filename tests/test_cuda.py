@@ -317,10 +317,10 @@ for dtype in (np.float32, np.float64):
     v, m2, any2 = types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 2, "A")
     u32 = types.Array(types.uint32, 1, "C")
     d = np.dtype(dtype)
-    scalar = importlib.import_module("kernels._scalar")
-    kernels = [(act._unary_kernel(forward), (v, f, v)) for forward, _ in scalar.ACTIVATIONS.values()]
+    formulas = importlib.import_module("kernels._scalar").ACTIVATIONS.values()
+    kernels = [(act._unary_kernel(forward), (v, f, v)) for forward, _ in formulas]
+    kernels += [(act._binary_kernel(backward), (v, v, f, v)) for _, backward in formulas]
     kernels += [(act._unary_kernel(act._times), (v, f, v))]
-    kernels += [(act._binary_kernel(backward), (v, v, f, v)) for _, backward in scalar.ACTIVATIONS.values()]
     for warp_rows in (True, False):
         forward, backward = act._softmax_kernels(d, warp_rows, G.row_threads)
         kernels += [(forward, (m2, m2)), (backward, (m2, m2, m2))]

@@ -395,8 +395,7 @@ class ThreadRank(Communicator):
         return tuple(float(np.sum(v)) for v in zip(*self._everyone(values)))
 
     def gather(self, array):
-        stacked = np.stack(self._everyone(to_host(array).copy()))
-        return namespace_of(array).asarray(stacked) if kernels.is_device_array(array) else stacked
+        return namespace_of(array).asarray(np.stack(self._everyone(to_host(array).copy())))
 
     def barrier(self):
         self._everyone(None)
